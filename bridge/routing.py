@@ -1,0 +1,57 @@
+"""Routing-key rules for the bus. Pure functions.
+
+Keys have a fixed number of words so that wildcard bindings stay exact::
+
+    device.<hw>.attached | device.<hw>.detached | device.<hw>.attach.failed
+    device.<hw>.call.<call>.state | device.<hw>.call.<call>.signaling
+    bridge.<instance>.gap
+    device.<hw>.attach | device.<hw>.detach | device.<hw>.signaling     (commands)
+
+A word is a hw id, call id or instance id with every byte outside ``[A-Za-z0-9_-]``
+percent-encoded (UTF-8, upper-case hex), so ``.``, ``*``, ``#`` and spaces never split or
+wildcard a key: ``00:90:33`` becomes ``00%3A90%3A33`` and ``a.b`` becomes ``a%2Eb``.
+"""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import unquote
+
+_SAFE = re.compile(r"[A-Za-z0-9_-]*")
+_UNSAFE = re.compile(rb"[^A-Za-z0-9_-]")
+
+
+def word(value: str | int) -> str:
+    """One routing-key word for an id."""
+    text = str(value)
+    if _SAFE.fullmatch(text):
+        return text
+    return _UNSAFE.sub(lambda m: b"%%%02X" % m.group()[0], text.encode()).decode("ascii")
+
+
+def unword(value: str) -> str:
+    """The id a routing-key word stands for (inverse of :func:`word`)."""
+    return unquote(value, errors="strict")
+
+
+def device_key(hw: str, *rest: str) -> str:
+    return ".".join(("device", word(hw), *rest))
+
+
+def call_key(hw: str, call: int, kind: str) -> str:
+    return f"device.{word(hw)}.call.{call}.{kind}"
+
+
+def gap_key(instance: str) -> str:
+    return f"bridge.{word(instance)}.gap"
+
+
+def parse_command_key(key: str) -> tuple[str, str] | None:
+    """``device.<hw>.<verb>`` -> (hw, verb), or None for a key of another shape."""
+    parts = key.split(".")
+    if len(parts) != 3 or parts[0] != "device" or not parts[1]:
+        return None
+    try:
+        return unword(parts[1]), parts[2]
+    except UnicodeDecodeError:
+        return None
