@@ -186,7 +186,9 @@ def decode(frame: bytes | str, max_bytes: int = MAX_FRAME_BYTES) -> Frame:
         raise FrameError("invalid", text) from None
     except msgspec.DecodeError as e:
         raise FrameError("not-json", str(e)) from None
-    if type(msg) is Signaling and bytes(msg.sig[:1]) != b"{":
+    except UnicodeDecodeError as e:  # invalid UTF-8 inside a string
+        raise FrameError("not-json", f"invalid UTF-8: {e}") from None
+    if type(msg) is Signaling and bytes(memoryview(msg.sig)[:1]) != b"{":
         raise FrameError("invalid", "Expected `object` - at `$.sig`")
     return msg
 

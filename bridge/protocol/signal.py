@@ -63,6 +63,10 @@ def decode_sig(raw: bytes | msgspec.Raw) -> Sig:
     try:
         return _decoder.decode(raw)
     except msgspec.ValidationError as e:
-        raise FrameError("invalid", str(e).replace("`$", "`$.sig", 1)) from None
+        text = str(e)  # msgspec gives no path for an error at the root: name $.sig then
+        text = text.replace("`$", "`$.sig", 1) if "`$" in text else f"{text} - at `$.sig`"
+        raise FrameError("invalid", text) from None
     except msgspec.DecodeError as e:
         raise FrameError("not-json", f"sig: {e}") from None
+    except UnicodeDecodeError as e:  # invalid UTF-8 inside a string
+        raise FrameError("not-json", f"sig: invalid UTF-8: {e}") from None

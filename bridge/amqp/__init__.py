@@ -1,0 +1,1 @@
+"""The broker adapter (aio-pika): topology, connection, event publisher, command consumer."""

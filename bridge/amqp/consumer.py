@@ -1,0 +1,153 @@
+"""The command consumer: takes commands from the queue, has them carried out, answers, acks.
+
+- A command is acked only after it was carried out (or refused): a bridge killed mid-command
+  leaves it in the queue for redelivery.
+- Commands for one device are carried out one at a time, in the order they arrived; commands
+  for different devices run concurrently (up to ``prefetch`` at once).
+- A refused command (bad key, bad body, device not attached, the PBX said no) is answered with
+  ``{"ok": false, "error": ...}`` when it has ``reply_to``, and dead-lettered: a copy goes to
+  the dead-letter exchange with header ``x-epsignal-error`` saying why, then the original is
+  acked. Should that copy not be confirmed, the original is rejected without requeue and the
+  queue's own dead-lettering keeps it. Nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+import aio_pika
+from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
+
+from bridge import commands as cmds
+from bridge.amqp.link import BrokerLink
+from bridge.amqp.topology import Topology, declare_commands_queue
+
+log = logging.getLogger("bridge.commands")
+
+Handler = Callable[[str, str, cmds.Command], Awaitable[cmds.Reply]]
+ERROR_HEADER = "x-epsignal-error"
+
+
+class CommandStats:
+    def __init__(self) -> None:
+        self.by_outcome: dict[tuple[str, str], int] = {}
+
+    def count(self, verb: str, outcome: str) -> None:
+        k = (verb, outcome)
+        self.by_outcome[k] = self.by_outcome.get(k, 0) + 1
+
+
+class CommandConsumer:
+    def __init__(self, link: BrokerLink, handler: Handler) -> None:
+        self.link = link
+        self.s = link.s
+        self._handler = handler
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._inflight: set[asyncio.Task] = set()
+        self._channel = None
+        self._tag: str | None = None
+        self._accepting = True
+        self.stats = CommandStats()
+        link.on_ready(self._start)
+
+    async def _start(self, conn: AbstractConnection, topo: Topology) -> None:
+        ch = await conn.channel(publisher_confirms=False)
+        await ch.set_qos(prefetch_count=self.s.prefetch)
+        q = await declare_commands_queue(ch, self.s, topo)
+        self._channel = ch
+        if self._accepting:
+            self._tag = await q.consume(self._on_message)
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        t = asyncio.current_task()
+        self._inflight.add(t)
+        try:
+            await self._process(message)
+        finally:
+            self._inflight.discard(t)
+
+    async def _process(self, message: AbstractIncomingMessage) -> None:
+        key = message.routing_key or ""
+        verb = "invalid"
+        try:
+            hw, verb, cmd = cmds.parse(key, message.body)
+        except cmds.CommandError as e:
+            return await self._refuse(message, verb, None, str(e))
+        lock = self._locks.setdefault(hw, asyncio.Lock())
+        try:
+            async with lock:
+                try:
+                    reply = await self._handler(hw, verb, cmd)
+                except cmds.CommandError as e:
+                    return await self._refuse(message, verb, hw, str(e))
+        finally:
+            if not lock.locked() and self._locks.get(hw) is lock:
+                del self._locks[hw]
+        await self._reply(message, reply)
+        self.stats.count(verb, "ok")
+        await message.ack()
+
+    async def _refuse(self, message: AbstractIncomingMessage, verb: str, hw: str | None, error: str) -> None:
+        log.info("command refused: key=%s: %s", message.routing_key, error)
+        self.stats.count(verb, "refused")
+        await self._reply(message, cmds.error_reply(error, command=verb if verb != "invalid" else None, hw=hw))
+        topo, ch = self.link.topology, self.link.channel
+        try:
+            if topo is None or ch is None:
+                raise ConnectionError("no publishing channel")
+            headers = dict(message.headers or {})
+            headers[ERROR_HEADER] = error
+            copy = aio_pika.Message(
+                message.body, headers=headers, content_type=message.content_type,
+                correlation_id=message.correlation_id, reply_to=message.reply_to,
+                message_id=message.message_id, timestamp=message.timestamp, type=message.type,
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            )
+            await topo.dead.publish(copy, message.routing_key or "", timeout=self.s.publish_timeout_s)
+        except Exception as e:
+            log.warning("dead-letter copy failed (%s); rejecting to the queue's dead-letter exchange", e)
+            await message.reject(requeue=False)
+            return
+        await message.ack()
+
+    async def _reply(self, message: AbstractIncomingMessage, reply: cmds.Reply) -> None:
+        if not message.reply_to:
+            return
+        ch = self.link.channel
+        if ch is None:
+            log.warning("cannot reply to %s: broker channel down", message.reply_to)
+            return
+        try:
+            await ch.default_exchange.publish(
+                aio_pika.Message(cmds.encode_reply(reply), content_type="application/json",
+                                 correlation_id=message.correlation_id, type="reply"),
+                message.reply_to, mandatory=False, timeout=self.s.publish_timeout_s,
+            )
+        except Exception as e:
+            log.warning("reply to %s failed: %s", message.reply_to, e)
+
+    async def stop_accepting(self) -> None:
+        """Stop taking new commands (deliveries not yet started go back to the queue)."""
+        self._accepting = False
+        ch, self._channel = self._channel, None
+        if ch is not None and not ch.is_closed:
+            try:
+                if self._tag is not None:
+                    q = await ch.get_queue(self.s.commands_queue, ensure=False)
+                    await q.cancel(self._tag)
+            except Exception:
+                pass
+        self._ch_to_close = ch
+
+    async def drain(self, timeout: float) -> None:
+        """Wait for commands in progress (bounded), then close the consuming channel."""
+        if self._inflight:
+            await asyncio.wait(set(self._inflight), timeout=timeout)
+        ch = getattr(self, "_ch_to_close", None)
+        if ch is not None and not ch.is_closed:
+            try:
+                await ch.close()
+            except Exception:
+                pass

@@ -1,0 +1,106 @@
+"""Commands from the bus and the replies to them: bodies as msgspec Structs, decoding with clear
+errors. Pure.
+
+A command's routing key is ``device.<hw>.<verb>`` on the commands exchange; the verb decides the
+body:
+
+- ``attach``, ``detach``: empty, or a JSON object (``{}``).
+- ``signaling``: ``{"call": int, "to": bool, "sig": {...}}``: a Signaling message sent toward the
+  device (``to`` true) or the PBX (``to`` false/absent) on the device's behalf. Negative call
+  ids are for calls the application starts. ``sig`` passes through byte for byte.
+"""
+
+from __future__ import annotations
+
+import msgspec
+from msgspec import Raw, Struct
+
+from bridge import routing
+from bridge.events import SCHEMA_VERSION, AttachInfo
+from bridge.protocol.errors import FrameError
+from bridge.protocol.signal import decode_sig
+
+VERBS = ("attach", "detach", "signaling")
+MAX_COMMAND_BYTES = 64 * 1024
+
+
+class CommandError(Exception):
+    """A command that cannot be carried out; the text is the reason given to the sender."""
+
+
+class AttachCommand(Struct, kw_only=True):
+    v: int = SCHEMA_VERSION
+
+
+class DetachCommand(Struct, kw_only=True):
+    v: int = SCHEMA_VERSION
+
+
+class SignalingCommand(Struct, kw_only=True, forbid_unknown_fields=True):
+    call: int
+    sig: Raw
+    to: bool = False
+    v: int = SCHEMA_VERSION
+
+
+class Reply(Struct, kw_only=True, omit_defaults=True):
+    ok: bool
+    v: int = SCHEMA_VERSION
+    command: str | None = None
+    hw: str | None = None
+    error: str | None = None
+    #: attach: what the PBX answered (without the TURN password)
+    attach: AttachInfo | None = None
+    #: attach: the device is registered and attached now (false: attached on registration)
+    attached: bool | None = None
+    #: detach: the device was attached when the command came
+    was_attached: bool | None = None
+
+
+_decoders = {
+    "attach": msgspec.json.Decoder(AttachCommand),
+    "detach": msgspec.json.Decoder(DetachCommand),
+    "signaling": msgspec.json.Decoder(SignalingCommand),
+}
+_reply_encoder = msgspec.json.Encoder()
+
+Command = AttachCommand | DetachCommand | SignalingCommand
+
+
+def parse(routing_key: str, body: bytes) -> tuple[str, str, Command]:
+    """(hw, verb, command) from a delivery; raises CommandError naming what is wrong."""
+    parsed = routing.parse_command_key(routing_key)
+    if parsed is None:
+        raise CommandError(
+            f"routing key {routing_key!r} is not device.<hw>.<verb> with verb one of {', '.join(VERBS)}"
+        )
+    hw, verb = parsed
+    if verb not in _decoders:
+        raise CommandError(f"unknown command {verb!r} in routing key; expected one of {', '.join(VERBS)}")
+    if len(body) > MAX_COMMAND_BYTES:
+        raise CommandError(f"body of {len(body)} bytes exceeds the limit of {MAX_COMMAND_BYTES}")
+    if verb != "signaling" and not body.strip():
+        body = b"{}"
+    try:
+        cmd = _decoders[verb].decode(body)
+    except msgspec.ValidationError as e:
+        raise CommandError(f"invalid {verb} command: {e}") from None
+    except msgspec.DecodeError as e:
+        raise CommandError(f"{verb} command body is not JSON: {e}") from None
+    if isinstance(cmd, SignalingCommand):
+        if bytes(memoryview(cmd.sig)[:1]) != b"{":
+            raise CommandError("invalid signaling command: Expected `object` - at `$.sig`")
+        try:
+            decode_sig(cmd.sig)
+        except FrameError as e:
+            raise CommandError(f"invalid signaling command: {e.detail}") from None
+    return hw, verb, cmd
+
+
+def encode_reply(reply: Reply) -> bytes:
+    return _reply_encoder.encode(reply)
+
+
+def error_reply(error: str, command: str | None = None, hw: str | None = None) -> Reply:
+    return Reply(ok=False, error=error, command=command, hw=hw)
+

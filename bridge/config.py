@@ -1,0 +1,119 @@
+"""Settings: every knob is an ``EPSIGNAL_*`` environment variable. One Struct, validated once.
+
+The README's configuration table is generated from :data:`Settings` field docs by
+``epsignal-bridge config --markdown`` so the two cannot drift.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import uuid
+from collections.abc import Mapping
+from typing import Literal
+
+import msgspec
+from msgspec import Meta, Struct
+from typing_extensions import Annotated
+
+PREFIX = "EPSIGNAL_"
+
+
+class Secret(str):
+    """A string that never shows itself in a repr, a log line or an exception message."""
+
+    def __repr__(self) -> str:
+        return "Secret('***')" if self else "Secret('')"
+
+
+def _doc(text: str, **kw) -> Meta:
+    return Meta(description=text, **kw)
+
+
+def _default_instance() -> str:
+    return f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
+
+
+class Settings(Struct, kw_only=True):
+    # ------------------------------------------------------------------ PBX side
+    pbx_url: Annotated[str, _doc("PBX AppWebsocket URL (client mode), ws:// or wss://")] = (
+        "ws://127.0.0.1:8765/PBX0/APPS/websocket"
+    )
+    pbx_app: Annotated[str, _doc("Name of the PBX App object the bridge logs in as")] = "epsignal"
+    pbx_password: Annotated[str, _doc("Password of the PBX App object (secret)")] = ""
+    pbx_mode: Annotated[
+        Literal["client", "server"],
+        _doc("client: the bridge connects to the PBX; server: the PBX's App object connects in"),
+    ] = "client"
+    pbx_listen: Annotated[str, _doc("Listen address for server mode, host:port")] = "0.0.0.0:8090"
+    devices: Annotated[str, _doc("Comma-separated hw ids to attach at start")] = ""
+    attach_concurrency: Annotated[
+        int, _doc("Sessions opened at once while attaching many devices", ge=1)
+    ] = 50
+    attach_timeout_s: Annotated[float, _doc("Time allowed for login + AttachResult", gt=0)] = 10.0
+    max_frame_bytes: Annotated[int, _doc("Largest WebSocket frame accepted", ge=1024)] = 256 * 1024
+    reconnect_min_s: Annotated[float, _doc("First reconnect delay (doubles, with jitter)", gt=0)] = 1.0
+    reconnect_max_s: Annotated[float, _doc("Longest reconnect delay", gt=0)] = 32.0
+    login_retry_s: Annotated[
+        float, _doc("Delay before retrying a refused login (wrong password)", gt=0)
+    ] = 60.0
+    # ------------------------------------------------------------------ broker side
+    amqp_url: Annotated[str, _doc("RabbitMQ URL, amqp:// or amqps:// (credentials are secret)")] = (
+        "amqp://guest:guest@localhost/"
+    )
+    events_exchange: Annotated[str, _doc("Topic exchange for events")] = "epsignal.events"
+    commands_exchange: Annotated[str, _doc("Topic exchange for commands")] = "epsignal.commands"
+    commands_queue: Annotated[str, _doc("Durable queue the bridge consumes commands from")] = (
+        "epsignal.commands.bridge"
+    )
+    dead_exchange: Annotated[str, _doc("Exchange for dead-lettered commands")] = "epsignal.dead"
+    dead_queue: Annotated[str, _doc("Queue holding dead-lettered commands")] = "epsignal.commands.dead"
+    prefetch: Annotated[int, _doc("Commands processed at once", ge=1)] = 64
+    heartbeat_s: Annotated[int, _doc("AMQP heartbeat interval", ge=1)] = 10
+    publish_window: Annotated[int, _doc("Events published and not yet confirmed, at most", ge=1)] = 1024
+    publish_timeout_s: Annotated[float, _doc("Time allowed for one publisher confirm", gt=0)] = 10.0
+    buffer_max_events: Annotated[int, _doc("Events kept while the broker is away", ge=1)] = 100_000
+    buffer_max_age_s: Annotated[float, _doc("Events older than this are dropped unsent", gt=0)] = 300.0
+    # ------------------------------------------------------------------ the process
+    instance_id: Annotated[str, _doc("Bridge instance id (default: hostname + random)")] = ""
+    log_level: Annotated[str, _doc("Log level: DEBUG, INFO, WARNING, ERROR")] = "INFO"
+
+    def __post_init__(self) -> None:
+        if not self.instance_id:
+            self.instance_id = _default_instance()
+        self.pbx_password = Secret(self.pbx_password)
+        self.amqp_url = Secret(self.amqp_url)
+
+    @property
+    def device_list(self) -> list[str]:
+        return [d.strip() for d in self.devices.split(",") if d.strip()]
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> Settings:
+        """Settings from ``EPSIGNAL_*`` variables (other ``EPSIGNAL_*`` names are ignored)."""
+        env = os.environ if environ is None else environ
+        known = set(cls.__struct_fields__)
+        raw = {k[len(PREFIX):].lower(): v for k, v in env.items() if k.startswith(PREFIX)}
+        raw = {k: v for k, v in raw.items() if k in known}  # others: k8s service links, the sim
+        raw.update(overrides)
+        try:
+            return msgspec.convert(raw, cls, strict=False)
+        except msgspec.ValidationError as e:
+            raise ValueError(f"configuration: {_env_name(str(e))}") from None
+
+
+def _env_name(text: str) -> str:
+    """Point a validation message at the environment variable, not the Struct field."""
+    m = re.search(r"`\$\.(\w+)`", text)
+    return text.replace(m.group(0), f"{PREFIX}{m.group(1).upper()}") if m else text
+
+
+def describe() -> list[tuple[str, str, str]]:
+    """(variable, default, description) for every setting, for docs and ``--help``."""
+    out = []
+    for f in msgspec.structs.fields(Settings):
+        meta = next((m for m in getattr(f.type, "__metadata__", ()) if isinstance(m, Meta)), None)
+        default = "" if f.default is msgspec.NODEFAULT else str(f.default)
+        out.append((PREFIX + f.name.upper(), default, meta.description if meta else ""))
+    return out

@@ -1,0 +1,77 @@
+"""One device as the bridge sees it: frames in, events out. Pure: no sockets, no broker.
+
+The PBX session hands every frame that belongs to the device to :meth:`Device.on_frame` *after*
+it has forwarded it; what comes back is the list of events to publish. Signaling the bridge
+sends for a command goes through :meth:`Device.on_sent`, so the call state follows both.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from msgspec import Raw
+
+from bridge.events import EventFactory, Outgoing
+from bridge.protocol.callstate import CallTracker
+from bridge.protocol.errors import FrameError
+from bridge.protocol.messages import AttachResult, Attached, Detached, Signaling, Sync
+
+log = logging.getLogger("bridge.device")
+
+
+class Device:
+    def __init__(self, hw: str, factory: EventFactory) -> None:
+        self.hw = hw
+        self.factory = factory
+        self.tracker = CallTracker()
+        #: the PBX's answer to our Attach (None: not answered yet)
+        self.result: AttachResult | None = None
+        #: the device is registered and we are in its signaling path
+        self.attached = False
+        self.bad_sig = 0
+
+    def on_frame(self, msg) -> list[Outgoing]:
+        f = self.factory
+        t = type(msg)
+        if t is Signaling:
+            return self._signaling(msg, "pbx")
+        if t is Sync:
+            return [f.call_state(self.hw, self.tracker.sync(msg), sync=True)]
+        if t is AttachResult:
+            self.result = msg
+            if msg.failed:
+                return [f.attach_failed(self.hw, msg.err)]
+            return []
+        if t is Attached:
+            self.attached = True
+            return [f.attached(self.hw, self.result or AttachResult())]
+        if t is Detached:
+            self.attached = False
+            out = [f.detached(self.hw, "unregistered")]
+            out += [f.call_state(self.hw, s) for s in self.tracker.release_all()]
+            return out
+        return []
+
+    def on_sent(self, call: int, to: bool, sig: Raw) -> list[Outgoing]:
+        return self._signaling(Signaling(call=call, sig=sig, to=to), "command")
+
+    def on_lost(self, reason: str) -> list[Outgoing]:
+        """The session holding the attachment ended (``command``, ``session-lost``, ``shutdown``)."""
+        was = self.attached
+        self.attached = False
+        self.result = None
+        return [self.factory.detached(self.hw, reason)] if was or reason == "command" else []
+
+    def _signaling(self, msg: Signaling, origin: str) -> list[Outgoing]:
+        toward = msg.to is True
+        out = [self.factory.signaling(self.hw, msg.call, toward, msg.sig, origin)]
+        try:
+            status = self.tracker.signaling(msg.call, toward, msg.signal)
+        except FrameError as e:
+            self.bad_sig += 1
+            log.warning("device %s call %s: sig not understood, state not tracked: %s",
+                        self.hw, msg.call, e)
+            return out
+        if status is not None:
+            out.append(self.factory.call_state(self.hw, status))
+        return out

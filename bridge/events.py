@@ -1,0 +1,183 @@
+"""The events the bridge publishes: bodies as msgspec Structs, and the factory that numbers them.
+
+Every event body carries ``type`` (the event name, also the AMQP ``type`` property), ``v`` (the
+schema version), ``hw``, ``seq`` (per device and bridge instance, 1, 2, 3, ... without gaps),
+``instance`` (the bridge instance id) and ``time`` (UTC). ``message_id`` is
+``<instance>/<hw>/<seq>``: unique, and the same for a republished duplicate, so a consumer can
+drop duplicates by id or by (instance, hw, seq).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Union
+
+import msgspec
+from msgspec import UNSET, Raw, Struct, UnsetType, field
+
+from bridge import routing
+from bridge.protocol.callstate import CallStatus
+from bridge.protocol.messages import AttachResult, CallState, Remote
+from bridge.protocol.signal import Cause
+
+SCHEMA_VERSION = 1
+
+
+class Event(Struct, kw_only=True, tag_field="type"):
+    v: int = SCHEMA_VERSION
+    hw: str
+    seq: int
+    instance: str
+    time: datetime
+
+
+class AttachInfo(Struct, kw_only=True, omit_defaults=True):
+    """What the PBX told about the attachment: AttachResult without the TURN password."""
+
+    stun: list[str] = field(default_factory=list)
+    turn: list[str] = field(default_factory=list)
+    turnUsr: str | None = None
+    prefixIntl: str | None = None
+    prefixNtl: str | None = None
+    prefixSubs: str | None = None
+    area: str | None = None
+    country: str | None = None
+    maxIntern: int | None = None
+    tones: int | None = None
+
+    @classmethod
+    def from_result(cls, r: AttachResult) -> AttachInfo:
+        def opt(v: Any) -> Any:
+            return None if v is UNSET else v
+
+        def split(v: str | UnsetType) -> list[str]:
+            return [s for s in v.split(";") if s] if isinstance(v, str) else []
+
+        return cls(
+            stun=split(r.stun), turn=split(r.turn), turnUsr=opt(r.turnUsr),
+            prefixIntl=opt(r.prefixIntl), prefixNtl=opt(r.prefixNtl), prefixSubs=opt(r.prefixSubs),
+            area=opt(r.area), country=opt(r.country), maxIntern=opt(r.maxIntern), tones=opt(r.tones),
+        )
+
+
+class DeviceAttached(Event, tag="attached", kw_only=True):
+    attach: AttachInfo
+
+
+class DeviceDetached(Event, tag="detached", kw_only=True):
+    #: "unregistered" (the PBX said Detached), "command", "session-lost", "shutdown"
+    reason: str
+
+
+class AttachFailed(Event, tag="attach.failed", kw_only=True):
+    #: the PBX's ``err``, as text
+    error: str
+
+
+class CallStateChanged(Event, tag="call.state", kw_only=True):
+    call: int
+    state: CallState
+    in_: bool | None = field(default=None, name="in")
+    remote: Remote
+    channel: int | None = None
+    held: bool = False
+    app: bool = False
+    cause: Cause | None = None
+    #: true when the state comes from a Sync at attach, not from a Signaling message
+    sync: bool = False
+
+
+class CallSignaling(Event, tag="call.signaling", kw_only=True):
+    call: int
+    #: true: toward the device
+    to: bool
+    #: "pbx": received from the PBX side and forwarded; "command": sent for a command
+    origin: str
+    #: the Signal object exactly as it passed
+    sig: Raw
+
+
+class SeqRange(Struct, array_like=False):
+    first: int
+    last: int
+
+
+class Gap(Struct, kw_only=True, tag_field="type", tag="gap"):
+    """Events dropped unsent (buffer full or too old), per device, as seq ranges."""
+
+    v: int = SCHEMA_VERSION
+    instance: str
+    time: datetime
+    reason: str
+    dropped: dict[str, list[SeqRange]]
+
+
+DeviceEvent = Union[DeviceAttached, DeviceDetached, AttachFailed, CallStateChanged, CallSignaling]
+
+_encoder = msgspec.json.Encoder()
+
+
+@dataclass(slots=True)
+class Outgoing:
+    """One event ready to publish: routing key, body, and the AMQP properties it needs."""
+
+    key: str
+    body: bytes
+    type: str
+    message_id: str
+    timestamp: datetime
+    hw: str | None = None
+    seq: int = 0
+    headers: dict | None = None
+
+
+class EventFactory:
+    """Numbers and encodes events for one bridge instance (pure, no I/O)."""
+
+    def __init__(self, instance: str) -> None:
+        self.instance = instance
+        self._seq: dict[str, int] = {}
+
+    def _next(self, hw: str) -> int:
+        n = self._seq.get(hw, 0) + 1
+        self._seq[hw] = n
+        return n
+
+    def _out(self, key: str, ev: Event) -> Outgoing:
+        return Outgoing(
+            key=key, body=_encoder.encode(ev), type=ev.__struct_config__.tag,
+            message_id=f"{self.instance}/{ev.hw}/{ev.seq}", timestamp=ev.time, hw=ev.hw, seq=ev.seq,
+        )
+
+    def _base(self, hw: str) -> dict:
+        return dict(hw=hw, seq=self._next(hw), instance=self.instance, time=datetime.now(timezone.utc))
+
+    def attached(self, hw: str, result: AttachResult) -> Outgoing:
+        ev = DeviceAttached(attach=AttachInfo.from_result(result), **self._base(hw))
+        return self._out(routing.device_key(hw, "attached"), ev)
+
+    def detached(self, hw: str, reason: str) -> Outgoing:
+        return self._out(routing.device_key(hw, "detached"), DeviceDetached(reason=reason, **self._base(hw)))
+
+    def attach_failed(self, hw: str, error: Any) -> Outgoing:
+        text = error if isinstance(error, str) else msgspec.json.encode(error).decode()
+        return self._out(routing.device_key(hw, "attach", "failed"), AttachFailed(error=text, **self._base(hw)))
+
+    def call_state(self, hw: str, s: CallStatus, *, sync: bool = False) -> Outgoing:
+        ev = CallStateChanged(
+            call=s.call, state=s.state, in_=s.in_, remote=s.remote, channel=s.channel, held=s.held,
+            app=s.app, cause=s.cause, sync=sync, **self._base(hw),
+        )
+        return self._out(routing.call_key(hw, s.call, "state"), ev)
+
+    def signaling(self, hw: str, call: int, to: bool, sig: Raw, origin: str) -> Outgoing:
+        ev = CallSignaling(call=call, to=to, sig=sig, origin=origin, **self._base(hw))
+        return self._out(routing.call_key(hw, call, "signaling"), ev)
+
+    def gap(self, reason: str, dropped: dict[str, list[tuple[int, int]]]) -> Outgoing:
+        now = datetime.now(timezone.utc)
+        ev = Gap(instance=self.instance, time=now, reason=reason,
+                 dropped={hw: [SeqRange(a, b) for a, b in r] for hw, r in dropped.items()})
+        return Outgoing(key=routing.gap_key(self.instance), body=_encoder.encode(ev), type="gap",
+                        message_id=f"{self.instance}/gap/{now.timestamp()}", timestamp=now)

@@ -1,0 +1,1 @@
+"""The PBX adapter (websockets): AppWebsocket sessions that carry EpSignal for devices."""

@@ -1,0 +1,138 @@
+"""Client mode: one AppWebsocket session per attached device, kept up with backoff.
+
+Each :class:`DeviceRunner` connects to the PBX, logs in, sends Attach, and reads. When the
+session drops it reconnects with exponential backoff and jitter (tenacity), logs in again and
+attaches again; the ``Sync`` that follows republishes the state of every call. A refused login
+is not a network fault: it is retried after ``login_retry_s`` (60 s by default), never in a
+tight loop. An ``AttachResult`` with ``err`` ends the runner: the PBX does not know the device.
+
+Detach is ending the session (EpSignal has no Detach message).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidHandshake, InvalidURI
+
+from bridge.config import Settings
+from bridge.device import Device
+from bridge.pbx.session import Emit, PbxSession, login_as_client
+from bridge.protocol import messages as m
+from bridge.protocol.errors import FrameError
+from bridge.protocol.login import LoginFailed
+
+log = logging.getLogger("bridge.pbx")
+
+RETRYABLE = (OSError, TimeoutError, ConnectionError, InvalidHandshake, FrameError, LoginFailed)
+
+
+class AttachRefused(Exception):
+    """The PBX answered the Attach with ``err``."""
+
+
+class DeviceRunner:
+    def __init__(self, settings: Settings, device: Device, emit: Emit, gate: asyncio.Semaphore,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
+        self.s = settings
+        self.device = device
+        self.emit = emit
+        self._gate = gate
+        self._ssl = ssl_context
+        self.session: PbxSession | None = None
+        #: resolved with the first AttachResult (ok or not), or an exception
+        self.first_result: asyncio.Future[m.AttachResult] = asyncio.get_running_loop().create_future()
+        self.task: asyncio.Task | None = None
+        self.reconnects = 0
+        self._stopping = False
+
+    @property
+    def hw(self) -> str:
+        return self.device.hw
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self.run(), name=f"device {self.hw}")
+
+    def _wait(self, rs) -> float:
+        if isinstance(rs.outcome.exception(), LoginFailed):
+            return self.s.login_retry_s
+        return self._backoff(rs)
+
+    async def _open(self) -> PbxSession:
+        s = self.s
+        async with self._gate:  # bounded: thousands of attaches do not storm the PBX
+            ws = await connect(
+                s.pbx_url, compression=None, max_size=s.max_frame_bytes, proxy=None,
+                open_timeout=s.attach_timeout_s, ssl=self._ssl if s.pbx_url.startswith("wss:") else None,
+                ping_interval=20, ping_timeout=20, close_timeout=2,
+            )
+            try:
+                await login_as_client(ws, s.pbx_app, s.pbx_password, s.attach_timeout_s, s.max_frame_bytes)
+                session = PbxSession(ws, self.emit, s.max_frame_bytes)
+                session.reader = asyncio.create_task(session.run())
+                result = await session.attach(self.device, s.attach_timeout_s)
+            except BaseException:
+                await ws.close()
+                raise
+        if result.failed:
+            await ws.close()
+            raise AttachRefused(result.err)
+        return session
+
+    async def run(self) -> None:
+        self._backoff = wait_exponential_jitter(initial=self.s.reconnect_min_s, max=self.s.reconnect_max_s)
+        try:
+            while not self._stopping:
+                retrying = AsyncRetrying(
+                    wait=self._wait, retry=retry_if_exception_type(RETRYABLE), reraise=True,
+                    before_sleep=self._log_retry,
+                )
+                async for attempt in retrying:
+                    with attempt:
+                        self.session = await self._open()
+                if not self.first_result.done():
+                    self.first_result.set_result(self.device.result)
+                await self.session.closed
+                if self._stopping:
+                    break
+                self.reconnects += 1
+                for ev in self.device.on_lost("session-lost"):
+                    self.emit(ev)
+                log.warning("device %s: PBX session lost, reconnecting", self.hw)
+        except AttachRefused as e:
+            log.warning("device %s: attach refused by the PBX: %s", self.hw, e)
+            if not self.first_result.done():
+                self.first_result.set_result(self.device.result)
+        except InvalidURI as e:
+            log.error("device %s: bad EPSIGNAL_PBX_URL: %s", self.hw, e)
+            if not self.first_result.done():
+                self.first_result.set_exception(e)
+        except asyncio.CancelledError:
+            if not self.first_result.done():
+                self.first_result.cancel()
+            raise
+
+    def _log_retry(self, rs) -> None:
+        exc = rs.outcome.exception()
+        if isinstance(exc, LoginFailed):
+            log.error("device %s: %s; check EPSIGNAL_PBX_APP and EPSIGNAL_PBX_PASSWORD; retry in %.0fs",
+                      self.hw, exc, rs.next_action.sleep)
+        else:
+            log.warning("device %s: PBX unreachable (%s: %s), retry in %.1fs",
+                        self.hw, type(exc).__name__, exc, rs.next_action.sleep)
+
+    async def stop(self) -> None:
+        """End the attachment (close the session) and the runner."""
+        self._stopping = True
+        if self.session is not None:
+            await self.session.close()
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+            try:
+                await self.task
+            except (asyncio.CancelledError, Exception):
+                pass

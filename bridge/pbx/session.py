@@ -1,0 +1,153 @@
+"""One AppWebsocket session that carries EpSignal, and the login on it.
+
+:class:`PbxSession` reads frames, **forwards every Signaling message the PBX sends before
+anything else happens to it** (the same bytes, back in the same direction: that is what keeps
+the call going), then hands the decoded frame to its :class:`~bridge.device.Device` (chosen by
+``src``) and passes the events it returns to ``emit``, which only appends to the publisher's
+buffer. Nothing on this path waits on the broker.
+
+Calls the application started (negative ids) end at the application: their messages are
+published, not forwarded (EPSIGNAL decision, see docs/DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from websockets.asyncio.connection import Connection
+from websockets.exceptions import ConnectionClosed
+
+from bridge.device import Device
+from bridge.events import Outgoing
+from bridge.protocol import messages as m
+from bridge.protocol.errors import FrameError
+from bridge.protocol.login import ClientLogin, LoginFailed, ServerLogin
+
+log = logging.getLogger("bridge.pbx")
+
+Emit = Callable[[Outgoing], None]
+
+
+class SessionStats:
+    __slots__ = ("frames_in", "forwarded", "bad_frames", "forward_ns")
+
+    def __init__(self) -> None:
+        self.frames_in = self.forwarded = self.bad_frames = 0
+        self.forward_ns = 0
+
+
+STATS = SessionStats()  # process-wide counters, read by metrics
+
+
+async def _recv(ws: Connection, timeout: float, max_bytes: int) -> m.Frame:
+    data = await asyncio.wait_for(ws.recv(decode=False), timeout)
+    return m.decode(data, max_bytes)
+
+
+async def _expect(ws: Connection, kind: type, timeout: float, max_bytes: int):
+    msg = await _recv(ws, timeout, max_bytes)
+    if type(msg) is not kind:
+        raise FrameError("invalid", f"expected {kind.__name__} during login, got {type(msg).__name__}")
+    return msg
+
+
+async def login_as_client(ws: Connection, app: str, password: str, timeout: float, max_bytes: int) -> None:
+    """Log in to the PBX (client mode). Raises LoginFailed on a refused login."""
+    lg = ClientLogin(app, password)
+    await ws.send(m.encode(lg.start()), text=True)
+    challenge = await _expect(ws, m.AppChallengeResult, timeout, max_bytes)
+    await ws.send(m.encode(lg.on_challenge(challenge)), text=True)
+    lg.on_result(await _expect(ws, m.AppLoginResult, timeout, max_bytes))
+
+
+async def login_as_server(ws: Connection, app: str, password: str, timeout: float, max_bytes: int) -> str:
+    """Verify the login of a PBX App object that connected in (server mode)."""
+    lg = ServerLogin({app: password})
+    req = await _expect(ws, m.AppChallenge, timeout, max_bytes)
+    await ws.send(m.encode(lg.on_challenge_request(req)), text=True)
+    login = await _expect(ws, m.AppLogin, timeout, max_bytes)
+    result = lg.on_login(login)
+    await ws.send(m.encode(result), text=True)
+    if not result.ok:
+        raise LoginFailed(f"PBX login as {login.app!r} refused: wrong app name or password")
+    return login.app
+
+
+class PbxSession:
+    def __init__(self, ws: Connection, emit: Emit, max_bytes: int) -> None:
+        self.ws = ws
+        self.emit = emit
+        self.max_bytes = max_bytes
+        #: src -> device; the src of our Attach is the hw id
+        self.devices: dict[str, Device] = {}
+        self._results: dict[str, asyncio.Future] = {}
+        self.closed = asyncio.get_running_loop().create_future()
+        self.reader: asyncio.Task | None = None
+
+    async def attach(self, device: Device, timeout: float) -> m.AttachResult:
+        """Send Attach for ``device`` and wait for its AttachResult."""
+        self.devices[device.hw] = device
+        fut = self._results[device.hw] = asyncio.get_running_loop().create_future()
+        await self.ws.send(m.encode(m.Attach(hw=device.hw, src=device.hw)), text=True)
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), timeout)
+        finally:
+            self._results.pop(device.hw, None)
+
+    async def send_signaling(self, device: Device, call: int, to: bool, sig) -> None:
+        frame = m.Signaling(call=call, sig=sig, to=True if to else m.UNSET, src=device.hw)
+        await self.ws.send(m.encode(frame), text=True)
+        for ev in device.on_sent(call, to, sig):
+            self.emit(ev)
+
+    async def run(self) -> None:
+        """Read until the connection ends; then every waiter learns of it."""
+        ws, emit, stats = self.ws, self.emit, STATS
+        try:
+            while True:
+                data = await ws.recv(decode=False)
+                t0 = time.perf_counter_ns()
+                stats.frames_in += 1
+                try:
+                    msg = m.decode(data, self.max_bytes)
+                except FrameError as e:
+                    stats.bad_frames += 1
+                    if stats.bad_frames & (stats.bad_frames - 1) == 0:  # 1, 2, 4, 8, ...: no flood
+                        log.warning("bad frame from PBX (%d so far): %s", stats.bad_frames, e)
+                    continue
+                if type(msg) is m.Signaling and msg.call >= 0:
+                    await ws.send(data, text=True)  # forward first, unchanged
+                    stats.forwarded += 1
+                    stats.forward_ns += time.perf_counter_ns() - t0
+                dev = self._device_for(msg)
+                if dev is None:
+                    continue
+                if type(msg) is m.AttachResult:
+                    fut = self._results.get(dev.hw)
+                    if fut is not None and not fut.done():
+                        fut.set_result(msg)
+                for ev in dev.on_frame(msg):
+                    emit(ev)
+        except ConnectionClosed:
+            pass
+        finally:
+            err = ConnectionError("PBX session closed")
+            for fut in self._results.values():
+                if not fut.done():
+                    fut.set_exception(err)
+            if not self.closed.done():
+                self.closed.set_result(None)
+
+    def _device_for(self, msg) -> Device | None:
+        src = msg.src
+        if isinstance(src, str):
+            return self.devices.get(src)
+        if len(self.devices) == 1:  # a PBX that does not echo src: the one device of the session
+            return next(iter(self.devices.values()))
+        return None
+
+    async def close(self) -> None:
+        await self.ws.close()

@@ -1,0 +1,166 @@
+"""The bridge: PBX sessions on one side, the broker on the other, commands in between.
+
+This module only wires the adapters together and carries out commands; the protocol logic
+lives in :mod:`bridge.protocol` and :mod:`bridge.device`, the broker in :mod:`bridge.amqp`, the
+PBX sessions in :mod:`bridge.pbx`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from websockets.exceptions import ConnectionClosed
+
+from bridge import commands as cmds
+from bridge.amqp.consumer import CommandConsumer
+from bridge.amqp.link import BrokerLink
+from bridge.amqp.publisher import EventPublisher
+from bridge.config import Settings
+from bridge.device import Device
+from bridge.events import AttachInfo, EventFactory
+from bridge.pbx.client import DeviceRunner
+from bridge.pbx.server import NoPbxSession, PbxServer
+
+log = logging.getLogger("bridge")
+
+
+class Bridge:
+    def __init__(self, settings: Settings) -> None:
+        self.s = settings
+        self.factory = EventFactory(settings.instance_id)
+        self.link = BrokerLink(settings)
+        self.publisher = EventPublisher(
+            self.link, self.factory, window=settings.publish_window, timeout_s=settings.publish_timeout_s,
+            max_events=settings.buffer_max_events, max_age_s=settings.buffer_max_age_s,
+        )
+        self.emit = self.publisher.publish_nowait
+        self.consumer = CommandConsumer(self.link, self.handle_command)
+        self.runners: dict[str, DeviceRunner] = {}
+        self.server = PbxServer(settings, self.emit) if settings.pbx_mode == "server" else None
+        self._gate = asyncio.Semaphore(settings.attach_concurrency)
+        self._tasks: list[asyncio.Task] = []
+
+    # ------------------------------------------------------------------ life cycle
+    async def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self.link.run(), name="broker link"),
+            asyncio.create_task(self.publisher.run(), name="publisher"),
+        ]
+        if self.server is not None:
+            for hw in self.s.device_list:
+                self.server.devices[hw] = Device(hw, self.factory)
+            await self.server.start()
+        else:
+            for hw in self.s.device_list:
+                self._runner(hw)
+        log.info("bridge %s started: %d devices configured, PBX mode %s",
+                 self.s.instance_id, len(self.s.device_list), self.s.pbx_mode)
+
+    async def stop(self, grace_s: float = 10.0) -> bool:
+        """Graceful stop: no new commands, finish those in progress, close the PBX sessions,
+        flush events with confirms (bounded by ``grace_s``). True if nothing was left unsent."""
+        await self.consumer.stop_accepting()
+        await self.consumer.drain(grace_s / 2)
+        await asyncio.gather(*(r.stop() for r in self.runners.values()), return_exceptions=True)
+        for r in self.runners.values():
+            for ev in r.device.on_lost("shutdown"):
+                self.emit(ev)
+        if self.server is not None:
+            await self.server.close()
+        flushed = await self.publisher.flush(grace_s / 2)
+        if not flushed:
+            log.warning("shutdown: %d events not confirmed within the grace period", len(self.publisher.buffer))
+        await self.publisher.close()
+        await self.link.close()
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        return flushed
+
+    def _runner(self, hw: str) -> DeviceRunner:
+        r = self.runners.get(hw)
+        if r is None or (r.task is not None and r.task.done()):
+            r = DeviceRunner(self.s, Device(hw, self.factory), self.emit, self._gate)
+            self.runners[hw] = r
+            r.start()
+        return r
+
+    # ------------------------------------------------------------------ commands
+    async def handle_command(self, hw: str, verb: str, cmd: cmds.Command) -> cmds.Reply:
+        if verb == "attach":
+            return await self._attach(hw)
+        if verb == "detach":
+            return await self._detach(hw)
+        return await self._signaling(hw, cmd)
+
+    async def _attach(self, hw: str) -> cmds.Reply:
+        timeout = self.s.attach_timeout_s
+        try:
+            if self.server is not None:
+                result = await asyncio.wait_for(self.server.attach(Device(hw, self.factory)), timeout)
+                device = self.server.devices[hw]
+            else:
+                r = self._runner(hw)
+                result = await asyncio.wait_for(asyncio.shield(r.first_result), timeout)
+                device = r.device
+        except TimeoutError:
+            raise cmds.CommandError(
+                f"no AttachResult for {hw} within {timeout:g}s (PBX unreachable?); the bridge keeps trying"
+            ) from None
+        except (NoPbxSession, ConnectionError) as e:
+            raise cmds.CommandError(str(e)) from None
+        if result is None or result.failed:
+            err = result.err if result is not None else "no answer"
+            if self.server is not None:
+                self.server.devices.pop(hw, None)
+            raise cmds.CommandError(f"the PBX refused to attach {hw}: {err}")
+        return cmds.Reply(ok=True, command="attach", hw=hw, attach=AttachInfo.from_result(result),
+                          attached=device.attached)
+
+    async def _detach(self, hw: str) -> cmds.Reply:
+        if self.server is not None:
+            raise cmds.CommandError(
+                "detach is not possible in server mode: EpSignal has no Detach message and the "
+                "PBX session carries every device"
+            )
+        r = self.runners.pop(hw, None)
+        if r is None:
+            return cmds.Reply(ok=True, command="detach", hw=hw, was_attached=False)
+        was = r.device.attached
+        await r.stop()
+        for ev in r.device.on_lost("command"):
+            self.emit(ev)
+        return cmds.Reply(ok=True, command="detach", hw=hw, was_attached=was)
+
+    async def _signaling(self, hw: str, cmd: cmds.SignalingCommand) -> cmds.Reply:
+        if self.server is not None:
+            device = self.server.devices.get(hw)
+            session = self.server.session
+        else:
+            r = self.runners.get(hw)
+            device, session = (r.device, r.session) if r is not None else (None, None)
+        if device is None or session is None or session.closed.done() or not device.attached:
+            raise cmds.CommandError(f"device {hw} is not attached")
+        try:
+            await session.send_signaling(device, cmd.call, cmd.to, cmd.sig)
+        except (ConnectionError, ConnectionClosed) as e:
+            raise cmds.CommandError(f"PBX session of {hw} closed while sending: {e}") from None
+        return cmds.Reply(ok=True, command="signaling", hw=hw)
+
+
+async def run_until_signalled(settings: Settings, grace_s: float = 10.0) -> int:
+    """``epsignal-bridge run``: start, serve until SIGTERM/SIGINT, stop gracefully."""
+    import signal
+
+    bridge = Bridge(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await bridge.start()
+    await stop.wait()
+    log.info("stopping (grace %.0fs)", grace_s)
+    flushed = await bridge.stop(grace_s)
+    return 0 if flushed else 1
+

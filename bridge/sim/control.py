@@ -1,0 +1,167 @@
+"""The simulator's HTTP control interface (aiohttp.web).
+
+=========================== ==================================================================
+POST /devices/<hw>/calls    body: place_call's keyword arguments, all optional, e.g.
+                            ``{"direction":"in","remote":"201","answer":true,"hold_s":1.0}``
+                            (also ``busy``, ``hold``, ``transfer_to``, ``hangup``) -> ``{"call": id}``
+POST /devices/<hw>/register -> ``{"hw":..., "registered": true}``
+POST /devices/<hw>/unregister -> ``{"hw":..., "registered": false}``
+GET  /devices/<hw>          -> ``{"hw", "ext", "registered", "attached", "calls": [...]}``
+POST /sessions/drop         -> ``{"dropped": n}`` (TCP abort of every application session)
+POST /sessions/garbage      body ``{"count": 5}`` -> ``{"sent": n}`` (malformed frames to every session)
+POST /faults                body ``{"refuse_logins": true, "delay_ms": 200}`` (each optional)
+                            -> the faults now in force
+GET  /stats                 -> the stats dict
+=========================== ==================================================================
+
+Errors are JSON ``{"error": "..."}``: 400 for a bad body (naming the field), 404 for an unknown
+device or path, 405 for a wrong method, 409 for a call on an unregistered device.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated, Literal
+
+import msgspec
+from aiohttp import web
+from msgspec import UNSET, Meta, Struct, UnsetType
+
+if TYPE_CHECKING:
+    from bridge.sim.pbx import PbxSimulator
+
+_PBX = web.AppKey("pbx", object)
+
+
+class CallRequest(Struct, forbid_unknown_fields=True):
+    direction: Literal["in", "out"] = "in"
+    remote: Annotated[str, Meta(min_length=1, max_length=64)] = "201"
+    answer: bool = True
+    hold_s: Annotated[float, Meta(ge=0, le=86400)] = 1.0
+    busy: bool = False
+    hold: bool = False
+    transfer_to: Annotated[str, Meta(min_length=1, max_length=64)] | None = None
+    hangup: Literal["remote", "device"] = "remote"
+
+
+class FaultsRequest(Struct, forbid_unknown_fields=True):
+    refuse_logins: bool | UnsetType = UNSET
+    delay_ms: Annotated[int, Meta(ge=0, le=60_000)] | UnsetType = UNSET
+
+
+class GarbageRequest(Struct, forbid_unknown_fields=True):
+    count: Annotated[int, Meta(ge=1, le=10_000)] = 1
+
+
+def _error(status: int, text: str) -> web.Response:
+    return web.json_response({"error": text}, status=status)
+
+
+async def _body(request: web.Request, typ: type[Struct]) -> Struct:
+    data = await request.read()
+    if not data.strip():
+        data = b"{}"
+    try:
+        return msgspec.json.decode(data, type=typ)
+    except msgspec.ValidationError as e:
+        raise web.HTTPBadRequest(
+            text=msgspec.json.encode({"error": f"invalid body: {e}"}).decode(),
+            content_type="application/json") from None
+    except msgspec.DecodeError as e:
+        raise web.HTTPBadRequest(
+            text=msgspec.json.encode({"error": f"body is not JSON: {e}"}).decode(),
+            content_type="application/json") from None
+
+
+def _device(request: web.Request):
+    pbx: PbxSimulator = request.app[_PBX]
+    hw = request.match_info["hw"]
+    if hw not in pbx.devices:
+        raise web.HTTPNotFound(text=msgspec.json.encode({"error": f"unknown device {hw!r}"}).decode(),
+                               content_type="application/json")
+    return pbx, hw
+
+
+async def place_call(request: web.Request) -> web.Response:
+    pbx, hw = _device(request)
+    body = await _body(request, CallRequest)
+    try:
+        call = await pbx.place_call(hw, **msgspec.structs.asdict(body))
+    except ValueError as e:
+        return _error(409, str(e))
+    return web.json_response({"call": call})
+
+
+async def register(request: web.Request) -> web.Response:
+    pbx, hw = _device(request)
+    pbx.register(hw)
+    return web.json_response({"hw": hw, "registered": True})
+
+
+async def unregister(request: web.Request) -> web.Response:
+    pbx, hw = _device(request)
+    pbx.unregister(hw)
+    return web.json_response({"hw": hw, "registered": False})
+
+
+async def device(request: web.Request) -> web.Response:
+    pbx, hw = _device(request)
+    return web.json_response(pbx.device_info(hw))
+
+
+async def drop(request: web.Request) -> web.Response:
+    return web.json_response({"dropped": await request.app[_PBX].drop_sessions()})
+
+
+async def garbage(request: web.Request) -> web.Response:
+    body = await _body(request, GarbageRequest)
+    return web.json_response({"sent": await request.app[_PBX].send_garbage(body.count)})
+
+
+async def faults(request: web.Request) -> web.Response:
+    pbx: PbxSimulator = request.app[_PBX]
+    body = await _body(request, FaultsRequest)
+    if body.refuse_logins is not UNSET:
+        pbx.faults.refuse_logins = body.refuse_logins
+    if body.delay_ms is not UNSET:
+        pbx.faults.delay_ms = body.delay_ms
+    return web.json_response({"refuse_logins": pbx.faults.refuse_logins, "delay_ms": pbx.faults.delay_ms})
+
+
+async def stats(request: web.Request) -> web.Response:
+    return web.json_response(request.app[_PBX].stats())
+
+
+@web.middleware
+async def _json_errors(request: web.Request, handler):
+    """Every error answer is JSON ``{"error": ...}``, also aiohttp's own 404 and 405."""
+    try:
+        return await handler(request)
+    except web.HTTPException as e:
+        if e.content_type == "application/json" or e.status < 400:
+            raise
+        return _error(e.status, f"{e.reason}: {request.method} {request.path}")
+
+
+def make_app(pbx: PbxSimulator) -> web.Application:
+    app = web.Application(middlewares=[_json_errors])
+    app[_PBX] = pbx
+    app.router.add_post("/devices/{hw}/calls", place_call)
+    app.router.add_post("/devices/{hw}/register", register)
+    app.router.add_post("/devices/{hw}/unregister", unregister)
+    app.router.add_get("/devices/{hw}", device)
+    app.router.add_post("/sessions/drop", drop)
+    app.router.add_post("/sessions/garbage", garbage)
+    app.router.add_post("/faults", faults)
+    app.router.add_get("/stats", stats)
+    return app
+
+
+async def start_control(pbx: PbxSimulator, host: str, port: int) -> tuple[web.AppRunner, str]:
+    """Serve the control API; the runner (``cleanup()`` it) and the base URL."""
+    runner = web.AppRunner(make_app(pbx), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    bound_port = runner.addresses[0][1]  # the port actually bound (port 0: a free one)
+    h = f"[{host}]" if ":" in host else host
+    return runner, f"http://{h}:{bound_port}"

@@ -1,0 +1,485 @@
+"""The simulated PBX: a WebSocket server speaking AppWebsocket + EpSignal (EPSIGNAL.md section 4).
+
+It holds the devices, the application sessions and the calls, answers login and Attach, and
+routes each call's messages through the application that is attached to the device.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from msgspec import UNSET
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.http11 import Request, Response
+from websockets.uri import parse_uri
+
+from bridge.protocol.errors import FrameError
+from bridge.protocol.messages import (
+    MAX_FRAME_BYTES,
+    AppChallenge,
+    AppLogin,
+    Attach,
+    Attached,
+    AttachResult,
+    CallState,
+    Detached,
+    Remote,
+    Signaling,
+    decode,
+    encode,
+)
+from bridge.sim import calls as _calls
+from bridge.sim.calls import Call, Scenario
+from bridge.sim.config import SimConfig, hw_id
+from bridge.sim.devices import Device, remote_dn, remote_sip
+from bridge.sim.session import Session
+from bridge.sim.stats import Counters, RttWindow
+
+PATH = "/PBX0/APPS/websocket"
+
+
+@dataclass
+class Faults:
+    #: every login fails, whatever the digest
+    refuse_logins: bool = False
+    #: every frame to the application is held back this many milliseconds
+    delay_ms: int = 0
+
+
+class PbxSimulator:
+    """See the package docstring; start() it, stop() it."""
+
+    def __init__(self, config: SimConfig | None = None) -> None:
+        self.config = config or SimConfig()
+        self.faults = Faults()
+        self.counters = Counters()
+        self.rtt = RttWindow()
+        self.url: str | None = None
+        self.control_url: str | None = None
+        self.rng = random.Random(self.config.seed)
+        cfg = self.config
+        self.devices: dict[str, Device] = {}
+        for i in range(1, cfg.devices + cfg.unregistered + 1):
+            d = Device(i, registered=i <= cfg.devices)
+            self.devices[d.hw] = d
+        #: registered devices, for O(1) random choice (swap-remove on unregister)
+        self._registered: list[Device] = [d for d in self.devices.values() if d.registered]
+        self._reg_pos: dict[str, int] = {d.hw: i for i, d in enumerate(self._registered)}
+        #: positive-id calls by id (negative ids live only in their device's calls)
+        self._calls: dict[int, Call] = {}
+        self._last_id = 0
+        self._active = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._sessions: set[Session] = set()
+        self._server: Server | None = None
+        self._control = None
+        self._tasks: set[asyncio.Task] = set()
+        self._running = False
+        self._stopped = False
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self, host: str = "127.0.0.1", port: int = 0, control_port: int | None = None) -> None:
+        if self._running or self._stopped:
+            raise RuntimeError("a simulator starts once")
+        self._server = await serve(
+            self._handler, host, port, process_request=self._process_request,
+            compression=None, max_size=MAX_FRAME_BYTES + 1024, max_queue=64,
+            ping_interval=None,
+        )
+        bound = self._server.sockets[0].getsockname()
+        self.url = f"ws://{_hostport(host, bound[1])}{PATH}"
+        self._running = True
+        if control_port is not None:
+            from bridge.sim.control import start_control
+
+            self._control, self.control_url = await start_control(self, host, control_port)
+        if self.config.call_rate > 0:
+            from bridge.sim.traffic import random_traffic
+
+            self._spawn(random_traffic(self))
+
+    async def stop(self) -> None:
+        """Close everything and cancel all traffic. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self._running = False
+        for t in list(self._tasks):
+            t.cancel()
+        tasks = [c.task for d in self.devices.values() for c in d.calls.values() if c.task]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, *tasks, return_exceptions=True)
+        for s in list(self._sessions):
+            if s.outbound:
+                s.abort()
+        if self._server is not None:
+            self._server.close(close_connections=True)
+            try:
+                async with asyncio.timeout(5):
+                    await self._server.wait_closed()
+            except TimeoutError:
+                for s in list(self._sessions):
+                    s.abort()
+        if self._control is not None:
+            await self._control.cleanup()
+            self._control = None
+
+    def _spawn(self, coro) -> asyncio.Task:
+        t = asyncio.create_task(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+        return t
+
+    @staticmethod
+    def _process_request(conn: ServerConnection, request: Request) -> Response | None:
+        if request.path.split("?", 1)[0] != PATH:
+            return conn.respond(404, f"no such path; the AppWebsocket is at {PATH}\n")
+        return None
+
+    async def _handler(self, ws: ServerConnection) -> None:
+        await Session(self, ws, outbound=False).serve()
+
+    # ------------------------------------------------------------------ stats, lookups
+    def stats(self) -> dict[str, Any]:
+        c = self.counters
+        out: dict[str, Any] = {
+            "sessions": sum(1 for s in self._sessions if s.logged_in),
+            "logins_ok": c.logins_ok,
+            "logins_failed": c.logins_failed,
+            "attached_devices": sum(len(s.devices) for s in self._sessions),
+            "registered_devices": len(self._registered),
+            "calls_started": c.calls_started,
+            "calls_completed": c.calls_completed,
+            "calls_stalled": c.calls_stalled,
+            "calls_aborted": c.calls_aborted,
+            "calls_active": self._active,
+            "app_calls": c.app_calls,
+            "messages_forwarded": c.messages_forwarded,
+            "messages_injected": c.messages_injected,
+            "bad_frames": c.bad_frames,
+            "bad_signaling": c.bad_signaling,
+            "late_signaling": c.late_signaling,
+            "attach_conflicts": c.attach_conflicts,
+            "forward_rtt_us": self.rtt.summary(),
+        }
+        return out
+
+    def hw(self, index: int) -> str:
+        """The hw id of device ``index`` (1-based)."""
+        return hw_id(index)
+
+    def device(self, hw: str) -> Device:
+        """The device with this hw id; KeyError names an unknown one."""
+        try:
+            return self.devices[hw]
+        except KeyError:
+            raise KeyError(f"unknown device {hw!r}") from None
+
+    def device_info(self, hw: str) -> dict[str, Any]:
+        d = self.device(hw)
+        return {
+            "hw": d.hw, "ext": d.ext, "registered": d.registered, "attached": d.session is not None,
+            "calls": [c.snapshot() for c in d.calls.values()],
+        }
+
+    def call(self, call_id: int) -> Call | None:
+        """A running call started by the PBX (positive id)."""
+        return self._calls.get(call_id)
+
+    async def wait_call_state(self, call_id: int, state, timeout: float) -> None:
+        """Until call ``call_id`` is in ``state`` (a CallState); TimeoutError, LookupError."""
+        c = self._calls.get(call_id)
+        if c is None:
+            raise LookupError(f"no running call {call_id}")
+        async with asyncio.timeout(timeout):
+            await c.wait_state(state)
+
+    async def wait_idle(self, timeout: float) -> None:
+        """Until no call is active; TimeoutError after ``timeout`` seconds."""
+        async with asyncio.timeout(timeout):
+            await self._idle.wait()
+
+    # ------------------------------------------------------------------ devices
+    def register(self, hw: str) -> None:
+        d = self.device(hw)
+        if d.registered:
+            return
+        d.registered = True
+        self._reg_pos[d.hw] = len(self._registered)
+        self._registered.append(d)
+        if d.session is not None:
+            self._announce(d)
+
+    def unregister(self, hw: str) -> None:
+        d = self.device(hw)
+        if not d.registered:
+            return
+        d.registered = False
+        pos = self._reg_pos.pop(d.hw)
+        last = self._registered.pop()
+        if last is not d:
+            self._registered[pos] = last
+            self._reg_pos[last.hw] = pos
+        if d.session is not None:
+            d.session.post(encode(Detached(src=d.src)))
+        for c in d.calls.values():
+            c.flush()
+
+    def _announce(self, d: Device) -> None:
+        """Attached, and one Sync per call of the device."""
+        s = d.session
+        s.post(encode(Attached(src=d.src)))
+        for c in d.calls.values():
+            s.post(c.sync_frame(d.src))
+
+    def random_registered(self) -> Device | None:
+        return self.rng.choice(self._registered) if self._registered else None
+
+    # ------------------------------------------------------------------ calls
+    async def place_call(
+        self, hw: str, direction: str = "in", remote: str = "201", answer: bool = True,
+        hold_s: float = 1.0, busy: bool = False, hold: bool = False,
+        transfer_to: str | None = None, hangup: str = "remote",
+    ) -> int:
+        """Start one scripted call of device ``hw``; its call id at once (the call runs in a task).
+
+        KeyError: unknown device; ValueError: a bad argument, or the device is not registered.
+        """
+        d = self.device(hw)
+        sc = Scenario(direction=direction, remote=remote, answer=answer, hold_s=hold_s, busy=busy,
+                      hold=hold, transfer_to=transfer_to, hangup=hangup)
+        if not d.registered:
+            raise ValueError(f"device {hw!r} is not registered")
+        if not self._running:
+            raise RuntimeError("the simulator is not running")
+        return self.start_call(d, sc)
+
+    def start_call(self, d: Device, sc: Scenario) -> int:
+        self._last_id += 1
+        cid = self._last_id
+        call = Call(self, cid, d, incoming=sc.direction == "in",
+                    remote=Remote(num=sc.remote, sip=remote_sip(sc.remote), dn=remote_dn(sc.remote)))
+        self._calls[cid] = call
+        self._begin(call, lambda c: _calls.scripted(c, sc))
+        return cid
+
+    def _begin(self, call: Call, script) -> None:
+        call.device.calls[call.id] = call
+        self.counters.calls_started += 1
+        self._active += 1
+        self._idle.clear()
+        call.task = asyncio.create_task(call.run(script))
+        # a task cancelled before it ran never reaches run()'s own accounting
+        call.task.add_done_callback(lambda _t: self._call_finished(call, "aborted"))
+
+    def _call_finished(self, call: Call, outcome: str) -> None:
+        d = call.device
+        if d.calls.pop(call.id, None) is None:
+            return
+        if call.id > 0:
+            self._calls.pop(call.id, None)
+        c = self.counters
+        if outcome == "completed":
+            c.calls_completed += 1
+        elif outcome == "stalled":
+            c.calls_stalled += 1
+        else:
+            c.calls_aborted += 1
+        self._active -= 1
+        if self._active == 0:
+            self._idle.set()
+
+    # ------------------------------------------------------------------ sessions
+    def _session_opened(self, s: Session) -> None:
+        self._sessions.add(s)
+
+    def _session_closed(self, s: Session) -> None:
+        """The session ended (any way): its devices are detached, their calls flow directly."""
+        self._sessions.discard(s)
+        for d in s.devices.values():
+            if d.session is s:
+                d.session = None
+                d.src = UNSET
+            for c in list(d.calls.values()):
+                if c.app and c.session is s:
+                    if c.task is not None:
+                        c.task.cancel()
+                else:
+                    c.flush()
+        s.devices.clear()
+        s.by_src.clear()
+
+    async def drop_sessions(self) -> int:
+        """Cut every application session (TCP abort, no close frame); the number cut."""
+        sessions = list(self._sessions)
+        for s in sessions:
+            s.abort()
+        for s in sessions:
+            try:
+                async with asyncio.timeout(5):
+                    await s.closed.wait()
+            except TimeoutError:
+                pass
+        return len(sessions)
+
+    async def send_garbage(self, count: int) -> int:
+        """Send ``count`` malformed frames to every session; the number of frames sent."""
+        from bridge.sim.faults import garbage_frames
+
+        frames = garbage_frames(count)
+        sessions = [s for s in self._sessions if not s._closing]
+        for s in sessions:
+            for f in frames:
+                s.post(f)
+        return len(frames) * len(sessions)
+
+    async def connect(self, url: str, app: str, password: str) -> None:
+        """Server mode: connect out to the application as the PBX's App object (in a task).
+
+        Returns at once; the task logs in, serves EpSignal on the session, and reconnects with
+        a back-off of 1 s doubling to 32 s while the simulator runs.
+        """
+        if not self._running:
+            raise RuntimeError("start the simulator first")
+        parse_uri(url)  # raises InvalidURI now rather than in the task
+        from bridge.sim.outbound import run_outbound
+
+        self._spawn(run_outbound(self, url, app, password))
+
+    # ------------------------------------------------------------------ frames from the app
+    def _on_frame(self, s: Session, data: bytes) -> None:
+        try:
+            msg = decode(data)
+        except FrameError:
+            self.counters.bad_frames += 1
+            return
+        t = type(msg)
+        if t is Signaling:
+            if not s.logged_in:
+                s.close_after_flush(1008, "not logged in")
+                return
+            self._on_signaling(s, msg)
+        elif t is Attach:
+            if not s.logged_in:
+                s.close_after_flush(1008, "not logged in")
+                return
+            self._on_attach(s, msg)
+        elif t is AppChallenge and s.login is not None:
+            s.post(encode(s.login.on_challenge_request(msg)))
+        elif t is AppLogin and s.login is not None:
+            self._on_login(s, msg)
+        else:
+            self.counters.bad_frames += 1  # a PBX-to-app message type, or login on an outbound session
+
+    def _on_login(self, s: Session, msg: AppLogin) -> None:
+        result = s.login.on_login(msg)
+        if result.ok and self.faults.refuse_logins:
+            result.ok = False
+        s.post(encode(result))
+        if result.ok:
+            s.logged_in = True
+            self.counters.logins_ok += 1
+        else:
+            s.logged_in = False
+            self.counters.logins_failed += 1
+            s.close_after_flush(1008, "login failed")
+
+    def _on_attach(self, s: Session, msg: Attach) -> None:
+        src = msg.src
+        d = self.devices.get(msg.hw)
+        if d is None:
+            s.post(encode(AttachResult(src=src, err="unknown device")))
+            return
+        if d.session is not None and d.session is not s:
+            self.counters.attach_conflicts += 1
+            s.post(encode(AttachResult(src=src, err="already attached")))
+            return
+        if d.session is s and d.src is not UNSET and s.by_src.get(d.src) is d:
+            del s.by_src[d.src]
+        d.session = s
+        d.src = src
+        s.devices[d.hw] = d
+        if src is not UNSET:
+            s.by_src[src] = d
+        s.post(encode(AttachResult(
+            src=src, stun="stun1.example.net;stun2.example.net", turn="turn.example.net:3478",
+            turnUsr="sim", turnPwd=secrets.token_urlsafe(12), prefixIntl="000", prefixNtl="00",
+            prefixSubs="0", area="7031", country="49", maxIntern=4, tones=1,
+        )))
+        if d.registered:
+            self._announce(d)
+
+    def _on_signaling(self, s: Session, msg: Signaling) -> None:
+        cid = msg.call
+        to = msg.to is True
+        if cid > 0:
+            call = self._calls.get(cid)
+            if call is None:
+                if cid <= self._last_id:
+                    self.counters.late_signaling += 1  # the call ended (e.g. a forwarded rel 102)
+                else:
+                    self.counters.bad_signaling += 1
+                return
+            if call.device.session is not s:
+                self.counters.bad_signaling += 1
+                return
+            if call.forwarded(to, msg.sig):
+                self.counters.messages_forwarded += 1
+                return
+            self._inject(call, to, msg)
+            return
+        d = self._app_device(s, msg.src)
+        if d is None:
+            self.counters.bad_signaling += 1
+            return
+        call = d.calls.get(cid)
+        if call is not None:
+            self._inject(call, to, msg)
+            return
+        try:
+            sig = msg.signal
+        except FrameError:
+            self.counters.bad_signaling += 1
+            return
+        if cid == 0 or sig.type != "setup":
+            self.counters.bad_signaling += 1
+            return
+        self._start_app_call(s, d, cid, to, sig)
+
+    def _inject(self, call: Call, to: bool, msg: Signaling) -> None:
+        try:
+            kind = msg.signal.type
+        except FrameError:
+            self.counters.bad_signaling += 1
+            return
+        self.counters.messages_injected += 1
+        call.inject(to, kind)
+
+    def _app_device(self, s: Session, src) -> Device | None:
+        if src is not UNSET:
+            d = s.by_src.get(src)
+            if d is not None:
+                return d
+        if len(s.devices) == 1:
+            return next(iter(s.devices.values()))
+        return None
+
+    def _start_app_call(self, s: Session, d: Device, cid: int, to: bool, sig) -> None:
+        party = sig.cg if to else sig.cd  # the remote party of the call
+        num = party.num if party is not UNSET and party.num is not UNSET else ""
+        sip = party.sip if party is not UNSET and party.sip is not UNSET else (remote_sip(num) if num else None)
+        call = Call(self, cid, d, incoming=to, remote=Remote(num=num or None, sip=sip, dn=remote_dn(num) if num else None),
+                    app_session=s, app_src=d.src)
+        call.set_state(CallState.SETUP)
+        self.counters.app_calls += 1
+        self._begin(call, _calls.app_toward_device if to else _calls.app_toward_pbx)
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -1,0 +1,108 @@
+"""One AppWebsocket session between the simulated PBX and an application.
+
+Frames to the application go through one writer task, in order, so that synchronous code (a
+device registering, a call script) can post a frame without awaiting. The ``delay_ms`` fault
+holds every frame back by that many milliseconds (latency, not a throughput limit).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import TYPE_CHECKING
+
+from websockets.exceptions import ConnectionClosed
+
+from bridge.protocol.login import ServerLogin
+
+if TYPE_CHECKING:
+    from websockets.asyncio.connection import Connection
+
+    from bridge.sim.devices import Device
+    from bridge.sim.pbx import PbxSimulator
+
+_CLOSE = object()
+
+
+class Session:
+    __slots__ = (
+        "pbx", "ws", "outbound", "login", "logged_in", "devices", "by_src", "closed",
+        "_queue", "_wake", "_writer", "_closing",
+    )
+
+    def __init__(self, pbx: PbxSimulator, ws: Connection, *, outbound: bool) -> None:
+        self.pbx = pbx
+        self.ws = ws
+        #: the simulator connected out (server mode of the application)
+        self.outbound = outbound
+        self.login = None if outbound else ServerLogin({pbx.config.app: pbx.config.password})
+        self.logged_in = outbound
+        #: devices attached on this session, by hw; and by the Attach's src
+        self.devices: dict[str, Device] = {}
+        self.by_src: dict[str, Device] = {}
+        self.closed = asyncio.Event()
+        self._queue: deque = deque()
+        self._wake = asyncio.Event()
+        self._writer: asyncio.Task | None = None
+        self._closing = False
+
+    # ------------------------------------------------------------------ sending
+    def post(self, frame: bytes) -> None:
+        """Queue one text frame for the application (dropped once the session is closing)."""
+        if self._closing:
+            return
+        delay = self.pbx.faults.delay_ms
+        due = asyncio.get_running_loop().time() + delay / 1000 if delay > 0 else 0.0
+        self._queue.append((due, frame))
+        self._wake.set()
+
+    def close_after_flush(self, code: int = 1008, reason: str = "") -> None:
+        """Send what is queued, then close the WebSocket."""
+        if not self._closing:
+            self._queue.append((0.0, (_CLOSE, code, reason)))
+            self._wake.set()
+            self._closing = True
+
+    def abort(self) -> None:
+        """Cut the TCP connection at once, without a close frame."""
+        self._closing = True
+        self.ws.transport.abort()
+
+    async def _write(self) -> None:
+        ws, queue, wake = self.ws, self._queue, self._wake
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                while queue:
+                    due, frame = queue.popleft()
+                    if due:
+                        wait = due - loop.time()
+                        if wait > 0:
+                            await asyncio.sleep(wait)
+                    if type(frame) is tuple:
+                        _, code, reason = frame
+                        await ws.close(code, reason)
+                        return
+                    await ws.send(frame, text=True)
+                wake.clear()
+                await wake.wait()
+        except ConnectionClosed:
+            pass
+
+    # ------------------------------------------------------------------ receiving
+    async def serve(self) -> None:
+        """Run the session until the connection ends; then the PBX detaches its devices."""
+        self._writer = asyncio.create_task(self._write())
+        ws, on_frame = self.ws, self.pbx._on_frame
+        self.pbx._session_opened(self)
+        try:
+            while True:
+                data = await ws.recv(decode=False)
+                on_frame(self, data)
+        except ConnectionClosed:
+            pass
+        finally:
+            self._closing = True
+            self._writer.cancel()
+            self.pbx._session_closed(self)
+            self.closed.set()

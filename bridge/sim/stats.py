@@ -1,0 +1,62 @@
+"""The simulator's counters and the forwarding round-trip window."""
+
+from __future__ import annotations
+
+from collections import deque
+
+RTT_WINDOW = 100_000
+
+
+class RttWindow:
+    """The last :data:`RTT_WINDOW` forwarding round trips, in microseconds.
+
+    Adding is O(1); the percentiles are computed when asked (a sort of the window).
+    """
+
+    __slots__ = ("_samples",)
+
+    def __init__(self, size: int = RTT_WINDOW) -> None:
+        self._samples: deque[int] = deque(maxlen=size)
+
+    def add(self, us: int) -> None:
+        self._samples.append(us)
+
+    def summary(self) -> dict[str, int | None]:
+        """``p50``/``p99`` (nearest rank, None without samples) and ``count`` (samples held)."""
+        data = sorted(self._samples)
+        n = len(data)
+        if not n:
+            return {"p50": None, "p99": None, "count": 0}
+        return {"p50": _rank(data, 0.50), "p99": _rank(data, 0.99), "count": n}
+
+
+def _rank(data: list[int], q: float) -> int:
+    k = max(1, -(-int(q * len(data) * 1000) // 1000))  # ceil(q * n), at least 1
+    return data[min(k, len(data)) - 1]
+
+
+class Counters:
+    """Monotonic counters; the gauges (sessions, devices, active calls) live in the simulator."""
+
+    __slots__ = (
+        "logins_ok",
+        "logins_failed",
+        "calls_started",
+        "calls_completed",
+        "calls_stalled",
+        "calls_aborted",
+        "app_calls",
+        "messages_forwarded",
+        "messages_injected",
+        "bad_frames",
+        "bad_signaling",
+        "late_signaling",
+        "attach_conflicts",
+    )
+
+    def __init__(self) -> None:
+        for name in self.__slots__:
+            setattr(self, name, 0)
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.__slots__}

@@ -1,0 +1,182 @@
+"""Fixtures for tests against the real RabbitMQ and the real PBX simulator.
+
+Every test gets its own exchange and queue names, so tests never see each other's traffic and
+leave nothing behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from dataclasses import dataclass, field
+
+import aio_pika
+import pytest
+
+from bridge.config import Settings
+from bridge.service import Bridge
+from bridge.sim import PbxSimulator, SimConfig
+
+AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+PASSWORD = "sim-secret-pw"
+
+
+@dataclass
+class Received:
+    key: str
+    body: dict
+    message: aio_pika.abc.AbstractIncomingMessage
+
+
+@dataclass
+class EventQueue:
+    queue: aio_pika.abc.AbstractQueue
+    items: asyncio.Queue = field(default_factory=asyncio.Queue)
+
+    async def get(self, timeout: float = 10.0) -> Received:
+        return await asyncio.wait_for(self.items.get(), timeout)
+
+    async def until(self, pred, timeout: float = 15.0) -> list[Received]:
+        """Every event up to and including the first one for which ``pred`` is true."""
+        seen = []
+        async with asyncio.timeout(timeout):
+            while True:
+                ev = await self.items.get()
+                seen.append(ev)
+                if pred(ev):
+                    return seen
+
+    def drain(self) -> list[Received]:
+        out = []
+        while not self.items.empty():
+            out.append(self.items.get_nowait())
+        return out
+
+
+class Bus:
+    """The consumer's side of the bus, as a test sees it."""
+
+    def __init__(self, conn: aio_pika.abc.AbstractConnection, settings: Settings) -> None:
+        self.conn = conn
+        self.s = settings
+        self.channel: aio_pika.abc.AbstractChannel | None = None
+
+    async def open(self) -> None:
+        self.channel = await self.conn.channel()
+        self.events = await self.channel.declare_exchange(self.s.events_exchange, "topic", durable=True)
+        self.commands = await self.channel.declare_exchange(self.s.commands_exchange, "topic", durable=True)
+
+    async def bind(self, *patterns: str) -> EventQueue:
+        q = await self.channel.declare_queue(exclusive=True, auto_delete=True)
+        for p in patterns:
+            await q.bind(self.events, p)
+        eq = EventQueue(q)
+
+        async def on(msg):
+            await msg.ack()
+            eq.items.put_nowait(Received(msg.routing_key, json.loads(msg.body), msg))
+
+        await q.consume(on)
+        return eq
+
+    async def command(self, hw: str, verb: str, body: bytes | str | dict = b"", *, reply: bool = True,
+                      key: str | None = None, timeout: float = 15.0) -> dict | None:
+        if isinstance(body, dict):
+            body = json.dumps(body)
+        if isinstance(body, str):
+            body = body.encode()
+        key = key or f"device.{hw}.{verb}"
+        if not reply:
+            await self.commands.publish(aio_pika.Message(body), key)
+            return None
+        ch = await self.conn.channel()
+        try:
+            rq = await ch.get_queue("amq.rabbitmq.reply-to", ensure=False)
+            got = asyncio.get_running_loop().create_future()
+            cid = uuid.uuid4().hex
+
+            async def on(msg):
+                if msg.correlation_id == cid and not got.done():
+                    got.set_result(json.loads(msg.body))
+
+            await rq.consume(on, no_ack=True)
+            ex = await ch.get_exchange(self.s.commands_exchange, ensure=False)
+            await ex.publish(aio_pika.Message(body, reply_to="amq.rabbitmq.reply-to", correlation_id=cid), key)
+            return await asyncio.wait_for(got, timeout)
+        finally:
+            await ch.close()
+
+    async def dead_letters(self, n: int, timeout: float = 10.0) -> list[aio_pika.abc.AbstractIncomingMessage]:
+        q = await self.channel.get_queue(self.s.dead_queue, ensure=False)
+        out = []
+        async with asyncio.timeout(timeout):
+            while len(out) < n:
+                msg = await q.get(no_ack=True, fail=False)
+                if msg is None:
+                    await asyncio.sleep(0.05)
+                else:
+                    out.append(msg)
+        return out
+
+
+@pytest.fixture
+def names() -> dict:
+    tag = uuid.uuid4().hex[:8]
+    return dict(
+        events_exchange=f"t{tag}.events", commands_exchange=f"t{tag}.commands",
+        commands_queue=f"t{tag}.commands.bridge", dead_exchange=f"t{tag}.dead",
+        dead_queue=f"t{tag}.commands.dead", instance_id=f"test-{tag}",
+    )
+
+
+@pytest.fixture
+async def sim():
+    s = PbxSimulator(SimConfig(password=PASSWORD, devices=20, unregistered=2, ring_s=0.05,
+                               stall_timeout_s=3.0, seed=1))
+    await s.start(control_port=0)
+    yield s
+    await s.stop()
+
+
+@pytest.fixture
+async def settings_for(names):
+    def make(sim: PbxSimulator | None = None, **overrides) -> Settings:
+        kw = dict(names, amqp_url=AMQP_URL, pbx_password=PASSWORD, reconnect_min_s=0.1,
+                  reconnect_max_s=1.0, attach_timeout_s=5.0, login_retry_s=2.0)
+        if sim is not None:
+            kw["pbx_url"] = sim.url
+        kw.update(overrides)
+        return Settings.from_env({}, **kw)
+    return make
+
+
+@pytest.fixture
+async def bus(names):
+    s = Settings.from_env({}, amqp_url=AMQP_URL, **names)
+    conn = await aio_pika.connect(AMQP_URL)
+    b = Bus(conn, s)
+    await b.open()
+    yield b
+    ch = await conn.channel()
+    for ex in (s.events_exchange, s.commands_exchange, s.dead_exchange):
+        await ch.exchange_delete(ex)
+    for q in (s.commands_queue, s.dead_queue):
+        await ch.queue_delete(q)
+    await conn.close()
+
+
+@pytest.fixture
+async def start_bridge():
+    started: list[Bridge] = []
+
+    async def start(settings: Settings) -> Bridge:
+        b = Bridge(settings)
+        await b.start()
+        assert await b.link.wait_ready(10), "bridge did not connect to the broker"
+        started.append(b)
+        return b
+
+    yield start
+    for b in started:
+        await b.stop(2)

@@ -1,0 +1,255 @@
+"""The bridge end to end: the real simulator, the real RabbitMQ, a consumer bound to device.#."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+
+from bridge import routing
+
+pytestmark = pytest.mark.broker
+
+
+def states(events, call=None):
+    return [e.body["state"] for e in events
+            if e.body["type"] == "call.state" and (call is None or e.body["call"] == call)]
+
+
+def is_state(state, call=None):
+    return lambda e: e.body["type"] == "call.state" and e.body["state"] == state and (
+        call is None or e.body["call"] == call)
+
+
+async def attached(bus, hw):
+    return await bus.until(lambda e: e.key == f"device.{routing.word(hw)}.attached")
+
+
+# ------------------------------------------------------------------------------- attach / detach
+async def test_attach_at_start_and_events_have_envelope(sim, bus, settings_for, start_bridge):
+    hws = [sim.hw(1), sim.hw(2)]
+    q = await bus.bind("device.#")
+    await start_bridge(settings_for(sim, devices=",".join(hws)))
+    got = {}
+    async with asyncio.timeout(10):
+        while len(got) < 2:
+            e = await q.get()
+            if e.body["type"] == "attached":
+                got[e.body["hw"]] = e
+    assert set(got) == set(hws)
+    e = got[hws[0]]
+    m = e.message
+    assert e.key == f"device.{hws[0]}.attached"
+    assert m.content_type == "application/json" and m.delivery_mode == 2 and m.type == "attached"
+    assert m.message_id == f"{e.body['instance']}/{hws[0]}/{e.body['seq']}" and m.timestamp is not None
+    assert e.body["seq"] == 1 and e.body["v"] == 1 and e.body["instance"].startswith("test-")
+    assert e.body["attach"]["stun"] == ["stun1.example.net", "stun2.example.net"]
+    assert "turnPwd" not in m.body.decode() and "turnPwd" not in e.body["attach"]
+    assert sim.stats()["attached_devices"] == 2
+
+
+async def test_attach_and_detach_by_command(sim, bus, settings_for, start_bridge):
+    hw = sim.hw(3)
+    q = await bus.bind("device.#")
+    bridge = await start_bridge(settings_for(sim))
+    reply = await bus.command(hw, "attach")
+    assert reply["ok"] is True and reply["hw"] == hw and reply["attached"] is True
+    assert reply["attach"]["country"] == "49" and "turnPwd" not in reply["attach"]
+    await attached(q, hw)
+    # idempotent: attaching again answers ok and opens no second session
+    again = await bus.command(hw, "attach")
+    assert again["ok"] is True and sim.stats()["attach_conflicts"] == 0
+    reply = await bus.command(hw, "detach")
+    assert reply == {"ok": True, "v": 1, "command": "detach", "hw": hw, "was_attached": True}
+    ev = await q.until(lambda e: e.body["type"] == "detached")
+    assert ev[-1].body["reason"] == "command"
+    await asyncio.sleep(0.2)
+    assert sim.stats()["attached_devices"] == 0
+    # detach of a detached device: ok too
+    assert (await bus.command(hw, "detach"))["was_attached"] is False
+    assert hw not in bridge.runners
+
+
+async def test_late_attach_and_detach_on_unregister(sim, bus, settings_for, start_bridge):
+    hw = sim.hw(sim.config.devices + 1)  # known to the PBX, not registered
+    q = await bus.bind("device.#")
+    await start_bridge(settings_for(sim))
+    reply = await bus.command(hw, "attach")
+    assert reply["ok"] is True and reply["attached"] is False
+    assert q.drain() == []
+    sim.register(hw)
+    await attached(q, hw)
+    sim.unregister(hw)
+    ev = await q.until(lambda e: e.body["type"] == "detached")
+    assert ev[-1].body["reason"] == "unregistered" and ev[-1].body["hw"] == hw
+    sim.register(hw)
+    await attached(q, hw)
+
+
+async def test_unknown_device_attach_fails(sim, bus, settings_for, start_bridge):
+    q = await bus.bind("device.#")
+    await start_bridge(settings_for(sim))
+    reply = await bus.command("nosuchdevice", "attach")
+    assert reply["ok"] is False and "unknown device" in reply["error"]
+    ev = await q.get()
+    assert ev.key == "device.nosuchdevice.attach.failed" and "unknown device" in ev.body["error"]
+    dead = await bus.dead_letters(1)
+    assert "unknown device" in dead[0].headers["x-epsignal-error"]
+
+
+# ------------------------------------------------------------------------------- call states
+SCENARIOS = {
+    "incoming": (dict(direction="in", answer=True, hold_s=0.2),
+                 ["setup", "alert", "connected", "disconnected", "released"], True),
+    "outgoing": (dict(direction="out", answer=True, hold_s=0.2, hangup="device"),
+                 ["setup", "call-proc", "alert", "connected", "disconnecting", "released"], False),
+    "busy": (dict(direction="out", busy=True), ["setup", "released"], False),
+    "no-answer": (dict(direction="in", answer=False), ["setup", "alert", "disconnected", "released"], True),
+}
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+async def test_call_states_in_order(name, sim, bus, settings_for, start_bridge):
+    kw, expected, incoming = SCENARIOS[name]
+    hw = sim.hw(4)
+    await start_bridge(settings_for(sim, devices=hw))
+    q = await bus.bind(f"device.{hw}.call.*.state")
+    await asyncio.sleep(0.3)  # attached
+    call = await sim.place_call(hw, remote="201", **kw)
+    evs = await q.until(is_state("released", call))
+    got = states(evs, call)
+    # the order of the expected states holds; intermediate states may be richer than the list
+    it = iter(got)
+    assert all(s in it for s in expected), (got, expected)
+    assert got[-1] == "released"
+    first = evs[0].body
+    assert first["in"] is incoming and first["remote"]["num"] == "201"
+    assert sim.stats()["calls_stalled"] == 0
+
+
+async def test_hold_retrieve_and_transfer(sim, bus, settings_for, start_bridge):
+    hw = sim.hw(5)
+    await start_bridge(settings_for(sim, devices=hw))
+    q = await bus.bind(f"device.{hw}.call.*.state")
+    await asyncio.sleep(0.3)
+    call = await sim.place_call(hw, direction="in", hold=True, hold_s=0.4)
+    evs = await q.until(is_state("released", call))
+    held = [e.body["held"] for e in evs if e.body["state"] == "connected"]
+    assert True in held and held[-1] is False, held
+    call = await sim.place_call(hw, direction="in", transfer_to="202", hold_s=0.2)
+    evs = await q.until(is_state("released", call))
+    assert "connected" in states(evs, call) and evs[-1].body["cause"]["num"] == 16
+
+
+async def test_sync_states_on_attach(sim, bus, settings_for, start_bridge):
+    hw = sim.hw(6)
+    call = await sim.place_call(hw, direction="in", answer=True, hold_s=5.0)
+    await asyncio.sleep(0.3)  # connected, not through the bridge yet
+    q = await bus.bind(f"device.{hw}.#")
+    await start_bridge(settings_for(sim, devices=hw))
+    evs = await q.until(lambda e: e.body["type"] == "call.state")
+    ev = evs[-1].body
+    assert ev["call"] == call and ev["sync"] is True and ev["state"] == "connected" and ev["in"] is True
+
+
+async def test_call_placed_by_command_reaches_connected(sim, bus, settings_for, start_bridge):
+    hw = sim.hw(7)
+    await start_bridge(settings_for(sim, devices=hw))
+    q = await bus.bind(f"device.{hw}.call.*.state")
+    await asyncio.sleep(0.3)
+    reply = await bus.command(hw, "signaling", {"call": -1, "sig": {"type": "setup", "cd": {"num": "201"}}})
+    assert reply == {"ok": True, "v": 1, "command": "signaling", "hw": hw}
+    evs = await q.until(is_state("connected", -1))
+    assert states(evs, -1)[0] == "setup" and evs[-1].body["app"] is True
+    assert evs[-1].body["remote"]["num"] == "201"
+    reply = await bus.command(hw, "signaling", {"call": -1, "sig": {"type": "rel", "cau": {"num": 16}}})
+    assert reply["ok"] is True
+    evs = await q.until(is_state("released", -1))
+
+
+async def test_random_traffic_every_call_completes(sim, bus, settings_for, start_bridge):
+    hws = [sim.hw(i) for i in range(1, 11)]
+    q = await bus.bind("device.*.call.*.signaling")
+    bridge = await start_bridge(settings_for(sim, devices=",".join(hws)))
+    await asyncio.sleep(0.5)
+    sim.config.call_duration_s = 0.2
+    started = sim.stats()["calls_started"]
+    for i in range(30):
+        await sim.place_call(hws[i % 10], direction="in" if i % 2 else "out", hold_s=0.1,
+                             busy=i % 7 == 0, hold=i % 5 == 0)
+    await sim.wait_idle(20)
+    st = sim.stats()
+    assert st["calls_stalled"] == 0
+    assert st["calls_completed"] - 0 >= started + 30 - st["calls_stalled"] - started
+    await asyncio.sleep(0.5)
+    sigs = q.drain()
+    assert len(sigs) == st["messages_forwarded"]  # every forwarded message was published too
+    assert all(e.body["origin"] == "pbx" for e in sigs)
+    # per-device seq: no gaps, no duplicates
+    for hw in hws:
+        seqs = [e.body["seq"] for e in sigs if e.body["hw"] == hw]
+        assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    assert bridge.publisher.stats.failed == 0
+
+
+# ------------------------------------------------------------------------------- bad commands
+BAD = [
+    ("not-json", "signaling", b"{nope", "not JSON"),
+    ("schema", "signaling", b'{"call": "x", "sig": {"type": "setup"}}', "Expected `int`"),
+    ("sig-not-object", "signaling", b'{"call": 1, "sig": 5}', "$.sig"),
+    ("sig-without-type", "signaling", b'{"call": 1, "sig": {}}', "type"),
+    ("not-attached", "signaling", b'{"call": -1, "sig": {"type": "setup"}}', "not attached"),
+    ("unknown-verb", "explode", b"{}", "unknown command"),
+]
+
+
+@pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
+async def test_bad_commands_are_answered_and_dead_lettered(case, sim, bus, settings_for, start_bridge):
+    _, verb, body, needle = case
+    await start_bridge(settings_for(sim))
+    reply = await bus.command(sim.hw(9), verb, body)
+    assert reply["ok"] is False and needle in reply["error"], reply
+    dead = await bus.dead_letters(1)
+    assert needle in dead[0].headers["x-epsignal-error"] and dead[0].body == body
+
+
+async def test_bad_key_without_reply_is_dead_lettered(sim, bus, settings_for, start_bridge):
+    await start_bridge(settings_for(sim))
+    await bus.command("", "", b"{}", key="totally.wrong", reply=False)
+    dead = await bus.dead_letters(1)
+    assert "routing key 'totally.wrong'" in dead[0].headers["x-epsignal-error"]
+
+
+# ------------------------------------------------------------------------------- login
+async def test_wrong_password_is_reported_and_not_retried_in_a_tight_loop(
+        sim, bus, settings_for, start_bridge, caplog):
+    caplog.set_level(logging.ERROR, logger="bridge.pbx")
+    await start_bridge(settings_for(sim, devices=sim.hw(1), pbx_password="wrong", login_retry_s=2.0))
+    await asyncio.sleep(3.0)
+    st = sim.stats()
+    assert st["attached_devices"] == 0 and 1 <= st["logins_failed"] <= 2
+    assert any("refused" in r.getMessage() and "EPSIGNAL_PBX_PASSWORD" in r.getMessage() for r in caplog.records)
+    assert all("wrong" not in r.getMessage() for r in caplog.records)
+
+
+async def test_server_mode_verifies_the_pbx_login(sim, bus, settings_for, start_bridge):
+    hws = [sim.hw(1), sim.hw(2)]
+    q = await bus.bind("device.#")
+    bridge = await start_bridge(settings_for(sim, pbx_mode="server", pbx_listen="127.0.0.1:0",
+                                             devices=",".join(hws)))
+    url = f"ws://127.0.0.1:{bridge.server.port}/"
+    await sim.connect(url, app="epsignal", password="not-the-password")
+    await asyncio.sleep(1.0)
+    assert bridge.server.logins_failed >= 1 and q.drain() == []
+    await sim.connect(url, app="epsignal", password=bridge.s.pbx_password)
+    got = set()
+    async with asyncio.timeout(10):
+        while len(got) < 2:
+            e = await q.get()
+            if e.body["type"] == "attached":
+                got.add(e.body["hw"])
+    assert got == set(hws)
+    call = await sim.place_call(hws[0], direction="in", hold_s=0.1)
+    evs = await q.until(is_state("released", call))
+    assert "connected" in states(evs, call) and sim.stats()["calls_stalled"] == 0
