@@ -13,7 +13,7 @@ body:
 from __future__ import annotations
 
 import msgspec
-from msgspec import Raw, Struct
+from msgspec import UNSET, Raw, Struct, UnsetType
 
 from bridge import routing
 from bridge.events import SCHEMA_VERSION, AttachInfo
@@ -43,18 +43,20 @@ class SignalingCommand(Struct, kw_only=True, forbid_unknown_fields=True):
     v: int = SCHEMA_VERSION
 
 
-class Reply(Struct, kw_only=True, omit_defaults=True):
+class Reply(Struct, kw_only=True):
+    """The answer to a command with ``reply_to``. Optional fields are left out, not null."""
+
     ok: bool
     v: int = SCHEMA_VERSION
-    command: str | None = None
-    hw: str | None = None
-    error: str | None = None
+    command: str | UnsetType = UNSET
+    hw: str | UnsetType = UNSET
+    error: str | UnsetType = UNSET
     #: attach: what the PBX answered (without the TURN password)
-    attach: AttachInfo | None = None
+    attach: AttachInfo | UnsetType = UNSET
     #: attach: the device is registered and attached now (false: attached on registration)
-    attached: bool | None = None
+    attached: bool | UnsetType = UNSET
     #: detach: the device was attached when the command came
-    was_attached: bool | None = None
+    was_attached: bool | UnsetType = UNSET
 
 
 _decoders = {
@@ -102,5 +104,5 @@ def encode_reply(reply: Reply) -> bytes:
 
 
 def error_reply(error: str, command: str | None = None, hw: str | None = None) -> Reply:
-    return Reply(ok=False, error=error, command=command, hw=hw)
+    return Reply(ok=False, error=error, command=command or UNSET, hw=hw if hw is not None else UNSET)
 

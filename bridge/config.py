@@ -11,11 +11,10 @@ import re
 import socket
 import uuid
 from collections.abc import Mapping
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 from msgspec import Meta, Struct
-from typing_extensions import Annotated
 
 PREFIX = "EPSIGNAL_"
 

@@ -43,8 +43,8 @@ class AttachInfo(Struct, kw_only=True, omit_defaults=True):
     prefixSubs: str | None = None
     area: str | None = None
     country: str | None = None
-    maxIntern: int | None = None
-    tones: int | None = None
+    maxIntern: Any = None
+    tones: Any = None
 
     @classmethod
     def from_result(cls, r: AttachResult) -> AttachInfo:

@@ -84,7 +84,7 @@ class BrokerLink:
         first = True
         while not self._closing:
             retrying = AsyncRetrying(
-                wait=wait_exponential_jitter(initial=self.s.reconnect_min_s, max=self.s.reconnect_max_s),
+                wait=wait_exponential_jitter(multiplier=self.s.reconnect_min_s, max=self.s.reconnect_max_s),
                 retry=retry_if_exception_type(Exception),
                 before_sleep=lambda rs: log.warning(
                     "broker %s unreachable (%s), retry in %.1fs", redact(self.s.amqp_url),

@@ -84,7 +84,7 @@ class DeviceRunner:
         return session
 
     async def run(self) -> None:
-        self._backoff = wait_exponential_jitter(initial=self.s.reconnect_min_s, max=self.s.reconnect_max_s)
+        self._backoff = wait_exponential_jitter(multiplier=self.s.reconnect_min_s, max=self.s.reconnect_max_s)
         try:
             while not self._stopping:
                 retrying = AsyncRetrying(

@@ -96,8 +96,8 @@ class AttachResult(EpSignalMessage, kw_only=True):
     prefixSubs: str | UnsetType = UNSET
     area: str | UnsetType = UNSET
     country: str | UnsetType = UNSET
-    maxIntern: int | UnsetType = UNSET  # newer releases, undocumented
-    tones: int | UnsetType = UNSET  # newer releases, undocumented
+    maxIntern: Any | UnsetType = UNSET  # newer releases, undocumented (integers so far)
+    tones: Any | UnsetType = UNSET  # newer releases, undocumented (integers so far)
 
     @property
     def failed(self) -> bool:

@@ -83,7 +83,11 @@ class PbxSimulator:
         self._stopped = False
 
     # ------------------------------------------------------------------ lifecycle
-    async def start(self, host: str = "127.0.0.1", port: int = 0, control_port: int | None = None) -> None:
+    async def start(
+        self, host: str = "127.0.0.1", port: int = 0, control_port: int | None = None,
+        control_host: str | None = None,
+    ) -> None:
+        """Listen (port 0: a free port); the control API too if ``control_port`` is given."""
         if self._running or self._stopped:
             raise RuntimeError("a simulator starts once")
         self._server = await serve(
@@ -97,7 +101,7 @@ class PbxSimulator:
         if control_port is not None:
             from bridge.sim.control import start_control
 
-            self._control, self.control_url = await start_control(self, host, control_port)
+            self._control, self.control_url = await start_control(self, control_host or host, control_port)
         if self.config.call_rate > 0:
             from bridge.sim.traffic import random_traffic
 

@@ -105,7 +105,7 @@ SCENARIOS = {
     "outgoing": (dict(direction="out", answer=True, hold_s=0.2, hangup="device"),
                  ["setup", "call-proc", "alert", "connected", "disconnecting", "released"], False),
     "busy": (dict(direction="out", busy=True), ["setup", "released"], False),
-    "no-answer": (dict(direction="in", answer=False), ["setup", "alert", "disconnected", "released"], True),
+    "no-answer": (dict(direction="in", answer=False), ["setup", "alert", "released"], True),
 }
 
 

@@ -1,0 +1,39 @@
+"""Settings from EPSIGNAL_* variables: types, errors naming the variable, secrets, the README."""
+
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+
+from bridge.config import Settings, describe
+
+
+def test_values_are_converted_and_unrelated_variables_ignored():
+    s = Settings.from_env({"EPSIGNAL_PREFETCH": "7", "EPSIGNAL_DEVICES": " a, b ,,c",
+                           "EPSIGNAL_BRIDGE_SERVICE_HOST": "10.0.0.1", "PATH": "/bin"})
+    assert s.prefetch == 7 and s.device_list == ["a", "b", "c"]
+    assert s.instance_id  # generated
+
+
+@pytest.mark.parametrize("env,needle", [
+    ({"EPSIGNAL_PREFETCH": "many"}, "EPSIGNAL_PREFETCH"),
+    ({"EPSIGNAL_PREFETCH": "0"}, "EPSIGNAL_PREFETCH"),
+    ({"EPSIGNAL_PBX_MODE": "both"}, "EPSIGNAL_PBX_MODE"),
+])
+def test_bad_values_name_the_variable(env, needle):
+    with pytest.raises(ValueError, match=needle):
+        Settings.from_env(env)
+
+
+def test_secrets_never_show_in_repr():
+    s = Settings.from_env({"EPSIGNAL_PBX_PASSWORD": "hunter2", "EPSIGNAL_AMQP_URL": "amqp://u:pw9@h/"})
+    text = repr(s) + str([s])
+    assert "hunter2" not in text and "pw9" not in text
+    assert s.pbx_password == "hunter2"  # still usable
+
+
+def test_readme_documents_every_setting():
+    readme = (pathlib.Path(__file__).parents[2] / "README.md").read_text()
+    for name, default, text in describe():
+        assert f"| `{name}` | `{default}` | {text} |" in readme, name
