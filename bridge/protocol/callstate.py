@@ -17,7 +17,8 @@ conn        ``connected``
 disc        ``disconnected`` when it travels toward the device (the remote side hung up),
             ``disconnecting`` when it comes from the device (the device hung up)
 rel         ``released`` with the cause (``cau``); the call is forgotten
-fty         ``name_identification`` sets the remote display name, ``hold_notify`` /
+fty         ``name_identification`` toward the device sets the remote display name (from the
+            device it names the device itself, and is ignored), ``hold_notify`` /
             ``retrieve_notify`` set ``held``, ``cp_park`` sets ``parked``; any message
 info        carries more digits of ``cd`` for an outgoing call in setup/setup-ack: appended
 =========== ============================================================================
@@ -148,7 +149,8 @@ class CallTracker:
         elif t != "info":
             remote = _merge_party(remote, party)
         for f in sig.facilities():
-            if f.type == "name_identification" and f.name is not UNSET:
+            if f.type == "name_identification" and f.name is not UNSET and toward_device:
+                # from the PBX side it names the remote party; from the device, the device itself
                 remote = structs.replace(remote, dn=f.name)
             elif f.type == "hold_notify":
                 changes["held"] = True

@@ -367,3 +367,19 @@ def test_status_encodes_in_as_in() -> None:
     out = json.loads(msgspec.json.encode(s))
     assert out["in"] is True and "in_" not in out
     assert out["state"] == "setup" and out["remote"] == {"num": "201"}
+
+
+def test_name_identification_from_the_device_names_the_device_not_the_remote():
+    """Seen in the demo: the device's alert carries its own name; the remote dn must stay."""
+    from bridge.protocol.callstate import CallTracker
+    from bridge.protocol.signal import decode_sig
+
+    t = CallTracker()
+    t.signaling(4, True, decode_sig(b'{"type":"setup","cg":{"num":"297"},'
+                                    b'"fty":[{"type":"name_identification","name":"Remote 297"}]}'))
+    s = t.signaling(4, False, decode_sig(b'{"type":"alert","fty":[{"type":"name_identification","name":"User 1"}]}'))
+    assert s.state.value == "alert" and s.remote.dn == "Remote 297"
+    out = CallTracker()
+    s = out.signaling(5, False, decode_sig(b'{"type":"setup","cd":{"num":"296"},'
+                                           b'"fty":[{"type":"name_identification","name":"User 3"}]}'))
+    assert s.remote.num == "296" and s.remote.dn is None
