@@ -1,0 +1,53 @@
+"""Calls come first: forwarding without a broker, and sessions that come back after a cut."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from bridge.service import Bridge
+
+pytestmark = pytest.mark.broker
+
+
+async def test_calls_complete_while_the_broker_is_unreachable(sim, settings_for):
+    hws = [sim.hw(i) for i in range(1, 4)]
+    # nothing listens on port 1: the broker is down for the whole test
+    s = settings_for(sim, devices=",".join(hws), amqp_url="amqp://guest:guest@127.0.0.1:1/")
+    bridge = Bridge(s)
+    await bridge.start()
+    try:
+        async with asyncio.timeout(10):
+            while sim.stats()["attached_devices"] < 3:
+                await asyncio.sleep(0.05)
+        calls = [await sim.place_call(hw, direction="in", hold_s=0.1) for hw in hws]
+        await sim.wait_idle(10)
+        st = sim.stats()
+        assert st["calls_stalled"] == 0 and st["calls_completed"] >= len(calls)
+        assert st["messages_forwarded"] > 0
+        assert not bridge.link.ready
+        # every event is still held, in order, waiting for the broker
+        assert bridge.publisher.buffer.pending >= 3 * 3 + st["messages_forwarded"]
+        assert bridge.publisher.stats.confirmed == 0
+    finally:
+        await bridge.stop(0.5)
+
+
+async def test_session_cut_mid_call_reattaches_and_republishes_state(sim, bus, settings_for, start_bridge):
+    hw = sim.hw(8)
+    q = await bus.bind(f"device.{hw}.#")
+    bridge = await start_bridge(settings_for(sim, devices=hw))
+    await q.until(lambda e: e.body["type"] == "attached")
+    call = await sim.place_call(hw, direction="in", hold_s=30.0)
+    await q.until(lambda e: e.body.get("state") == "connected")
+    assert await sim.drop_sessions() >= 1
+    evs = await q.until(lambda e: e.body["type"] == "call.state" and e.body.get("sync"))
+    kinds = [e.body["type"] for e in evs]
+    assert kinds.index("detached") < kinds.index("attached") < len(kinds) - 1
+    assert [e.body["reason"] for e in evs if e.body["type"] == "detached"] == ["session-lost"]
+    sync = evs[-1].body
+    assert sync["call"] == call and sync["state"] == "connected" and sync["in"] is True
+    assert bridge.runners[hw].reconnects == 1
+    seqs = [e.body["seq"] for e in evs]
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # no gap across the reconnect
