@@ -1,4 +1,4 @@
-"""Fixtures for tests against the real RabbitMQ and the real PBX simulator.
+"""Shared fixtures: tests against the real RabbitMQ and the real PBX simulator.
 
 Every test gets its own exchange and queue names, so tests never see each other's traffic and
 leave nothing behind.

@@ -179,7 +179,7 @@ def decode(frame: bytes | str, max_bytes: int = MAX_FRAME_BYTES) -> Frame:
         msg = _decoder.decode(frame)
     except msgspec.ValidationError as e:
         text = str(e)
-        if text.startswith("Expected `object`"):
+        if text.startswith("Expected `object`") and "- at `$" not in text:  # the frame itself
             raise FrameError("not-object", f"a frame must be a JSON object ({text})") from None
         if text.startswith("Invalid value") and text.endswith("`$.mt`"):
             raise FrameError("unknown-mt", f"unknown message type ({text})") from None

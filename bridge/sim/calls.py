@@ -103,9 +103,11 @@ class Scenario:
             raise ValueError(f"hangup must be 'remote' or 'device', not {self.hangup!r}")
         if not isinstance(self.remote, str) or not self.remote:
             raise ValueError("remote must be a non-empty string")
-        if self.transfer_to is not None and (not isinstance(self.transfer_to, str) or not self.transfer_to):
+        t = self.transfer_to
+        if t is not None and (not isinstance(t, str) or not t):
             raise ValueError("transfer_to must be a non-empty string or null")
-        if not isinstance(self.hold_s, (int, float)) or isinstance(self.hold_s, bool) or self.hold_s < 0:
+        h = self.hold_s
+        if not isinstance(h, (int, float)) or isinstance(h, bool) or h < 0:
             raise ValueError("hold_s must be a number >= 0")
         for name in ("answer", "busy", "hold"):
             if not isinstance(getattr(self, name), bool):
@@ -117,7 +119,7 @@ class Call:
 
     __slots__ = (
         "pbx", "id", "device", "in_", "remote", "state", "app", "session", "src", "task",
-        "_pending", "_interrupt", "_waiters",
+        "_pending", "_interrupt", "_waiters", "_aborting",
     )
 
     def __init__(
@@ -139,6 +141,7 @@ class Call:
         self._pending: tuple[deque[Pending], deque[Pending]] = (deque(), deque())
         self._interrupt: tuple[str, bool] | None = None
         self._waiters: list[tuple[CallState, asyncio.Future]] | None = None
+        self._aborting = False
 
     # ------------------------------------------------------------------ state
     def set_state(self, state: CallState) -> None:
@@ -212,14 +215,23 @@ class Call:
             raise _EndedByApp(kind, to)
 
     def forwarded(self, to: bool, sig: Raw) -> bool:
-        """The application forwarded a message in direction ``to``; False if none was waiting."""
+        """The application forwarded a message in direction ``to``; False if none was waiting.
+
+        A message dropped by an interruption (the application ended the call meanwhile) keeps
+        its place in the FIFO so that its forward, when it comes, is absorbed instead of being
+        taken for the next message; once older than the stall timeout it no longer counts.
+        """
         q = self._pending[to]
+        now = perf_counter_ns()
         while q:
             p = q.popleft()
-            if not p.fut.done():
-                self.pbx.rtt.add((perf_counter_ns() - p.t0) // 1000)
-                p.fut.set_result(sig)
+            if p.fut.done():
+                if now - p.t0 > self.pbx.config.stall_timeout_s * 1e9:
+                    continue
                 return True
+            self.pbx.rtt.add((now - p.t0) // 1000)
+            p.fut.set_result(sig)
+            return True
         return False
 
     def flush(self) -> None:
@@ -240,10 +252,17 @@ class Call:
         elif kind == "rel":
             self._interrupt = (kind, to)
 
+    def abort(self) -> None:
+        """End the call at once (simulator stopping, app call whose session closed)."""
+        self._aborting = True
+        if self.task is not None:
+            self.task.cancel()
+
     def _drop_pending(self) -> None:
+        """Give up waiting for the forwards in flight (their entries stay: see forwarded)."""
         for q in self._pending:
-            while q:
-                q.popleft().fut.cancel()
+            for p in q:
+                p.fut.cancel()
 
     # ------------------------------------------------------------------ running
     async def run(self, script) -> None:
@@ -267,7 +286,7 @@ class Call:
                 except _EndedByApp as e:
                     end = (e.kind, e.to)
                 except asyncio.CancelledError:
-                    if self._interrupt is None:
+                    if self._interrupt is None or self._aborting:
                         raise
                     asyncio.current_task().uncancel()
                     end, self._interrupt = self._interrupt, None
@@ -276,7 +295,15 @@ class Call:
             outcome = "stalled"
             self._release_stalled()
         finally:
-            self._drop_pending()
+            for q in self._pending:
+                for p in q:
+                    p.fut.cancel()
+                q.clear()
+            ended = f"call {self.id} ended in state {self.state.value}"
+            for _, fut in self._waiters or ():
+                if not fut.done():
+                    fut.set_exception(LookupError(ended))
+            self._waiters = None
             self.pbx._call_finished(self, outcome)
 
     def _release_stalled(self) -> None:
@@ -329,7 +356,8 @@ async def scripted(call: Call, sc: Scenario) -> None:
     else:
         await asyncio.sleep(sc.hold_s)
     if sc.transfer_to is not None:
-        await send(FROM_DEVICE, sigs.facility({"type": "ct_initiate", "cd": {"num": sc.transfer_to}}))
+        ct = {"type": "ct_initiate", "cd": {"num": sc.transfer_to}}
+        await send(FROM_DEVICE, sigs.facility(ct))
         await send(TO_DEVICE, sigs.rel(sigs.NORMAL))
     elif sc.hangup == "remote":
         await send(TO_DEVICE, sigs.disc(), CallState.DISCONNECTED)

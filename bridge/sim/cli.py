@@ -1,6 +1,23 @@
-"""``epsignal-bridge pbx-sim``: run the simulated PBX as a process.
+"""A simulated innovaphone PBX: a WebSocket server at ws://HOST:PORT/PBX0/APPS/websocket that speaks
+AppWebsocket (AppChallenge/AppLogin with SHA-256 digest) and EpSignal (Attach, AttachResult,
+Attached, Detached, Sync, Signaling), so the bridge can be run and tested without a PBX.
 
-``bridge/cli.py`` builds the sub-command with :func:`add_arguments` and runs :func:`main`.
+Devices: device i (1-based) has the hw id "00903340" + 4 digits (009033400001,
+009033400002, ...), extension 1000+i, SIP user user0001..., display name "User i". The first
+--devices are registered; the next --unregistered are known but not registered (Attach answers
+ok, Attached comes when they register). Any other hw gets AttachResult err "unknown device".
+
+Calls: once the application has attached a device, every signaling message of its calls goes
+to the application as Signaling and reaches the other end only when the application sends it
+back (same call, same direction). A message not forwarded within --stall-timeout stalls the call:
+the PBX releases it toward the device (rel, cause 102) and counts it. Calls the application
+starts with negative call ids are answered by the simulated remote (setup toward the PBX) or
+device (setup toward the device) up to conn. Random traffic (--call-rate) mixes incoming,
+outgoing, busy, unanswered, hold and transfer calls.
+
+Faults on demand (cut sessions, refuse logins, slow answers, malformed frames) and scripted
+calls are driven through the HTTP control API (--control, see below). On start one line gives
+the WebSocket and control URLs; then a stats line at most every 10 s; SIGINT/SIGTERM stop it.
 """
 
 from __future__ import annotations
@@ -13,30 +30,13 @@ import sys
 
 from websockets.exceptions import InvalidURI
 
-from bridge.sim.config import HW_PREFIX, MAX_DEVICES, SimConfig
-from bridge.sim.pbx import PATH, PbxSimulator
+from bridge.sim.config import MAX_DEVICES, SimConfig
+from bridge.sim.pbx import PbxSimulator
 
 PASSWORD_ENV = "EPSIGNAL_SIM_PASSWORD"
 STATS_EVERY_S = 10.0
 
-DESCRIPTION = f"""\
-A simulated innovaphone PBX: a WebSocket server at ws://HOST:PORT{PATH} that speaks
-AppWebsocket (AppChallenge/AppLogin with SHA-256 digest) and EpSignal (Attach, AttachResult,
-Attached, Detached, Sync, Signaling), so the bridge can be run and tested without a PBX.
-
-Devices: device i (1-based) has the hw id "{HW_PREFIX}" + 4 digits (009033400001,
-009033400002, ...), extension 1000+i, SIP user user0001..., display name "User i". The first
---devices are registered; the next --unregistered are known but not registered (Attach answers
-ok, Attached comes when they register). Any other hw gets AttachResult err "unknown device".
-
-Calls: once the application has attached a device, every signaling message of its calls goes
-to the application as Signaling and reaches the other end only when the application sends it
-back (same call, same direction). A message not forwarded within --stall-timeout stalls the call:
-the PBX releases it toward the device (rel, cause 102) and counts it. Calls the application
-starts with negative call ids are answered by the simulated remote (setup toward the PBX) or
-device (setup toward the device) up to conn. Random traffic (--call-rate) mixes incoming,
-outgoing, busy, unanswered, hold and transfer calls.
-"""
+DESCRIPTION = __doc__
 
 EPILOG = """\
 control API (with --control HOST:PORT; every answer is JSON, errors are {"error": "..."}):
@@ -88,22 +88,27 @@ def _nonneg(kind):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the pbx-sim options (and its description) to ``parser``."""
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    if not parser.description:
-        parser.description = DESCRIPTION
+    parser.description = DESCRIPTION
     parser.epilog = EPILOG
-    parser.add_argument("--listen", type=_hostport, default=("127.0.0.1", 8765), metavar="HOST:PORT",
-                        help="where the PBX's WebSocket listens (default 127.0.0.1:8765; port 0: any free port)")
+    parser.add_argument("--listen", type=_hostport, default=("127.0.0.1", 8765),
+                        metavar="HOST:PORT",
+                        help="where the PBX's WebSocket listens (default 127.0.0.1:8765; "
+                             "port 0: any free port)")
     parser.add_argument("--app", default="epsignal",
-                        help="name of the PBX App object the application logs in as (default epsignal)")
+                        help="name of the PBX App object the application logs in as "
+                             "(default epsignal)")
     parser.add_argument("--password", default=None,
-                        help=f"the App object's password (default: ${PASSWORD_ENV}, else 'secret'); "
+                        help=f"the App object's password (default: ${PASSWORD_ENV}, "
+                             "else 'secret'); "
                              "never printed")
     parser.add_argument("--devices", type=_nonneg(int), default=100,
-                        help=f"registered devices 009033400001 ... (default 100, at most {MAX_DEVICES})")
+                        help="registered devices 009033400001 ... "
+                             f"(default 100, at most {MAX_DEVICES})")
     parser.add_argument("--unregistered", type=_nonneg(int), default=0,
                         help="extra known devices after those, not registered (default 0)")
     parser.add_argument("--call-rate", type=_nonneg(float), default=0.0, metavar="PER_S",
-                        help="random calls per second over all registered devices (default 0: none)")
+                        help="random calls per second over all registered devices "
+                             "(default 0: none)")
     parser.add_argument("--call-duration", type=_nonneg(float), default=2.0, metavar="S",
                         help="mean connected time of random calls in seconds (default 2)")
     parser.add_argument("--ring", type=_nonneg(float), default=0.3, metavar="S",
@@ -123,7 +128,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace) -> SimConfig:
-    password = args.password if args.password is not None else os.environ.get(PASSWORD_ENV, "secret")
+    password = args.password
+    if password is None:
+        password = os.environ.get(PASSWORD_ENV, "secret")
     return SimConfig(
         app=args.app, password=password, devices=args.devices, unregistered=args.unregistered,
         call_rate=args.call_rate, call_duration_s=args.call_duration, ring_s=args.ring,

@@ -3,12 +3,14 @@
 =========================== ==================================================================
 POST /devices/<hw>/calls    body: place_call's keyword arguments, all optional, e.g.
                             ``{"direction":"in","remote":"201","answer":true,"hold_s":1.0}``
-                            (also ``busy``, ``hold``, ``transfer_to``, ``hangup``) -> ``{"call": id}``
+                            (also ``busy``, ``hold``, ``transfer_to``, ``hangup``)
+                            -> ``{"call": id}``
 POST /devices/<hw>/register -> ``{"hw":..., "registered": true}``
 POST /devices/<hw>/unregister -> ``{"hw":..., "registered": false}``
 GET  /devices/<hw>          -> ``{"hw", "ext", "registered", "attached", "calls": [...]}``
 POST /sessions/drop         -> ``{"dropped": n}`` (TCP abort of every application session)
-POST /sessions/garbage      body ``{"count": 5}`` -> ``{"sent": n}`` (malformed frames to every session)
+POST /sessions/garbage      body ``{"count": 5}`` -> ``{"sent": n}`` (malformed frames to
+                            every session)
 POST /faults                body ``{"refuse_logins": true, "delay_ms": 200}`` (each optional)
                             -> the faults now in force
 GET  /stats                 -> the stats dict
@@ -52,6 +54,10 @@ class GarbageRequest(Struct, forbid_unknown_fields=True):
     count: Annotated[int, Meta(ge=1, le=10_000)] = 1
 
 
+def _json_error(text: str) -> str:
+    return msgspec.json.encode({"error": text}).decode()
+
+
 def _error(status: int, text: str) -> web.Response:
     return web.json_response({"error": text}, status=status)
 
@@ -64,19 +70,17 @@ async def _body(request: web.Request, typ: type[Struct]) -> Struct:
         return msgspec.json.decode(data, type=typ)
     except msgspec.ValidationError as e:
         raise web.HTTPBadRequest(
-            text=msgspec.json.encode({"error": f"invalid body: {e}"}).decode(),
-            content_type="application/json") from None
+            text=_json_error(f"invalid body: {e}"), content_type="application/json") from None
     except msgspec.DecodeError as e:
         raise web.HTTPBadRequest(
-            text=msgspec.json.encode({"error": f"body is not JSON: {e}"}).decode(),
-            content_type="application/json") from None
+            text=_json_error(f"body is not JSON: {e}"), content_type="application/json") from None
 
 
 def _device(request: web.Request):
     pbx: PbxSimulator = request.app[_PBX]
     hw = request.match_info["hw"]
     if hw not in pbx.devices:
-        raise web.HTTPNotFound(text=msgspec.json.encode({"error": f"unknown device {hw!r}"}).decode(),
+        raise web.HTTPNotFound(text=_json_error(f"unknown device {hw!r}"),
                                content_type="application/json")
     return pbx, hw
 
@@ -124,7 +128,8 @@ async def faults(request: web.Request) -> web.Response:
         pbx.faults.refuse_logins = body.refuse_logins
     if body.delay_ms is not UNSET:
         pbx.faults.delay_ms = body.delay_ms
-    return web.json_response({"refuse_logins": pbx.faults.refuse_logins, "delay_ms": pbx.faults.delay_ms})
+    f = pbx.faults
+    return web.json_response({"refuse_logins": f.refuse_logins, "delay_ms": f.delay_ms})
 
 
 async def stats(request: web.Request) -> web.Response:

@@ -15,7 +15,7 @@ GARBAGE: tuple[bytes, ...] = (
     b'{"api":"EpSignal","mt":"Attached","src":42}',
     b'{"api":"EpSignal","mt":"Signaling","call":1,"sig":"rel"}',
     b'"just a string"',
-    b'{"api":"EpSignal","mt":"AttachResult","maxIntern":"many"}',
+    b'{"api":"EpSignal","mt":"AttachResult","stun":["a","b"]}',
     b'{"api":"EpSignal","mt":"Signaling","call":1,"sig":{"type":',
 )
 

@@ -13,7 +13,7 @@ import asyncio
 from typing import TYPE_CHECKING
 
 from websockets.asyncio.client import connect
-from websockets.exceptions import InvalidHandshake, WebSocketException
+from websockets.exceptions import WebSocketException
 
 from bridge.protocol.errors import FrameError
 from bridge.protocol.login import ClientLogin, LoginFailed
@@ -68,7 +68,7 @@ async def run_outbound(pbx: PbxSimulator, url: str, app: str, password: str) -> 
                 pbx.counters.logins_ok += 1
                 backoff = FIRST_BACKOFF_S
                 await Session(pbx, ws, outbound=True).serve()
-        except (OSError, TimeoutError, WebSocketException, InvalidHandshake, FrameError, LoginFailed):
+        except (OSError, TimeoutError, WebSocketException, FrameError, LoginFailed):
             pass
         await asyncio.sleep(backoff)
         backoff = min(backoff * 2, MAX_BACKOFF_S)

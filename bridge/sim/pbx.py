@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import secrets
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,21 +16,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 from websockets.uri import parse_uri
 
-from bridge.protocol.errors import FrameError
-from bridge.protocol.messages import (
-    MAX_FRAME_BYTES,
-    AppChallenge,
-    AppLogin,
-    Attach,
-    Attached,
-    AttachResult,
-    CallState,
-    Detached,
-    Remote,
-    Signaling,
-    decode,
-    encode,
-)
+from bridge.protocol.messages import MAX_FRAME_BYTES, Attached, Detached, Remote, encode
 from bridge.sim import calls as _calls
 from bridge.sim.calls import Call, Scenario
 from bridge.sim.config import SimConfig, hw_id
@@ -101,7 +86,8 @@ class PbxSimulator:
         if control_port is not None:
             from bridge.sim.control import start_control
 
-            self._control, self.control_url = await start_control(self, control_host or host, control_port)
+            self._control, self.control_url = await start_control(
+                self, control_host or host, control_port)
         if self.config.call_rate > 0:
             from bridge.sim.traffic import random_traffic
 
@@ -115,9 +101,10 @@ class PbxSimulator:
         self._running = False
         for t in list(self._tasks):
             t.cancel()
-        tasks = [c.task for d in self.devices.values() for c in d.calls.values() if c.task]
-        for t in tasks:
-            t.cancel()
+        calls = [c for d in self.devices.values() for c in d.calls.values()]
+        for c in calls:
+            c.abort()
+        tasks = [c.task for c in calls if c.task is not None]
         await asyncio.gather(*self._tasks, *tasks, return_exceptions=True)
         for s in list(self._sessions):
             if s.outbound:
@@ -133,6 +120,25 @@ class PbxSimulator:
         if self._control is not None:
             await self._control.cleanup()
             self._control = None
+
+    # the faults, also as attributes of the simulator
+    @property
+    def refuse_logins(self) -> bool:
+        return self.faults.refuse_logins
+
+    @refuse_logins.setter
+    def refuse_logins(self, value: bool) -> None:
+        self.faults.refuse_logins = bool(value)
+
+    @property
+    def delay_ms(self) -> int:
+        return self.faults.delay_ms
+
+    @delay_ms.setter
+    def delay_ms(self, value: int) -> None:
+        if value < 0:
+            raise ValueError("delay_ms must not be negative")
+        self.faults.delay_ms = int(value)
 
     def _spawn(self, coro) -> asyncio.Task:
         t = asyncio.create_task(coro)
@@ -268,7 +274,8 @@ class PbxSimulator:
         self._last_id += 1
         cid = self._last_id
         call = Call(self, cid, d, incoming=sc.direction == "in",
-                    remote=Remote(num=sc.remote, sip=remote_sip(sc.remote), dn=remote_dn(sc.remote)))
+                    remote=Remote(num=sc.remote, sip=remote_sip(sc.remote),
+                                  dn=remote_dn(sc.remote)))
         self._calls[cid] = call
         self._begin(call, lambda c: _calls.scripted(c, sc))
         return cid
@@ -312,8 +319,7 @@ class PbxSimulator:
                 d.src = UNSET
             for c in list(d.calls.values()):
                 if c.app and c.session is s:
-                    if c.task is not None:
-                        c.task.cancel()
+                    c.abort()
                 else:
                     c.flush()
         s.devices.clear()
@@ -355,134 +361,6 @@ class PbxSimulator:
         from bridge.sim.outbound import run_outbound
 
         self._spawn(run_outbound(self, url, app, password))
-
-    # ------------------------------------------------------------------ frames from the app
-    def _on_frame(self, s: Session, data: bytes) -> None:
-        try:
-            msg = decode(data)
-        except FrameError:
-            self.counters.bad_frames += 1
-            return
-        t = type(msg)
-        if t is Signaling:
-            if not s.logged_in:
-                s.close_after_flush(1008, "not logged in")
-                return
-            self._on_signaling(s, msg)
-        elif t is Attach:
-            if not s.logged_in:
-                s.close_after_flush(1008, "not logged in")
-                return
-            self._on_attach(s, msg)
-        elif t is AppChallenge and s.login is not None:
-            s.post(encode(s.login.on_challenge_request(msg)))
-        elif t is AppLogin and s.login is not None:
-            self._on_login(s, msg)
-        else:
-            self.counters.bad_frames += 1  # a PBX-to-app message type, or login on an outbound session
-
-    def _on_login(self, s: Session, msg: AppLogin) -> None:
-        result = s.login.on_login(msg)
-        if result.ok and self.faults.refuse_logins:
-            result.ok = False
-        s.post(encode(result))
-        if result.ok:
-            s.logged_in = True
-            self.counters.logins_ok += 1
-        else:
-            s.logged_in = False
-            self.counters.logins_failed += 1
-            s.close_after_flush(1008, "login failed")
-
-    def _on_attach(self, s: Session, msg: Attach) -> None:
-        src = msg.src
-        d = self.devices.get(msg.hw)
-        if d is None:
-            s.post(encode(AttachResult(src=src, err="unknown device")))
-            return
-        if d.session is not None and d.session is not s:
-            self.counters.attach_conflicts += 1
-            s.post(encode(AttachResult(src=src, err="already attached")))
-            return
-        if d.session is s and d.src is not UNSET and s.by_src.get(d.src) is d:
-            del s.by_src[d.src]
-        d.session = s
-        d.src = src
-        s.devices[d.hw] = d
-        if src is not UNSET:
-            s.by_src[src] = d
-        s.post(encode(AttachResult(
-            src=src, stun="stun1.example.net;stun2.example.net", turn="turn.example.net:3478",
-            turnUsr="sim", turnPwd=secrets.token_urlsafe(12), prefixIntl="000", prefixNtl="00",
-            prefixSubs="0", area="7031", country="49", maxIntern=4, tones=1,
-        )))
-        if d.registered:
-            self._announce(d)
-
-    def _on_signaling(self, s: Session, msg: Signaling) -> None:
-        cid = msg.call
-        to = msg.to is True
-        if cid > 0:
-            call = self._calls.get(cid)
-            if call is None:
-                if cid <= self._last_id:
-                    self.counters.late_signaling += 1  # the call ended (e.g. a forwarded rel 102)
-                else:
-                    self.counters.bad_signaling += 1
-                return
-            if call.device.session is not s:
-                self.counters.bad_signaling += 1
-                return
-            if call.forwarded(to, msg.sig):
-                self.counters.messages_forwarded += 1
-                return
-            self._inject(call, to, msg)
-            return
-        d = self._app_device(s, msg.src)
-        if d is None:
-            self.counters.bad_signaling += 1
-            return
-        call = d.calls.get(cid)
-        if call is not None:
-            self._inject(call, to, msg)
-            return
-        try:
-            sig = msg.signal
-        except FrameError:
-            self.counters.bad_signaling += 1
-            return
-        if cid == 0 or sig.type != "setup":
-            self.counters.bad_signaling += 1
-            return
-        self._start_app_call(s, d, cid, to, sig)
-
-    def _inject(self, call: Call, to: bool, msg: Signaling) -> None:
-        try:
-            kind = msg.signal.type
-        except FrameError:
-            self.counters.bad_signaling += 1
-            return
-        self.counters.messages_injected += 1
-        call.inject(to, kind)
-
-    def _app_device(self, s: Session, src) -> Device | None:
-        if src is not UNSET:
-            d = s.by_src.get(src)
-            if d is not None:
-                return d
-        if len(s.devices) == 1:
-            return next(iter(s.devices.values()))
-        return None
-
-    def _start_app_call(self, s: Session, d: Device, cid: int, to: bool, sig) -> None:
-        party = sig.cg if to else sig.cd  # the remote party of the call
-        num = party.num if party is not UNSET and party.num is not UNSET else ""
-        sip = party.sip if party is not UNSET and party.sip is not UNSET else (remote_sip(num) if num else None)
-        call = Call(self, cid, d, incoming=to, remote=Remote(num=num or None, sip=sip, dn=remote_dn(num) if num else None),
-                    app_session=s, app_src=d.src)
-        call.set_state(CallState.SETUP)
-        self.counters.app_calls += 1
-        self._begin(call, _calls.app_toward_device if to else _calls.app_toward_pbx)
 
 
 def _hostport(host: str, port: int) -> str:

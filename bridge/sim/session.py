@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from websockets.exceptions import ConnectionClosed
 
 from bridge.protocol.login import ServerLogin
+from bridge.sim.dispatch import on_frame
 
 if TYPE_CHECKING:
     from websockets.asyncio.connection import Connection
@@ -93,12 +94,12 @@ class Session:
     async def serve(self) -> None:
         """Run the session until the connection ends; then the PBX detaches its devices."""
         self._writer = asyncio.create_task(self._write())
-        ws, on_frame = self.ws, self.pbx._on_frame
-        self.pbx._session_opened(self)
+        ws, pbx = self.ws, self.pbx
+        pbx._session_opened(self)
         try:
             while True:
                 data = await ws.recv(decode=False)
-                on_frame(self, data)
+                on_frame(pbx, self, data)
         except ConnectionClosed:
             pass
         finally:

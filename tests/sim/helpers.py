@@ -79,7 +79,8 @@ class App:
         return await self.recv()
 
     async def signaling(self, call: int, sig: dict, to: bool) -> None:
-        await self.send(Signaling(call=call, sig=Raw(sigs.encode_sig(sig)), to=True if to else UNSET))
+        raw = Raw(sigs.encode_sig(sig))
+        await self.send(Signaling(call=call, sig=raw, to=True if to else UNSET))
 
     def record(self, msg: Signaling) -> None:
         self.sigs.append(msg)
