@@ -50,11 +50,14 @@ class SimConfig:
     stall_timeout_s: float = 5.0
     #: seed of the random traffic (None: not reproducible)
     seed: int | None = None
+    #: more registered devices with hardware ids of any form (e.g. "00:90:33.40 01"), numbered
+    #: after the others, for tests of ids that need escaping in routing keys
+    extra_hw: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.devices < 0 or self.unregistered < 0:
             raise ValueError("devices and unregistered must not be negative")
-        if self.devices + self.unregistered > MAX_DEVICES:
+        if self.devices + self.unregistered + len(self.extra_hw) > MAX_DEVICES:
             raise ValueError(f"at most {MAX_DEVICES} devices (devices + unregistered)")
         if self.call_rate < 0:
             raise ValueError("call_rate must not be negative")

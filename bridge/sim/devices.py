@@ -16,9 +16,9 @@ if TYPE_CHECKING:
 class Device:
     __slots__ = ("index", "hw", "ext", "sip", "dn", "registered", "session", "src", "calls")
 
-    def __init__(self, index: int, registered: bool) -> None:
+    def __init__(self, index: int, registered: bool, hw: str | None = None) -> None:
         self.index = index
-        self.hw = hw_id(index)
+        self.hw = hw if hw is not None else hw_id(index)
         self.ext = str(1000 + index)
         self.sip = f"user{index:04d}"
         self.dn = f"User {index}"

@@ -51,6 +51,8 @@ class PbxSimulator:
         for i in range(1, cfg.devices + cfg.unregistered + 1):
             d = Device(i, registered=i <= cfg.devices)
             self.devices[d.hw] = d
+        for i, hw in enumerate(cfg.extra_hw, start=cfg.devices + cfg.unregistered + 1):
+            self.devices[hw] = Device(i, registered=True, hw=hw)
         #: registered devices, for O(1) random choice (swap-remove on unregister)
         self._registered: list[Device] = [d for d in self.devices.values() if d.registered]
         self._reg_pos: dict[str, int] = {d.hw: i for i, d in enumerate(self._registered)}

@@ -253,3 +253,46 @@ async def test_server_mode_verifies_the_pbx_login(sim, bus, settings_for, start_
     call = await sim.place_call(hws[0], direction="in", hold_s=0.1)
     evs = await q.until(is_state("released", call))
     assert "connected" in states(evs, call) and sim.stats()["calls_stalled"] == 0
+
+
+# ------------------------------------------------------------------------------- odd hw ids
+async def test_odd_hw_ids_are_escaped_in_keys_and_commands_reach_them(names, bus, settings_for, start_bridge):
+    from bridge.sim import PbxSimulator, SimConfig
+
+    from tests.conftest import PASSWORD
+
+    odd = ["00:90:33.40 01", "dev#1*x", "ünï.cödé"]
+    sim = PbxSimulator(SimConfig(password=PASSWORD, devices=1, ring_s=0.05, extra_hw=tuple(odd)))
+    await sim.start()
+    try:
+        q = await bus.bind("device.*.call.*.state", "device.*.attached")
+        await start_bridge(settings_for(sim, devices=odd[0]))
+        e = (await q.until(lambda e: e.body["type"] == "attached"))[-1]
+        assert e.key == "device.00%3A90%3A33%2E40%2001.attached" and e.body["hw"] == odd[0]
+        assert len(e.key.split(".")) == 3
+        for hw in odd[1:]:
+            reply = await bus.command(hw, "attach", key=f"device.{routing.word(hw)}.attach")
+            assert reply["ok"] is True and reply["hw"] == hw
+        call = await sim.place_call(odd[2], direction="in", hold_s=0.05)
+        evs = await q.until(is_state("released", call))
+        keys = {x.key for x in evs if x.body["type"] == "call.state"}
+        assert keys == {f"device.{routing.word(odd[2])}.call.{call}.state"}
+        assert all(len(k.split(".")) == 5 for k in keys)
+    finally:
+        await sim.stop()
+
+
+async def test_many_commands_in_flight_at_once(sim, bus, settings_for, start_bridge):
+    bridge = await start_bridge(settings_for(sim, attach_concurrency=4))
+    hws = [sim.hw(i) for i in range(1, 16)]
+    replies = await asyncio.gather(*(bus.command(hw, "attach") for hw in hws))
+    assert [r["hw"] for r in replies] == hws and all(r["ok"] for r in replies)
+    assert sim.stats()["attached_devices"] == 15 and len(bridge.runners) == 15
+    # signaling commands for one device are carried out in the order they were sent
+    hw = hws[0]
+    q = await bus.bind(f"device.{hw}.call.*.signaling")
+    for i in range(1, 21):
+        await bus.command(hw, "signaling", {"call": -i, "sig": {"type": "setup", "cd": {"num": "201"}}},
+                          reply=False)
+    evs = await q.until(lambda e: e.body["origin"] == "command" and e.body["call"] == -20)
+    assert [e.body["call"] for e in evs if e.body["origin"] == "command"] == [-i for i in range(1, 21)]
