@@ -18,12 +18,10 @@ import sys
 from bridge.config import Settings, describe
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def _setup_logging(level: str, secrets: list[str] | None = None) -> None:
+    from bridge import logs
+
+    logs.setup(level, secrets)
 
 
 def _settings(args) -> Settings:
@@ -38,7 +36,7 @@ def cmd_run(args) -> int:
     from bridge.service import run_until_signalled
 
     s = _settings(args)
-    _setup_logging(s.log_level)
+    _setup_logging(s.log_level, s.secrets())
     return asyncio.run(run_until_signalled(s, grace_s=args.grace))
 
 

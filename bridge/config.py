@@ -75,6 +75,8 @@ class Settings(Struct, kw_only=True):
     buffer_max_events: Annotated[int, _doc("Events kept while the broker is away", ge=1)] = 100_000
     buffer_max_age_s: Annotated[float, _doc("Events older than this are dropped unsent", gt=0)] = 300.0
     # ------------------------------------------------------------------ the process
+    http_host: Annotated[str, _doc("Address of the HTTP server (health, readiness, metrics)")] = "0.0.0.0"
+    http_port: Annotated[int, _doc("Port of /healthz, /readyz and /metrics (0: any free port)", ge=0)] = 8080
     instance_id: Annotated[str, _doc("Bridge instance id (default: hostname + random)")] = ""
     log_level: Annotated[str, _doc("Log level: DEBUG, INFO, WARNING, ERROR")] = "INFO"
 
@@ -83,6 +85,16 @@ class Settings(Struct, kw_only=True):
             self.instance_id = _default_instance()
         self.pbx_password = Secret(self.pbx_password)
         self.amqp_url = Secret(self.amqp_url)
+
+    def secrets(self) -> list[str]:
+        """Every secret value, for the log filter: the PBX password, the AMQP password and URL."""
+        from yarl import URL
+
+        out = [str(self.pbx_password), str(self.amqp_url)]
+        pw = URL(str(self.amqp_url)).password
+        if pw:
+            out += [pw, URL(str(self.amqp_url)).raw_password or pw]
+        return [s for s in out if s]
 
     @property
     def device_list(self) -> list[str]:

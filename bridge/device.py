@@ -14,7 +14,7 @@ from msgspec import Raw
 from bridge.events import EventFactory, Outgoing
 from bridge.protocol.callstate import CallTracker
 from bridge.protocol.errors import FrameError
-from bridge.protocol.messages import AttachResult, Attached, Detached, Signaling, Sync
+from bridge.protocol.messages import AttachResult, Attached, CallState, Detached, Signaling, Sync
 
 log = logging.getLogger("bridge.device")
 
@@ -29,6 +29,8 @@ class Device:
         #: the device is registered and we are in its signaling path
         self.attached = False
         self.bad_sig = 0
+        #: call id -> the span context of the call's trace (see bridge.tracing)
+        self.trace_ctx: dict = {}
 
     def on_frame(self, msg) -> list[Outgoing]:
         f = self.factory
@@ -74,4 +76,6 @@ class Device:
             return out
         if status is not None:
             out.append(self.factory.call_state(self.hw, status))
+            if status.state is CallState.RELEASED:
+                self.trace_ctx.pop(msg.call, None)
         return out

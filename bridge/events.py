@@ -130,6 +130,8 @@ class Outgoing:
     hw: str | None = None
     seq: int = 0
     headers: dict | None = None
+    #: the PRODUCER span while tracing is on (ended when the broker confirms)
+    span: Any = None
 
 
 class EventFactory:

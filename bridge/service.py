@@ -13,12 +13,14 @@ import logging
 from websockets.exceptions import ConnectionClosed
 
 from bridge import commands as cmds
+from bridge import tracing
 from bridge.amqp.consumer import CommandConsumer
 from bridge.amqp.link import BrokerLink
 from bridge.amqp.publisher import EventPublisher
 from bridge.config import Settings
 from bridge.device import Device
-from bridge.events import AttachInfo, EventFactory
+from bridge.events import AttachInfo, EventFactory, Outgoing
+from bridge.http import HttpServer
 from bridge.pbx.client import DeviceRunner
 from bridge.pbx.server import NoPbxSession, PbxServer
 
@@ -34,15 +36,22 @@ class Bridge:
             self.link, self.factory, window=settings.publish_window, timeout_s=settings.publish_timeout_s,
             max_events=settings.buffer_max_events, max_age_s=settings.buffer_max_age_s,
         )
-        self.emit = self.publisher.publish_nowait
         self.consumer = CommandConsumer(self.link, self.handle_command)
         self.runners: dict[str, DeviceRunner] = {}
         self.server = PbxServer(settings, self.emit) if settings.pbx_mode == "server" else None
         self._gate = asyncio.Semaphore(settings.attach_concurrency)
         self._tasks: list[asyncio.Task] = []
+        self.http = HttpServer(self, settings.http_host, settings.http_port)
+
+    def emit(self, event: Outgoing) -> None:
+        """Hand an event to the publisher (never blocks); with tracing, start its PRODUCER span."""
+        if tracing.ENABLED:
+            tracing.producer(event, self.s.events_exchange)
+        self.publisher.publish_nowait(event)
 
     # ------------------------------------------------------------------ life cycle
     async def start(self) -> None:
+        await self.http.start()
         self._tasks = [
             asyncio.create_task(self.link.run(), name="broker link"),
             asyncio.create_task(self.publisher.run(), name="publisher"),
@@ -73,10 +82,43 @@ class Bridge:
             log.warning("shutdown: %d events not confirmed within the grace period", len(self.publisher.buffer))
         await self.publisher.close()
         await self.link.close()
+        await self.http.stop()
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         return flushed
+
+    # ------------------------------------------------------------------ state, for health and metrics
+    def _devices(self) -> list[tuple[Device, bool]]:
+        """(device, its PBX session is up) for every device the bridge wants attached."""
+        if self.server is not None:
+            up = self.server.session is not None
+            return [(d, up and d.hw in self.server.session.devices) for d in self.server.devices.values()]
+        return [(r.device, r.session is not None and not r.session.closed.done()) for r in self.runners.values()]
+
+    def session_states(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for d, up in self._devices():
+            state = "attached" if d.attached else "waiting-registration" if up and d.result else "connecting"
+            out[state] = out.get(state, 0) + 1
+        return out
+
+    def pbx_reconnects(self) -> int:
+        return sum(r.reconnects for r in self.runners.values())
+
+    def login_failures(self) -> int:
+        if self.server is not None:
+            return self.server.logins_failed
+        return sum(r.login_failures for r in self.runners.values())
+
+    def not_ready_reasons(self) -> list[str]:
+        reasons = []
+        if not self.link.ready:
+            reasons.append("broker not connected")
+        devices = self._devices()
+        if self.server is None and devices and not any(up for _, up in devices):
+            reasons.append("PBX not reachable: no session is up")
+        return reasons
 
     def _runner(self, hw: str) -> DeviceRunner:
         r = self.runners.get(hw)
@@ -153,6 +195,7 @@ async def run_until_signalled(settings: Settings, grace_s: float = 10.0) -> int:
     """``epsignal-bridge run``: start, serve until SIGTERM/SIGINT, stop gracefully."""
     import signal
 
+    tracing.configure()
     bridge = Bridge(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

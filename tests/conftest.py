@@ -142,7 +142,7 @@ async def sim():
 @pytest.fixture
 async def settings_for(names):
     def make(sim: PbxSimulator | None = None, **overrides) -> Settings:
-        kw = dict(names, amqp_url=AMQP_URL, pbx_password=PASSWORD, reconnect_min_s=0.1,
+        kw = dict(names, amqp_url=AMQP_URL, pbx_password=PASSWORD, reconnect_min_s=0.1, http_port=0,
                   reconnect_max_s=1.0, attach_timeout_s=5.0, login_retry_s=2.0)
         if sim is not None:
             kw["pbx_url"] = sim.url

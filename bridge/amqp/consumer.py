@@ -16,11 +16,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from contextlib import nullcontext
 
 import aio_pika
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 
 from bridge import commands as cmds
+from bridge import tracing
 from bridge.amqp.link import BrokerLink
 from bridge.amqp.topology import Topology, declare_commands_queue
 
@@ -76,12 +78,16 @@ class CommandConsumer:
         except cmds.CommandError as e:
             return await self._refuse(message, verb, None, str(e))
         lock = self._locks.setdefault(hw, asyncio.Lock())
+        span = tracing.command_span(
+            message.headers, self.s.commands_exchange, hw, verb, key, message.message_id,
+            message.correlation_id) if tracing.ENABLED else nullcontext()
         try:
             async with lock:
-                try:
-                    reply = await self._handler(hw, verb, cmd)
-                except cmds.CommandError as e:
-                    return await self._refuse(message, verb, hw, str(e))
+                with span:
+                    try:
+                        reply = await self._handler(hw, verb, cmd)
+                    except cmds.CommandError as e:
+                        return await self._refuse(message, verb, hw, str(e))
         finally:
             if not lock.locked() and self._locks.get(hw) is lock:
                 del self._locks[hw]

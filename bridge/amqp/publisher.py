@@ -17,7 +17,9 @@ import aio_pika
 from aio_pika import DeliveryMode
 from aiormq.abc import DeliveredMessage
 
+from bridge import tracing
 from bridge.amqp.link import BrokerLink
+from bridge.metrics import PUBLISH_SECONDS
 from bridge.buffer import Entry, EventBuffer
 from bridge.events import EventFactory, Outgoing
 
@@ -115,6 +117,9 @@ class EventPublisher:
                 self.stats.returned += 1  # unroutable: nobody bound yet; not an error
             self.stats.confirmed += 1
             self.buffer.confirm(entry)
+            PUBLISH_SECONDS.observe(time.monotonic() - entry.enqueued)
+            if ev.span is not None:
+                tracing.published(ev)
         finally:
             self._slots.release()
             if not self.buffer:

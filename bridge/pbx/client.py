@@ -48,6 +48,7 @@ class DeviceRunner:
         self.first_result: asyncio.Future[m.AttachResult] = asyncio.get_running_loop().create_future()
         self.task: asyncio.Task | None = None
         self.reconnects = 0
+        self.login_failures = 0
         self._stopping = False
 
     @property
@@ -119,6 +120,7 @@ class DeviceRunner:
     def _log_retry(self, rs) -> None:
         exc = rs.outcome.exception()
         if isinstance(exc, LoginFailed):
+            self.login_failures += 1
             log.error("device %s: %s; check EPSIGNAL_PBX_APP and EPSIGNAL_PBX_PASSWORD; retry in %.0fs",
                       self.hw, exc, rs.next_action.sleep)
         else:

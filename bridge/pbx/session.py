@@ -15,12 +15,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from contextlib import nullcontext
 from collections.abc import Callable
 
 from websockets.asyncio.connection import Connection
 from websockets.exceptions import ConnectionClosed
 
+from bridge import tracing
 from bridge.device import Device
+from bridge.metrics import FORWARD_SECONDS, FRAMES as STATS
 from bridge.events import Outgoing
 from bridge.protocol import messages as m
 from bridge.protocol.errors import FrameError
@@ -29,17 +32,6 @@ from bridge.protocol.login import ClientLogin, LoginFailed, ServerLogin
 log = logging.getLogger("bridge.pbx")
 
 Emit = Callable[[Outgoing], None]
-
-
-class SessionStats:
-    __slots__ = ("frames_in", "forwarded", "bad_frames", "forward_ns")
-
-    def __init__(self) -> None:
-        self.frames_in = self.forwarded = self.bad_frames = 0
-        self.forward_ns = 0
-
-
-STATS = SessionStats()  # process-wide counters, read by metrics
 
 
 async def _recv(ws: Connection, timeout: float, max_bytes: int) -> m.Frame:
@@ -99,17 +91,20 @@ class PbxSession:
 
     async def send_signaling(self, device: Device, call: int, to: bool, sig) -> None:
         frame = m.Signaling(call=call, sig=sig, to=True if to else m.UNSET, src=device.hw)
-        await self.ws.send(m.encode(frame), text=True)
-        for ev in device.on_sent(call, to, sig):
-            self.emit(ev)
+        span = tracing.send_span(device, call, frame.signal.type) if tracing.ENABLED else nullcontext()
+        with span:
+            await self.ws.send(m.encode(frame), text=True)
+            for ev in device.on_sent(call, to, sig):
+                self.emit(ev)
 
     async def run(self) -> None:
         """Read until the connection ends; then every waiter learns of it."""
-        ws, emit, stats = self.ws, self.emit, STATS
+        ws, emit, stats, observe = self.ws, self.emit, STATS, FORWARD_SECONDS.observe
         try:
             while True:
                 data = await ws.recv(decode=False)
                 t0 = time.perf_counter_ns()
+                wall0 = time.time_ns()
                 stats.frames_in += 1
                 try:
                     msg = m.decode(data, self.max_bytes)
@@ -118,10 +113,13 @@ class PbxSession:
                     if stats.bad_frames & (stats.bad_frames - 1) == 0:  # 1, 2, 4, 8, ...: no flood
                         log.warning("bad frame from PBX (%d so far): %s", stats.bad_frames, e)
                     continue
-                if type(msg) is m.Signaling and msg.call >= 0:
+                forwarded = type(msg) is m.Signaling and msg.call >= 0
+                if forwarded:
                     await ws.send(data, text=True)  # forward first, unchanged
+                    took = time.perf_counter_ns() - t0
                     stats.forwarded += 1
-                    stats.forward_ns += time.perf_counter_ns() - t0
+                    stats.forward_ns += took
+                    observe(took / 1e9)
                 dev = self._device_for(msg)
                 if dev is None:
                     continue
@@ -129,6 +127,9 @@ class PbxSession:
                     fut = self._results.get(dev.hw)
                     if fut is not None and not fut.done():
                         fut.set_result(msg)
+                if tracing.ENABLED:
+                    self._traced(dev, msg, wall0, wall0 + took if forwarded else None)
+                    continue
                 for ev in dev.on_frame(msg):
                     emit(ev)
         except ConnectionClosed:
@@ -140,6 +141,14 @@ class PbxSession:
                     fut.set_exception(err)
             if not self.closed.done():
                 self.closed.set_result(None)
+
+    def _traced(self, dev: Device, msg, start_ns: int, forwarded_ns: int | None) -> None:
+        span = tracing.frame_span(dev, msg, start_ns)
+        if forwarded_ns is not None:
+            tracing.forward_span(span, start_ns, forwarded_ns)
+        with tracing.trace.use_span(span, end_on_exit=True):
+            for ev in dev.on_frame(msg):
+                self.emit(ev)
 
     def _device_for(self, msg) -> Device | None:
         src = msg.src
