@@ -100,6 +100,27 @@ def cmd_pbx_sim(args) -> int:
         return 0
 
 
+# --------------------------------------------------------------------------- contracts
+def cmd_contracts(args) -> int:
+    from pathlib import Path
+
+    from bridge import contracts
+
+    root = Path(args.dir) if args.dir else contracts.default_dir()
+    if args.check:
+        diff = contracts.check(root)
+        if diff:
+            print(f"contracts in {root} differ from the Structs; run `epsignal-bridge contracts`:",
+                  file=sys.stderr)
+            print("\n".join(diff), file=sys.stderr)
+            return 1
+        print(f"contracts in {root} are up to date")
+        return 0
+    changed = contracts.write(root)
+    print(f"{len(changed)} file(s) changed in {root}" + "".join(f"\n  {c}" for c in changed))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="epsignal-bridge",
@@ -140,6 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
     d.add_argument("--amqp-url", default="amqp://guest:guest@127.0.0.1/")
     d.set_defaults(func=cmd_demo)
+
+    k = sub.add_parser("contracts", help="generate the JSON Schemas and the AsyncAPI document",
+                       description="Writes contracts/ (JSON Schemas 2020-12 of every body, "
+                       "asyncapi.json) from the bridge's Structs; --check only compares.")
+    k.add_argument("--dir", default=None, help="target directory (default: contracts/ of the checkout)")
+    k.add_argument("--check", action="store_true", help="exit 1 with a diff summary when the files differ")
+    k.set_defaults(func=cmd_contracts)
 
     from bridge.sim import cli as sim_cli
 

@@ -22,6 +22,7 @@ import aio_pika
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 
 from bridge import commands as cmds
+from bridge import routing
 from bridge import tracing
 from bridge.amqp.link import BrokerLink
 from bridge.amqp.topology import Topology, declare_commands_queue
@@ -72,7 +73,8 @@ class CommandConsumer:
 
     async def _process(self, message: AbstractIncomingMessage) -> None:
         key = message.routing_key or ""
-        verb = "invalid"
+        parsed = routing.parse_command_key(key)
+        verb = parsed[1] if parsed is not None and parsed[1] in cmds.VERBS else "invalid"
         try:
             hw, verb, cmd = cmds.parse(key, message.body)
         except cmds.CommandError as e:

@@ -1,0 +1,697 @@
+"""The contracts of the bus, generated from the msgspec Structs: one JSON Schema (2020-12) per
+event, command and reply body, and one AsyncAPI 3.0 document for the whole bus.
+
+``epsignal-bridge contracts`` writes them into ``contracts/``; ``--check`` compares instead. The
+output is deterministic (fixed key order, sorted components, compact examples produced by the
+bridge's own encoder), so regenerating gives byte-identical files. Pure: no I/O but
+:func:`write` and :func:`check`.
+
+What the Structs cannot say (field descriptions, AMQP properties and headers, routing keys,
+examples) is in the tables below; :func:`generate` refuses to run when a field has no description,
+so a new field cannot be published undocumented.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import msgspec.inspect as mi
+from msgspec import Raw
+
+from bridge import commands as C
+from bridge import events as E
+from bridge.events import SCHEMA_VERSION as V
+from bridge.protocol.signal import Sig
+
+DIALECT = "https://json-schema.org/draft/2020-12/schema"
+VDIR = f"v{V}"
+EVENTS_EXCHANGE, COMMANDS_EXCHANGE, DEAD_EXCHANGE = "epsignal.events", "epsignal.commands", "epsignal.dead"
+COMMANDS_QUEUE, DEAD_QUEUE = "epsignal.commands.bridge", "epsignal.commands.dead"
+AMQP_BINDING = "0.3.0"
+
+# ------------------------------------------------------------------------------------ words
+COMMON = {
+    "type": "The event name; the same as the AMQP `type` property.",
+    "v": f"Schema version (major), {V} for this schema. Compatible changes (new optional fields) keep it; "
+         "see contracts/README.md.",
+    "hw": "Hardware id of the device, as the PBX knows it (not percent-encoded).",
+    "seq": "Number of the event per device and bridge instance: 1, 2, 3, ... without gaps. "
+           "(`instance`, `hw`, `seq`) identifies the event; a duplicate has the same.",
+    "instance": "Id of the bridge instance that published the event. A restarted bridge has a new "
+                "id and counts `seq` from 1 again.",
+    "time": "When the bridge saw it: UTC, an RFC 3339 date-time.",
+}
+SIG_TEXT = ("The EpSignal Signal object exactly as it passed, byte for byte: every field, known or "
+            "unknown to the bridge, passes through losslessly. Fields as in the innovaphone JSON "
+            "signaling (`type`, `cg`, `cd`, `cau`, `channel`, `fty`, ...).")
+FIELDS: dict[tuple[str, str], str] = {
+    ("DeviceAttached", "attach"): "What the PBX answered to the Attach.",
+    ("AttachInfo", "stun"): "STUN servers (host[:port]); absent when none.",
+    ("AttachInfo", "turn"): "TURN servers (host[:port]); absent when none.",
+    ("AttachInfo", "turnUsr"): "TURN user name. The TURN password is never published.",
+    ("AttachInfo", "prefixIntl"): "Prefix for international numbers.",
+    ("AttachInfo", "prefixNtl"): "Prefix for national numbers.",
+    ("AttachInfo", "prefixSubs"): "Prefix for subscriber numbers.",
+    ("AttachInfo", "area"): "Area code.",
+    ("AttachInfo", "country"): "Country code.",
+    ("AttachInfo", "maxIntern"): "Length of internal numbers (newer PBX releases; undocumented, an integer so far).",
+    ("AttachInfo", "tones"): "Tone scheme (newer PBX releases; undocumented, an integer so far).",
+    ("DeviceDetached", "reason"): "Why: `unregistered` (the PBX said Detached), `command` (a detach "
+                                  "command), `session-lost` (the PBX session broke; the bridge "
+                                  "reconnects), `shutdown` (the bridge stops).",
+    ("AttachFailed", "error"): "The PBX's `err`, as text (e.g. `unknown device`).",
+    ("CallStateChanged", "call"): "Call id on the device; negative for calls the application started (click to dial).",
+    ("CallStateChanged", "state"): "The new state of the call.",
+    ("CallStateChanged", "in"): "True: a call to the device; false: from the device; null: not known "
+                                "(first seen mid-call).",
+    ("CallStateChanged", "remote"): "The remote party, as far as known (fields absent when unknown).",
+    ("CallStateChanged", "channel"): "Media channel, when the PBX named one.",
+    ("CallStateChanged", "held"): "The call is on hold.",
+    ("CallStateChanged", "app"): "The call was started by the application (negative `call`).",
+    ("CallStateChanged", "cause"): "Q.931 cause of `released` (and of `disconnected`/`disconnecting` when the PBX gave one).",
+    ("CallStateChanged", "sync"): "True when the state comes from a Sync at attach (the call existed "
+                                  "before), not from a Signaling message.",
+    ("Remote", "num"): "Number.",
+    ("Remote", "sip"): "SIP user name.",
+    ("Remote", "dn"): "Display name.",
+    ("Cause", "num"): "Q.931 cause value (16: normal clearing, 17: busy, ...).",
+    ("Cause", "loc"): "Cause location, as the PBX sent it (type undocumented).",
+    ("CallSignaling", "call"): "Call id on the device; negative for calls the application started.",
+    ("CallSignaling", "to"): "True: toward the device; false: toward the PBX.",
+    ("CallSignaling", "origin"): "`pbx`: passed through the bridge on the signaling path (forwarded); "
+                                 "`command`: sent by the bridge for a signaling command.",
+    ("CallSignaling", "sig"): SIG_TEXT,
+    ("Gap", "reason"): "Why they were dropped: `buffer-full`, `too-old`, or both joined by `+` "
+                       "(`buffer-full+too-old`).",
+    ("Gap", "dropped"): "The events dropped unsent: per device (key: hw, not percent-encoded), "
+                        "ranges of `seq`.",
+    ("SeqRange", "first"): "First `seq` dropped.",
+    ("SeqRange", "last"): "Last `seq` dropped (inclusive).",
+    ("SignalingCommand", "call"): "Call id on the device. Negative: a call the application starts "
+                                  "(click to dial: a `setup` toward the PBX with call -1).",
+    ("SignalingCommand", "to"): "True: send toward the device; false or absent: toward the PBX.",
+    ("SignalingCommand", "sig"): SIG_TEXT + " Must be an object with a string `type`; the fields "
+                                 "the bridge reads must have the types below.",
+    ("Sig", "type"): "Message type: `setup`, `setup_ack`, `call_proc`, `alert`, `conn`, `disc`, `rel`, `info`, ...",
+    ("Sig", "cg"): "Calling party.",
+    ("Sig", "cd"): "Called party.",
+    ("Sig", "cau"): "Q.931 cause (`disc`, `rel`).",
+    ("Sig", "channel"): "Media channel.",
+    ("Sig", "fty"): "Facilities (`name_identification`, `hold_notify`, `retrieve_notify`, `cp_park`, ...).",
+    ("Party", "num"): "Number.",
+    ("Party", "sip"): "SIP user name.",
+    ("Facility", "type"): "Facility type.",
+    ("Facility", "name"): "The name, for `name_identification`.",
+    ("Reply", "ok"): "True: carried out; false: refused (see `error`; the command was also dead-lettered).",
+    ("Reply", "command"): "The verb of the command (`attach`, `detach`, `signaling`); absent when "
+                          "the routing key could not be read.",
+    ("Reply", "hw"): "The device the command was for; absent when the routing key could not be read.",
+    ("Reply", "error"): "Why the command was refused (also the dead letter's `x-epsignal-error`).",
+    ("Reply", "attach"): "attach: what the PBX answered (without the TURN password).",
+    ("Reply", "attached"): "attach: true when the device is registered and attached now; false: "
+                           "it will be attached when it registers (an `attached` event says so).",
+    ("Reply", "was_attached"): "detach: the device was attached when the command came.",
+}
+STRUCTS = {
+    "AttachInfo": "What the PBX told about the attachment: its AttachResult without the TURN password.",
+    "CallState": "State of a call. `null`: not known yet (a call first seen mid-call); `disconnected`: "
+                 "the remote side hung up; `disconnecting`: the device hung up; `released`: the "
+                 "call is gone (the last event of a call).",
+    "Remote": "The remote party of a call.",
+    "Cause": "A Q.931 cause.",
+    "SeqRange": "A range of `seq`, both ends included.",
+    "Sig": "The Signal object of an EpSignal Signaling message (the fields the bridge reads; any "
+           "other field is passed on untouched).",
+    "Party": "An endpoint of a call (`cg` calling, `cd` called).",
+    "Facility": "One entry of `fty`.",
+}
+
+
+@dataclass
+class Body:
+    """One message body: its Struct, where its schema goes, and what a consumer needs to know."""
+
+    kind: str  # "events", "commands", "reply"
+    name: str  # event type / command verb / "reply"
+    struct: type
+    title: str
+    description: str
+    address: str | None = None  # routing-key pattern
+    examples: list[tuple[str, str, Any]] = field(default_factory=list)  # (name, summary, body)
+
+    @property
+    def path(self) -> str:
+        return f"{VDIR}/reply.json" if self.kind == "reply" else f"{VDIR}/{self.kind}/{self.name}.json"
+
+    @property
+    def id(self) -> str:
+        return f"urn:epsignal-bridge:{VDIR}:{self.kind}:{self.name}"
+
+    @property
+    def output(self) -> bool:
+        """Published by the bridge: every field it always encodes is required."""
+        return self.kind != "commands"
+
+
+# ------------------------------------------------------------------------------------ examples
+HW, HW2, INSTANCE = "009033400001", "009033400002", "bridge-a1"
+T0 = datetime(2026, 11, 26, 10, 0, 0, 123456, tzinfo=timezone.utc)
+ATTACH = E.AttachInfo(stun=["stun1.example.net", "stun2.example.net"], turn=["turn.example.net:3478"],
+                      turnUsr="epsignal", prefixIntl="000", prefixNtl="00", prefixSubs="0", area="7031",
+                      country="49", maxIntern=4, tones=1)
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+def _enc(obj: Any) -> Any:
+    """A body as the bridge encodes it, as plain JSON values."""
+    return json.loads(msgspec.json.encode(obj))
+
+
+def _ev(cls: type, seq: int, hw: str = HW, **kw: Any) -> Any:
+    return _enc(cls(hw=hw, seq=seq, instance=INSTANCE, time=T0, **kw))
+
+
+def _sig(obj: dict) -> Raw:
+    return Raw(json.dumps(obj, separators=(",", ":")).encode())
+
+
+R201 = msgspec.convert({"num": "201", "sip": "r201", "dn": "Remote 201"}, E.Remote)
+BODIES = [
+    Body("events", "attached", E.DeviceAttached, "DeviceAttached",
+         "The bridge is in the device's signaling path (the PBX attached it).",
+         "device.{hw}.attached",
+         [("attached", "Attached at start", _ev(E.DeviceAttached, 1, attach=ATTACH))]),
+    Body("events", "detached", E.DeviceDetached, "DeviceDetached",
+         "The bridge is no longer in the device's signaling path.", "device.{hw}.detached",
+         [("by-command", "Detached by a detach command", _ev(E.DeviceDetached, 42, reason="command")),
+          ("session-lost", "The PBX session broke; the bridge reconnects",
+           _ev(E.DeviceDetached, 43, reason="session-lost"))]),
+    Body("events", "attach.failed", E.AttachFailed, "AttachFailed",
+         "The PBX refused the Attach; the bridge does not retry.", "device.{hw}.attach.failed",
+         [("unknown-device", "The PBX does not know the device",
+           _ev(E.AttachFailed, 1, hw="009033400099", error="unknown device"))]),
+    Body("events", "call.state", E.CallStateChanged, "CallStateChanged",
+         "A call's state changed, or a Sync at attach told it (`sync` true).",
+         "device.{hw}.call.{call}.state",
+         [("incoming-alert", "An incoming call rings",
+           _ev(E.CallStateChanged, 7, call=17, state="alert", in_=True, remote=R201)),
+          ("click-to-dial-connected", "A call placed by a signaling command is answered",
+           _ev(E.CallStateChanged, 12, call=-1, state="connected", in_=False, app=True,
+               remote=E.Remote(num="201"), channel=0)),
+          ("released", "The call is gone, with its cause",
+           _ev(E.CallStateChanged, 9, call=17, state="released", in_=True, remote=R201,
+               cause=msgspec.convert({"num": 16}, E.Cause))),
+          ("sync", "A call that existed at attach",
+           _ev(E.CallStateChanged, 2, hw=HW2, call=3, state="connected", in_=False,
+               remote=E.Remote(num="0703173000"), held=True, sync=True))]),
+    Body("events", "call.signaling", E.CallSignaling, "CallSignaling",
+         "A Signaling message passed (`origin` pbx) or was sent for a command (`origin` command).",
+         "device.{hw}.call.{call}.signaling",
+         [("setup-to-device", "An incoming call's setup, forwarded to the device",
+           _ev(E.CallSignaling, 6, call=17, to=True, origin="pbx", sig=_sig(
+               {"type": "setup", "cg": {"num": "201", "sip": "r201"}, "cd": {"num": "101"},
+                "fty": [{"type": "name_identification", "name": "Remote 201"}], "channel": 1}))),
+          ("setup-by-command", "Click to dial: the setup sent for a signaling command",
+           _ev(E.CallSignaling, 10, call=-1, to=False, origin="command",
+               sig=_sig({"type": "setup", "cd": {"num": "201"}})))]),
+    Body("events", "gap", E.Gap, "Gap",
+         "Events were dropped unsent during a long broker outage (buffer full or too old), per "
+         "device as `seq` ranges. Published before the events that follow the gap.",
+         "bridge.{instance}.gap",
+         [("buffer-full", "The buffer overflowed during a broker outage", _enc(E.Gap(
+             instance=INSTANCE, time=T0, reason="buffer-full",
+             dropped={HW: [E.SeqRange(120, 185)], HW2: [E.SeqRange(88, 90), E.SeqRange(95, 95)]})))]),
+    Body("commands", "attach", C.AttachCommand, "AttachCommand",
+         "Attach the device: the bridge gets into its signaling path. Idempotent. The body may "
+         "also be empty.", "device.{hw}.attach",
+         [("empty", "Attach (an empty object; an empty body works too)", {}),
+          ("versioned", "Attach, stating the schema version", {"v": V})]),
+    Body("commands", "detach", C.DetachCommand, "DetachCommand",
+         "Detach the device (client mode only). Idempotent. The body may also be empty.",
+         "device.{hw}.detach", [("empty", "Detach", {})]),
+    Body("commands", "signaling", C.SignalingCommand, "SignalingCommand",
+         "Send a Signaling message on the device's behalf, toward the PBX (`to` false) or the device.",
+         "device.{hw}.signaling",
+         [("click-to-dial", "Place a call to 201 from the device (answers come as call.state of call -1)",
+           {"v": V, "call": -1, "sig": {"type": "setup", "cd": {"num": "201"}}}),
+          ("hang-up", "Release the call placed before",
+           {"call": -1, "sig": {"type": "rel", "cau": {"num": 16}}})]),
+    Body("reply", "reply", C.Reply, "Reply",
+         "The answer to a command that had `reply_to`, sent to that queue with the command's "
+         "`correlation_id`. Optional fields are left out, never null.", None,
+         [("attach-ok", "Attached", _enc(C.Reply(ok=True, command="attach", hw=HW, attach=ATTACH, attached=True))),
+          ("detach-ok", "Detached", _enc(C.Reply(ok=True, command="detach", hw=HW, was_attached=True))),
+          ("signaling-ok", "Signaling sent", _enc(C.Reply(ok=True, command="signaling", hw=HW))),
+          ("not-attached", "Refused: the device is not attached",
+           _enc(C.error_reply(f"device {HW} is not attached", command="signaling", hw=HW))),
+          ("bad-key", "Refused: the routing key is not device.<hw>.<verb>",
+           _enc(C.error_reply("routing key 'totally.wrong' is not device.<hw>.<verb> with verb "
+                              "one of attach, detach, signaling")))]),
+]
+BY_TYPE = {b.name: b for b in BODIES if b.kind == "events"}
+#: Raw fields that stand for a typed view: (Struct, field) -> the view's Struct
+RAW_VIEWS = {("SignalingCommand", "sig"): Sig}
+
+
+# ------------------------------------------------------------------------------------ schemas
+def _structs(t: mi.Type, out: dict[str, mi.StructType]) -> dict[str, mi.StructType]:
+    """Every Struct reachable from an inspected type, by name."""
+    if isinstance(t, mi.StructType):
+        if t.cls.__name__ not in out:
+            out[t.cls.__name__] = t
+            for f in t.fields:
+                _structs(f.type, out)
+    elif isinstance(t, mi.UnionType):
+        for u in t.types:
+            _structs(u, out)
+    elif isinstance(t, (mi.ListType, mi.SetType, mi.FrozenSetType, mi.VarTupleType)):
+        _structs(t.item_type, out)
+    elif isinstance(t, mi.DictType):
+        _structs(t.value_type, out)
+    return out
+
+
+def _always_encoded(st: mi.StructType) -> list[str]:
+    """Fields the encoder always writes: required ones, and with defaults unless omit_defaults."""
+    omit = st.cls.__struct_config__.omit_defaults
+    def has_default(f: mi.Field) -> bool:  # an UNSET default shows as no default at all
+        return f.default is not msgspec.NODEFAULT or f.default_factory is not msgspec.NODEFAULT
+
+    return [f.encode_name for f in st.fields if f.required or (not omit and has_default(f))]
+
+
+KEY_ORDER = ["$schema", "$id", "title", "description", "$ref", "const", "enum", "type", "format",
+             "minimum", "default", "properties", "additionalProperties", "required", "items", "anyOf",
+             "examples", "$defs"]
+
+
+def _ordered(schema: dict) -> dict:
+    """Keys in a fixed order (unknown keys last, sorted), recursively."""
+    def rank(k: str) -> tuple:
+        return (KEY_ORDER.index(k), "") if k in KEY_ORDER else (len(KEY_ORDER), k)
+
+    out = {}
+    for k in sorted(schema, key=rank):
+        v = schema[k]
+        if k in ("properties",):
+            v = {p: _ordered(s) for p, s in v.items()}  # declaration order: meaningful
+        elif k == "$defs":
+            v = {n: _ordered(v[n]) for n in sorted(v)}
+        elif isinstance(v, dict) and k != "examples" and k != "default" and k != "const":
+            v = _ordered(v)
+        elif k == "anyOf":
+            v = [_ordered(s) for s in v]
+        out[k] = v
+    return out
+
+
+def _fix_struct(name: str, st: mi.StructType, schema: dict, *, output: bool, missing: list[str]) -> None:
+    if name in STRUCTS:
+        schema["description"] = STRUCTS[name]
+    props = schema.get("properties", {})
+    tag = st.tag_field
+    for f in st.fields:
+        p = props[f.encode_name]
+        text = FIELDS.get((name, f.encode_name)) or COMMON.get(f.encode_name)
+        if not text:
+            missing.append(f"{name}.{f.encode_name}")
+        p["description"] = text or ""
+        if f.encode_name == "v":
+            p.pop("type", None)
+            p["const"] = V
+            if output:
+                p.pop("default", None)
+        if f.encode_name in ("seq", "first", "last") and p.get("type") == "integer":
+            p["minimum"] = 1
+        inner = f.type.types if isinstance(f.type, mi.UnionType) else (f.type,)
+        if any(isinstance(t, mi.DateTimeType) for t in inner):
+            p["format"] = "date-time"
+        if isinstance(f.type, mi.RawType):
+            view = RAW_VIEWS.get((name, f.encode_name))
+            p.clear()
+            p.update({"description": text or ""})
+            if view is not None:
+                p["$ref"] = f"#/$defs/{view.__name__}"
+            else:
+                p["type"] = "object"
+    if tag is not None:
+        props[tag] = {"description": COMMON["type"], "const": st.tag}
+    if output:
+        schema["required"] = ([tag] if tag else []) + _always_encoded(st)
+    if not schema.get("required"):
+        schema.pop("required", None)
+
+
+def body_schema(body: Body, missing: list[str] | None = None) -> dict:
+    """The JSON Schema (2020-12) of one body, self-contained (its Structs in ``$defs``)."""
+    missing = [] if missing is None else missing
+    roots: list[type] = [body.struct] + [v for (s, _), v in RAW_VIEWS.items() if s == body.struct.__name__]
+    _, defs = msgspec.json.schema_components(roots, ref_template="#/$defs/{name}")
+    structs: dict[str, mi.StructType] = {}
+    for r in roots:
+        _structs(mi.type_info(r), structs)
+    for name, st in structs.items():
+        _fix_struct(name, st, defs[name], output=body.output, missing=missing)
+    for name, d in defs.items():
+        if name not in structs and name in STRUCTS:  # enums
+            d["description"] = STRUCTS[name]
+    root = defs.pop(body.struct.__name__)
+    root.update({"$schema": DIALECT, "$id": body.id, "title": body.title, "description": body.description,
+                 "examples": [ex for _, _, ex in body.examples]})
+    if defs:
+        root["$defs"] = defs
+    return _ordered(root)
+
+
+# ------------------------------------------------------------------------------------ AsyncAPI
+PARAMS = {
+    "hw": {"description": "Hardware id of the device as one routing-key word: every byte outside "
+                          "[A-Za-z0-9_-] is percent-encoded (UTF-8, upper-case hex; `.` is `%2E`), "
+                          "so a key always has the same number of words.",
+           "examples": [HW, "00%3A90%3A33%3A40%3A00%3A01"]},
+    "call": {"description": "Call id on the device, a decimal integer; negative for calls the "
+                            "application started.", "examples": ["17", "-1"]},
+    "instance": {"description": "Id of the bridge instance, as one routing-key word (percent-encoded "
+                                "like `hw`).", "examples": [INSTANCE]},
+    "key": {"description": "The refused command's routing key, unchanged (also a key that is not "
+                           "device.<hw>.<verb>).", "examples": [f"device.{HW}.signaling", "totally.wrong"]},
+}
+_TRACE = {
+    "traceparent": {"type": "string", "pattern": "^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$",
+                    "description": "AMQP header: W3C Trace Context `traceparent`. Optional until "
+                                   "tracing lands (issue 5)."},
+    "tracestate": {"type": "string", "description": "AMQP header: W3C Trace Context `tracestate`, "
+                                                    "with `traceparent`. Optional."},
+}
+_PROP = "AMQP property"
+HEADERS = {
+    "EventHeaders": {
+        "type": "object",
+        "description": "AMQP properties and headers of an event. Entries described as `AMQP property` "
+                       "are basic properties of the message; `AMQP header` entries are in its "
+                       "headers table. Unknown headers may be added: ignore them.",
+        "properties": {
+            "content_type": {"const": "application/json", "description": f"{_PROP}."},
+            "delivery_mode": {"const": 2, "description": f"{_PROP}: 2, persistent."},
+            "type": {"enum": sorted(BY_TYPE), "description": f"{_PROP}: the event name, the same as the body's `type`."},
+            "message_id": {"type": "string", "description": f"{_PROP}: `<instance>/<hw>/<seq>` (the "
+                           "body's values, not percent-encoded); a duplicate has the same id. Gap "
+                           "events: `<instance>/gap/<unix time>`."},
+            "timestamp": {"type": "integer", "description": f"{_PROP}: the body's `time` in whole "
+                          "seconds since the Unix epoch."},
+            "app_id": {"const": "epsignal-bridge", "description": f"{_PROP}."},
+            **_TRACE,
+        },
+        "required": ["content_type", "delivery_mode", "type", "message_id", "timestamp"],
+    },
+    "CommandHeaders": {
+        "type": "object",
+        "description": "AMQP properties and headers of a command, all optional. Any other property "
+                       "or header is copied to the dead letter of a refused command.",
+        "properties": {
+            "reply_to": {"type": "string", "description": f"{_PROP}: queue for the reply (e.g. "
+                         "`amq.rabbitmq.reply-to`). Without it no reply is sent; a refused command "
+                         "is dead-lettered either way."},
+            "correlation_id": {"type": "string", "description": f"{_PROP}: copied into the reply."},
+            "content_type": {"const": "application/json", "description": f"{_PROP}: the body is "
+                             "read as JSON whatever this says."},
+            "message_id": {"type": "string", "description": f"{_PROP}: copied to the dead letter."},
+            **_TRACE,
+        },
+    },
+    "ReplyHeaders": {
+        "type": "object",
+        "description": "AMQP properties of a reply (sent with the default exchange to `reply_to`; "
+                       "not persistent).",
+        "properties": {
+            "content_type": {"const": "application/json", "description": f"{_PROP}."},
+            "type": {"const": "reply", "description": f"{_PROP}."},
+            "correlation_id": {"type": "string", "description": f"{_PROP}: the command's; absent "
+                               "when the command had none."},
+        },
+        "required": ["content_type", "type"],
+    },
+    "DeadLetterHeaders": {
+        "type": "object",
+        "description": "AMQP properties and headers of a dead letter: the refused command's own "
+                       "(body, routing key, properties and headers, copied), persistent, plus "
+                       "`x-epsignal-error`.",
+        "properties": {
+            "x-epsignal-error": {"type": "string", "description": "AMQP header: why the command was "
+                                 "refused (the reply's `error`). Absent only when the bridge could "
+                                 "not publish the copy and the commands queue's own dead-lettering "
+                                 "moved the command (then RabbitMQ's `x-death` header says so)."},
+            "delivery_mode": {"const": 2, "description": f"{_PROP}: 2, persistent."},
+            "reply_to": {"type": "string", "description": f"{_PROP}: the command's."},
+            "correlation_id": {"type": "string", "description": f"{_PROP}: the command's."},
+            "message_id": {"type": "string", "description": f"{_PROP}: the command's."},
+            **_TRACE,
+        },
+    },
+}
+DEAD_PAYLOAD = {"description": "The refused command's body, byte for byte (it may not even be JSON)."}
+
+
+def _exchange(name: str) -> dict:
+    return {"amqp": {"is": "routingKey", "exchange": {"name": name, "type": "topic", "durable": True,
+                                                    "autoDelete": False, "vhost": "/"},
+                     "bindingVersion": AMQP_BINDING}}
+
+
+def _camel(name: str) -> str:
+    parts = name.replace(".", "-").split("-")
+    return parts[0] + "".join(p.title() for p in parts[1:])
+
+
+def _timestamp() -> int:
+    return int(T0.timestamp())
+
+
+def _event_example_headers(b: Body, ex: dict) -> dict:
+    mid = (f"{INSTANCE}/gap/{T0.timestamp()}" if b.name == "gap" else f"{ex['instance']}/{ex['hw']}/{ex['seq']}")
+    return {"content_type": "application/json", "delivery_mode": 2, "type": b.name, "message_id": mid,
+            "timestamp": _timestamp(), "app_id": "epsignal-bridge"}
+
+
+def _rewrite_refs(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: (v.replace("#/$defs/", "#/components/schemas/") if k == "$ref" else _rewrite_refs(v))
+                for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_rewrite_refs(v) for v in obj]
+    return obj
+
+
+def asyncapi(schemas: dict[str, dict]) -> dict:
+    """The AsyncAPI 3.0 document, from the bodies' schemas (keyed by Body.path)."""
+    components: dict[str, dict] = {}
+
+    def add(name: str, schema: dict) -> None:
+        schema = _rewrite_refs(schema)
+        if name in components and components[name] != schema:
+            raise ValueError(f"component {name} differs between bodies")
+        components[name] = schema
+
+    channels, operations, messages = {}, {}, {}
+    for b in BODIES:
+        s = dict(schemas[b.path])
+        for n, d in s.pop("$defs", {}).items():
+            add(n, d)
+        for k in ("$schema", "$id", "examples"):
+            s.pop(k)
+        add(b.title, s)
+        mid = _camel(b.name) + ("Command" if b.kind == "commands" else "")
+        msg = {"name": b.name, "title": b.title, "summary": b.description,
+               "contentType": "application/json", "payload": {"$ref": f"#/components/schemas/{b.title}"}}
+        if b.kind == "events":
+            msg["headers"] = {"$ref": "#/components/schemas/EventHeaders"}
+            msg["bindings"] = {"amqp": {"messageType": b.name, "bindingVersion": AMQP_BINDING}}
+            msg["examples"] = [{"name": n, "summary": t, "headers": _event_example_headers(b, ex), "payload": ex}
+                               for n, t, ex in b.examples]
+        elif b.kind == "commands":
+            msg["headers"] = {"$ref": "#/components/schemas/CommandHeaders"}
+            msg["correlationId"] = {"$ref": "#/components/correlationIds/command"}
+            msg["examples"] = [{"name": n, "summary": t, "headers": {
+                "reply_to": "amq.rabbitmq.reply-to", "correlation_id": "7d5e2c1a", "content_type": "application/json",
+                **({"traceparent": TRACEPARENT} if b.name == "signaling" else {})}, "payload": ex}
+                for n, t, ex in b.examples]
+        else:
+            msg["headers"] = {"$ref": "#/components/schemas/ReplyHeaders"}
+            msg["correlationId"] = {"$ref": "#/components/correlationIds/command"}
+            msg["bindings"] = {"amqp": {"messageType": "reply", "bindingVersion": AMQP_BINDING}}
+            msg["examples"] = [{"name": n, "summary": t, "headers": {
+                "content_type": "application/json", "type": "reply", "correlation_id": "7d5e2c1a"},
+                "payload": ex} for n, t, ex in b.examples]
+        messages[mid] = msg
+        if b.kind == "reply":
+            continue
+        params = [p for p in ("hw", "call", "instance") if "{" + p + "}" in b.address]
+        ch_id = mid
+        channels[ch_id] = {
+            "address": b.address, "title": b.title, "description": b.description,
+            "messages": {mid: {"$ref": f"#/components/messages/{mid}"}},
+            "parameters": {p: {"$ref": f"#/components/parameters/{p}"} for p in params},
+            "bindings": _exchange(EVENTS_EXCHANGE if b.kind == "events" else COMMANDS_EXCHANGE),
+        }
+        if b.kind == "events":
+            operations["publish" + mid[0].upper() + mid[1:]] = {
+                "action": "send", "channel": {"$ref": f"#/channels/{ch_id}"},
+                "summary": f"The bridge publishes {b.name} events.",
+                "messages": [{"$ref": f"#/channels/{ch_id}/messages/{mid}"}],
+                "bindings": {"amqp": {"deliveryMode": 2, "mandatory": True, "timestamp": True,
+                                      "bindingVersion": AMQP_BINDING}},
+            }
+        else:
+            channels[ch_id]["x-epsignal-queue"] = {
+                "name": COMMANDS_QUEUE, "durable": True, "bindingKey": "#",
+                "arguments": {"x-dead-letter-exchange": DEAD_EXCHANGE}}
+            operations["receive" + mid[0].upper() + mid[1:]] = {
+                "action": "receive", "channel": {"$ref": f"#/channels/{ch_id}"},
+                "summary": f"The bridge carries out {b.name} commands, one at a time per device, and "
+                           "acks each after it was carried out or refused.",
+                "messages": [{"$ref": f"#/channels/{ch_id}/messages/{mid}"}],
+                "reply": {"address": {"location": "$message.header#/reply_to",
+                                      "description": "The command's `reply_to` property."},
+                          "channel": {"$ref": "#/channels/reply"},
+                          "messages": [{"$ref": "#/channels/reply/messages/reply"}]},
+                "bindings": {"amqp": {"ack": True, "bindingVersion": AMQP_BINDING}},
+            }
+    channels["reply"] = {
+        "address": None, "title": "Reply",
+        "description": "Replies go to the command's `reply_to` queue through the default exchange.",
+        "messages": {"reply": {"$ref": "#/components/messages/reply"}},
+    }
+    channels["deadLetter"] = {
+        "address": "{key}", "title": "Dead letters",
+        "description": f"Every refused command, copied to the exchange `{DEAD_EXCHANGE}` with its own "
+                      f"routing key, body and properties plus the header `x-epsignal-error`. The "
+                      f"durable queue `{DEAD_QUEUE}` (bound with `#`) keeps them.",
+        "messages": {"deadLetter": {"$ref": "#/components/messages/deadLetter"}},
+        "parameters": {"key": {"$ref": "#/components/parameters/key"}},
+        "bindings": _exchange(DEAD_EXCHANGE),
+        "x-epsignal-queue": {"name": DEAD_QUEUE, "durable": True, "bindingKey": "#"},
+    }
+    operations["publishDeadLetter"] = {
+        "action": "send", "channel": {"$ref": "#/channels/deadLetter"},
+        "summary": "The bridge dead-letters a refused command (after replying, when it had `reply_to`).",
+        "messages": [{"$ref": "#/channels/deadLetter/messages/deadLetter"}],
+        "bindings": {"amqp": {"deliveryMode": 2, "timestamp": False, "bindingVersion": AMQP_BINDING}},
+    }
+    messages["deadLetter"] = {
+        "name": "dead-letter", "title": "Dead letter", "summary": "A refused command, with the reason.",
+        "headers": {"$ref": "#/components/schemas/DeadLetterHeaders"},
+        "payload": {"$ref": "#/components/schemas/DeadLetter"},
+        "examples": [{"name": "not-attached", "summary": "A signaling command for a device that is not attached",
+                      "headers": {"x-epsignal-error": f"device {HW} is not attached", "delivery_mode": 2,
+                                  "reply_to": "amq.rabbitmq.reply-to", "correlation_id": "7d5e2c1a"},
+                      "payload": {"call": -1, "sig": {"type": "setup", "cd": {"num": "201"}}}}],
+    }
+    for name, schema in HEADERS.items():
+        add(name, schema)
+    add("DeadLetter", DEAD_PAYLOAD)
+    doc = {
+        "asyncapi": "3.0.0",
+        "id": "urn:epsignal-bridge",
+        "info": {
+            "title": "epsignal-bridge bus",
+            "version": str(V),
+            "description": "Events and commands of epsignal-bridge, which bridges an innovaphone "
+                           "PBX's EpSignal call signaling to RabbitMQ. Operations are the bridge's: "
+                           "consumers receive what it sends and send what it receives. Generated "
+                           "from the bridge's Structs by `epsignal-bridge contracts`; the JSON "
+                           "Schemas of the bodies are in contracts/" + VDIR + "/. Exchange and queue "
+                           "names are the defaults (EPSIGNAL_*_EXCHANGE/_QUEUE change them). "
+                           "docs/CONSUMERS.md explains ordering, duplicates, gaps and dead letters.",
+            "license": {"name": "Apache-2.0"},
+        },
+        "defaultContentType": "application/json",
+        "servers": {"rabbitmq": {"host": "localhost:5672", "protocol": "amqp", "protocolVersion": "0.9.1",
+                                 "description": "The broker of EPSIGNAL_AMQP_URL (amqps:// works too)."}},
+        "channels": channels,
+        "operations": {k: operations[k] for k in sorted(operations)},
+        "components": {
+            "schemas": {k: _ordered(components[k]) for k in sorted(components)},
+            "messages": {k: messages[k] for k in sorted(messages)},
+            "parameters": {k: PARAMS[k] for k in sorted(PARAMS)},
+            "correlationIds": {"command": {"description": "The command's `correlation_id`, copied into its reply.",
+                                           "location": "$message.header#/correlation_id"}},
+        },
+    }
+    doc["channels"] = {k: channels[k] for k in sorted(channels)}
+    return doc
+
+
+# ------------------------------------------------------------------------------------ files
+def _dump(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode()
+
+
+def generate() -> dict[str, bytes]:
+    """Every generated file: path relative to contracts/ -> bytes."""
+    missing: list[str] = []
+    schemas = {b.path: body_schema(b, missing) for b in BODIES}
+    if missing:
+        raise ValueError("fields without a description in bridge/contracts.py FIELDS: " + ", ".join(sorted(set(missing))))
+    files = {p: _dump(s) for p, s in schemas.items()}
+    files["asyncapi.json"] = _dump(asyncapi(schemas))
+    return dict(sorted(files.items()))
+
+
+def _generated_here(root: Path) -> set[str]:
+    """Files in ``root`` that the generator owns (other major versions are left alone)."""
+    out = {"asyncapi.json"} if (root / "asyncapi.json").exists() else set()
+    vdir = root / VDIR
+    if vdir.is_dir():
+        out |= {p.relative_to(root).as_posix() for p in vdir.rglob("*") if p.is_file()}
+    return out
+
+
+def write(root: Path) -> list[str]:
+    """Write the contracts into ``root``; the paths that changed (stale files are removed)."""
+    files = generate()
+    changed = []
+    for rel in sorted(_generated_here(root) - set(files)):
+        (root / rel).unlink()
+        changed.append(rel)
+    for rel, data in files.items():
+        p = root / rel
+        if not p.exists() or p.read_bytes() != data:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(data)
+            changed.append(rel)
+    return sorted(changed)
+
+
+def check(root: Path, context_lines: int = 20) -> list[str]:
+    """Differences between ``root`` and a fresh generation, as readable lines (empty: none)."""
+    files = generate()
+    out = []
+    for rel in sorted(_generated_here(root) - set(files)):
+        out.append(f"extra (not generated): {rel}")
+    for rel, data in files.items():
+        p = root / rel
+        if not p.exists():
+            out.append(f"missing: {rel}")
+            continue
+        have = p.read_bytes()
+        if have != data:
+            diff = list(difflib.unified_diff(have.decode(errors="replace").splitlines(),
+                                             data.decode().splitlines(), f"committed/{rel}",
+                                             f"generated/{rel}", lineterm="", n=1))
+            out.append(f"differs: {rel} ({len(diff)} diff lines)")
+            out.extend("    " + line for line in diff[:context_lines])
+            if len(diff) > context_lines:
+                out.append(f"    ... {len(diff) - context_lines} more")
+    return out
+
+
+def default_dir() -> Path:
+    """``contracts/`` of the source checkout the bridge runs from, else ``./contracts``."""
+    repo = Path(__file__).resolve().parents[1]
+    return repo / "contracts" if (repo / "pyproject.toml").exists() else Path("contracts")

@@ -1,0 +1,184 @@
+"""Tracing across hops, metrics and health, against the real broker and simulator."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+
+import aio_pika
+import aiohttp
+import pytest
+from opentelemetry import propagate, trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+
+from bridge import tracing
+from tests.tcpproxy import TcpProxy
+
+pytestmark = pytest.mark.broker
+
+
+@pytest.fixture
+def spans():
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing.configure(provider)
+    exporter.tracer = provider.get_tracer("test")  # the consumer's / producer's own tracer
+    yield exporter
+    tracing.disable()
+
+
+def trace_id_of(msg: aio_pika.abc.AbstractIncomingMessage) -> int:
+    ctx = propagate.extract({k: v for k, v in msg.headers.items() if isinstance(v, str)})
+    return trace.get_current_span(ctx).get_span_context().trace_id
+
+
+def released(call):
+    return lambda e: e.body["type"] == "call.state" and e.body["call"] == call and e.body["state"] == "released"
+
+
+async def test_span_tree_of_an_incoming_call(spans, sim, bus, settings_for, start_bridge):
+    hw = sim.hw(1)
+    bridge = await start_bridge(settings_for(sim, devices=hw))
+    q = await bus.bind(f"device.{hw}.call.*.#")
+    await asyncio.sleep(0.3)
+    call = await sim.place_call(hw, direction="in", hold_s=0.05)
+    evs = await q.until(released(call))
+    await bridge.publisher.flush(5)
+    done = spans.get_finished_spans()
+    frames = [s for s in done if s.name == "receive EpSignal Signaling" and s.attributes["epsignal.call"] == call]
+    assert len(frames) >= 5  # setup, alert, conn, disc, rel
+    root = frames[0]
+    assert root.parent is None and root.kind is SpanKind.CONSUMER
+    assert root.attributes["epsignal.hw"] == hw and root.attributes["epsignal.sig.type"] == "setup"
+    assert root.attributes["epsignal.to_device"] is True
+    tid = root.context.trace_id
+    assert all(f.context.trace_id == tid for f in frames)  # one trace per call
+    assert all(f.parent.span_id == root.context.span_id for f in frames[1:])
+    forwards = [s for s in done if s.name == "forward" and s.parent.span_id == root.context.span_id]
+    assert len(forwards) == 1 and forwards[0].end_time >= forwards[0].start_time >= root.start_time
+    producers = [s for s in done if s.kind is SpanKind.PRODUCER and s.name.startswith("publish")
+                 and s.context.trace_id == tid]
+    names = {p.name for p in producers}
+    ex = bridge.s.events_exchange
+    assert names == {f"publish {ex} device.{{hw}}.call.{{call}}.state", f"publish {ex} device.{{hw}}.call.{{call}}.signaling"}
+    p = next(p for p in producers if p.name.endswith("state"))
+    assert p.attributes["messaging.system"] == "rabbitmq"
+    assert p.attributes["messaging.operation.type"] == "send"
+    assert p.attributes["messaging.operation.name"] == "publish"
+    assert p.attributes["messaging.destination.name"] == ex
+    assert p.attributes["messaging.rabbitmq.destination.routing_key"] == f"device.{hw}.call.{call}.state"
+    assert p.parent is not None and p.parent.span_id in {f.context.span_id for f in frames}
+    # consumers receive the trace context in the headers, and can continue it
+    assert all(trace_id_of(e.message) == tid for e in evs)
+    ctx = propagate.extract({k: v for k, v in evs[0].message.headers.items() if isinstance(v, str)})
+    with spans.tracer.start_as_current_span("handle", context=ctx) as s:
+        assert s.get_span_context().trace_id == tid and s.parent.span_id in {p.context.span_id for p in producers}
+
+
+async def test_click_to_dial_is_one_trace_from_command_to_final_state(spans, sim, bus, settings_for, start_bridge):
+    hw = sim.hw(2)
+    bridge = await start_bridge(settings_for(sim, devices=hw))
+    q = await bus.bind(f"device.{hw}.call.*.state")
+    await asyncio.sleep(0.3)
+    with spans.tracer.start_as_current_span("click to dial", kind=SpanKind.PRODUCER) as producer:
+        headers: dict = {}
+        propagate.inject(headers)
+        body = json.dumps({"call": -1, "sig": {"type": "setup", "cd": {"num": "201"}}}).encode()
+        await bus.commands.publish(aio_pika.Message(body, headers=headers, message_id="m-1"), f"device.{hw}.signaling")
+    tid = producer.get_span_context().trace_id
+    evs = await q.until(lambda e: e.body["call"] == -1 and e.body["state"] == "connected")
+    assert [e.body["state"] for e in evs if e.body["call"] == -1][-3:] == ["call-proc", "alert", "connected"]
+    assert [(e.body["state"], trace_id_of(e.message)) for e in evs if e.body["call"] == -1] == [
+        (e.body["state"], tid) for e in evs if e.body["call"] == -1]
+    await bridge.publisher.flush(5)
+    done = spans.get_finished_spans()
+    proc = next(s for s in done if s.kind is SpanKind.CONSUMER and s.name.startswith("process"))
+    assert proc.name == f"process {bridge.s.commands_exchange} device.{{hw}}.signaling"
+    assert proc.parent.span_id == producer.get_span_context().span_id
+    assert [link.context.span_id for link in proc.links] == [producer.get_span_context().span_id]
+    assert proc.attributes["messaging.operation.type"] == "process"
+    assert proc.attributes["messaging.message.id"] == "m-1"
+    send = next(s for s in done if s.name == "send EpSignal Signaling")
+    assert send.parent.span_id == proc.context.span_id and send.attributes["epsignal.call"] == -1
+    frames = [s for s in done if s.name.startswith("receive EpSignal") and s.attributes.get("epsignal.call") == -1]
+    assert frames and all(f.context.trace_id == tid for f in frames)
+
+
+async def test_tracing_off_makes_no_spans_and_no_headers(sim, bus, settings_for, start_bridge):
+    assert not tracing.ENABLED
+    hw = sim.hw(3)
+    q = await bus.bind(f"device.{hw}.#")
+    await start_bridge(settings_for(sim, devices=hw))
+    ev = await q.get()
+    assert "traceparent" not in (ev.message.headers or {})
+
+
+async def _get(url: str) -> tuple[int, str]:
+    async with aiohttp.ClientSession() as s, s.get(url) as r:
+        return r.status, await r.text()
+
+
+async def test_metrics_after_a_scripted_run(sim, bus, settings_for, start_bridge):
+    hws = [sim.hw(4), sim.hw(5)]
+    bridge = await start_bridge(settings_for(sim, devices=",".join(hws)))
+    q = await bus.bind("device.#")
+    await asyncio.sleep(0.3)
+    call = await sim.place_call(hws[0], direction="in", hold_s=0.05)
+    await q.until(released(call))
+    await bus.command("x", "signaling", b"{bad")
+    await bridge.publisher.flush(5)
+    status, text = await _get(f"http://127.0.0.1:{bridge.http.port}/metrics")
+    assert status == 200
+
+    def value(name: str, **labels) -> float:
+        lab = ",".join(f'{k}="{v}"' for k, v in labels.items())
+        m = re.search(rf"^{re.escape(name)}{{{re.escape(lab)}}} (\S+)$" if lab else rf"^{re.escape(name)} (\S+)$",
+                      text, re.M)
+        assert m, f"{name} {labels} not in metrics"
+        return float(m.group(1))
+
+    assert value("epsignal_devices_attached") == 2
+    assert value("epsignal_pbx_sessions", state="attached") == 2
+    assert value("epsignal_broker_connected") == 1
+    assert value("epsignal_events_total", outcome="confirmed") == bridge.publisher.stats.confirmed >= 10
+    assert value("epsignal_commands_total", command="signaling", outcome="refused") == 1
+    assert value("epsignal_forward_latency_seconds_count") >= 5
+    assert value("epsignal_publish_latency_seconds_count") >= 10
+    assert value("epsignal_buffer_events") == 0
+    # labels never carry ids
+    assert not any(hw in line for hw in hws for line in text.splitlines() if not line.startswith("#"))
+
+
+async def test_health_with_the_broker_up_down_and_back(sim, settings_for, start_bridge):
+    proxy = await TcpProxy("127.0.0.1", 5672).start()
+    try:
+        bridge = await start_bridge(settings_for(sim, devices=sim.hw(6), heartbeat_s=1,
+                                                 amqp_url=f"amqp://guest:guest@127.0.0.1:{proxy.port}/"))
+        base = f"http://127.0.0.1:{bridge.http.port}"
+        async with asyncio.timeout(5):
+            while (await _get(base + "/readyz"))[0] != 200:
+                await asyncio.sleep(0.05)
+        proxy.cut()
+        async with asyncio.timeout(10):
+            while (r := await _get(base + "/readyz"))[0] != 503:
+                await asyncio.sleep(0.05)
+        assert "broker not connected" in r[1]
+        assert (await _get(base + "/healthz")) == (200, '{"status":"ok"}')
+        proxy.restore()
+        async with asyncio.timeout(15):
+            while (await _get(base + "/readyz"))[0] != 200:
+                await asyncio.sleep(0.1)
+        assert bridge.link.reconnects >= 1
+    finally:
+        await proxy.stop()
+
+
+async def test_readiness_reports_an_unreachable_pbx(settings_for, start_bridge):
+    bridge = await start_bridge(settings_for(None, devices="009033400001", pbx_url="ws://127.0.0.1:1/PBX0/APPS/websocket"))
+    status, body = await _get(f"http://127.0.0.1:{bridge.http.port}/readyz")
+    assert status == 503 and "PBX not reachable" in body and "broker" not in body
