@@ -52,6 +52,8 @@ class Settings(Struct, kw_only=True):
     ] = 50
     attach_timeout_s: Annotated[float, _doc("Time allowed for login + AttachResult", gt=0)] = 10.0
     max_frame_bytes: Annotated[int, _doc("Largest WebSocket frame accepted", ge=1024)] = 256 * 1024
+    pbx_ca_file: Annotated[str, _doc("CA bundle to trust for wss:// (default: the system's)")] = ""
+    pbx_tls_verify: Annotated[bool, _doc("Verify the PBX's TLS certificate and host name")] = True
     reconnect_min_s: Annotated[float, _doc("First reconnect delay (doubles, with jitter)", gt=0)] = 1.0
     reconnect_max_s: Annotated[float, _doc("Longest reconnect delay", gt=0)] = 32.0
     login_retry_s: Annotated[
@@ -66,9 +68,12 @@ class Settings(Struct, kw_only=True):
     commands_queue: Annotated[str, _doc("Durable queue the bridge consumes commands from")] = (
         "epsignal.commands.bridge"
     )
+    amqp_ca_file: Annotated[str, _doc("CA bundle to trust for amqps:// (default: the system's)")] = ""
     dead_exchange: Annotated[str, _doc("Exchange for dead-lettered commands")] = "epsignal.dead"
     dead_queue: Annotated[str, _doc("Queue holding dead-lettered commands")] = "epsignal.commands.dead"
     prefetch: Annotated[int, _doc("Commands processed at once", ge=1)] = 64
+    command_rate: Annotated[float, _doc("Commands per second accepted for one device (sustained)", gt=0)] = 20.0
+    command_burst: Annotated[int, _doc("Commands accepted for one device in a burst", ge=1)] = 50
     heartbeat_s: Annotated[int, _doc("AMQP heartbeat interval", ge=1)] = 10
     publish_window: Annotated[int, _doc("Events published and not yet confirmed, at most", ge=1)] = 1024
     publish_timeout_s: Annotated[float, _doc("Time allowed for one publisher confirm", gt=0)] = 10.0

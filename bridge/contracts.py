@@ -110,8 +110,9 @@ FIELDS: dict[tuple[str, str], str] = {
     ("Facility", "name"): "The name, for `name_identification`.",
     ("Reply", "ok"): "True: carried out; false: refused (see `error`; the command was also dead-lettered).",
     ("Reply", "command"): "The verb of the command (`attach`, `detach`, `signaling`); absent when "
-                          "the routing key could not be read.",
-    ("Reply", "hw"): "The device the command was for; absent when the routing key could not be read.",
+                          "the routing key names none of them.",
+    ("Reply", "hw"): "The device the command was for; absent when the command was refused before "
+                     "it was read (a bad routing key or body).",
     ("Reply", "error"): "Why the command was refused (also the dead letter's `x-epsignal-error`).",
     ("Reply", "attach"): "attach: what the PBX answered (without the TURN password).",
     ("Reply", "attached"): "attach: true when the device is registered and attached now; false: "

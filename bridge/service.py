@@ -23,6 +23,7 @@ from bridge.events import AttachInfo, EventFactory, Outgoing
 from bridge.http import HttpServer
 from bridge.pbx.client import DeviceRunner
 from bridge.pbx.server import NoPbxSession, PbxServer
+from bridge.tls import client_context
 
 log = logging.getLogger("bridge")
 
@@ -40,6 +41,8 @@ class Bridge:
         self.runners: dict[str, DeviceRunner] = {}
         self.server = PbxServer(settings, self.emit) if settings.pbx_mode == "server" else None
         self._gate = asyncio.Semaphore(settings.attach_concurrency)
+        self._pbx_ssl = (client_context(settings.pbx_ca_file, settings.pbx_tls_verify)
+                         if settings.pbx_url.startswith("wss:") else None)
         self._tasks: list[asyncio.Task] = []
         self.http = HttpServer(self, settings.http_host, settings.http_port)
 
@@ -123,7 +126,7 @@ class Bridge:
     def _runner(self, hw: str) -> DeviceRunner:
         r = self.runners.get(hw)
         if r is None or (r.task is not None and r.task.done()):
-            r = DeviceRunner(self.s, Device(hw, self.factory), self.emit, self._gate)
+            r = DeviceRunner(self.s, Device(hw, self.factory), self.emit, self._gate, self._pbx_ssl)
             self.runners[hw] = r
             r.start()
         return r

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from contextlib import nullcontext
 
@@ -26,6 +27,7 @@ from bridge import routing
 from bridge import tracing
 from bridge.amqp.link import BrokerLink
 from bridge.amqp.topology import Topology, declare_commands_queue
+from bridge.ratelimit import RateLimiter
 
 log = logging.getLogger("bridge.commands")
 
@@ -52,16 +54,36 @@ class CommandConsumer:
         self._channel = None
         self._tag: str | None = None
         self._accepting = True
+        self._limiter = RateLimiter(self.s.command_rate, self.s.command_burst)
         self.stats = CommandStats()
+        self.consumer_restarts = 0
         link.on_ready(self._start)
 
     async def _start(self, conn: AbstractConnection, topo: Topology) -> None:
         ch = await conn.channel(publisher_confirms=False)
         await ch.set_qos(prefetch_count=self.s.prefetch)
-        q = await declare_commands_queue(ch, self.s, topo)
         self._channel = ch
+        (await ch.get_underlay_channel()).on_consumer_cancel_callbacks.add(self._on_cancelled)
+        await self._consume(topo)
+
+    async def _consume(self, topo: Topology) -> None:
+        q = await declare_commands_queue(self._channel, self.s, topo)
         if self._accepting:
             self._tag = await q.consume(self._on_message)
+
+    async def _on_cancelled(self, frame) -> None:
+        """The broker cancelled our consumer (the queue was deleted): declare it again, consume."""
+        if not self._accepting or self._channel is None or self.link.topology is None:
+            return
+        log.warning("command consumer cancelled by the broker; declaring %s again", self.s.commands_queue)
+        self.consumer_restarts += 1
+        asyncio.get_running_loop().create_task(self._restart())
+
+    async def _restart(self) -> None:
+        try:
+            await self._consume(self.link.topology)
+        except Exception as e:  # the channel went with it: the link's reconnect will redo this
+            log.warning("could not consume again (%s); waiting for the reconnect", e)
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         t = asyncio.current_task()
@@ -79,6 +101,10 @@ class CommandConsumer:
             hw, verb, cmd = cmds.parse(key, message.body)
         except cmds.CommandError as e:
             return await self._refuse(message, verb, None, str(e))
+        if not self._limiter.allow(hw, time.monotonic()):
+            return await self._refuse(message, verb, hw, (
+                f"rate limit: more than {self.s.command_burst} commands at once or "
+                f"{self.s.command_rate:g}/s sustained for device {hw}"))
         lock = self._locks.setdefault(hw, asyncio.Lock())
         span = tracing.command_span(
             message.headers, self.s.commands_exchange, hw, verb, key, message.message_id,

@@ -19,6 +19,7 @@ from yarl import URL
 
 from bridge.amqp.topology import Topology, declare_exchanges
 from bridge.config import Settings
+from bridge.tls import client_context
 
 log = logging.getLogger("bridge.amqp")
 
@@ -32,9 +33,9 @@ def redact(url: str) -> str:
 
 
 class BrokerLink:
-    def __init__(self, settings: Settings, ssl_context=None) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.s = settings
-        self._ssl = ssl_context
+        self._ssl = client_context(settings.amqp_ca_file) if str(settings.amqp_url).startswith("amqps:") else None
         self.connection: AbstractConnection | None = None
         self.channel: AbstractChannel | None = None  # publisher confirms on
         self.topology: Topology | None = None
@@ -99,12 +100,32 @@ class BrokerLink:
             first = False
             log.info("broker connected: %s", redact(self.s.amqp_url))
             self._ready.set()
+            watchdog = asyncio.create_task(self._watchdog(lost))
             exc = await lost
+            watchdog.cancel()
             self._ready.clear()
             self.channel = None
             if not self._closing:
                 log.warning("broker connection lost: %s", _reason(exc))
                 await self._close_conn()
+
+    async def _watchdog(self, lost: asyncio.Future) -> None:
+        """A broker that stops answering is noticed within the heartbeat interval: every half
+        interval a passive declare must come back within half an interval. (The AMQP client's
+        own heartbeat check allows three missed beats, which is too slow for readiness.)"""
+        half = self.s.heartbeat_s / 2
+        while not lost.done():
+            await asyncio.sleep(half)
+            ch = self.channel
+            if ch is None or lost.done():
+                return
+            try:
+                await asyncio.wait_for(ch.get_exchange(self.s.events_exchange, ensure=True), half)
+            except Exception as e:
+                if not lost.done():
+                    lost.set_result(TimeoutError(
+                        f"broker did not answer for {self.s.heartbeat_s:g}s ({type(e).__name__})"))
+                return
 
     async def _close_conn(self) -> None:
         conn, self.connection = self.connection, None

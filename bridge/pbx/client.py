@@ -38,6 +38,7 @@ class AttachRefused(Exception):
 class DeviceRunner:
     def __init__(self, settings: Settings, device: Device, emit: Emit, gate: asyncio.Semaphore,
                  ssl_context: ssl.SSLContext | None = None) -> None:
+        """``ssl_context``: for wss:// (one shared by all runners; see bridge.tls)."""
         self.s = settings
         self.device = device
         self.emit = emit

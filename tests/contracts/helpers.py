@@ -12,6 +12,7 @@ from pathlib import Path
 
 from jsonschema import Draft202012Validator, FormatChecker
 from referencing import Registry, Resource
+from referencing.jsonschema import DRAFT202012
 
 from bridge import contracts as C
 
@@ -61,13 +62,10 @@ def asyncapi_errors(component: str, instance: object) -> list[str]:
     """Validate against ``#/components/schemas/<component>`` of the AsyncAPI document."""
     doc = asyncapi()
     uri = "urn:test:asyncapi"
-    registry = Registry().with_resource(uri, Resource.from_contents(doc, default_specification=_SPEC))
+    registry = Registry().with_resource(uri, Resource.from_contents(doc, default_specification=DRAFT202012))
     v = Draft202012Validator({"$ref": f"{uri}#/components/schemas/{component}"}, registry=registry,
                              format_checker=FORMATS)
     return [f"{'/'.join(map(str, e.absolute_path)) or '(root)'}: {e.message}" for e in v.iter_errors(instance)]
-
-
-from referencing.jsonschema import DRAFT202012 as _SPEC  # noqa: E402
 
 
 def channel_regex(address: str) -> re.Pattern:

@@ -15,6 +15,7 @@ import tomllib
 
 import helm_python as helm
 import jsonschema
+import msgspec
 import kubernetes_validate
 import pytest
 import yaml
@@ -29,8 +30,6 @@ RELEASE, NAMESPACE = "rel", "telephony"
 # schemas in kubernetes_validate.
 KUBE_VERSIONS = ["1.25", "1.37"]
 SECRET_SETTINGS = {"EPSIGNAL_PBX_PASSWORD", "EPSIGNAL_AMQP_URL"}
-# Settings the chart sets that the bridge gains with issue 5 (HTTP health and metrics).
-UPCOMING_SETTINGS = {"EPSIGNAL_HTTP_PORT": "8080"}
 
 SERVICE_MONITOR_SCHEMA = {
     "type": "object",
@@ -230,20 +229,13 @@ def test_config_holds_every_non_secret_setting_with_the_bridge_defaults(chart):
     schema = chart.schema["properties"]["config"]["properties"]
     assert set(schema) == set(values)
     non_secret = set(bridge) - SECRET_SETTINGS
-    assert non_secret <= set(values), "settings the chart cannot set"
-    assert set(values) - set(bridge) <= set(UPCOMING_SETTINGS), "chart settings the bridge lacks"
-    assert not SECRET_SETTINGS & set(values)
+    assert set(values) == non_secret
     data = render(chart).one("ConfigMap")["data"]
     assert set(data) == set(values)
-    for name in non_secret:
-        want = bridge[name]
-        got = data[name]
-        if re.fullmatch(r"[0-9.]+", want):
-            assert float(got) == float(want), name
-        else:
-            assert got == want, name
-    for name, default in UPCOMING_SETTINGS.items():
-        assert data[name] == bridge.get(name, default)
+    # The rendered defaults are the bridge's: parsed by the bridge, they give its default Settings.
+    rendered = msgspec.structs.asdict(Settings.from_env(data, instance_id="x"))
+    defaults = msgspec.structs.asdict(Settings.from_env({}, instance_id="x"))
+    assert rendered == defaults
 
 
 def test_the_bridge_reads_the_rendered_settings(chart):
@@ -256,6 +248,7 @@ def test_the_bridge_reads_the_rendered_settings(chart):
     assert s.pbx_mode == "server" and s.pbx_listen == "0.0.0.0:9443"
     assert s.device_list == ["009033400001", "009033400002"]
     assert s.instance_id  # empty in the ConfigMap: the bridge makes one per process
+    assert s.pbx_tls_verify is False and s.pbx_ca_file == "/etc/epsignal/pbx-ca/ca.crt"
     defaults = Settings.from_env(render(chart).one("ConfigMap")["data"])
     assert defaults.reconnect_max_s == 32.0 and defaults.prefetch == 64
 
@@ -377,7 +370,7 @@ def test_anti_affinity(chart):
     assert render(chart, {"affinity": own}).pod["spec"]["affinity"] == own
 
 
-def test_otel(chart):
+def test_otel(chart, monkeypatch):
     env = render(chart).env()
     assert env["OTEL_SDK_DISABLED"]["value"] == "true"
     assert not {k for k in env if k.startswith("OTEL_")} - {"OTEL_SDK_DISABLED"}
@@ -399,6 +392,28 @@ def test_otel(chart):
     assert names.index("POD_NAME") < names.index("OTEL_RESOURCE_ATTRIBUTES")  # $(POD_NAME) resolves
     default_name = render(chart, {"otel": {"enabled": True}}).env()["OTEL_SERVICE_NAME"]["value"]
     assert default_name == f"{RELEASE}-epsignal-bridge"
+
+    # The bridge and the OpenTelemetry SDK understand what the chart sets.
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import sampling
+
+    from bridge import tracing
+
+    pod = {"POD_NAME": "bridge-7d9f-abcde", "POD_NAMESPACE": NAMESPACE}
+    for k, v in env.items():
+        if k.startswith("OTEL_"):
+            monkeypatch.setenv(k, re.sub(r"\$\((\w+)\)", lambda m: pod[m.group(1)], v["value"]))
+    sampler = sampling._get_from_env_or_default()
+    assert isinstance(sampler, sampling.ParentBased) and "0.25" in sampler.get_description()
+    attrs = Resource.create().attributes
+    assert attrs["service.name"] == "epsignal-bridge-prod"
+    assert attrs["k8s.pod.name"] == "bridge-7d9f-abcde" and attrs["deployment.environment"] == "production"
+    monkeypatch.setattr(tracing, "ENABLED", tracing.ENABLED)
+    monkeypatch.setattr(tracing, "_tracer", tracing._tracer)
+    assert tracing.configure() is True
+    monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
+    tracing.disable()
+    assert tracing.configure() is False
 
 
 # --------------------------------------------------------------------------- replicas, HPA, PDB
@@ -502,3 +517,13 @@ def test_chart_readme_documents_every_value(chart):
     readme = (CHART / "README.md").read_text()
     documented = set(re.findall(r"^\| `([^`]+)` \|", readme, re.M))
     assert set(leaf_keys(chart.values)) == documented
+
+
+def test_extra_volumes_mount_a_ca_bundle_next_to_tmp(chart):
+    r = render(chart, FULL)
+    mounts = {m["mountPath"]: m["name"] for m in r.container["volumeMounts"]}
+    volumes = {v["name"]: v for v in r.pod["spec"]["volumes"]}
+    assert mounts == {"/tmp": "tmp", "/etc/epsignal/pbx-ca": "pbx-ca"}
+    assert volumes["pbx-ca"] == {"name": "pbx-ca", "configMap": {"name": "pbx-ca"}}
+    ca_file = r.one("ConfigMap")["data"]["EPSIGNAL_PBX_CA_FILE"]
+    assert ca_file.startswith("/etc/epsignal/pbx-ca/")

@@ -51,3 +51,26 @@ async def test_session_cut_mid_call_reattaches_and_republishes_state(sim, bus, s
     assert bridge.runners[hw].reconnects == 1
     seqs = [e.body["seq"] for e in evs]
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # no gap across the reconnect
+
+
+async def test_a_broker_that_stops_answering_is_detected_within_the_heartbeat_interval(sim, settings_for, start_bridge):
+    from tests.tcpproxy import TcpProxy
+
+    proxy = await TcpProxy("127.0.0.1", 5672).start()
+    try:
+        bridge = await start_bridge(settings_for(sim, heartbeat_s=2,
+                                                 amqp_url=f"amqp://guest:guest@127.0.0.1:{proxy.port}/"))
+        loop = asyncio.get_running_loop()
+        proxy.stall()  # connection open, no byte moves: only a heartbeat check can tell
+        t0 = loop.time()
+        async with asyncio.timeout(10):
+            while bridge.link.ready:
+                await asyncio.sleep(0.05)
+        detected = loop.time() - t0
+        assert detected <= 2 * 1.5, detected  # the interval, with slack for a loaded CI machine
+        proxy.unstall()
+        proxy.cut()
+        proxy.restore()
+        assert await bridge.link.wait_ready(15)
+    finally:
+        await proxy.stop()

@@ -1,0 +1,128 @@
+"""The consumer of the benchmark: one queue bound with ``#`` to an events exchange.
+
+Used the same way for the bridge and for the raw aio-pika ceiling: an exclusive auto-delete
+queue, consumed with ``no_ack`` through aio-pika's underlying aiormq channel (the cheapest
+consumer aio-pika offers, so that the consumer is not what limits either run). For every
+``call.signaling`` / ``call.state`` delivery it counts the event and its distinct
+``message_id``; for a ``call.signaling`` that carries a ``bench_t`` stamp it records the hop
+latency (send stamp to delivery, same machine clock) and gives the load generator one credit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Callable
+
+import aio_pika
+
+from bridge.bench.frames import STAMP, stamp_of
+
+DATA_TYPES = frozenset({"call.signaling", "call.state"})
+now_ns = time.monotonic_ns
+
+
+class Run:
+    """One measured run: how many data events are expected, what arrived, and when."""
+
+    def __init__(self, target: int | None, store: bool, record_from: int) -> None:
+        self.target = target
+        self.count = 0
+        self.ids: set[str] = set()
+        self.by_type: Counter = Counter()
+        self.hop_ns: list[int] = []
+        self.record_from = record_from
+        self.t_first: int | None = None
+        self.t_last: int | None = None
+        self.store = store
+        #: (routing key, body, type, message_id, timestamp) as delivered, for the ceiling replay
+        self.messages: list[tuple] = []
+        self.done = asyncio.Event()
+        if target == 0:
+            self.done.set()
+
+    def set_target(self, n: int) -> None:
+        self.target = n
+        if self.count >= n:
+            self.done.set()
+
+    async def wait(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self.done.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+
+    @property
+    def distinct(self) -> int:
+        return len(self.ids)
+
+
+class Sink:
+    def __init__(self, url: str, exchange: str, on_stamp: Callable[[], None] | None = None) -> None:
+        self.url = url
+        self.exchange = exchange
+        self.on_stamp = on_stamp
+        self.conn = None
+        self.queue = None
+        self.by_type: Counter = Counter()
+        self.total = 0
+        self.run: Run | None = None
+
+    async def open(self) -> None:
+        self.conn = await aio_pika.connect(self.url)
+        ch = await self.conn.channel()
+        ex = await ch.declare_exchange(self.exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+        self.queue = await ch.declare_queue(exclusive=True, auto_delete=True)
+        await self.queue.bind(ex, "#")
+        raw = await ch.get_underlay_channel()
+        await raw.basic_consume(self.queue.name, self._on, no_ack=True)
+
+    async def close(self) -> None:
+        if self.conn is not None:
+            await self.conn.close()
+
+    def begin(self, target: int | None, *, store: bool = False, record_from: int = 0) -> Run:
+        self.run = Run(target, store, record_from)
+        return self.run
+
+    async def wait_type(self, typ: str, n: int, timeout: float) -> bool:
+        """Until ``n`` events of type ``typ`` have arrived since the sink opened."""
+        try:
+            async with asyncio.timeout(timeout):
+                while self.by_type[typ] < n:
+                    await asyncio.sleep(0.05)
+            return True
+        except TimeoutError:
+            return False
+
+    async def _on(self, msg) -> None:
+        t = now_ns()
+        self.total += 1
+        props = msg.header.properties
+        typ = props.message_type
+        self.by_type[typ] += 1
+        run = self.run
+        if run is None or typ not in DATA_TYPES:
+            return
+        if run.t_first is None:
+            run.t_first = t
+        run.t_last = t
+        run.count += 1
+        run.by_type[typ] += 1
+        run.ids.add(props.message_id)
+        body = msg.body
+        if typ == "call.signaling":
+            stamp = stamp_of(body, STAMP)
+            if stamp is not None:
+                if stamp >= run.record_from:
+                    run.hop_ns.append(t - stamp)
+                if self.on_stamp is not None:
+                    self.on_stamp()
+        if run.store:
+            ts = props.timestamp
+            run.messages.append((msg.delivery.routing_key, body, typ, props.message_id,
+                                 ts.timestamp() if ts is not None else None))
+        if run.target is not None and run.count >= run.target:
+            run.done.set()

@@ -1,0 +1,175 @@
+"""The bridge under test as a separate process, and what /proc says about it.
+
+Normally the real ``epsignal-bridge run`` (configured only by ``EPSIGNAL_*`` variables, as in
+production). The tracing-on variant and the pyinstrument profile run the same ``run`` command
+through :mod:`bridge.bench.bridge_proc`, which sets up the SDK or the profiler first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import resource
+import signal
+import socket
+import sys
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aio_pika
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Names:
+    """Per-run unique exchange and queue names (nothing shared with other runs or tests)."""
+
+    tag: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
+
+    @property
+    def events(self) -> str:
+        return f"bench{self.tag}.events"
+
+    def env(self) -> dict[str, str]:
+        t = self.tag
+        return {
+            "EPSIGNAL_EVENTS_EXCHANGE": f"bench{t}.events",
+            "EPSIGNAL_COMMANDS_EXCHANGE": f"bench{t}.commands",
+            "EPSIGNAL_COMMANDS_QUEUE": f"bench{t}.commands.bridge",
+            "EPSIGNAL_DEAD_EXCHANGE": f"bench{t}.dead",
+            "EPSIGNAL_DEAD_QUEUE": f"bench{t}.commands.dead",
+            "EPSIGNAL_INSTANCE_ID": f"bench-{t}",
+        }
+
+    @property
+    def commands(self) -> str:
+        return f"bench{self.tag}.commands"
+
+    async def cleanup(self, url: str) -> None:
+        """Delete what the bridge and the benchmark declared for this run."""
+        try:
+            conn = await aio_pika.connect(url)
+        except Exception:
+            return
+        try:
+            t = self.tag
+            for ex in (f"bench{t}.events", f"bench{t}.commands", f"bench{t}.dead", f"bench{t}.ceiling"):
+                ch = await conn.channel()
+                try:
+                    await ch.exchange_delete(ex)
+                except Exception:
+                    pass
+            for q in (f"bench{t}.commands.bridge", f"bench{t}.commands.dead"):
+                ch = await conn.channel()
+                try:
+                    await ch.queue_delete(q)
+                except Exception:
+                    pass
+        finally:
+            await conn.close()
+
+
+def closed_port() -> int:
+    """A local TCP port where nothing listens (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def raise_nofile() -> tuple[int, int]:
+    """Soft RLIMIT_NOFILE up to the hard limit (children inherit it); the new (soft, hard)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft, hard
+
+
+def bridge_command(wrapper: bool) -> list[str]:
+    if wrapper:
+        return [sys.executable, "-m", "bridge.bench.bridge_proc"]
+    script = Path(sys.executable).with_name("epsignal-bridge")
+    if script.exists():
+        return [str(script), "run"]
+    return [sys.executable, "-m", "bridge.cli", "run"]
+
+
+def base_env(extra: dict[str, str]) -> dict[str, str]:
+    """The environment without any inherited EPSIGNAL_* or OTEL_* setting, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("EPSIGNAL_", "OTEL_"))}
+    env.update(extra)
+    return env
+
+
+@dataclass
+class BridgeProc:
+    proc: asyncio.subprocess.Process
+    log_path: Path
+    t_spawn: int
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.returncode is None
+
+    def status(self) -> dict[str, int]:
+        """VmRSS / VmHWM in kB from /proc/<pid>/status."""
+        out = {}
+        with open(f"/proc/{self.pid}/status") as f:
+            for line in f:
+                if line.startswith(("VmRSS:", "VmHWM:")):
+                    k, v = line.split(":", 1)
+                    out[k] = int(v.split()[0])
+        return out
+
+    def cpu_s(self) -> float:
+        """utime + stime of the process, seconds (from /proc/<pid>/stat)."""
+        with open(f"/proc/{self.pid}/stat") as f:
+            text = f.read()
+        fields = text[text.rindex(")") + 2:].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+    def log_tail(self, n: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    async def stop(self, timeout: float = 30.0) -> int | None:
+        if self.proc.returncode is None:
+            try:
+                self.proc.send_signal(signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                await asyncio.wait_for(self.proc.wait(), timeout)
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+        return self.proc.returncode
+
+
+async def spawn_bridge(env: dict[str, str], log_path: Path, *, wrapper: bool = False,
+                       args: list[str] | None = None) -> BridgeProc:
+    import time
+
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log = open(log_path, "ab")
+    try:
+        t = time.monotonic_ns()
+        proc = await asyncio.create_subprocess_exec(
+            *bridge_command(wrapper), *(args or []), env=env, stdin=asyncio.subprocess.DEVNULL,
+            stdout=log, stderr=log,
+        )
+    finally:
+        log.close()
+    return BridgeProc(proc, log_path, t)
