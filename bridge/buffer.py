@@ -36,6 +36,13 @@ class BufferStats:
     dropped_full: int = 0
     dropped_age: int = 0
     episodes: int = 0
+    episodes_closed: int = 0
+    #: events dropped in the last closed episode
+    last_episode_dropped: int = 0
+
+    @property
+    def dropped(self) -> int:
+        return self.dropped_full + self.dropped_age
 
 
 @dataclass
@@ -64,6 +71,7 @@ class EventBuffer:
         self.stats = BufferStats()
         #: True from the first drop until the buffer is empty again
         self.in_episode = False
+        self._episode_start = 0
 
     def __len__(self) -> int:
         return len(self._pending) + len(self._inflight)
@@ -100,6 +108,8 @@ class EventBuffer:
             self.stats.confirmed += 1
         if self.in_episode and not self:
             self.in_episode = False
+            self.stats.episodes_closed += 1
+            self.stats.last_episode_dropped = self.stats.dropped - self._episode_start
 
     def requeue(self, entries: list[Entry]) -> None:
         """Failed in-flight entries go back to the front, oldest first."""
@@ -121,15 +131,23 @@ class EventBuffer:
         if not self._pending:
             return  # everything is in flight: the count limit is exceeded by the window at most
         e = self._pending.popleft()
-        if reason == "buffer-full":
-            self.stats.dropped_full += 1
-        else:
-            self.stats.dropped_age += 1
         if not self.in_episode:
             self.in_episode = True
             self.stats.episodes += 1
+            self._episode_start = self.stats.dropped
+        if e.event.gap is None:
+            if reason == "buffer-full":
+                self.stats.dropped_full += 1
+            else:
+                self.stats.dropped_age += 1
         if e.event.hw is not None:
             self._gaps.add(e.event.hw, e.event.seq, reason)
+        elif e.event.gap is not None:  # a gap announcement dropped unsent: announce it again
+            old_reason, ranges = e.event.gap
+            for hw, rs in ranges.items():
+                for first, last in rs:
+                    for seq in range(first, last + 1):
+                        self._gaps.add(hw, seq, old_reason)
 
     def take_gaps(self) -> tuple[str, dict[str, list[tuple[int, int]]]] | None:
         """(reason, {hw: [(first, last), ...]}) of what was dropped since the last call."""

@@ -100,6 +100,16 @@ def cmd_pbx_sim(args) -> int:
         return 0
 
 
+# --------------------------------------------------------------------------- bench
+def cmd_bench(args) -> int:
+    from bridge import bench
+
+    try:
+        return bench.main(args)
+    except KeyboardInterrupt:
+        return 130
+
+
 # --------------------------------------------------------------------------- contracts
 def cmd_contracts(args) -> int:
     from pathlib import Path
@@ -175,6 +185,16 @@ def build_parser() -> argparse.ArgumentParser:
                         description=sim_cli.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sim_cli.add_arguments(ps)
     ps.set_defaults(func=cmd_pbx_sim)
+
+    from bridge.bench import options as bench_options
+
+    bn = sub.add_parser("bench", help="benchmark the bridge against the local RabbitMQ (issue 8)",
+                        description="Runs the real bridge as a process, drives it with a load "
+                        "generator playing the PBX, and measures throughput (vs a raw aio-pika "
+                        "ceiling), hop/forwarding/command latency, memory and attach time at scale, "
+                        "the codec and the cost of tracing. See docs/PERFORMANCE.md.")
+    bench_options.add_arguments(bn)
+    bn.set_defaults(func=cmd_bench)
     return p
 
 

@@ -31,15 +31,16 @@ from bridge.protocol.signal import Sig
 
 DIALECT = "https://json-schema.org/draft/2020-12/schema"
 VDIR = f"v{V}"
-EVENTS_EXCHANGE, COMMANDS_EXCHANGE, DEAD_EXCHANGE = "epsignal.events", "epsignal.commands", "epsignal.dead"
+EVENTS_EXCHANGE, COMMANDS_EXCHANGE, DEAD_EXCHANGE = ("epsignal.events", "epsignal.commands",
+                                                    "epsignal.dead")
 COMMANDS_QUEUE, DEAD_QUEUE = "epsignal.commands.bridge", "epsignal.commands.dead"
 AMQP_BINDING = "0.3.0"
 
 # ------------------------------------------------------------------------------------ words
 COMMON = {
     "type": "The event name; the same as the AMQP `type` property.",
-    "v": f"Schema version (major), {V} for this schema. Compatible changes (new optional fields) keep it; "
-         "see contracts/README.md.",
+    "v": f"Schema version (major), {V} for this schema. Compatible changes (new optional fields) "
+         "keep it; see contracts/README.md.",
     "hw": "Hardware id of the device, as the PBX knows it (not percent-encoded).",
     "seq": "Number of the event per device and bridge instance: 1, 2, 3, ... without gaps. "
            "(`instance`, `hw`, `seq`) identifies the event; a duplicate has the same.",
@@ -50,80 +51,102 @@ COMMON = {
 SIG_TEXT = ("The EpSignal Signal object exactly as it passed, byte for byte: every field, known or "
             "unknown to the bridge, passes through losslessly. Fields as in the innovaphone JSON "
             "signaling (`type`, `cg`, `cd`, `cau`, `channel`, `fty`, ...).")
-FIELDS: dict[tuple[str, str], str] = {
-    ("DeviceAttached", "attach"): "What the PBX answered to the Attach.",
-    ("AttachInfo", "stun"): "STUN servers (host[:port]); absent when none.",
-    ("AttachInfo", "turn"): "TURN servers (host[:port]); absent when none.",
-    ("AttachInfo", "turnUsr"): "TURN user name. The TURN password is never published.",
-    ("AttachInfo", "prefixIntl"): "Prefix for international numbers.",
-    ("AttachInfo", "prefixNtl"): "Prefix for national numbers.",
-    ("AttachInfo", "prefixSubs"): "Prefix for subscriber numbers.",
-    ("AttachInfo", "area"): "Area code.",
-    ("AttachInfo", "country"): "Country code.",
-    ("AttachInfo", "maxIntern"): "Length of internal numbers (newer PBX releases; undocumented, an integer so far).",
-    ("AttachInfo", "tones"): "Tone scheme (newer PBX releases; undocumented, an integer so far).",
-    ("DeviceDetached", "reason"): "Why: `unregistered` (the PBX said Detached), `command` (a detach "
-                                  "command), `session-lost` (the PBX session broke; the bridge "
-                                  "reconnects), `shutdown` (the bridge stops).",
-    ("AttachFailed", "error"): "The PBX's `err`, as text (e.g. `unknown device`).",
-    ("CallStateChanged", "call"): "Call id on the device; negative for calls the application started (click to dial).",
-    ("CallStateChanged", "state"): "The new state of the call.",
-    ("CallStateChanged", "in"): "True: a call to the device; false: from the device; null: not known "
-                                "(first seen mid-call).",
-    ("CallStateChanged", "remote"): "The remote party, as far as known (fields absent when unknown).",
-    ("CallStateChanged", "channel"): "Media channel, when the PBX named one.",
-    ("CallStateChanged", "held"): "The call is on hold.",
-    ("CallStateChanged", "app"): "The call was started by the application (negative `call`).",
-    ("CallStateChanged", "cause"): "Q.931 cause of `released` (and of `disconnected`/`disconnecting` when the PBX gave one).",
-    ("CallStateChanged", "sync"): "True when the state comes from a Sync at attach (the call existed "
-                                  "before), not from a Signaling message.",
-    ("Remote", "num"): "Number.",
-    ("Remote", "sip"): "SIP user name.",
-    ("Remote", "dn"): "Display name.",
-    ("Cause", "num"): "Q.931 cause value (16: normal clearing, 17: busy, ...).",
-    ("Cause", "loc"): "Cause location, as the PBX sent it (type undocumented).",
-    ("CallSignaling", "call"): "Call id on the device; negative for calls the application started.",
-    ("CallSignaling", "to"): "True: toward the device; false: toward the PBX.",
-    ("CallSignaling", "origin"): "`pbx`: passed through the bridge on the signaling path (forwarded); "
-                                 "`command`: sent by the bridge for a signaling command.",
-    ("CallSignaling", "sig"): SIG_TEXT,
-    ("Gap", "reason"): "Why they were dropped: `buffer-full`, `too-old`, or both joined by `+` "
-                       "(`buffer-full+too-old`).",
-    ("Gap", "dropped"): "The events dropped unsent: per device (key: hw, not percent-encoded), "
-                        "ranges of `seq`.",
-    ("SeqRange", "first"): "First `seq` dropped.",
-    ("SeqRange", "last"): "Last `seq` dropped (inclusive).",
-    ("SignalingCommand", "call"): "Call id on the device. Negative: a call the application starts "
-                                  "(click to dial: a `setup` toward the PBX with call -1).",
-    ("SignalingCommand", "to"): "True: send toward the device; false or absent: toward the PBX.",
-    ("SignalingCommand", "sig"): SIG_TEXT + " Must be an object with a string `type`; the fields "
-                                 "the bridge reads must have the types below.",
-    ("Sig", "type"): "Message type: `setup`, `setup_ack`, `call_proc`, `alert`, `conn`, `disc`, `rel`, `info`, ...",
-    ("Sig", "cg"): "Calling party.",
-    ("Sig", "cd"): "Called party.",
-    ("Sig", "cau"): "Q.931 cause (`disc`, `rel`).",
-    ("Sig", "channel"): "Media channel.",
-    ("Sig", "fty"): "Facilities (`name_identification`, `hold_notify`, `retrieve_notify`, `cp_park`, ...).",
-    ("Party", "num"): "Number.",
-    ("Party", "sip"): "SIP user name.",
-    ("Facility", "type"): "Facility type.",
-    ("Facility", "name"): "The name, for `name_identification`.",
-    ("Reply", "ok"): "True: carried out; false: refused (see `error`; the command was also dead-lettered).",
-    ("Reply", "command"): "The verb of the command (`attach`, `detach`, `signaling`); absent when "
-                          "the routing key names none of them.",
-    ("Reply", "hw"): "The device the command was for; absent when the command was refused before "
-                     "it was read (a bad routing key or body).",
-    ("Reply", "error"): "Why the command was refused (also the dead letter's `x-epsignal-error`).",
-    ("Reply", "attach"): "attach: what the PBX answered (without the TURN password).",
-    ("Reply", "attached"): "attach: true when the device is registered and attached now; false: "
-                           "it will be attached when it registers (an `attached` event says so).",
-    ("Reply", "was_attached"): "detach: the device was attached when the command came.",
+#: Struct name -> field (as encoded) -> description; COMMON covers the envelope fields
+FIELDS: dict[str, dict[str, str]] = {
+    "DeviceAttached": {"attach": "What the PBX answered to the Attach."},
+    "AttachInfo": {
+        "stun": "STUN servers (host[:port]); absent when none.",
+        "turn": "TURN servers (host[:port]); absent when none.",
+        "turnUsr": "TURN user name. The TURN password is never published.",
+        "prefixIntl": "Prefix for international numbers.",
+        "prefixNtl": "Prefix for national numbers.",
+        "prefixSubs": "Prefix for subscriber numbers.",
+        "area": "Area code.",
+        "country": "Country code.",
+        "maxIntern": "Length of internal numbers (newer PBX releases; undocumented, an integer "
+                     "so far).",
+        "tones": "Tone scheme (newer PBX releases; undocumented, an integer so far).",
+    },
+    "DeviceDetached": {
+        "reason": "Why: `unregistered` (the PBX said Detached), `command` (a detach command), "
+                  "`session-lost` (the PBX session broke; the bridge reconnects), `shutdown` "
+                  "(the bridge stops).",
+    },
+    "AttachFailed": {"error": "The PBX's `err`, as text (e.g. `unknown device`)."},
+    "CallStateChanged": {
+        "call": "Call id on the device; negative for calls the application started (click to "
+                "dial).",
+        "state": "The new state of the call.",
+        "in": "True: a call to the device; false: from the device; null: not known (first seen "
+              "mid-call).",
+        "remote": "The remote party, as far as known (fields absent when unknown).",
+        "channel": "Media channel, when the PBX named one.",
+        "held": "The call is on hold.",
+        "app": "The call was started by the application (negative `call`).",
+        "cause": "Q.931 cause of `released` (and of `disconnected`/`disconnecting` when the PBX "
+                 "gave one).",
+        "sync": "True when the state comes from a Sync at attach (the call existed before), not "
+                "from a Signaling message.",
+    },
+    "Remote": {"num": "Number.", "sip": "SIP user name.", "dn": "Display name."},
+    "Cause": {
+        "num": "Q.931 cause value (16: normal clearing, 17: busy, ...).",
+        "loc": "Cause location, as the PBX sent it (type undocumented).",
+    },
+    "CallSignaling": {
+        "call": "Call id on the device; negative for calls the application started.",
+        "to": "True: toward the device; false: toward the PBX.",
+        "origin": "`pbx`: passed through the bridge on the signaling path (forwarded); "
+                  "`command`: sent by the bridge for a signaling command.",
+        "sig": SIG_TEXT,
+    },
+    "Gap": {
+        "reason": "Why they were dropped: `buffer-full`, `too-old`, or both joined by `+` "
+                  "(`buffer-full+too-old`).",
+        "dropped": "The events dropped unsent: per device (key: hw, not percent-encoded), "
+                   "ranges of `seq`.",
+    },
+    "SeqRange": {"first": "First `seq` dropped.", "last": "Last `seq` dropped (inclusive)."},
+    "SignalingCommand": {
+        "call": "Call id on the device. Negative: a call the application starts (click to dial: "
+                "a `setup` toward the PBX with call -1).",
+        "to": "True: send toward the device; false or absent: toward the PBX.",
+        "sig": SIG_TEXT + " Must be an object with a string `type`; the fields the bridge reads "
+                          "must have the types below.",
+    },
+    "Sig": {
+        "type": "Message type: `setup`, `setup_ack`, `call_proc`, `alert`, `conn`, `disc`, "
+                "`rel`, `info`, ...",
+        "cg": "Calling party.",
+        "cd": "Called party.",
+        "cau": "Q.931 cause (`disc`, `rel`).",
+        "channel": "Media channel.",
+        "fty": "Facilities (`name_identification`, `hold_notify`, `retrieve_notify`, "
+               "`cp_park`, ...).",
+    },
+    "Party": {"num": "Number.", "sip": "SIP user name."},
+    "Facility": {"type": "Facility type.", "name": "The name, for `name_identification`."},
+    "Reply": {
+        "ok": "True: carried out; false: refused (see `error`; the command was also "
+              "dead-lettered).",
+        "command": "The verb of the command (`attach`, `detach`, `signaling`); absent when the "
+                   "routing key names none of them.",
+        "hw": "The device the command was for; absent when the command was refused before it "
+              "was read (a bad routing key or body).",
+        "error": "Why the command was refused (also the dead letter's `x-epsignal-error`).",
+        "attach": "attach: what the PBX answered (without the TURN password).",
+        "attached": "attach: true when the device is registered and attached now; false: it "
+                    "will be attached when it registers (an `attached` event says so).",
+        "was_attached": "detach: the device was attached when the command came.",
+    },
 }
+#: descriptions of the Structs and enums that are not message bodies
 STRUCTS = {
-    "AttachInfo": "What the PBX told about the attachment: its AttachResult without the TURN password.",
-    "CallState": "State of a call. `null`: not known yet (a call first seen mid-call); `disconnected`: "
-                 "the remote side hung up; `disconnecting`: the device hung up; `released`: the "
-                 "call is gone (the last event of a call).",
+    "AttachInfo": "What the PBX told about the attachment: its AttachResult without the TURN "
+                  "password.",
+    "CallState": "State of a call. `null`: not known yet (a call first seen mid-call); "
+                 "`disconnected`: the remote side hung up; `disconnecting`: the device hung up; "
+                 "`released`: the call is gone (the last event of a call).",
     "Remote": "The remote party of a call.",
     "Cause": "A Q.931 cause.",
     "SeqRange": "A range of `seq`, both ends included.",
@@ -148,7 +171,9 @@ class Body:
 
     @property
     def path(self) -> str:
-        return f"{VDIR}/reply.json" if self.kind == "reply" else f"{VDIR}/{self.kind}/{self.name}.json"
+        if self.kind == "reply":
+            return f"{VDIR}/reply.json"
+        return f"{VDIR}/{self.kind}/{self.name}.json"
 
     @property
     def id(self) -> str:
@@ -163,9 +188,10 @@ class Body:
 # ------------------------------------------------------------------------------------ examples
 HW, HW2, INSTANCE = "009033400001", "009033400002", "bridge-a1"
 T0 = datetime(2026, 11, 26, 10, 0, 0, 123456, tzinfo=timezone.utc)
-ATTACH = E.AttachInfo(stun=["stun1.example.net", "stun2.example.net"], turn=["turn.example.net:3478"],
-                      turnUsr="epsignal", prefixIntl="000", prefixNtl="00", prefixSubs="0", area="7031",
-                      country="49", maxIntern=4, tones=1)
+ATTACH = E.AttachInfo(
+    stun=["stun1.example.net", "stun2.example.net"], turn=["turn.example.net:3478"],
+    turnUsr="epsignal", prefixIntl="000", prefixNtl="00", prefixSubs="0", area="7031", country="49",
+    maxIntern=4, tones=1)
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
 
@@ -190,7 +216,8 @@ BODIES = [
          [("attached", "Attached at start", _ev(E.DeviceAttached, 1, attach=ATTACH))]),
     Body("events", "detached", E.DeviceDetached, "DeviceDetached",
          "The bridge is no longer in the device's signaling path.", "device.{hw}.detached",
-         [("by-command", "Detached by a detach command", _ev(E.DeviceDetached, 42, reason="command")),
+         [("by-command", "Detached by a detach command",
+           _ev(E.DeviceDetached, 42, reason="command")),
           ("session-lost", "The PBX session broke; the bridge reconnects",
            _ev(E.DeviceDetached, 43, reason="session-lost"))]),
     Body("events", "attach.failed", E.AttachFailed, "AttachFailed",
@@ -227,7 +254,8 @@ BODIES = [
          "bridge.{instance}.gap",
          [("buffer-full", "The buffer overflowed during a broker outage", _enc(E.Gap(
              instance=INSTANCE, time=T0, reason="buffer-full",
-             dropped={HW: [E.SeqRange(120, 185)], HW2: [E.SeqRange(88, 90), E.SeqRange(95, 95)]})))]),
+             dropped={HW: [E.SeqRange(120, 185)],
+                      HW2: [E.SeqRange(88, 90), E.SeqRange(95, 95)]})))]),
     Body("commands", "attach", C.AttachCommand, "AttachCommand",
          "Attach the device: the bridge gets into its signaling path. Idempotent. The body may "
          "also be empty.", "device.{hw}.attach",
@@ -237,17 +265,20 @@ BODIES = [
          "Detach the device (client mode only). Idempotent. The body may also be empty.",
          "device.{hw}.detach", [("empty", "Detach", {})]),
     Body("commands", "signaling", C.SignalingCommand, "SignalingCommand",
-         "Send a Signaling message on the device's behalf, toward the PBX (`to` false) or the device.",
-         "device.{hw}.signaling",
-         [("click-to-dial", "Place a call to 201 from the device (answers come as call.state of call -1)",
+         "Send a Signaling message on the device's behalf, toward the PBX (`to` false) or the "
+         "device.", "device.{hw}.signaling",
+         [("click-to-dial",
+           "Place a call to 201 from the device (answers come as call.state of call -1)",
            {"v": V, "call": -1, "sig": {"type": "setup", "cd": {"num": "201"}}}),
           ("hang-up", "Release the call placed before",
            {"call": -1, "sig": {"type": "rel", "cau": {"num": 16}}})]),
     Body("reply", "reply", C.Reply, "Reply",
          "The answer to a command that had `reply_to`, sent to that queue with the command's "
          "`correlation_id`. Optional fields are left out, never null.", None,
-         [("attach-ok", "Attached", _enc(C.Reply(ok=True, command="attach", hw=HW, attach=ATTACH, attached=True))),
-          ("detach-ok", "Detached", _enc(C.Reply(ok=True, command="detach", hw=HW, was_attached=True))),
+         [("attach-ok", "Attached",
+           _enc(C.Reply(ok=True, command="attach", hw=HW, attach=ATTACH, attached=True))),
+          ("detach-ok", "Detached",
+           _enc(C.Reply(ok=True, command="detach", hw=HW, was_attached=True))),
           ("signaling-ok", "Signaling sent", _enc(C.Reply(ok=True, command="signaling", hw=HW))),
           ("not-attached", "Refused: the device is not attached",
            _enc(C.error_reply(f"device {HW} is not attached", command="signaling", hw=HW))),
@@ -288,8 +319,8 @@ def _always_encoded(st: mi.StructType) -> list[str]:
 
 
 KEY_ORDER = ["$schema", "$id", "title", "description", "$ref", "const", "enum", "type", "format",
-             "minimum", "default", "properties", "additionalProperties", "required", "items", "anyOf",
-             "examples", "$defs"]
+             "minimum", "default", "properties", "additionalProperties", "required", "items",
+             "anyOf", "examples", "$defs"]
 
 
 def _ordered(schema: dict) -> dict:
@@ -312,14 +343,16 @@ def _ordered(schema: dict) -> dict:
     return out
 
 
-def _fix_struct(name: str, st: mi.StructType, schema: dict, *, output: bool, missing: list[str]) -> None:
+def _fix_struct(name: str, st: mi.StructType, schema: dict, *, output: bool,
+                missing: list[str]) -> None:
+    """Descriptions, `v`, the tag, formats, Raw fields, and (output) what is always there."""
     if name in STRUCTS:
         schema["description"] = STRUCTS[name]
     props = schema.get("properties", {})
     tag = st.tag_field
     for f in st.fields:
         p = props[f.encode_name]
-        text = FIELDS.get((name, f.encode_name)) or COMMON.get(f.encode_name)
+        text = FIELDS.get(name, {}).get(f.encode_name) or COMMON.get(f.encode_name)
         if not text:
             missing.append(f"{name}.{f.encode_name}")
         p["description"] = text or ""
@@ -352,19 +385,21 @@ def _fix_struct(name: str, st: mi.StructType, schema: dict, *, output: bool, mis
 def body_schema(body: Body, missing: list[str] | None = None) -> dict:
     """The JSON Schema (2020-12) of one body, self-contained (its Structs in ``$defs``)."""
     missing = [] if missing is None else missing
-    roots: list[type] = [body.struct] + [v for (s, _), v in RAW_VIEWS.items() if s == body.struct.__name__]
+    views = [v for (s, _), v in RAW_VIEWS.items() if s == body.struct.__name__]
+    roots: list[type] = [body.struct, *views]
     _, defs = msgspec.json.schema_components(roots, ref_template="#/$defs/{name}")
     structs: dict[str, mi.StructType] = {}
     for r in roots:
         _structs(mi.type_info(r), structs)
     for name, st in structs.items():
         _fix_struct(name, st, defs[name], output=body.output, missing=missing)
-    for name, d in defs.items():
-        if name not in structs and name in STRUCTS:  # enums
-            d["description"] = STRUCTS[name]
     root = defs.pop(body.struct.__name__)
-    root.update({"$schema": DIALECT, "$id": body.id, "title": body.title, "description": body.description,
-                 "examples": [ex for _, _, ex in body.examples]})
+    for name, d in defs.items():  # Structs and enums inside the body
+        if name not in STRUCTS:
+            missing.append(name)
+        d["description"] = STRUCTS.get(name, "")
+    root.update({"$schema": DIALECT, "$id": body.id, "title": body.title,
+                 "description": body.description, "examples": [ex for _, _, ex in body.examples]})
     if defs:
         root["$defs"] = defs
     return _ordered(root)
@@ -378,36 +413,48 @@ PARAMS = {
            "examples": [HW, "00%3A90%3A33%3A40%3A00%3A01"]},
     "call": {"description": "Call id on the device, a decimal integer; negative for calls the "
                             "application started.", "examples": ["17", "-1"]},
-    "instance": {"description": "Id of the bridge instance, as one routing-key word (percent-encoded "
-                                "like `hw`).", "examples": [INSTANCE]},
+    "instance": {"description": "Id of the bridge instance, as one routing-key word "
+                                "(percent-encoded like `hw`).", "examples": [INSTANCE]},
     "key": {"description": "The refused command's routing key, unchanged (also a key that is not "
-                           "device.<hw>.<verb>).", "examples": [f"device.{HW}.signaling", "totally.wrong"]},
+                           "device.<hw>.<verb>).",
+            "examples": [f"device.{HW}.signaling", "totally.wrong"]},
 }
-_TRACE = {
-    "traceparent": {"type": "string", "pattern": "^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$",
-                    "description": "AMQP header: W3C Trace Context `traceparent`. Optional until "
-                                   "tracing lands (issue 5)."},
-    "tracestate": {"type": "string", "description": "AMQP header: W3C Trace Context `tracestate`, "
-                                                    "with `traceparent`. Optional."},
-}
+_TP = "^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$"
+
+
+def _trace(traceparent: str) -> dict:
+    return {
+        "traceparent": {
+            "type": "string", "pattern": _TP,
+            "description": f"AMQP header: W3C Trace Context `traceparent`. {traceparent}"},
+        "tracestate": {
+            "type": "string",
+            "description": "AMQP header: W3C Trace Context `tracestate`, next to `traceparent` "
+                           "when the trace has one."},
+    }
+
+
 _PROP = "AMQP property"
 HEADERS = {
     "EventHeaders": {
         "type": "object",
-        "description": "AMQP properties and headers of an event. Entries described as `AMQP property` "
-                       "are basic properties of the message; `AMQP header` entries are in its "
-                       "headers table. Unknown headers may be added: ignore them.",
+        "description": "AMQP properties and headers of an event. Entries described as `AMQP "
+                       "property` are basic properties of the message; `AMQP header` entries are "
+                       "in its headers table. Unknown headers may be added: ignore them.",
         "properties": {
             "content_type": {"const": "application/json", "description": f"{_PROP}."},
             "delivery_mode": {"const": 2, "description": f"{_PROP}: 2, persistent."},
-            "type": {"enum": sorted(BY_TYPE), "description": f"{_PROP}: the event name, the same as the body's `type`."},
-            "message_id": {"type": "string", "description": f"{_PROP}: `<instance>/<hw>/<seq>` (the "
-                           "body's values, not percent-encoded); a duplicate has the same id. Gap "
-                           "events: `<instance>/gap/<unix time>`."},
+            "type": {"enum": sorted(BY_TYPE),
+                     "description": f"{_PROP}: the event name, the same as the body's `type`."},
+            "message_id": {"type": "string",
+                           "description": f"{_PROP}: `<instance>/<hw>/<seq>` (the body's values, "
+                                          "not percent-encoded); a duplicate has the same id. "
+                                          "Gap events: `<instance>/gap/<unix time>`."},
             "timestamp": {"type": "integer", "description": f"{_PROP}: the body's `time` in whole "
                           "seconds since the Unix epoch."},
             "app_id": {"const": "epsignal-bridge", "description": f"{_PROP}."},
-            **_TRACE,
+            **_trace("The context of the bridge's publish span, to continue the trace from. "
+                     "Present when the bridge runs with tracing on (OTEL_* variables; issue 5)."),
         },
         "required": ["content_type", "delivery_mode", "type", "message_id", "timestamp"],
     },
@@ -423,7 +470,8 @@ HEADERS = {
             "content_type": {"const": "application/json", "description": f"{_PROP}: the body is "
                              "read as JSON whatever this says."},
             "message_id": {"type": "string", "description": f"{_PROP}: copied to the dead letter."},
-            **_TRACE,
+            **_trace("Optional: with tracing on, the bridge's span of the command continues "
+                     "this trace (issue 5)."),
         },
     },
     "ReplyHeaders": {
@@ -444,25 +492,27 @@ HEADERS = {
                        "(body, routing key, properties and headers, copied), persistent, plus "
                        "`x-epsignal-error`.",
         "properties": {
-            "x-epsignal-error": {"type": "string", "description": "AMQP header: why the command was "
-                                 "refused (the reply's `error`). Absent only when the bridge could "
-                                 "not publish the copy and the commands queue's own dead-lettering "
-                                 "moved the command (then RabbitMQ's `x-death` header says so)."},
+            "x-epsignal-error": {
+                "type": "string",
+                "description": "AMQP header: why the command was refused (the reply's `error`). "
+                               "Absent only when the bridge could not publish the copy and the "
+                               "commands queue's own dead-lettering moved the command (then "
+                               "RabbitMQ's `x-death` header says so)."},
             "delivery_mode": {"const": 2, "description": f"{_PROP}: 2, persistent."},
             "reply_to": {"type": "string", "description": f"{_PROP}: the command's."},
             "correlation_id": {"type": "string", "description": f"{_PROP}: the command's."},
             "message_id": {"type": "string", "description": f"{_PROP}: the command's."},
-            **_TRACE,
+            **_trace("The command's, when it had one."),
         },
     },
 }
-DEAD_PAYLOAD = {"description": "The refused command's body, byte for byte (it may not even be JSON)."}
+DEAD_PAYLOAD = {"description": "The refused command's body, byte for byte (it may not even be "
+                               "JSON)."}
 
 
 def _exchange(name: str) -> dict:
-    return {"amqp": {"is": "routingKey", "exchange": {"name": name, "type": "topic", "durable": True,
-                                                    "autoDelete": False, "vhost": "/"},
-                     "bindingVersion": AMQP_BINDING}}
+    exchange = {"name": name, "type": "topic", "durable": True, "autoDelete": False, "vhost": "/"}
+    return {"amqp": {"is": "routingKey", "exchange": exchange, "bindingVersion": AMQP_BINDING}}
 
 
 def _camel(name: str) -> str:
@@ -470,20 +520,24 @@ def _camel(name: str) -> str:
     return parts[0] + "".join(p.title() for p in parts[1:])
 
 
-def _timestamp() -> int:
-    return int(T0.timestamp())
-
-
 def _event_example_headers(b: Body, ex: dict) -> dict:
-    mid = (f"{INSTANCE}/gap/{T0.timestamp()}" if b.name == "gap" else f"{ex['instance']}/{ex['hw']}/{ex['seq']}")
-    return {"content_type": "application/json", "delivery_mode": 2, "type": b.name, "message_id": mid,
-            "timestamp": _timestamp(), "app_id": "epsignal-bridge"}
+    if b.name == "gap":
+        mid = f"{INSTANCE}/gap/{T0.timestamp()}"
+    else:
+        mid = f"{ex['instance']}/{ex['hw']}/{ex['seq']}"
+    return {"content_type": "application/json", "delivery_mode": 2, "type": b.name,
+            "message_id": mid, "timestamp": int(T0.timestamp()), "app_id": "epsignal-bridge"}
+
+
+CMD_HEADERS = {"reply_to": "amq.rabbitmq.reply-to", "correlation_id": "7d5e2c1a",
+               "content_type": "application/json"}
+REPLY_HEADERS = {"content_type": "application/json", "type": "reply", "correlation_id": "7d5e2c1a"}
 
 
 def _rewrite_refs(obj: Any) -> Any:
     if isinstance(obj, dict):
-        return {k: (v.replace("#/$defs/", "#/components/schemas/") if k == "$ref" else _rewrite_refs(v))
-                for k, v in obj.items()}
+        return {k: v.replace("#/$defs/", "#/components/schemas/") if k == "$ref"
+                else _rewrite_refs(v) for k, v in obj.items()}
     if isinstance(obj, list):
         return [_rewrite_refs(v) for v in obj]
     return obj
@@ -509,26 +563,24 @@ def asyncapi(schemas: dict[str, dict]) -> dict:
         add(b.title, s)
         mid = _camel(b.name) + ("Command" if b.kind == "commands" else "")
         msg = {"name": b.name, "title": b.title, "summary": b.description,
-               "contentType": "application/json", "payload": {"$ref": f"#/components/schemas/{b.title}"}}
+               "contentType": "application/json",
+               "payload": {"$ref": f"#/components/schemas/{b.title}"}}
         if b.kind == "events":
             msg["headers"] = {"$ref": "#/components/schemas/EventHeaders"}
             msg["bindings"] = {"amqp": {"messageType": b.name, "bindingVersion": AMQP_BINDING}}
-            msg["examples"] = [{"name": n, "summary": t, "headers": _event_example_headers(b, ex), "payload": ex}
-                               for n, t, ex in b.examples]
+            headers = [_event_example_headers(b, ex) for _, _, ex in b.examples]
         elif b.kind == "commands":
             msg["headers"] = {"$ref": "#/components/schemas/CommandHeaders"}
             msg["correlationId"] = {"$ref": "#/components/correlationIds/command"}
-            msg["examples"] = [{"name": n, "summary": t, "headers": {
-                "reply_to": "amq.rabbitmq.reply-to", "correlation_id": "7d5e2c1a", "content_type": "application/json",
-                **({"traceparent": TRACEPARENT} if b.name == "signaling" else {})}, "payload": ex}
-                for n, t, ex in b.examples]
+            trace = {"traceparent": TRACEPARENT} if b.name == "signaling" else {}
+            headers = [{**CMD_HEADERS, **trace}] * len(b.examples)
         else:
             msg["headers"] = {"$ref": "#/components/schemas/ReplyHeaders"}
             msg["correlationId"] = {"$ref": "#/components/correlationIds/command"}
             msg["bindings"] = {"amqp": {"messageType": "reply", "bindingVersion": AMQP_BINDING}}
-            msg["examples"] = [{"name": n, "summary": t, "headers": {
-                "content_type": "application/json", "type": "reply", "correlation_id": "7d5e2c1a"},
-                "payload": ex} for n, t, ex in b.examples]
+            headers = [REPLY_HEADERS] * len(b.examples)
+        msg["examples"] = [{"name": n, "summary": t, "headers": h, "payload": ex}
+                           for (n, t, ex), h in zip(b.examples, headers, strict=True)]
         messages[mid] = msg
         if b.kind == "reply":
             continue
@@ -554,8 +606,8 @@ def asyncapi(schemas: dict[str, dict]) -> dict:
                 "arguments": {"x-dead-letter-exchange": DEAD_EXCHANGE}}
             operations["receive" + mid[0].upper() + mid[1:]] = {
                 "action": "receive", "channel": {"$ref": f"#/channels/{ch_id}"},
-                "summary": f"The bridge carries out {b.name} commands, one at a time per device, and "
-                           "acks each after it was carried out or refused.",
+                "summary": f"The bridge carries out {b.name} commands, one at a time per device, "
+                           "and acks each after it was carried out or refused.",
                 "messages": [{"$ref": f"#/channels/{ch_id}/messages/{mid}"}],
                 "reply": {"address": {"location": "$message.header#/reply_to",
                                       "description": "The command's `reply_to` property."},
@@ -570,9 +622,9 @@ def asyncapi(schemas: dict[str, dict]) -> dict:
     }
     channels["deadLetter"] = {
         "address": "{key}", "title": "Dead letters",
-        "description": f"Every refused command, copied to the exchange `{DEAD_EXCHANGE}` with its own "
-                      f"routing key, body and properties plus the header `x-epsignal-error`. The "
-                      f"durable queue `{DEAD_QUEUE}` (bound with `#`) keeps them.",
+        "description": f"Every refused command, copied to the exchange `{DEAD_EXCHANGE}` with its "
+                       "own routing key, body and properties plus the header `x-epsignal-error`. "
+                       f"The durable queue `{DEAD_QUEUE}` (bound with `#`) keeps them.",
         "messages": {"deadLetter": {"$ref": "#/components/messages/deadLetter"}},
         "parameters": {"key": {"$ref": "#/components/parameters/key"}},
         "bindings": _exchange(DEAD_EXCHANGE),
@@ -580,18 +632,23 @@ def asyncapi(schemas: dict[str, dict]) -> dict:
     }
     operations["publishDeadLetter"] = {
         "action": "send", "channel": {"$ref": "#/channels/deadLetter"},
-        "summary": "The bridge dead-letters a refused command (after replying, when it had `reply_to`).",
+        "summary": "The bridge dead-letters a refused command (after replying, when it had "
+                   "`reply_to`).",
         "messages": [{"$ref": "#/channels/deadLetter/messages/deadLetter"}],
-        "bindings": {"amqp": {"deliveryMode": 2, "timestamp": False, "bindingVersion": AMQP_BINDING}},
+        "bindings": {"amqp": {"deliveryMode": 2, "timestamp": False,
+                              "bindingVersion": AMQP_BINDING}},
     }
     messages["deadLetter"] = {
-        "name": "dead-letter", "title": "Dead letter", "summary": "A refused command, with the reason.",
+        "name": "dead-letter", "title": "Dead letter",
+        "summary": "A refused command, with the reason.",
         "headers": {"$ref": "#/components/schemas/DeadLetterHeaders"},
         "payload": {"$ref": "#/components/schemas/DeadLetter"},
-        "examples": [{"name": "not-attached", "summary": "A signaling command for a device that is not attached",
-                      "headers": {"x-epsignal-error": f"device {HW} is not attached", "delivery_mode": 2,
-                                  "reply_to": "amq.rabbitmq.reply-to", "correlation_id": "7d5e2c1a"},
-                      "payload": {"call": -1, "sig": {"type": "setup", "cd": {"num": "201"}}}}],
+        "examples": [{
+            "name": "not-attached",
+            "summary": "A signaling command for a device that is not attached",
+            "headers": {"x-epsignal-error": f"device {HW} is not attached", "delivery_mode": 2,
+                        "reply_to": "amq.rabbitmq.reply-to", "correlation_id": "7d5e2c1a"},
+            "payload": {"call": -1, "sig": {"type": "setup", "cd": {"num": "201"}}}}],
     }
     for name, schema in HEADERS.items():
         add(name, schema)
@@ -602,26 +659,29 @@ def asyncapi(schemas: dict[str, dict]) -> dict:
         "info": {
             "title": "epsignal-bridge bus",
             "version": str(V),
-            "description": "Events and commands of epsignal-bridge, which bridges an innovaphone "
-                           "PBX's EpSignal call signaling to RabbitMQ. Operations are the bridge's: "
-                           "consumers receive what it sends and send what it receives. Generated "
-                           "from the bridge's Structs by `epsignal-bridge contracts`; the JSON "
-                           "Schemas of the bodies are in contracts/" + VDIR + "/. Exchange and queue "
-                           "names are the defaults (EPSIGNAL_*_EXCHANGE/_QUEUE change them). "
-                           "docs/CONSUMERS.md explains ordering, duplicates, gaps and dead letters.",
+            "description": "Events and commands of epsignal-bridge, which bridges an "
+                           "innovaphone PBX's EpSignal call signaling to RabbitMQ. Operations are "
+                           "the bridge's: consumers receive what it sends and send what it "
+                           "receives. Generated from the bridge's Structs by `epsignal-bridge "
+                           "contracts`; the JSON Schemas of the bodies are in contracts/" + VDIR +
+                           "/. Exchange and queue names are the defaults "
+                           "(EPSIGNAL_*_EXCHANGE/_QUEUE change them). docs/CONSUMERS.md explains "
+                           "ordering, duplicates, gaps and dead letters.",
             "license": {"name": "Apache-2.0"},
         },
         "defaultContentType": "application/json",
-        "servers": {"rabbitmq": {"host": "localhost:5672", "protocol": "amqp", "protocolVersion": "0.9.1",
-                                 "description": "The broker of EPSIGNAL_AMQP_URL (amqps:// works too)."}},
+        "servers": {"rabbitmq": {
+            "host": "localhost:5672", "protocol": "amqp", "protocolVersion": "0.9.1",
+            "description": "The broker of EPSIGNAL_AMQP_URL (amqps:// works too)."}},
         "channels": channels,
         "operations": {k: operations[k] for k in sorted(operations)},
         "components": {
             "schemas": {k: _ordered(components[k]) for k in sorted(components)},
             "messages": {k: messages[k] for k in sorted(messages)},
             "parameters": {k: PARAMS[k] for k in sorted(PARAMS)},
-            "correlationIds": {"command": {"description": "The command's `correlation_id`, copied into its reply.",
-                                           "location": "$message.header#/correlation_id"}},
+            "correlationIds": {"command": {
+                "description": "The command's `correlation_id`, copied into its reply.",
+                "location": "$message.header#/correlation_id"}},
         },
     }
     doc["channels"] = {k: channels[k] for k in sorted(channels)}
@@ -638,7 +698,8 @@ def generate() -> dict[str, bytes]:
     missing: list[str] = []
     schemas = {b.path: body_schema(b, missing) for b in BODIES}
     if missing:
-        raise ValueError("fields without a description in bridge/contracts.py FIELDS: " + ", ".join(sorted(set(missing))))
+        raise ValueError("without a description in bridge/contracts.py (FIELDS, STRUCTS): "
+                         + ", ".join(sorted(set(missing))))
     files = {p: _dump(s) for p, s in schemas.items()}
     files["asyncapi.json"] = _dump(asyncapi(schemas))
     return dict(sorted(files.items()))

@@ -31,6 +31,8 @@ class Device:
         self.bad_sig = 0
         #: call id -> the span context of the call's trace (see bridge.tracing)
         self.trace_ctx: dict = {}
+        #: calls known before the session was lost and not yet confirmed by a Sync since
+        self._unconfirmed: set[int] = set()
 
     def on_frame(self, msg) -> list[Outgoing]:
         f = self.factory
@@ -38,6 +40,7 @@ class Device:
         if t is Signaling:
             return self._signaling(msg, "pbx")
         if t is Sync:
+            self._unconfirmed.discard(msg.call)
             return [f.call_state(self.hw, self.tracker.sync(msg), sync=True)]
         if t is AttachResult:
             self.result = msg
@@ -62,7 +65,20 @@ class Device:
         was = self.attached
         self.attached = False
         self.result = None
+        self._unconfirmed = {c.call for c in self.tracker.calls()}
         return [self.factory.detached(self.hw, reason)] if was or reason == "command" else []
+
+    def settle(self) -> list[Outgoing]:
+        """After a re-attach and its Syncs: calls known before the loss that no Sync confirmed
+        ended while the bridge was away; they get their ``released`` state (cause unknown)."""
+        gone, self._unconfirmed = self._unconfirmed, set()
+        out = []
+        for call in sorted(gone):
+            status = self.tracker.forget(call)
+            if status is not None:
+                out.append(self.factory.call_state(self.hw, status))
+                self.trace_ctx.pop(call, None)
+        return out
 
     def _signaling(self, msg: Signaling, origin: str) -> list[Outgoing]:
         toward = msg.to is True

@@ -132,6 +132,8 @@ class Outgoing:
     headers: dict | None = None
     #: the PRODUCER span while tracing is on (ended when the broker confirms)
     span: Any = None
+    #: a gap event's (reason, ranges), so a gap event that is itself dropped is announced again
+    gap: Any = None
 
 
 class EventFactory:
@@ -182,4 +184,5 @@ class EventFactory:
         ev = Gap(instance=self.instance, time=now, reason=reason,
                  dropped={hw: [SeqRange(a, b) for a, b in r] for hw, r in dropped.items()})
         return Outgoing(key=routing.gap_key(self.instance), body=_encoder.encode(ev), type="gap",
-                        message_id=f"{self.instance}/gap/{now.timestamp()}", timestamp=now)
+                        message_id=f"{self.instance}/gap/{now.timestamp()}", timestamp=now,
+                        gap=(reason, dropped))

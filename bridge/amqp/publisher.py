@@ -50,10 +50,13 @@ class EventPublisher:
         self._broken = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
         self._closing = False
+        self._episodes_seen = (0, 0)  # (opened, closed) already logged
+        self._last_gap = 0.0
 
     # ----------------------------------------------------------------- the PBX side's door
     def publish_nowait(self, event: Outgoing) -> None:
         self.buffer.append(event)
+        self._log_episodes()
         self._drained.clear()
         self._wakeup.set()
 
@@ -75,9 +78,15 @@ class EventPublisher:
     async def _drain(self) -> None:
         exchange = self.link.topology.events
         while not self._broken.is_set() and not self._closing:
-            self._announce_gaps()
+            now = time.monotonic()
+            if now - self._last_gap >= 1.0:  # one gap event a second at most, whatever the drops
+                self._last_gap = now
+                self._announce_gaps()
             entry = self.buffer.take()
+            self._log_episodes()  # take() may have dropped events for age
             if entry is None:
+                if self._announce_gaps():  # drained: what was dropped is announced right away
+                    continue
                 if not self.buffer:
                     self._drained.set()
                 self._wakeup.clear()
@@ -106,7 +115,12 @@ class EventPublisher:
         self.stats.published += 1
         try:
             result = await exchange.publish(msg, ev.key, mandatory=True, timeout=self.timeout_s)
-        except Exception as e:  # nack, timeout, channel or connection gone: resend later
+        except (Exception, asyncio.CancelledError) as e:  # nack, timeout, channel or connection gone
+            # aiormq cancels pending confirmations when the connection drops: that is a failed
+            # publish like any other, unless this task itself is being cancelled (shutdown).
+            if isinstance(e, asyncio.CancelledError) and asyncio.current_task().cancelling():
+                self._failed.append(entry)
+                raise
             self.stats.failed += 1
             self._failed.append(entry)
             if not self._broken.is_set():
@@ -120,6 +134,7 @@ class EventPublisher:
             PUBLISH_SECONDS.observe(time.monotonic() - entry.enqueued)
             if ev.span is not None:
                 tracing.published(ev)
+            self._log_episodes()
         finally:
             self._slots.release()
             if not self.buffer:
@@ -129,14 +144,29 @@ class EventPublisher:
         if self._tasks:
             await asyncio.wait(set(self._tasks))
 
-    def _announce_gaps(self) -> None:
+    def _announce_gaps(self) -> bool:
+        """Put a gap event for what was dropped since the last one at the front; True if any."""
         gaps = self.buffer.take_gaps()
-        if gaps is not None:
-            reason, dropped = gaps
-            n = sum(b - a + 1 for r in dropped.values() for a, b in r)
-            log.warning("dropped %d events unsent (%s) for %d devices; gap event published",
-                        n, reason, len(dropped))
-            self.buffer.push_front(self.factory.gap(reason, dropped))
+        if gaps is None:
+            return False
+        reason, dropped = gaps
+        n = sum(b - a + 1 for r in dropped.values() for a, b in r)
+        log.debug("gap event: %d events dropped unsent (%s) for %d devices", n, reason, len(dropped))
+        self.buffer.push_front(self.factory.gap(reason, dropped))
+        return True
+
+    def _log_episodes(self) -> None:
+        """One line when dropping starts and one when the buffer is empty again: never per event."""
+        s = self.buffer.stats
+        if (s.episodes, s.episodes_closed) == self._episodes_seen:
+            return
+        if s.episodes != self._episodes_seen[0]:
+            log.warning("event buffer over its limits (%d events, %gs): dropping the oldest unsent "
+                        "events; consumers get a gap event", self.buffer.max_events, self.buffer.max_age_s)
+        if s.episodes_closed != self._episodes_seen[1]:
+            log.warning("event buffer drained; %d events were dropped unsent in this episode",
+                        s.last_episode_dropped)
+        self._episodes_seen = (s.episodes, s.episodes_closed)
 
     # ----------------------------------------------------------------- shutdown
     async def flush(self, timeout: float) -> bool:

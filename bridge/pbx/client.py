@@ -28,6 +28,9 @@ from bridge.protocol.login import LoginFailed
 
 log = logging.getLogger("bridge.pbx")
 
+#: time after a (re-)attach for the PBX's Sync messages to arrive (EpSignal marks no end of Sync)
+SETTLE_S = 2.0
+
 RETRYABLE = (OSError, TimeoutError, ConnectionError, InvalidHandshake, FrameError, LoginFailed)
 
 
@@ -98,7 +101,9 @@ class DeviceRunner:
                         self.session = await self._open()
                 if not self.first_result.done():
                     self.first_result.set_result(self.device.result)
+                settle = asyncio.get_running_loop().call_later(SETTLE_S, self._settle)
                 await self.session.closed
+                settle.cancel()
                 if self._stopping:
                     break
                 self.reconnects += 1
@@ -117,6 +122,10 @@ class DeviceRunner:
             if not self.first_result.done():
                 self.first_result.cancel()
             raise
+
+    def _settle(self) -> None:
+        for ev in self.device.settle():
+            self.emit(ev)
 
     def _log_retry(self, rs) -> None:
         exc = rs.outcome.exception()

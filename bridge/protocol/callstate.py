@@ -118,6 +118,11 @@ class CallTracker:
             self._calls[call] = new
         return None if new == old else new
 
+    def forget(self, call: int) -> CallStatus | None:
+        """The call ended unseen: its ``released`` status (no cause), or None if unknown."""
+        cur = self._calls.pop(call, None)
+        return None if cur is None else structs.replace(cur, state=CallState.RELEASED, cause=None)
+
     def release_all(self, cause: Cause | None = None) -> list[CallStatus]:
         """Forget every call (the attachment ended); the ``released`` status of each."""
         out = [structs.replace(c, state=CallState.RELEASED, cause=cause) for c in self._calls.values()]

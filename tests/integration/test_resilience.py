@@ -74,3 +74,26 @@ async def test_a_broker_that_stops_answering_is_detected_within_the_heartbeat_in
         assert await bridge.link.wait_ready(15)
     finally:
         await proxy.stop()
+
+
+async def test_a_call_that_ended_while_the_session_was_down_is_released_after_the_reattach(
+        sim, bus, settings_for, start_bridge):
+    from tests.tcpproxy import TcpProxy
+    from urllib.parse import urlsplit
+
+    u = urlsplit(sim.url)
+    proxy = await TcpProxy(u.hostname, u.port).start()
+    try:
+        hw = sim.hw(11)
+        q = await bus.bind(f"device.{hw}.call.*.state")
+        await start_bridge(settings_for(sim, devices=hw, pbx_url=f"ws://127.0.0.1:{proxy.port}{u.path}"))
+        await asyncio.sleep(0.3)
+        call = await sim.place_call(hw, direction="in", hold_s=0.5)
+        await q.until(lambda e: e.body["state"] == "connected")
+        proxy.cut()  # the bridge is out of the path; the call goes on without it and ends
+        await sim.wait_idle(10)
+        proxy.restore()
+        evs = await q.until(lambda e: e.body["state"] == "released", timeout=15)
+        assert evs[-1].body["call"] == call and evs[-1].body["cause"] is None
+    finally:
+        await proxy.stop()

@@ -144,3 +144,16 @@ def test_good_commands_parse():
     assert cmds.parse("device.a%2Eb.attach", b"")[:2] == ("a.b", "attach")
     hw, verb, c = cmds.parse("device.x.signaling", b'{"call":-1,"to":true,"sig":{"type":"setup","q":[1]}}')
     assert (c.call, c.to, bytes(c.sig)) == (-1, True, b'{"type":"setup","q":[1]}')
+
+
+def test_a_dropped_gap_announcement_is_announced_again():
+    f = EventFactory("i")
+    b = EventBuffer(3, 60, Clock())
+    for _ in range(4):
+        b.append(ev(f))  # drops seq 1
+    reason, dropped = b.take_gaps()
+    b.push_front(f.gap(reason, dropped))
+    for _ in range(2):
+        b.append(ev(f))  # drops the gap event, then seq 2
+    assert b.stats.dropped_full == 2  # device events only
+    assert b.take_gaps() == ("buffer-full", {"hw1": [(1, 2)]})
