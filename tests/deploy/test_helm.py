@@ -306,7 +306,8 @@ def test_security_context(chart):
     r = render(chart)
     pod_sc = r.pod["spec"]["securityContext"]
     assert pod_sc["runAsNonRoot"] is True
-    assert (pod_sc["runAsUser"], pod_sc["runAsGroup"], pod_sc["fsGroup"]) == (uid, gid, gid) == (10001, 10001, 10001)
+    assert (uid, gid) == (10001, 10001)
+    assert (pod_sc["runAsUser"], pod_sc["runAsGroup"], pod_sc["fsGroup"]) == (uid, gid, gid)
     assert pod_sc["seccompProfile"] == {"type": "RuntimeDefault"}
     sc = r.container["securityContext"]
     assert sc["runAsNonRoot"] is True and sc["runAsUser"] == uid
@@ -320,6 +321,17 @@ def test_security_context(chart):
     (mount,) = r.container["volumeMounts"]
     (vol,) = r.pod["spec"]["volumes"]
     assert mount == {"name": vol["name"], "mountPath": "/tmp"} and "emptyDir" in vol
+
+
+def test_uids_can_be_left_to_the_platform(chart):
+    """OpenShift assigns uids: null removes them, the rest of the securityContext stays."""
+    r = render(chart, {"podSecurityContext": {"runAsUser": None, "runAsGroup": None, "fsGroup": None},
+                       "securityContext": {"runAsUser": None, "runAsGroup": None}})
+    assert r.pod["spec"]["securityContext"] == {"runAsNonRoot": True,
+                                                "seccompProfile": {"type": "RuntimeDefault"}}
+    sc = r.container["securityContext"]
+    assert "runAsUser" not in sc and "runAsGroup" not in sc
+    assert sc["readOnlyRootFilesystem"] is True and sc["capabilities"] == {"drop": ["ALL"]}
 
 
 def test_probes_ports_resources_and_image(chart):
@@ -358,7 +370,8 @@ def test_grace_period_exceeds_the_bridge_grace(chart):
 
 def test_anti_affinity(chart):
     r = render(chart)
-    (term,) = r.pod["spec"]["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    anti = r.pod["spec"]["affinity"]["podAntiAffinity"]
+    (term,) = anti["preferredDuringSchedulingIgnoredDuringExecution"]
     assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
     assert term["podAffinityTerm"]["labelSelector"]["matchLabels"] == \
         r.one("Deployment")["spec"]["selector"]["matchLabels"]
@@ -418,7 +431,8 @@ def test_otel(chart, monkeypatch):
 
 # --------------------------------------------------------------------------- replicas, HPA, PDB
 def test_hpa_leaves_replicas_out(chart):
-    r = render(chart, {"replicas": 3, "autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 7}})
+    r = render(chart, {"replicas": 3,
+                       "autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 7}})
     assert "replicas" not in r.one("Deployment")["spec"]
     hpa = r.one("HorizontalPodAutoscaler")["spec"]
     assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
