@@ -6,6 +6,8 @@
     tail       print the events matching a binding pattern
     send       send a command (attach, detach, signaling) and print the reply
     config     list every EPSIGNAL_* setting with its default
+    contracts  write (or --check) the JSON Schemas and the AsyncAPI document in contracts/
+    bench      the benchmark (docs/PERFORMANCE.md)
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ class DetachCommand(Struct, kw_only=True):
     v: int = SCHEMA_VERSION
 
 
-class SignalingCommand(Struct, kw_only=True, forbid_unknown_fields=True):
+class SignalingCommand(Struct, kw_only=True):
     call: int
     sig: Raw
     to: bool = False
@@ -89,6 +89,8 @@ def parse(routing_key: str, body: bytes) -> tuple[str, str, Command]:
         raise CommandError(f"invalid {verb} command: {e}") from None
     except msgspec.DecodeError as e:
         raise CommandError(f"{verb} command body is not JSON: {e}") from None
+    if cmd.v != SCHEMA_VERSION:
+        raise CommandError(f"unsupported schema version v={cmd.v} (this bridge speaks v={SCHEMA_VERSION})")
     if isinstance(cmd, SignalingCommand):
         if bytes(memoryview(cmd.sig)[:1]) != b"{":
             raise CommandError("invalid signaling command: Expected `object` - at `$.sig`")

@@ -25,6 +25,7 @@ import msgspec.inspect as mi
 from msgspec import Raw
 
 from bridge import commands as C
+from bridge import routing
 from bridge import events as E
 from bridge.events import SCHEMA_VERSION as V
 from bridge.protocol.signal import Sig
@@ -447,9 +448,9 @@ HEADERS = {
             "type": {"enum": sorted(BY_TYPE),
                      "description": f"{_PROP}: the event name, the same as the body's `type`."},
             "message_id": {"type": "string",
-                           "description": f"{_PROP}: `<instance>/<hw>/<seq>` (the body's values, "
-                                          "not percent-encoded); a duplicate has the same id. "
-                                          "Gap events: `<instance>/gap/<unix time>`."},
+                           "description": f"{_PROP}: `<instance>/<hw>/<seq>` with hw percent-encoded as in the "
+                                          "routing key; a duplicate has the same id. "
+                                          "Gap events: `<instance>/.gap/<n>` (no device id encodes to `.gap`)."},
             "timestamp": {"type": "integer", "description": f"{_PROP}: the body's `time` in whole "
                           "seconds since the Unix epoch."},
             "app_id": {"const": "epsignal-bridge", "description": f"{_PROP}."},
@@ -522,9 +523,9 @@ def _camel(name: str) -> str:
 
 def _event_example_headers(b: Body, ex: dict) -> dict:
     if b.name == "gap":
-        mid = f"{INSTANCE}/gap/{T0.timestamp()}"
+        mid = f"{INSTANCE}/.gap/1"
     else:
-        mid = f"{ex['instance']}/{ex['hw']}/{ex['seq']}"
+        mid = f"{ex['instance']}/{routing.word(ex['hw'])}/{ex['seq']}"
     return {"content_type": "application/json", "delivery_mode": 2, "type": b.name,
             "message_id": mid, "timestamp": int(T0.timestamp()), "app_id": "epsignal-bridge"}
 

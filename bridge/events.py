@@ -142,6 +142,7 @@ class EventFactory:
     def __init__(self, instance: str) -> None:
         self.instance = instance
         self._seq: dict[str, int] = {}
+        self._gaps = 0
 
     def _next(self, hw: str) -> int:
         n = self._seq.get(hw, 0) + 1
@@ -151,7 +152,7 @@ class EventFactory:
     def _out(self, key: str, ev: Event) -> Outgoing:
         return Outgoing(
             key=key, body=_encoder.encode(ev), type=ev.__struct_config__.tag,
-            message_id=f"{self.instance}/{ev.hw}/{ev.seq}", timestamp=ev.time, hw=ev.hw, seq=ev.seq,
+            message_id=f"{self.instance}/{routing.word(ev.hw)}/{ev.seq}", timestamp=ev.time, hw=ev.hw, seq=ev.seq,
         )
 
     def _base(self, hw: str) -> dict:
@@ -181,8 +182,9 @@ class EventFactory:
 
     def gap(self, reason: str, dropped: dict[str, list[tuple[int, int]]]) -> Outgoing:
         now = datetime.now(timezone.utc)
+        self._gaps += 1
         ev = Gap(instance=self.instance, time=now, reason=reason,
                  dropped={hw: [SeqRange(a, b) for a, b in r] for hw, r in dropped.items()})
         return Outgoing(key=routing.gap_key(self.instance), body=_encoder.encode(ev), type="gap",
-                        message_id=f"{self.instance}/gap/{now.timestamp()}", timestamp=now,
+                        message_id=f"{self.instance}/.gap/{self._gaps}", timestamp=now,
                         gap=(reason, dropped))

@@ -100,7 +100,7 @@ class CommandConsumer:
         try:
             hw, verb, cmd = cmds.parse(key, message.body)
         except cmds.CommandError as e:
-            return await self._refuse(message, verb, None, str(e))
+            return await self._refuse(message, verb, parsed[0] if parsed else None, str(e))
         if not self._limiter.allow(hw, time.monotonic()):
             return await self._refuse(message, verb, hw, (
                 f"rate limit: more than {self.s.command_burst} commands at once or "

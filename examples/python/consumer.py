@@ -18,7 +18,10 @@ import aio_pika
 from jsonschema import Draft202012Validator
 
 CONTRACTS = Path(__file__).resolve().parents[2] / "contracts" / "v1" / "events"
-VALIDATORS = {p.stem: Draft202012Validator(json.loads(p.read_text())) for p in CONTRACTS.glob("*.json")}
+VALIDATORS = {p.stem: Draft202012Validator(json.loads(p.read_text()))  # by event type
+              for p in CONTRACTS.glob("*.json")}
+AMQP_URL = os.environ.get("EPSIGNAL_AMQP_URL", "amqp://guest:guest@localhost/")
+EXCHANGE = os.environ.get("EPSIGNAL_EVENTS_EXCHANGE", "epsignal.events")
 
 
 def word(hw: str) -> str:
@@ -27,11 +30,9 @@ def word(hw: str) -> str:
 
 
 async def main(hw: str, count: int | None) -> int:
-    conn = await aio_pika.connect(os.environ.get("EPSIGNAL_AMQP_URL", "amqp://guest:guest@localhost/"))
-    async with conn:
+    async with await aio_pika.connect(AMQP_URL) as conn:
         ch = await conn.channel()
-        events = await ch.declare_exchange(os.environ.get("EPSIGNAL_EVENTS_EXCHANGE", "epsignal.events"),
-                                           "topic", durable=True)
+        events = await ch.declare_exchange(EXCHANGE, "topic", durable=True)
         q = await ch.declare_queue(exclusive=True)
         await q.bind(events, f"device.{word(hw)}.#")  # every event of the device
         print(f"listening on device.{word(hw)}.#", flush=True)
@@ -41,9 +42,9 @@ async def main(hw: str, count: int | None) -> int:
                 ev = json.loads(msg.body)
                 errors = [e.message for e in VALIDATORS[msg.type].iter_errors(ev)]
                 invalid += bool(errors)
-                detail = ev.get("state") or ev.get("reason") or ev.get("error") or ev.get("sig", {}).get("type")
+                what = ev.get("state") or ev.get("reason") or ev.get("sig", {}).get("type")
                 print(f"{'INVALID ' + '; '.join(errors) if errors else 'valid'}: {msg.routing_key} "
-                      f"seq={ev['seq']} {detail}", flush=True)
+                      f"seq={ev['seq']} {what or ''}".rstrip(), flush=True)
                 seen += 1
                 if count is not None and seen >= count:
                     break
@@ -52,4 +53,5 @@ async def main(hw: str, count: int | None) -> int:
 
 if __name__ == "__main__":
     n = os.environ.get("COUNT")
-    sys.exit(asyncio.run(main(sys.argv[1] if len(sys.argv) > 1 else "009033400001", int(n) if n else None)))
+    hw = sys.argv[1] if len(sys.argv) > 1 else "009033400001"
+    sys.exit(asyncio.run(main(hw, int(n) if n else None)))

@@ -45,8 +45,10 @@ def validator(path: str) -> Draft202012Validator:
 
 
 def errors(path: str, instance: object) -> list[str]:
-    return [f"{'/'.join(map(str, e.absolute_path)) or '(root)'}: {e.message}"
-            for e in validator(path).iter_errors(instance)]
+    return [
+        f"{'/'.join(map(str, e.absolute_path)) or '(root)'}: {e.message}"
+        for e in validator(path).iter_errors(instance)
+    ]
 
 
 def body_path(kind: str, name: str) -> str:
@@ -62,18 +64,31 @@ def asyncapi_errors(component: str, instance: object) -> list[str]:
     """Validate against ``#/components/schemas/<component>`` of the AsyncAPI document."""
     doc = asyncapi()
     uri = "urn:test:asyncapi"
-    registry = Registry().with_resource(uri, Resource.from_contents(doc, default_specification=DRAFT202012))
-    v = Draft202012Validator({"$ref": f"{uri}#/components/schemas/{component}"}, registry=registry,
-                             format_checker=FORMATS)
-    return [f"{'/'.join(map(str, e.absolute_path)) or '(root)'}: {e.message}" for e in v.iter_errors(instance)]
+    registry = Registry().with_resource(
+        uri, Resource.from_contents(doc, default_specification=DRAFT202012)
+    )
+    v = Draft202012Validator(
+        {"$ref": f"{uri}#/components/schemas/{component}"},
+        registry=registry,
+        format_checker=FORMATS,
+    )
+    return [
+        f"{'/'.join(map(str, e.absolute_path)) or '(root)'}: {e.message}"
+        for e in v.iter_errors(instance)
+    ]
 
 
 def channel_regex(address: str) -> re.Pattern:
     """A routing-key pattern of the AsyncAPI document as a regex for concrete keys."""
-    words = {"hw": r"[A-Za-z0-9_%-]+", "instance": r"[A-Za-z0-9_%-]+", "call": r"-?[0-9]+", "key": r".*"}
+    words = {
+        "hw": r"[A-Za-z0-9_%-]+",
+        "instance": r"[A-Za-z0-9_%-]+",
+        "call": r"-?[0-9]+",
+        "key": r".*",
+    }
     out, pos = "", 0
     for m in re.finditer(r"\{(\w+)\}", address):
-        out += re.escape(address[pos:m.start()]) + f"(?P<{m[1]}>{words[m[1]]})"
+        out += re.escape(address[pos : m.start()]) + f"(?P<{m[1]}>{words[m[1]]})"
         pos = m.end()
     return re.compile(out + re.escape(address[pos:]))
 
@@ -95,10 +110,19 @@ def node_ready() -> str:
     assert node, "Node.js is needed for the contract tests (scripts/test installs its packages)"
     assert (NODE_DIR / "node_modules" / "@asyncapi" / "parser").is_dir(), (
         "examples/node/node_modules is missing: run scripts/test, or "
-        "npm ci --no-audit --no-fund --prefix examples/node")
+        "npm ci --no-audit --no-fund --prefix examples/node"
+    )
     return node
 
 
-def run_node(*args: str, timeout: float = 60, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([node_ready(), *args], cwd=NODE_DIR, capture_output=True, text=True,
-                          timeout=timeout, env=env)
+def run_node(
+    *args: str, timeout: float = 60, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [node_ready(), *args],
+        cwd=NODE_DIR,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )

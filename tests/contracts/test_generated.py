@@ -17,8 +17,17 @@ from bridge import commands, contracts, routing
 from bridge import events as E
 from bridge.cli import main as cli
 
-from .helpers import (CONTRACTS, ROOT, asyncapi, asyncapi_errors, body_path, channel_regex, errors,
-                      event_channel, schema)
+from .helpers import (
+    CONTRACTS,
+    ROOT,
+    asyncapi,
+    asyncapi_errors,
+    body_path,
+    channel_regex,
+    errors,
+    event_channel,
+    schema,
+)
 
 BODY_PATHS = [b.path for b in contracts.BODIES]
 
@@ -27,13 +36,20 @@ BODY_PATHS = [b.path for b in contracts.BODIES]
 def test_committed_contracts_are_what_the_structs_generate():
     diff = contracts.check(CONTRACTS)
     assert diff == [], "contracts/ is stale; run `epsignal-bridge contracts`:\n" + "\n".join(diff)
+    assert contracts.default_dir() == CONTRACTS
+    assert cli(["contracts", "--check"]) == 0
 
 
 def test_generation_is_byte_identical_across_processes(tmp_path):
     # another process, another hash seed: set or dict ordering must not leak into the files
     env = dict(os.environ, PYTHONHASHSEED="12345")
-    subprocess.run([sys.executable, "-m", "bridge.cli", "contracts", "--dir", str(tmp_path)],
-                   check=True, env=env, capture_output=True, cwd=ROOT)
+    subprocess.run(
+        [sys.executable, "-m", "bridge.cli", "contracts", "--dir", str(tmp_path)],
+        check=True,
+        env=env,
+        capture_output=True,
+        cwd=ROOT,
+    )
     made = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
     assert made == sorted(contracts.generate())
     for rel in made:
@@ -51,16 +67,21 @@ def test_check_reports_drift_and_regenerating_repairs_it(tmp_path, capsys):
     assert cli(["contracts", "--check", "--dir", str(d)]) == 1
     err = capsys.readouterr().err
     assert "differs: v1/reply.json" in err and '-  "description": "edited by hand"' in err
-    assert "missing: v1/events/gap.json" in err and "extra (not generated): v1/events/old.json" in err
-    assert "asyncapi.json" not in err and "README.md" not in err  # hand-written files are not judged
+    assert (
+        "missing: v1/events/gap.json" in err and "extra (not generated): v1/events/old.json" in err
+    )
+    assert (
+        "asyncapi.json" not in err and "README.md" not in err
+    )  # hand-written files are not judged
     assert cli(["contracts", "--dir", str(d)]) == 0
     assert cli(["contracts", "--check", "--dir", str(d)]) == 0
     assert not (d / "v1/events/old.json").exists() and (d / "README.md").exists()
 
 
 def test_a_field_without_description_is_refused(monkeypatch):
-    monkeypatch.delitem(contracts.FIELDS, ("DeviceDetached", "reason"))
-    with pytest.raises(ValueError, match="DeviceDetached.reason"):
+    monkeypatch.delitem(contracts.FIELDS["DeviceDetached"], "reason")
+    monkeypatch.delitem(contracts.STRUCTS, "Remote")
+    with pytest.raises(ValueError, match=r"description.*: DeviceDetached\.reason, Remote$"):
         contracts.generate()
 
 
@@ -88,16 +109,28 @@ def test_ids_are_unique():
 
 def test_sig_is_an_object_passed_through_with_unknown_fields():
     ev = schema("v1/events/call.signaling.json")["properties"]["sig"]
-    assert ev["type"] == "object" and "losslessly" in ev["description"] and "unknown" in ev["description"]
+    assert (
+        ev["type"] == "object"
+        and "losslessly" in ev["description"]
+        and "unknown" in ev["description"]
+    )
     base = schema("v1/events/call.signaling.json")["examples"][0]
-    for sig, ok in [({"type": "setup", "x-vendor": {"a": [1]}}, True), ({}, True), ([], False), ("setup", False)]:
-        assert (errors(body_path("events", "call.signaling"), {**base, "sig": sig}) == []) is ok, sig
+    for sig, ok in [
+        ({"type": "setup", "x-vendor": {"a": [1]}}, True),
+        ({}, True),
+        ([], False),
+        ("setup", False),
+    ]:
+        assert (errors(body_path("events", "call.signaling"), {**base, "sig": sig}) == []) is ok, (
+            sig
+        )
     # the command's sig: what the bridge reads must be typed right, anything else passes
     cmd = body_path("commands", "signaling")
     assert errors(cmd, {"call": -1, "sig": {"type": "setup", "unknown": {"deep": True}}}) == []
     assert errors(cmd, {"call": -1, "sig": {}}) != []  # the bridge refuses a sig without type
     assert errors(cmd, {"call": -1, "sig": {"type": "setup", "cg": "201"}}) != []
-    assert errors(cmd, {"call": -1, "sig": {"type": "setup"}, "extra": 1}) != []  # forbid_unknown_fields
+    # unknown fields of a command are ignored, so adding an optional field stays compatible
+    assert errors(cmd, {"call": -1, "sig": {"type": "setup"}, "extra": 1}) == []
 
 
 def test_time_is_an_rfc3339_date_time():
@@ -146,8 +179,17 @@ def test_every_struct_built_by_the_factory_matches_its_schema():
         f.detached(hw, "shutdown"),
         f.attach_failed(hw, {"code": 3}),
         f.call_state(hw, CallStatus(call=4, state="null")),
-        f.call_state(hw, CallStatus(call=-1, state="released", in_=False, app=True,
-                                    cause=msgspec.convert({"num": 16, "loc": "user"}, E.Cause)), sync=True),
+        f.call_state(
+            hw,
+            CallStatus(
+                call=-1,
+                state="released",
+                in_=False,
+                app=True,
+                cause=msgspec.convert({"num": 16, "loc": "user"}, E.Cause),
+            ),
+            sync=True,
+        ),
         f.signaling(hw, 4, True, msgspec.Raw(b'{"type":"conn","unknown":[1,{"x":null}]}'), "pbx"),
         f.gap("buffer-full+too-old", {hw: [(1, 5), (9, 9)]}),
     ]
@@ -160,8 +202,11 @@ def test_every_struct_built_by_the_factory_matches_its_schema():
 
 def test_replies_built_by_the_bridge_match_the_schema():
     path = body_path("reply", "reply")
-    for r in [commands.error_reply("bad"), commands.error_reply("x", command="attach", hw="h"),
-              commands.Reply(ok=True, command="attach", hw="h", attach=E.AttachInfo(), attached=False)]:
+    for r in [
+        commands.error_reply("bad"),
+        commands.error_reply("x", command="attach", hw="h"),
+        commands.Reply(ok=True, command="attach", hw="h", attach=E.AttachInfo(), attached=False),
+    ]:
         assert errors(path, json.loads(commands.encode_reply(r))) == []
 
 
@@ -176,7 +221,10 @@ def test_asyncapi_components_are_the_json_schemas():
         text = json.dumps(s).replace("#/$defs/", "#/components/schemas/")
         assert json.loads(text) == comps[b.title], b.path
         for name, d in defs.items():
-            assert json.loads(json.dumps(d).replace("#/$defs/", "#/components/schemas/")) == comps[name]
+            assert (
+                json.loads(json.dumps(d).replace("#/$defs/", "#/components/schemas/"))
+                == comps[name]
+            )
 
 
 def test_asyncapi_describes_every_key_exchange_and_parameter():
@@ -184,10 +232,23 @@ def test_asyncapi_describes_every_key_exchange_and_parameter():
     assert doc["asyncapi"] == "3.0.0"
     addresses = {ch["address"]: ch for ch in doc["channels"].values()}
     assert set(addresses) == {
-        "device.{hw}.attached", "device.{hw}.detached", "device.{hw}.attach.failed",
-        "device.{hw}.call.{call}.state", "device.{hw}.call.{call}.signaling", "bridge.{instance}.gap",
-        "device.{hw}.attach", "device.{hw}.detach", "device.{hw}.signaling", None, "{key}"}
-    exchanges = {ch["bindings"]["amqp"]["exchange"]["name"] for ch in doc["channels"].values() if "bindings" in ch}
+        "device.{hw}.attached",
+        "device.{hw}.detached",
+        "device.{hw}.attach.failed",
+        "device.{hw}.call.{call}.state",
+        "device.{hw}.call.{call}.signaling",
+        "bridge.{instance}.gap",
+        "device.{hw}.attach",
+        "device.{hw}.detach",
+        "device.{hw}.signaling",
+        None,
+        "{key}",
+    }
+    exchanges = {
+        ch["bindings"]["amqp"]["exchange"]["name"]
+        for ch in doc["channels"].values()
+        if "bindings" in ch
+    }
     assert exchanges == {"epsignal.events", "epsignal.commands", "epsignal.dead"}
     for ch in doc["channels"].values():
         if ch.get("bindings"):
@@ -202,16 +263,23 @@ def test_asyncapi_describes_every_key_exchange_and_parameter():
         if name.startswith("publish"):
             assert op["action"] == "send" and op["bindings"]["amqp"]["deliveryMode"] == 2
         else:
-            assert op["action"] == "receive" and op["reply"]["channel"]["$ref"] == "#/channels/reply"
+            assert (
+                op["action"] == "receive" and op["reply"]["channel"]["$ref"] == "#/channels/reply"
+            )
     assert len([o for o in ops.values() if o["action"] == "receive"]) == 3
     queue = doc["channels"]["signalingCommand"]["x-epsignal-queue"]
     assert queue["arguments"] == {"x-dead-letter-exchange": "epsignal.dead"}
     headers = doc["components"]["schemas"]
     for h in ("traceparent", "tracestate"):
-        assert h in headers["EventHeaders"]["properties"] and h in headers["CommandHeaders"]["properties"]
+        assert (
+            h in headers["EventHeaders"]["properties"]
+            and h in headers["CommandHeaders"]["properties"]
+        )
     assert {"reply_to", "correlation_id"} <= set(headers["CommandHeaders"]["properties"])
     assert "x-epsignal-error" in headers["DeadLetterHeaders"]["properties"]
-    assert {"type", "message_id", "content_type", "timestamp"} <= set(headers["EventHeaders"]["required"])
+    assert {"type", "message_id", "content_type", "timestamp"} <= set(
+        headers["EventHeaders"]["required"]
+    )
 
 
 def test_every_asyncapi_example_validates_against_payload_and_headers():
@@ -239,4 +307,4 @@ def test_asyncapi_event_examples_use_keys_and_ids_the_bridge_would():
                 p, h = ex["payload"], ex["headers"]
                 assert h["type"] == p["type"] == msg["name"]
                 if p["type"] != "gap":
-                    assert h["message_id"] == f"{p['instance']}/{p['hw']}/{p['seq']}"
+                    assert h["message_id"] == f"{p['instance']}/{routing.word(p['hw'])}/{p['seq']}"

@@ -126,7 +126,8 @@ def test_device_with_unreadable_sig_still_publishes_signaling():
 
 
 @pytest.mark.parametrize("key,body,needle", [
-    ("device.hw.signaling", b'{"call":1,"sig":{"type":"alert"},"extra":1}', "unknown field"),
+    ("device.hw.signaling", b'{"call":1,"v":2,"sig":{"type":"alert"}}', "unsupported schema version v=2"),
+    ("device.hw.attach", b'{"v":0}', "unsupported schema version v=0"),
     ("device.hw.signaling", b"", "not JSON"),
     ("device.hw.attach", b"[1]", "Expected `object`"),
     ("device..attach", b"", "routing key"),
