@@ -35,6 +35,8 @@ class BufferStats:
     requeued: int = 0
     dropped_full: int = 0
     dropped_age: int = 0
+    #: events the broker can never take (e.g. a routing key over 255 bytes)
+    dropped_invalid: int = 0
     episodes: int = 0
     episodes_closed: int = 0
     #: events dropped in the last closed episode
@@ -42,7 +44,7 @@ class BufferStats:
 
     @property
     def dropped(self) -> int:
-        return self.dropped_full + self.dropped_age
+        return self.dropped_full + self.dropped_age + self.dropped_invalid
 
 
 @dataclass
@@ -110,6 +112,14 @@ class EventBuffer:
             self.in_episode = False
             self.stats.episodes_closed += 1
             self.stats.last_episode_dropped = self.stats.dropped - self._episode_start
+
+    def discard(self, entry: Entry) -> None:
+        """An in-flight event that can never be published: dropped, counted, announced as a gap."""
+        if self._inflight.pop(entry.id, None) is None:
+            return
+        self.stats.dropped_invalid += 1
+        if entry.event.hw is not None:
+            self._gaps.add(entry.event.hw, entry.event.seq, "unpublishable")
 
     def requeue(self, entries: list[Entry]) -> None:
         """Failed in-flight entries go back to the front, oldest first."""

@@ -89,6 +89,8 @@ def parse(routing_key: str, body: bytes) -> tuple[str, str, Command]:
         raise CommandError(f"invalid {verb} command: {e}") from None
     except msgspec.DecodeError as e:
         raise CommandError(f"{verb} command body is not JSON: {e}") from None
+    except (UnicodeDecodeError, RecursionError) as e:
+        raise CommandError(f"{verb} command body is not usable JSON: {type(e).__name__}") from None
     if cmd.v != SCHEMA_VERSION:
         raise CommandError(f"unsupported schema version v={cmd.v} (this bridge speaks v={SCHEMA_VERSION})")
     if isinstance(cmd, SignalingCommand):

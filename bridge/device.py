@@ -82,13 +82,19 @@ class Device:
 
     def _signaling(self, msg: Signaling, origin: str) -> list[Outgoing]:
         toward = msg.to is True
-        out = [self.factory.signaling(self.hw, msg.call, toward, msg.sig, origin)]
+        sig = msg.sig
+        try:
+            str(sig, "utf-8")  # forwarded as it came, but an event must be valid JSON text
+        except UnicodeDecodeError:
+            sig = Raw(str(sig, "utf-8", "replace").encode())
+        out = [self.factory.signaling(self.hw, msg.call, toward, sig, origin)]
         try:
             status = self.tracker.signaling(msg.call, toward, msg.signal)
         except FrameError as e:
             self.bad_sig += 1
-            log.warning("device %s call %s: sig not understood, state not tracked: %s",
-                        self.hw, msg.call, e)
+            if self.bad_sig & (self.bad_sig - 1) == 0:  # 1, 2, 4, 8, ...: no flood
+                log.warning("device %s call %s: sig not understood, state not tracked (%d so far): %s",
+                            self.hw, msg.call, self.bad_sig, e)
             return out
         if status is not None:
             out.append(self.factory.call_state(self.hw, status))

@@ -27,6 +27,9 @@ from bridge.tls import client_context
 
 log = logging.getLogger("bridge")
 
+#: how long (x 10 ms) an attach reply waits for the PBX's Attached after a good AttachResult
+ATTACHED_WAIT_STEPS = 50
+
 
 class Bridge:
     def __init__(self, settings: Settings) -> None:
@@ -160,6 +163,12 @@ class Bridge:
             if self.server is not None:
                 self.server.devices.pop(hw, None)
             raise cmds.CommandError(f"the PBX refused to attach {hw}: {err}")
+        # a registered device's Attached follows the AttachResult at once: let it arrive, so that
+        # `attached` tells registered (true) from waiting for registration (false)
+        for _ in range(ATTACHED_WAIT_STEPS):
+            if device.attached:
+                break
+            await asyncio.sleep(0.01)
         return cmds.Reply(ok=True, command="attach", hw=hw, attach=AttachInfo.from_result(result),
                           attached=device.attached)
 

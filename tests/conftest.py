@@ -167,7 +167,7 @@ async def bus(names):
 
 
 @pytest.fixture
-async def start_bridge():
+async def start_bridge(bus):  # after `bus`, so the bridge stops before bus deletes its queues
     started: list[Bridge] = []
 
     async def start(settings: Settings) -> Bridge:

@@ -52,6 +52,8 @@ class EventPublisher:
         self._closing = False
         self._episodes_seen = (0, 0)  # (opened, closed) already logged
         self._last_gap = 0.0
+        #: pause before resending after a failure while the link still looks up (doubles to 5 s)
+        self._retry_pause = 0.0
 
     # ----------------------------------------------------------------- the PBX side's door
     def publish_nowait(self, event: Outgoing) -> None:
@@ -74,6 +76,9 @@ class EventPublisher:
             self._failed.clear()
             if not self.link.ready and not self._closing:
                 await self.link.wait_ready()
+            elif not self._closing:  # failing with the link up (nacks, timeouts): no tight loop
+                self._retry_pause = min(5.0, max(0.05, self._retry_pause * 2))
+                await asyncio.sleep(self._retry_pause)
 
     async def _drain(self) -> None:
         exchange = self.link.topology.events
@@ -107,14 +112,19 @@ class EventPublisher:
 
     async def _publish(self, exchange, entry: Entry) -> None:
         ev = entry.event
-        msg = aio_pika.Message(
-            ev.body, content_type="application/json", delivery_mode=DeliveryMode.PERSISTENT,
-            message_id=ev.message_id, timestamp=ev.timestamp, type=ev.type,
-            app_id="epsignal-bridge", headers=ev.headers or {},
-        )
         self.stats.published += 1
         try:
+            msg = aio_pika.Message(
+                ev.body, content_type="application/json", delivery_mode=DeliveryMode.PERSISTENT,
+                message_id=ev.message_id, timestamp=ev.timestamp, type=ev.type,
+                app_id="epsignal-bridge", headers=ev.headers or {},
+            )
             result = await exchange.publish(msg, ev.key, mandatory=True, timeout=self.timeout_s)
+        except (ValueError, TypeError) as e:  # refused before sending (a key over 255 bytes): never
+            self.stats.failed += 1
+            self.buffer.discard(entry)
+            log.error("event %s cannot be published (%s); dropped and announced as a gap",
+                      ev.message_id, e)
         except (Exception, asyncio.CancelledError) as e:  # nack, timeout, channel or connection gone
             # aiormq cancels pending confirmations when the connection drops: that is a failed
             # publish like any other, unless this task itself is being cancelled (shutdown).
@@ -130,6 +140,7 @@ class EventPublisher:
             if isinstance(result, DeliveredMessage):
                 self.stats.returned += 1  # unroutable: nobody bound yet; not an error
             self.stats.confirmed += 1
+            self._retry_pause = 0.0
             self.buffer.confirm(entry)
             PUBLISH_SECONDS.observe(time.monotonic() - entry.enqueued)
             if ev.span is not None:

@@ -21,7 +21,7 @@ from websockets.exceptions import InvalidHandshake, InvalidURI
 
 from bridge.config import Settings
 from bridge.device import Device
-from bridge.pbx.session import Emit, PbxSession, login_as_client
+from bridge.pbx.session import Emit, PbxSession, login_as_client, ws_max_size
 from bridge.protocol import messages as m
 from bridge.protocol.errors import FrameError
 from bridge.protocol.login import LoginFailed
@@ -71,7 +71,7 @@ class DeviceRunner:
         s = self.s
         async with self._gate:  # bounded: thousands of attaches do not storm the PBX
             ws = await connect(
-                s.pbx_url, compression=None, max_size=s.max_frame_bytes, proxy=None,
+                s.pbx_url, compression=None, max_size=ws_max_size(s.max_frame_bytes), proxy=None,
                 open_timeout=s.attach_timeout_s, ssl=self._ssl if s.pbx_url.startswith("wss:") else None,
                 ping_interval=20, ping_timeout=20, close_timeout=2,
             )
@@ -133,6 +133,10 @@ class DeviceRunner:
             self.login_failures += 1
             log.error("device %s: %s; check EPSIGNAL_PBX_APP and EPSIGNAL_PBX_PASSWORD; retry in %.0fs",
                       self.hw, exc, rs.next_action.sleep)
+        elif isinstance(exc, ssl.SSLCertVerificationError):
+            log.error("device %s: the PBX's TLS certificate is not trusted (SSLCertVerificationError: %s); "
+                      "set EPSIGNAL_PBX_CA_FILE to its CA bundle; retry in %.1fs", self.hw, exc,
+                      rs.next_action.sleep)
         else:
             log.warning("device %s: PBX unreachable (%s: %s), retry in %.1fs",
                         self.hw, type(exc).__name__, exc, rs.next_action.sleep)

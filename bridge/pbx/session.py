@@ -34,6 +34,13 @@ log = logging.getLogger("bridge.pbx")
 Emit = Callable[[Outgoing], None]
 
 
+def ws_max_size(max_frame_bytes: int) -> int:
+    """The WebSocket layer's limit: twice the frame limit. A frame a little over the limit is
+    counted as a bad frame by ``decode`` and the session goes on; only a frame over twice the
+    limit ends the session (the memory bound against a hostile peer)."""
+    return 2 * max_frame_bytes
+
+
 async def _recv(ws: Connection, timeout: float, max_bytes: int) -> m.Frame:
     data = await asyncio.wait_for(ws.recv(decode=False), timeout)
     return m.decode(data, max_bytes)
@@ -134,6 +141,9 @@ class PbxSession:
                     emit(ev)
         except ConnectionClosed:
             pass
+        except Exception:  # a bug must not leave the PBX's calls waiting on an unread socket
+            log.exception("PBX session reader failed; closing the session (it will reconnect)")
+            await ws.close(1011, "internal error")
         finally:
             err = ConnectionError("PBX session closed")
             for fut in self._results.values():

@@ -188,6 +188,8 @@ def decode(frame: bytes | str, max_bytes: int = MAX_FRAME_BYTES) -> Frame:
         raise FrameError("not-json", str(e)) from None
     except UnicodeDecodeError as e:  # invalid UTF-8 inside a string
         raise FrameError("not-json", f"invalid UTF-8: {e}") from None
+    except RecursionError:
+        raise FrameError("invalid", "nested too deeply") from None
     if type(msg) is Signaling and bytes(memoryview(msg.sig)[:1]) != b"{":
         raise FrameError("invalid", "Expected `object` - at `$.sig`")
     return msg

@@ -70,3 +70,5 @@ def decode_sig(raw: bytes | msgspec.Raw) -> Sig:
         raise FrameError("not-json", f"sig: {e}") from None
     except UnicodeDecodeError as e:  # invalid UTF-8 inside a string
         raise FrameError("not-json", f"sig: invalid UTF-8: {e}") from None
+    except RecursionError:
+        raise FrameError("invalid", "sig nested too deeply") from None
