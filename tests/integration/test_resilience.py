@@ -97,3 +97,15 @@ async def test_a_call_that_ended_while_the_session_was_down_is_released_after_th
         assert evs[-1].body["call"] == call and evs[-1].body["cause"] is None
     finally:
         await proxy.stop()
+
+
+async def test_commands_come_back_after_the_broker_cancels_the_consumer(sim, bus, settings_for, start_bridge):
+    bridge = await start_bridge(settings_for(sim))
+    ch = await bus.conn.channel()
+    await ch.queue_delete(bridge.s.commands_queue)  # the broker cancels the bridge's consumer
+    await ch.close()
+    async with asyncio.timeout(10):
+        while bridge.consumer.consumer_restarts < 1:
+            await asyncio.sleep(0.05)
+    reply = await bus.command(sim.hw(1), "attach")
+    assert reply["ok"] is True
