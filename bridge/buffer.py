@@ -128,9 +128,6 @@ class EventBuffer:
         self._pending.extendleft(reversed(back))
         self.stats.requeued += len(back)
 
-    def requeue_all(self) -> None:
-        self.requeue(list(self._inflight.values()))
-
     def expire(self) -> None:
         """Drop unsent events older than the age limit."""
         limit = self._clock() - self.max_age_s

@@ -39,7 +39,10 @@ def cmd_run(args) -> int:
 
     s = _settings(args)
     _setup_logging(s.log_level, s.secrets())
-    return asyncio.run(run_until_signalled(s, grace_s=args.grace))
+    try:
+        return asyncio.run(run_until_signalled(s, grace_s=args.grace))
+    except ValueError as e:  # a configuration the bridge cannot start with
+        sys.exit(f"epsignal-bridge: {e}")
 
 
 # --------------------------------------------------------------------------- config

@@ -7,6 +7,7 @@ The README's configuration table is generated from :data:`Settings` field docs b
 from __future__ import annotations
 
 import os
+import random
 import re
 import socket
 import uuid
@@ -96,10 +97,20 @@ class Settings(Struct, kw_only=True):
         from yarl import URL
 
         out = [str(self.pbx_password), str(self.amqp_url)]
+        pbx = URL(self.pbx_url)
+        if pbx.password or pbx.query_string:  # credentials or a token in the PBX URL
+            out.append(self.pbx_url)
         pw = URL(str(self.amqp_url)).password
         if pw:
             out += [pw, URL(str(self.amqp_url)).raw_password or pw]
         return [s for s in out if s]
+
+    def reconnect_pause(self, n: int) -> float:
+        """Pause before reconnecting after the n-th connection in a row that died young (the
+        retry loops reset after a success, so this keeps a flapping peer from a tight loop)."""
+        if n == 0:
+            return 0.0
+        return min(self.reconnect_max_s, self.reconnect_min_s * 2 ** (n - 1)) * random.uniform(0.5, 1.0)
 
     @property
     def device_list(self) -> list[str]:

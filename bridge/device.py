@@ -52,6 +52,7 @@ class Device:
             return [f.attached(self.hw, self.result or AttachResult())]
         if t is Detached:
             self.attached = False
+            self.trace_ctx.clear()
             out = [f.detached(self.hw, "unregistered")]
             out += [f.call_state(self.hw, s) for s in self.tracker.release_all()]
             return out

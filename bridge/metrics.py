@@ -21,11 +21,10 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 class FrameCounters:
     """Process-wide counts of frames from the PBX (plain ints: the hot path only adds)."""
 
-    __slots__ = ("frames_in", "forwarded", "bad_frames", "forward_ns")
+    __slots__ = ("frames_in", "forwarded", "bad_frames")
 
     def __init__(self) -> None:
         self.frames_in = self.forwarded = self.bad_frames = 0
-        self.forward_ns = 0
 
 
 FRAMES = FrameCounters()

@@ -15,12 +15,14 @@ wildcard a key: ``00:90:33`` becomes ``00%3A90%3A33`` and ``a.b`` becomes ``a%2E
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from urllib.parse import unquote
 
 _SAFE = re.compile(r"[A-Za-z0-9_-]*")
 _UNSAFE = re.compile(rb"[^A-Za-z0-9_-]")
 
 
+@lru_cache(maxsize=65536)  # the same few thousand hw ids, twice per event: on the hot path
 def word(value: str | int) -> str:
     """One routing-key word for an id."""
     text = str(value)

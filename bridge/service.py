@@ -156,12 +156,16 @@ class Bridge:
             raise cmds.CommandError(
                 f"no AttachResult for {hw} within {timeout:g}s (PBX unreachable?); the bridge keeps trying"
             ) from None
-        except (NoPbxSession, ConnectionError) as e:
+        except (NoPbxSession, ConnectionError, ConnectionClosed) as e:
             raise cmds.CommandError(str(e)) from None
         if result is None or result.failed:
             err = result.err if result is not None else "no answer"
             if self.server is not None:
                 self.server.devices.pop(hw, None)
+                if self.server.session is not None:
+                    self.server.session.devices.pop(hw, None)
+            elif self.runners.get(hw) is r:
+                del self.runners[hw]
             raise cmds.CommandError(f"the PBX refused to attach {hw}: {err}")
         # a registered device's Attached follows the AttachResult at once: let it arrive, so that
         # `attached` tells registered (true) from waiting for registration (false)

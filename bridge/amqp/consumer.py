@@ -49,7 +49,8 @@ class CommandConsumer:
         self.link = link
         self.s = link.s
         self._handler = handler
-        self._locks: dict[str, asyncio.Lock] = {}
+        #: hw -> [lock, commands holding or waiting for it]: the entry goes when the count is 0
+        self._locks: dict[str, list] = {}
         self._inflight: set[asyncio.Task] = set()
         self._channel = None
         self._tag: str | None = None
@@ -64,6 +65,7 @@ class CommandConsumer:
         await ch.set_qos(prefetch_count=self.s.prefetch)
         self._channel = ch
         (await ch.get_underlay_channel()).on_consumer_cancel_callbacks.add(self._on_cancelled)
+        ch.close_callbacks.add(lambda _c, exc: self._channel_closed(conn, exc))
         await self._consume(topo)
 
     async def _consume(self, topo: Topology) -> None:
@@ -71,13 +73,20 @@ class CommandConsumer:
         if self._accepting:
             self._tag = await q.consume(self._on_message)
 
+    def _channel_closed(self, conn: AbstractConnection, exc) -> None:
+        """The broker closed the consuming channel alone (e.g. a failed re-declare): without it no
+        command would arrive while everything looked ready, so reconnect everything."""
+        if self._accepting and exc is not None and not conn.is_closed:
+            log.warning("command channel closed by the broker (%s); reconnecting", exc)
+            self._pending_close = asyncio.get_running_loop().create_task(conn.close())
+
     async def _on_cancelled(self, frame) -> None:
         """The broker cancelled our consumer (the queue was deleted): declare it again, consume."""
         if not self._accepting or self._channel is None or self.link.topology is None:
             return
         log.warning("command consumer cancelled by the broker; declaring %s again", self.s.commands_queue)
         self.consumer_restarts += 1
-        asyncio.get_running_loop().create_task(self._restart())
+        self._pending_restart = asyncio.get_running_loop().create_task(self._restart())
 
     async def _restart(self) -> None:
         try:
@@ -105,19 +114,24 @@ class CommandConsumer:
             return await self._refuse(message, verb, hw, (
                 f"rate limit: more than {self.s.command_burst} commands at once or "
                 f"{self.s.command_rate:g}/s sustained for device {hw}"))
-        lock = self._locks.setdefault(hw, asyncio.Lock())
+        entry = self._locks.setdefault(hw, [asyncio.Lock(), 0])
+        entry[1] += 1
         span = tracing.command_span(
             message.headers, self.s.commands_exchange, hw, verb, key, message.message_id,
             message.correlation_id) if tracing.ENABLED else nullcontext()
         try:
-            async with lock:
+            async with entry[0]:
                 with span:
                     try:
                         reply = await self._handler(hw, verb, cmd)
                     except cmds.CommandError as e:
                         return await self._refuse(message, verb, hw, str(e))
+                    except Exception as e:  # a bug must not leave the command unanswered and unacked
+                        log.exception("command %s for %s failed", verb, hw)
+                        return await self._refuse(message, verb, hw, f"internal error: {type(e).__name__}")
         finally:
-            if not lock.locked() and self._locks.get(hw) is lock:
+            entry[1] -= 1
+            if entry[1] == 0:
                 del self._locks[hw]
         await self._reply(message, reply)
         self.stats.count(verb, "ok")

@@ -83,6 +83,7 @@ class BrokerLink:
     async def run(self) -> None:
         """Stay connected until :meth:`close`."""
         first = True
+        short_lived = 0
         while not self._closing:
             retrying = AsyncRetrying(
                 wait=wait_exponential_jitter(multiplier=self.s.reconnect_min_s, max=self.s.reconnect_max_s),
@@ -101,13 +102,18 @@ class BrokerLink:
             log.info("broker connected: %s", redact(self.s.amqp_url))
             self._ready.set()
             watchdog = asyncio.create_task(self._watchdog(lost))
+            loop = asyncio.get_running_loop()
+            started = loop.time()
             exc = await lost
             watchdog.cancel()
             self._ready.clear()
             self.channel = None
             if not self._closing:
-                log.warning("broker connection lost: %s", _reason(exc))
+                short_lived = short_lived + 1 if loop.time() - started < self.s.reconnect_max_s else 0
+                pause = self.s.reconnect_pause(short_lived)
+                log.warning("broker connection lost: %s; reconnecting in %.1fs", _reason(exc), pause)
                 await self._close_conn()
+                await asyncio.sleep(pause)
 
     async def _watchdog(self, lost: asyncio.Future) -> None:
         """A broker that stops answering is noticed within the heartbeat interval: every half

@@ -17,7 +17,7 @@ import ssl
 
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
 from websockets.asyncio.client import connect
-from websockets.exceptions import InvalidHandshake, InvalidURI
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from bridge.config import Settings
 from bridge.device import Device
@@ -31,7 +31,9 @@ log = logging.getLogger("bridge.pbx")
 #: time after a (re-)attach for the PBX's Sync messages to arrive (EpSignal marks no end of Sync)
 SETTLE_S = 2.0
 
-RETRYABLE = (OSError, TimeoutError, ConnectionError, InvalidHandshake, FrameError, LoginFailed)
+RETRYABLE = (OSError, TimeoutError, ConnectionError, ConnectionClosed, InvalidHandshake, FrameError,
+             LoginFailed)
+
 
 
 class AttachRefused(Exception):
@@ -90,6 +92,7 @@ class DeviceRunner:
 
     async def run(self) -> None:
         self._backoff = wait_exponential_jitter(multiplier=self.s.reconnect_min_s, max=self.s.reconnect_max_s)
+        short_lived = 0
         try:
             while not self._stopping:
                 retrying = AsyncRetrying(
@@ -101,15 +104,24 @@ class DeviceRunner:
                         self.session = await self._open()
                 if not self.first_result.done():
                     self.first_result.set_result(self.device.result)
-                settle = asyncio.get_running_loop().call_later(SETTLE_S, self._settle)
-                await self.session.closed
-                settle.cancel()
+                loop = asyncio.get_running_loop()
+                settle = loop.call_later(SETTLE_S, self._settle)
+                started = loop.time()
+                try:
+                    await self.session.closed
+                finally:
+                    settle.cancel()
                 if self._stopping:
                     break
                 self.reconnects += 1
                 for ev in self.device.on_lost("session-lost"):
                     self.emit(ev)
-                log.warning("device %s: PBX session lost, reconnecting", self.hw)
+                # a session that dies soon after it was made must not make a tight loop
+                short = loop.time() - started < self.s.reconnect_max_s
+                short_lived = short_lived + 1 if short else 0
+                pause = self.s.reconnect_pause(short_lived)
+                log.warning("device %s: PBX session lost, reconnecting in %.1fs", self.hw, pause)
+                await asyncio.sleep(pause)
         except AttachRefused as e:
             log.warning("device %s: attach refused by the PBX: %s", self.hw, e)
             if not self.first_result.done():
@@ -122,6 +134,10 @@ class DeviceRunner:
             if not self.first_result.done():
                 self.first_result.cancel()
             raise
+        except Exception as e:  # a bug: say so, and let a waiting attach command know
+            log.exception("device %s: runner failed", self.hw)
+            if not self.first_result.done():
+                self.first_result.set_exception(e)
 
     def _settle(self) -> None:
         for ev in self.device.settle():

@@ -16,6 +16,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 
 from bridge.config import Settings
 from bridge.device import Device
+from bridge.pbx.client import SETTLE_S
 from bridge.pbx.session import Emit, PbxSession, login_as_server, ws_max_size
 from bridge.protocol import messages as m
 from bridge.protocol.errors import FrameError
@@ -45,6 +46,8 @@ class PbxServer:
         return self._server.sockets[0].getsockname()[1]
 
     async def start(self) -> None:
+        if not self.s.pbx_password:
+            raise ValueError("server mode needs EPSIGNAL_PBX_PASSWORD: it verifies the PBX's login with it")
         host, _, port = self.s.pbx_listen.rpartition(":")
         self._server = await serve(
             self._handle, host or None, int(port), compression=None,
@@ -66,18 +69,33 @@ class PbxServer:
             await ws.close(1002, "login expected")
             return
         log.info("PBX App object %r logged in from %s", app, ws.remote_address[0] if ws.remote_address else "?")
+        old, self.session = self.session, None
+        if old is not None:  # the PBX came back: the old session is dead or about to be
+            await old.close()
+            await old.closed
         session = PbxSession(ws, self.emit, s.max_frame_bytes)
         self.session = session
         session.reader = asyncio.create_task(session.run())
         await asyncio.gather(*(self._attach_on(session, d) for d in list(self.devices.values())),
                              return_exceptions=True)
-        await session.closed
+        settle = asyncio.get_running_loop().call_later(SETTLE_S, self._settle, session)
+        try:
+            await session.closed
+        finally:
+            settle.cancel()
         if self.session is session:
             self.session = None
+        newer = self.session.devices if self.session is not None else {}
         for d in list(session.devices.values()):
-            for ev in d.on_lost("session-lost"):
-                self.emit(ev)
+            if d.hw not in newer:  # a newer session holds it again: not lost
+                for ev in d.on_lost("session-lost"):
+                    self.emit(ev)
         log.warning("PBX session from %r ended", app)
+
+    def _settle(self, session: PbxSession) -> None:
+        for d in list(session.devices.values()):
+            for ev in d.settle():
+                self.emit(ev)
 
     async def _attach_on(self, session: PbxSession, device: Device) -> m.AttachResult:
         async with self._gate:

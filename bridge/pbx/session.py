@@ -90,11 +90,16 @@ class PbxSession:
         """Send Attach for ``device`` and wait for its AttachResult."""
         self.devices[device.hw] = device
         fut = self._results[device.hw] = asyncio.get_running_loop().create_future()
-        await self.ws.send(m.encode(m.Attach(hw=device.hw, src=device.hw)), text=True)
+        ok = False
         try:
-            return await asyncio.wait_for(asyncio.shield(fut), timeout)
+            await self.ws.send(m.encode(m.Attach(hw=device.hw, src=device.hw)), text=True)
+            result = await asyncio.wait_for(fut, timeout)
+            ok = not result.failed
+            return result
         finally:
             self._results.pop(device.hw, None)
+            if not ok:
+                self.devices.pop(device.hw, None)
 
     async def send_signaling(self, device: Device, call: int, to: bool, sig) -> None:
         frame = m.Signaling(call=call, sig=sig, to=True if to else m.UNSET, src=device.hw)
@@ -111,7 +116,6 @@ class PbxSession:
             while True:
                 data = await ws.recv(decode=False)
                 t0 = time.perf_counter_ns()
-                wall0 = time.time_ns()
                 stats.frames_in += 1
                 try:
                     msg = m.decode(data, self.max_bytes)
@@ -125,7 +129,6 @@ class PbxSession:
                     await ws.send(data, text=True)  # forward first, unchanged
                     took = time.perf_counter_ns() - t0
                     stats.forwarded += 1
-                    stats.forward_ns += took
                     observe(took / 1e9)
                 dev = self._device_for(msg)
                 if dev is None:
@@ -134,7 +137,8 @@ class PbxSession:
                     fut = self._results.get(dev.hw)
                     if fut is not None and not fut.done():
                         fut.set_result(msg)
-                if tracing.ENABLED:
+                if tracing.ENABLED:  # the span starts when the frame was read
+                    wall0 = time.time_ns() - (time.perf_counter_ns() - t0)
                     self._traced(dev, msg, wall0, wall0 + took if forwarded else None)
                     continue
                 for ev in dev.on_frame(msg):
