@@ -109,3 +109,34 @@ async def test_commands_come_back_after_the_broker_cancels_the_consumer(sim, bus
             await asyncio.sleep(0.05)
     reply = await bus.command(sim.hw(1), "attach")
     assert reply["ok"] is True
+
+
+async def test_commands_for_one_device_never_overlap(settings_for, bus):
+    """Regression: the per-device lock was dropped while a command still waited for it."""
+    from bridge import commands as cmds
+    from bridge.amqp.consumer import CommandConsumer
+    from bridge.amqp.link import BrokerLink
+
+    trace: list[str] = []
+
+    async def handler(hw, verb, cmd):
+        name = f"call{cmd.call}"
+        trace.append(f"start {name}")
+        await asyncio.sleep(0.2 if cmd.call == -1 else 0.05)
+        trace.append(f"end {name}")
+        return cmds.Reply(ok=True)
+
+    link = BrokerLink(settings_for(None))
+    CommandConsumer(link, handler)
+    task = asyncio.create_task(link.run())
+    try:
+        assert await link.wait_ready(10)
+        for call in (-1, -2, -3, -4):
+            await bus.command("hw", "signaling", {"call": call, "sig": {"type": "setup"}}, reply=False)
+        async with asyncio.timeout(10):
+            while len(trace) < 8:
+                await asyncio.sleep(0.02)
+        assert trace == [f"{x} call{c}" for c in (-1, -2, -3, -4) for x in ("start", "end")]
+    finally:
+        await link.close()
+        task.cancel()
