@@ -85,12 +85,12 @@ class CommandConsumer:
         if not self._accepting or self._channel is None or self.link.topology is None:
             return
         log.warning("command consumer cancelled by the broker; declaring %s again", self.s.commands_queue)
-        self.consumer_restarts += 1
         self._pending_restart = asyncio.get_running_loop().create_task(self._restart())
 
     async def _restart(self) -> None:
         try:
             await self._consume(self.link.topology)
+            self.consumer_restarts += 1  # counted once the consumer is back
         except Exception as e:  # the channel went with it: the link's reconnect will redo this
             log.warning("could not consume again (%s); waiting for the reconnect", e)
 
