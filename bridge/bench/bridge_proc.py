@@ -59,8 +59,8 @@ def _setup_tracing(status: dict):
     provider.add_span_processor(BatchSpanProcessor(exporter))
     try:
         on = configure(provider)
-    except TypeError as e:
-        status["tracing"] = f"unavailable: configure(provider) failed: {e}"
+    except Exception as e:  # an older or different tracing module: measure without
+        status["tracing"] = f"unavailable: configure(provider) failed: {type(e).__name__}: {e}"
         return None, None
     if on is False:
         status["tracing"] = "unavailable: configure(provider) returned False"

@@ -10,7 +10,7 @@ persistent, the same properties the bridge sets, and at most ``W`` publishes unc
 
 Protocol with the benchmark (stdout lines): it connects, publishes the first ``--warmup``
 messages (not timed), prints ``ready``; on a line on stdin it publishes everything and prints
-one JSON line ``{"published": n, "failed": n, "elapsed_s": s}``.
+one JSON line ``{"published": n, "failed": n, "elapsed_s": s, "cpu_s": s}``.
 """
 
 from __future__ import annotations
@@ -76,9 +76,10 @@ async def main(argv: list[str] | None = None) -> int:
         print("ready", flush=True)
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, sys.stdin.readline)
-        t0 = time.monotonic()
+        t0, c0 = time.monotonic(), time.process_time()
         n, failed = await publish_all(ex, items, a.window, a.timeout)
-        print(json.dumps({"published": n, "failed": failed, "elapsed_s": time.monotonic() - t0}), flush=True)
+        print(json.dumps({"published": n, "failed": failed, "elapsed_s": time.monotonic() - t0,
+                          "cpu_s": time.process_time() - c0}), flush=True)
     finally:
         await conn.close()
     return 0

@@ -74,10 +74,31 @@ class Sink:
         self.conn = await aio_pika.connect(self.url)
         ch = await self.conn.channel()
         ex = await ch.declare_exchange(self.exchange, aio_pika.ExchangeType.TOPIC, durable=True)
-        self.queue = await ch.declare_queue(exclusive=True, auto_delete=True)
+        # exclusive (gone with the connection), not auto-delete: pause() cancels the consumer
+        self.queue = await ch.declare_queue(exclusive=True)
         await self.queue.bind(ex, "#")
-        raw = await ch.get_underlay_channel()
-        await raw.basic_consume(self.queue.name, self._on, no_ack=True)
+        self._ch, self._ex = ch, ex
+        self._raw = await ch.get_underlay_channel()
+        ok = await self._raw.basic_consume(self.queue.name, self._on, no_ack=True)
+        self._tag = ok.consumer_tag
+        self._parking = None
+
+    async def pause(self) -> None:
+        """Stop consuming, without the events going unroutable: they pile up in a parking
+        queue nobody reads (so that the harness does no consumer work, and the bridge's
+        publishing is unchanged). :meth:`resume` drops them."""
+        self._parking = await self._ch.declare_queue(exclusive=True)
+        await self._parking.bind(self._ex, "#")
+        await self.queue.unbind(self._ex, "#")
+        await self._raw.basic_cancel(self._tag)
+
+    async def resume(self) -> None:
+        await self.queue.bind(self._ex, "#")
+        ok = await self._raw.basic_consume(self.queue.name, self._on, no_ack=True)
+        self._tag = ok.consumer_tag
+        if self._parking is not None:
+            await self._parking.delete(if_unused=False, if_empty=False)
+            self._parking = None
 
     async def close(self) -> None:
         if self.conn is not None:

@@ -10,7 +10,7 @@ SCENARIOS = ("throughput", "latency", "forwarding", "commands", "scale", "codec"
 FULL = dict(
     frames=30_000, rounds=3, devices=100, window=8, latency_duration=20.0, warmup=2.0,
     commands=1000, command_rate=200.0, scale_devices="0,1000,5000,10000", codec_messages=50_000,
-    tracing_frames=None, idle_window=5.0,
+    tracing_frames=None, idle_window=20.0,
 )
 SMOKE = dict(
     frames=2000, rounds=1, devices=100, window=8, latency_duration=2.0, warmup=0.5,
@@ -63,6 +63,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--scale-devices", default=None,
                    help="device counts of the scale runs (full 0,1000,5000,10000; smoke 100)")
     g.add_argument("--codec-messages", type=int, default=None, help="messages per codec timing")
+    g.add_argument("--idle-window", type=float, default=None,
+                   help="seconds of idle CPU measured after attach in the scale runs (full 20: one "
+                   "keepalive ping of every session; smoke 1)")
     g.add_argument("--tracing-frames", type=int, default=None,
                    help="frames per tracing round (default: --frames)")
     p.add_argument("--profile", action="store_true",

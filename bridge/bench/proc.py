@@ -47,6 +47,31 @@ class Names:
     def commands(self) -> str:
         return f"bench{self.tag}.commands"
 
+    @property
+    def commands_queue(self) -> str:
+        return f"bench{self.tag}.commands.bridge"
+
+    async def wait_declared(self, url: str, timeout: float) -> bool:
+        """Until the bridge has declared its commands queue: its broker link is up and its
+        command consumer started (passive declares, nothing is created)."""
+        conn = await aio_pika.connect(url)
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    ch = await conn.channel()
+                    try:
+                        await ch.declare_queue(self.commands_queue, passive=True)
+                        return True
+                    except aio_pika.exceptions.ChannelNotFoundEntity:
+                        await asyncio.sleep(0.05)
+                    finally:
+                        if not ch.is_closed:
+                            await ch.close()
+        except TimeoutError:
+            return False
+        finally:
+            await conn.close()
+
     async def cleanup(self, url: str) -> None:
         """Delete what the bridge and the benchmark declared for this run."""
         try:
@@ -76,6 +101,46 @@ def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def cpu_of(pid: int) -> float | None:
+    """utime + stime of any process, seconds; None if it is gone or unreadable."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            text = f.read()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def machine_cpu() -> tuple[float, float]:
+    """(busy, total) jiffies of all cores together, from /proc/stat."""
+    with open("/proc/stat") as f:
+        parts = f.readline().split()[1:]
+    v = [int(x) for x in parts[:8]]
+    idle = v[3] + v[4]  # idle + iowait
+    total = sum(v)
+    return total - idle, total
+
+
+def find_broker_pid() -> int | None:
+    """The local RabbitMQ's Erlang VM (``beam.smp``), to report its CPU next to the bridge's;
+    None when the broker is not a local process (only reads /proc)."""
+    best, best_cpu = None, -1.0
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/comm") as f:
+                if not f.read().startswith("beam"):
+                    continue
+        except OSError:
+            continue
+        c = cpu_of(int(d)) or 0.0
+        if c > best_cpu:
+            best, best_cpu = int(d), c
+    return best
 
 
 def raise_nofile() -> tuple[int, int]:
@@ -133,10 +198,10 @@ class BridgeProc:
 
     def cpu_s(self) -> float:
         """utime + stime of the process, seconds (from /proc/<pid>/stat)."""
-        with open(f"/proc/{self.pid}/stat") as f:
-            text = f.read()
-        fields = text[text.rindex(")") + 2:].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+        c = cpu_of(self.pid)
+        if c is None:
+            raise OSError(f"process {self.pid} is gone")
+        return c
 
     def log_tail(self, n: int = 20) -> str:
         try:
@@ -159,7 +224,7 @@ class BridgeProc:
 
 
 async def spawn_bridge(env: dict[str, str], log_path: Path, *, wrapper: bool = False,
-                       args: list[str] | None = None) -> BridgeProc:
+                       args: list[str] | None = None, command: list[str] | None = None) -> BridgeProc:
     import time
 
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -167,7 +232,7 @@ async def spawn_bridge(env: dict[str, str], log_path: Path, *, wrapper: bool = F
     try:
         t = time.monotonic_ns()
         proc = await asyncio.create_subprocess_exec(
-            *bridge_command(wrapper), *(args or []), env=env, stdin=asyncio.subprocess.DEVNULL,
+            *(command or bridge_command(wrapper)), *(args or []), env=env, stdin=asyncio.subprocess.DEVNULL,
             stdout=log, stderr=log,
         )
     finally:

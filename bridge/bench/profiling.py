@@ -74,7 +74,7 @@ class PySpy:
         try:
             self.proc = await asyncio.create_subprocess_exec(
                 py_spy(), "record", "--pid", str(self.pid), "--rate", str(self.rate),
-                "--format", "raw", "--nonblocking", "-o", str(self.out),
+                "--format", "raw", "--nonblocking", "--full-filenames", "-o", str(self.out),
                 stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
             )
         finally:
@@ -105,14 +105,18 @@ def _parse_frame(text: str) -> tuple[str, str]:
 
 
 def _short(path: str) -> str:
-    for marker in ("site-packages/", "/lib/python3", "/work/main/"):
-        i = path.find(marker)
-        if i >= 0:
-            rest = path[i + len(marker):]
-            if marker == "/lib/python3":
-                rest = rest.split("/", 1)[-1]
-            return rest
-    return path
+    """A path as a module-ish name: after site-packages/, lib/python3.x/ or the project root."""
+    p = path.replace("\\", "/")
+    i = p.find("site-packages/")
+    if i >= 0:
+        return p[i + len("site-packages/"):]
+    i = p.find("/lib/python3")
+    if i >= 0:
+        return p[i + 1:].split("/", 2)[-1]
+    i = p.rfind("/bridge/")
+    if i >= 0:
+        return p[i + 1:]
+    return p
 
 
 def component(path: str) -> str:

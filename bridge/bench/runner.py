@@ -22,7 +22,10 @@ from bridge.bench.consumer import Sink
 from bridge.bench.frames import EVENTS_PER_FRAME as EPF
 from bridge.bench.frames import hw_id
 from bridge.bench.loadgen import LoadGen
-from bridge.bench.proc import BridgeProc, Names, base_env, closed_port, raise_nofile, spawn_bridge
+from bridge.bench.proc import (
+    BridgeProc, Names, base_env, closed_port, cpu_of, find_broker_pid, machine_cpu, raise_nofile,
+    spawn_bridge,
+)
 
 PASSWORD = "bench-secret-pw"
 NOISE_NOTE = ("numbers depend on the machine and on what else runs on it (the bridge, the load "
@@ -39,6 +42,32 @@ def _own_cpu() -> float:
     return t.user + t.system
 
 
+class CpuMeter:
+    """CPU of the bridge, the harness (this process) and the local broker over a window."""
+
+    def __init__(self, bench: Bench, pid: int | None) -> None:
+        self.pids = {"bridge": pid, "broker": bench.broker_pid}
+        self.t0 = now_ns()
+        self.c0 = {k: cpu_of(p) if p else None for k, p in self.pids.items()}
+        self.own0 = _own_cpu()
+        self.m0 = machine_cpu()
+
+    def stop(self, t_end: int | None = None, t_start: int | None = None) -> dict:
+        t1 = now_ns()
+        wall = ((t_end or t1) - (t_start or self.t0)) / 1e9
+        out = {}
+        for k, p in self.pids.items():
+            c1 = cpu_of(p) if p else None
+            c0 = self.c0[k]
+            out[f"{k}_cpu_pct"] = _r(100 * (c1 - c0) / wall) if c0 is not None and c1 is not None and wall > 0 else None
+        out["harness_cpu_pct"] = _r(100 * (_own_cpu() - self.own0) / wall) if wall > 0 else None
+        busy, total = machine_cpu()
+        db, dt = busy - self.m0[0], total - self.m0[1]
+        #: all cores together, everything on the machine (other users' work included)
+        out["machine_busy_pct"] = _r(100 * db / dt) if dt > 0 else None
+        return out
+
+
 def _r(x: float | None, nd: int = 1) -> float | None:
     return None if x is None else round(x, nd)
 
@@ -49,7 +78,7 @@ class Env:
 
     def __init__(self, bench: Bench, name: str, devices: int, *, broker: bool = True,
                  wrapper: bool = False, extra_env: dict[str, str] | None = None,
-                 args: list[str] | None = None) -> None:
+                 args: list[str] | None = None, command: list[str] | None = None) -> None:
         self.bench = bench
         self.name = name
         self.devices = devices
@@ -57,6 +86,7 @@ class Env:
         self.wrapper = wrapper
         self.extra_env = extra_env or {}
         self.args = args
+        self.command = command
         self.names = Names()
         self.lg: LoadGen | None = None
         self.sink: Sink | None = None
@@ -92,13 +122,17 @@ class Env:
         env.update(dict(b.o.bridge_env))
         env.update(self.extra_env)
         log = b.out / f"bridge-{self.name}-{self.names.tag}.log"
-        self.proc = await spawn_bridge(base_env(env), log, wrapper=self.wrapper, args=self.args)
+        self.proc = await spawn_bridge(base_env(env), log, wrapper=self.wrapper, args=self.args,
+                                       command=self.command)
         ok = await self.until(self.lg.wait_attached(self.devices, attach_timeout))
         if not ok:
             raise BenchError(f"{self.name}: {len(self.lg.sessions)}/{self.devices} devices attached "
                              f"within {attach_timeout:g}s; bridge log {log}:\n{self.proc.log_tail()}")
         self.t_attached = self.lg.t_last_attached if self.devices else now_ns()
         if self.broker:
+            if not await self.until(self.names.wait_declared(b.amqp, attach_timeout)):
+                raise BenchError(f"{self.name}: the bridge did not connect to the broker within "
+                                 f"{attach_timeout:g}s; bridge log {log}:\n{self.proc.log_tail()}")
             ok = await self.until(self.sink.wait_type("attached", self.devices, attach_timeout))
             if not ok:
                 raise BenchError(f"{self.name}: {self.sink.by_type['attached']}/{self.devices} attached "
@@ -140,6 +174,7 @@ class Bench:
         self.max_eps: float | None = opts.max_eps
         self._ceiling_sink: Sink | None = None
         self._ceiling_names: Names | None = None
+        self.broker_pid = find_broker_pid()
 
     # ------------------------------------------------------------------ driver
     async def run(self) -> dict:
@@ -167,11 +202,14 @@ class Bench:
         return self.results
 
     async def _scenario(self, name: str, fn) -> None:
+        t = time.monotonic()
         try:
             await fn()
         except Exception as e:  # one broken scenario does not hide the others
             self.errors[name] = f"{type(e).__name__}: {e}"
             self.checks[f"{name}_ran"] = False
+        finally:
+            self.results["meta"].setdefault("wall_s", {})[name] = round(time.monotonic() - t, 1)
 
     async def _meta(self, nofile) -> dict:
         import aio_pika as ap
@@ -226,13 +264,17 @@ class Bench:
             await env.stop()
             if self._ceiling_sink is not None:
                 await self._ceiling_sink.close()
+                await self._ceiling_names.cleanup(self.amqp)
 
     async def _sub(self, name: str, coro) -> None:
+        t = time.monotonic()
         try:
             await coro
         except Exception as e:
             self.errors[name] = f"{type(e).__name__}: {e}"
             self.checks[f"{name}_ran"] = False
+        finally:
+            self.results["meta"].setdefault("wall_s", {})[name] = round(time.monotonic() - t, 1)
 
     # ------------------------------------------------------------------ scenario 1: throughput
     async def closed_run(self, env: Env, frames: int, *, store: bool = False) -> tuple[dict, list]:
@@ -241,11 +283,17 @@ class Bench:
         o, lg, sink, proc = self.o, env.lg, env.sink, env.proc
         expected = frames * EPF
         run = sink.begin(expected, store=store)
-        cpu0, own0 = proc.cpu_s(), _own_cpu()
-        t_first = await env.until(lg.run_closed(frames, o.window, o.credit))
+        meter = CpuMeter(self, proc.pid)
+        limit = max(120.0, frames / 100)
+        try:
+            t_first = await env.until(asyncio.wait_for(lg.run_closed(frames, o.window, o.credit), limit))
+        except TimeoutError:
+            raise BenchError(f"{env.name}: throughput run stalled: {run.count}/{expected} events "
+                             f"received in {limit:g}s (lost events hold the load generator's "
+                             f"credit); bridge log:\n{proc.log_tail()}") from None
         ok = await env.until(run.wait(max(60.0, frames / 200)))
         t_end = run.t_last or now_ns()
-        cpu1, own1 = proc.cpu_s(), _own_cpu()
+        cpu = meter.stop(t_end, t_first)
         fwd_ok = await lg.wait_forwards(lg.sent, 10)
         elapsed = max(1e-9, (t_end - t_first) / 1e9)
         complete = ok and run.count == expected and run.distinct == expected
@@ -254,8 +302,7 @@ class Bench:
             "events_distinct": run.distinct, "by_type": dict(run.by_type), "complete": complete,
             "forwards_complete": fwd_ok, "elapsed_s": round(elapsed, 3),
             "frames_per_s": round(frames / elapsed, 1), "events_per_s": round(run.count / elapsed, 1),
-            "bridge_cpu_pct": _r(100 * (cpu1 - cpu0) / elapsed),
-            "harness_cpu_pct": _r(100 * (own1 - own0) / elapsed),
+            **cpu,
             "hop_ms": stats.summary(run.hop_ns, "ms"),
         }
         return res, run.messages
@@ -284,17 +331,14 @@ class Bench:
             if not await wrun.wait(30):
                 raise BenchError("ceiling warm-up messages did not arrive")
             run = sink.begin(len(messages), record_from=1 << 62)
-            cpu0 = BridgeProc(proc, Path(), 0).cpu_s()
+            meter = CpuMeter(self, proc.pid)
             t0 = now_ns()
             proc.stdin.write(b"go\n")
             await proc.stdin.drain()
             ok = await run.wait(max(60.0, len(messages) / 400))
             t_end = run.t_last or now_ns()
             line = await asyncio.wait_for(proc.stdout.readline(), 30)
-            try:
-                cpu1 = BridgeProc(proc, Path(), 0).cpu_s()
-            except OSError:
-                cpu1 = None
+            cpu = meter.stop(t_end, t0)
             report = json.loads(line) if line.strip() else {}
         finally:
             if proc.returncode is None:
@@ -309,7 +353,9 @@ class Bench:
             "events": n, "events_received": run.count, "events_distinct": run.distinct,
             "complete": ok and run.count == n and run.distinct == n, "failed": report.get("failed"),
             "elapsed_s": round(elapsed, 3), "events_per_s": round(run.count / elapsed, 1),
-            "publisher_cpu_pct": _r(100 * (cpu1 - cpu0) / elapsed) if cpu1 is not None else None,
+            # the publisher's own process_time over its publishing, over the same wall time
+            "publisher_cpu_pct": _r(100 * report["cpu_s"] / elapsed) if "cpu_s" in report else None,
+            **{k: v for k, v in cpu.items() if k != "bridge_cpu_pct"},
         }
 
     async def throughput(self, env: Env) -> None:
@@ -318,17 +364,16 @@ class Bench:
         await self.closed_run(env, warm)  # warm-up, not counted
         rounds, messages = [], None
         input_file = self.out / "ceiling-input.msgpack"
-        for i in range(o.rounds):
-            b, msgs = await self.closed_run(env, o.frames, store=messages is None)
-            if messages is None:
-                messages = msgs
-                input_file.write_bytes(msgspec.msgpack.encode(messages))
-            c = await self.ceiling_run(messages, input_file)
-            rounds.append({"bridge": b, "ceiling": c})
         try:
-            input_file.unlink()
-        except OSError:
-            pass
+            for _ in range(o.rounds):
+                b, msgs = await self.closed_run(env, o.frames, store=messages is None)
+                if messages is None:
+                    messages = msgs
+                    input_file.write_bytes(msgspec.msgpack.encode(messages))
+                c = await self.ceiling_run(messages, input_file)
+                rounds.append({"bridge": b, "ceiling": c})
+        finally:
+            input_file.unlink(missing_ok=True)
         b_eps = stats.median([r["bridge"]["events_per_s"] for r in rounds])
         b_fps = stats.median([r["bridge"]["frames_per_s"] for r in rounds])
         c_eps = stats.median([r["ceiling"]["events_per_s"] for r in rounds])
@@ -370,7 +415,7 @@ class Bench:
                     raise
             else:
                 await spy.stop()
-                res.update(file=str(path), run=r, analysis=profiling.analyse(path.read_text()))
+                res.update(file=str(path), run=r, analysis=profiling.analyse(path.read_text(), top=25))
         if tool == "pyinstrument":
             if not profiling.pyinstrument_available():
                 raise BenchError("pyinstrument is not installed (pip install pyinstrument)")
@@ -387,7 +432,8 @@ class Bench:
         self.results["profile"] = res
 
     # ------------------------------------------------------------------ scenarios 2, 3 (+ CPU)
-    async def paced_run(self, env: Env, eps: float, duration: float, warmup: float) -> dict:
+    async def paced_run(self, env: Env, eps: float, duration: float, warmup: float,
+                        consume: bool = True) -> dict:
         """Open-loop load of ``eps`` events/s (``eps / 2`` frames/s) for ``duration`` seconds;
         samples of the first ``warmup`` seconds are left out."""
         lg, sink, proc = env.lg, env.sink, env.proc
@@ -396,18 +442,19 @@ class Bench:
         record_from = t0 + int(warmup * 1e9)
         lg.fwd_rtt = []
         lg.record_from = record_from
-        run = sink.begin(None, record_from=record_from) if sink is not None else None
+        run = sink.begin(None, record_from=record_from) if sink is not None and consume else None
         base_fwd = lg.forwards
 
-        async def cpu_window() -> tuple[float, float, int]:
+        async def cpu_window() -> tuple[float, float, int, dict]:
             await asyncio.sleep(warmup)
+            meter = CpuMeter(self, proc.pid)
             c0, s0, w0 = proc.cpu_s(), lg.sent, now_ns()
             await asyncio.sleep(max(0.2, duration - warmup - 0.05))
-            return proc.cpu_s() - c0, (now_ns() - w0) / 1e9, lg.sent - s0
+            return proc.cpu_s() - c0, (now_ns() - w0) / 1e9, lg.sent - s0, meter.stop()
 
         cpu_task = asyncio.ensure_future(cpu_window())
         r = await env.until(lg.run_rate(fps, duration))
-        cpu_s, wall_s, win_frames = await cpu_task
+        cpu_s, wall_s, win_frames, meter = await cpu_task
         fwd_ok = await lg.wait_forwards(base_fwd + r["sent"], 30)
         lg.record_from = 1 << 62
         res: dict = {
@@ -419,6 +466,7 @@ class Bench:
         }
         eps_window = win_frames * EPF / wall_s if wall_s else 0
         res["bridge_cpu_pct"] = _r(100 * cpu_s / wall_s) if wall_s else None
+        res["cpu_window"] = meter  # bridge, broker, harness, whole machine (noise indicator)
         res["cpu_pct_per_1000_eps"] = _r(100 * cpu_s / wall_s / (eps_window / 1000), 2) if eps_window else None
         if run is not None:
             run.set_target(r["sent"] * EPF)
@@ -440,21 +488,38 @@ class Bench:
 
     async def latency(self, env: Env) -> None:
         o = self.o
+        if "latency" in o.scenario_set:
+            await self._latency_runs(env)
+        if "forwarding" in o.scenario_set:
+            # forwarding with the broker up, the consumer paused (events pile up unread in the
+            # broker): the harness does the same work as in the broker-down and floor runs
+            await env.sink.pause()
+            try:
+                f = self._keep("broker up", await self.paced_run(env, o.latency_rate, o.latency_duration,
+                                                                o.warmup, consume=False))
+            finally:
+                await env.sink.resume()
+            self.results.setdefault("forwarding", {})["broker_up"] = {
+                "offered_events_per_s": o.latency_rate, "forward_us": f["forward_us"],
+                "bridge_cpu_pct": f["bridge_cpu_pct"], "all_forwards_back": f["all_forwards_back"],
+                "cpu_window": f["cpu_window"],
+                "note": "consumer paused: events are confirmed by the broker, and stay unread"}
+            self.checks["forwarding_broker_up_all_back"] = f["all_forwards_back"]
+
+    async def _latency_runs(self, env: Env) -> None:
+        o = self.o
         out: dict = {}
-        r = self._keep(f"@{o.latency_rate:g}/s", await self.paced_run(env, o.latency_rate, o.latency_duration, o.warmup))
+        r = self._keep(f"@{o.latency_rate:g}/s (consumer on)", await self.paced_run(env, o.latency_rate, o.latency_duration, o.warmup))
         out["fixed"] = r
         self.checks["latency_fixed_all_received"] = bool(r.get("all_events_received")) and r["all_forwards_back"]
-        if "latency" in o.scenario_set:
-            if self.max_eps:
-                eps = round(0.8 * self.max_eps)
-                r80 = self._keep(f"@80% ({eps}/s)", await self.paced_run(env, eps, o.latency_duration, o.warmup))
-                out["at_80pct_of_max"] = r80
-                self.checks["latency_80pct_all_received"] = bool(r80.get("all_events_received")) and r80["all_forwards_back"]
-            else:
-                out["at_80pct_of_max"] = "n/a: no maximum (run throughput, or give --max-eps)"
-            self.results["latency"] = out
-        self.results.setdefault("forwarding", {})["broker_up"] = {
-            "offered_events_per_s": o.latency_rate, "forward_us": r["forward_us"]}
+        if self.max_eps:
+            eps = round(0.8 * self.max_eps)
+            r80 = self._keep(f"@80% ({eps}/s, consumer on)", await self.paced_run(env, eps, o.latency_duration, o.warmup))
+            out["at_80pct_of_max"] = r80
+            self.checks["latency_80pct_all_received"] = bool(r80.get("all_events_received")) and r80["all_forwards_back"]
+        else:
+            out["at_80pct_of_max"] = "n/a: no maximum (run throughput, or give --max-eps)"
+        self.results["latency"] = out
         self.results["cpu"] = {
             "at_events_per_s": r["achieved_events_per_s"], "bridge_cpu_pct": r["bridge_cpu_pct"],
             "cpu_pct_of_one_core_per_1000_eps": r["cpu_pct_per_1000_eps"],
@@ -476,7 +541,20 @@ class Bench:
             await env.stop()
         fw = self.results.setdefault("forwarding", {})
         fw["broker_down"] = {"offered_events_per_s": o.latency_rate, "forward_us": r["forward_us"],
-                             "bridge_cpu_pct": r["bridge_cpu_pct"], "all_forwards_back": r["all_forwards_back"]}
+                             "bridge_cpu_pct": r["bridge_cpu_pct"], "all_forwards_back": r["all_forwards_back"],
+                             "cpu_window": r["cpu_window"]}
+        # the floor: a process that only echoes the frames (no decode, no events, no broker)
+        echo = Env(self, "echo-floor", o.devices, broker=False,
+                   command=[sys.executable, "-m", "bridge.bench.echo"])
+        try:
+            await echo.start()
+            f = self._keep("echo floor", await self.paced_run(echo, o.latency_rate, o.latency_duration, o.warmup))
+            fw["floor_echo"] = {"offered_events_per_s": o.latency_rate, "forward_us": f["forward_us"],
+                                "process_cpu_pct": f["bridge_cpu_pct"], "cpu_window": f["cpu_window"]}
+        except Exception as e:
+            fw["floor_echo"] = {"error": f"{type(e).__name__}: {e}"}
+        finally:
+            await echo.stop()
         up = fw.get("broker_up", {}).get("forward_us", {}).get("p99")
         down = r["forward_us"]["p99"]
         fw["p99_down_over_up"] = _r(down / up, 2) if up and down else None
@@ -490,15 +568,25 @@ class Bench:
         try:
             ch = await conn.channel()
             ex = await ch.get_exchange(env.names.commands, ensure=False)
+
+            async def send(i: int) -> None:
+                hw = hws[i % len(hws)]
+                body = b'{"call":-1,"to":true,"sig":{"bench_c":%d,"type":"facility"}}' % now_ns()
+                await ex.publish(aio_pika.Message(body, content_type="application/json"),
+                                 f"device.{hw}.signaling")
+
+            warm = min(50, max(1, o.commands // 10))  # first commands of each device: not counted
+            base0 = lg.commands
+            for i in range(warm):
+                await send(i)
+            if not await env.until(lg.wait_commands(base0 + warm, 30)):
+                raise BenchError(f"warm-up commands: {lg.commands - base0}/{warm} reached the PBX")
             base = lg.commands
             lg.cmd_latency = []
             period = 1 / o.command_rate
             start = time.monotonic()
             for i in range(o.commands):
-                hw = hws[i % len(hws)]
-                body = b'{"call":-1,"to":true,"sig":{"bench_c":%d,"type":"facility"}}' % now_ns()
-                await ex.publish(aio_pika.Message(body, content_type="application/json"),
-                                 f"device.{hw}.signaling")
+                await send(i)
                 delay = start + (i + 1) * period - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)
@@ -526,8 +614,8 @@ class Bench:
             try:
                 await env.start(attach_timeout=timeout)
                 lg = env.lg
-                attach_s = (env.t_attached - env.proc.t_spawn) / 1e9
-                first = ((env.t_attached - lg.t_first_connect) / 1e9) if lg.t_first_connect else None
+                attach_s = (env.t_attached - env.proc.t_spawn) / 1e9 if n else None
+                first = ((env.t_attached - lg.t_first_connect) / 1e9) if lg.t_first_connect and n else None
                 events_s = (env.t_attached_events - env.proc.t_spawn) / 1e9
                 await asyncio.sleep(1.0)
                 st = env.proc.status()
@@ -639,6 +727,7 @@ class Bench:
 
             matplotlib.use("Agg")
             import matplotlib.pyplot as plt
+            from matplotlib.ticker import FuncFormatter, NullFormatter
         except ImportError:
             return {"skipped": "matplotlib is not installed"}
         files = {}
@@ -654,6 +743,8 @@ class Bench:
                     xs, ys = stats.cdf_points(data, div)
                     ax.plot(xs, ys, label=f"{label.split(' ', 1)[1]} (n={len(data)})")
                 ax.set_xscale("log")
+                ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+                ax.xaxis.set_minor_formatter(NullFormatter())
                 ax.set_xlabel(unit)
                 ax.set_ylabel("fraction of messages")
                 ax.set_title(title, fontsize=10)
@@ -708,9 +799,11 @@ def table(R: dict) -> str:
         L.append(f"  ratio  : {t['ratio']}   all events received: {t['all_events_received']}")
         for i, r in enumerate(t["rounds"]):
             b, c = r["bridge"], r["ceiling"]
-            L.append(f"    round {i + 1}: bridge {b['events_per_s']} ev/s (bridge cpu {b['bridge_cpu_pct']}%, "
-                     f"harness cpu {b['harness_cpu_pct']}%), ceiling {c['events_per_s']} ev/s "
-                     f"(publisher cpu {c['publisher_cpu_pct']}%)")
+            L.append(f"    round {i + 1}: bridge {b['events_per_s']} ev/s (cpu: bridge {b['bridge_cpu_pct']}%, "
+                     f"harness {b['harness_cpu_pct']}%, broker {b['broker_cpu_pct']}%, machine busy "
+                     f"{b['machine_busy_pct']}%); ceiling {c['events_per_s']} ev/s (cpu: publisher "
+                     f"{c['publisher_cpu_pct']}%, harness {c['harness_cpu_pct']}%, broker "
+                     f"{c['broker_cpu_pct']}%, machine busy {c['machine_busy_pct']}%)")
         L.append(f"  hop latency while saturated p50/p99/p99.9: {pct(t['rounds'][0]['bridge']['hop_ms'])}")
     lat = R.get("latency")
     if lat:
@@ -718,15 +811,17 @@ def table(R: dict) -> str:
         for key, r in lat.items():
             if isinstance(r, dict):
                 L.append(f"  {key:16s} @ {r['achieved_events_per_s']} ev/s: {pct(r.get('hop_ms'))}"
-                         f"  (all received: {r.get('all_events_received')})")
+                         f"  (all received: {r.get('all_events_received')}; machine busy "
+                         f"{r['cpu_window'].get('machine_busy_pct')}%)")
             else:
                 L.append(f"  {key:16s}: {r}")
     fw = R.get("forwarding")
     if fw:
         L.append("\n[3] forwarding latency, frame out -> forwarded frame back (p50 / p99 / p99.9)")
-        for key in ("broker_up", "broker_down"):
-            if key in fw:
-                L.append(f"  {key:12s}: {pct(fw[key]['forward_us'])}")
+        for key in ("broker_up", "broker_down", "floor_echo"):
+            if "forward_us" in fw.get(key, {}):
+                busy = fw[key].get("cpu_window", {}).get("machine_busy_pct")
+                L.append(f"  {key:12s}: {pct(fw[key]['forward_us'])}  (machine busy {busy}%)")
         if fw.get("p99_down_over_up") is not None:
             L.append(f"  p99 broker down / broker up: {fw['p99_down_over_up']}")
     c = R.get("commands")
@@ -739,7 +834,7 @@ def table(R: dict) -> str:
         L.append("  devices  attach_s  rss_MB  hwm_MB  idle_cpu_%")
         for r in s["runs"]:
             if "rss_mb" in r:
-                L.append(f"  {r['devices']:7d}  {r['attach_s']:8}  {r['rss_mb']:6}  {r['hwm_mb']:6}  {r['idle_cpu_pct']:10}")
+                L.append(f"  {r['devices']:7d}  {str(r['attach_s']):>8}  {r['rss_mb']:6}  {r['hwm_mb']:6}  {r['idle_cpu_pct']:10}")
             else:
                 L.append(f"  {r['devices']:7d}  {r.get('skipped') or r.get('error')}")
         if s.get("rss_kb_per_device") is not None:

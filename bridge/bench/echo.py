@@ -1,0 +1,63 @@
+"""``python -m bridge.bench.echo``: the floor of forwarding latency on this machine.
+
+A process that does what the bridge's forward path does and nothing else: one WebSocket
+session per device (``EPSIGNAL_DEVICES``) to ``EPSIGNAL_PBX_URL``, the same client login
+(:func:`bridge.pbx.session.login_as_client`) and ``Attach``, then every Signaling frame is sent
+straight back, undecoded. The load generator measures its round trips like the bridge's, so
+the difference between the two is what the bridge itself adds (decoding, the events, the
+publisher sharing the event loop); the floor is the Python + websockets + loopback cost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from bridge.pbx.session import login_as_client
+from bridge.protocol import messages as m
+
+SIGNALING = b'{"mt":"Signaling"'
+
+
+async def _session(url: str, app: str, password: str, hw: str, gate: asyncio.Semaphore) -> None:
+    async with gate:
+        ws = await connect(url, compression=None, ping_interval=None, max_size=m.MAX_FRAME_BYTES,
+                           proxy=None)
+        await login_as_client(ws, app, password, 10, m.MAX_FRAME_BYTES)
+        await ws.send(m.encode(m.Attach(hw=hw, src=hw)), text=True)
+    try:
+        recv, send = ws.recv, ws.send
+        while True:
+            data = await recv(decode=False)
+            if data.startswith(SIGNALING):
+                await send(data, text=True)
+    except ConnectionClosed:
+        pass
+
+
+async def main() -> int:
+    env = os.environ
+    url = env["EPSIGNAL_PBX_URL"]
+    app = env.get("EPSIGNAL_PBX_APP", "epsignal")
+    password = env.get("EPSIGNAL_PBX_PASSWORD", "")
+    devices = [d for d in env.get("EPSIGNAL_DEVICES", "").split(",") if d]
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    gate = asyncio.Semaphore(50)
+    tasks = [asyncio.create_task(_session(url, app, password, hw, gate)) for hw in devices]
+    await stop.wait()
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))

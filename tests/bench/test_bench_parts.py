@@ -1,0 +1,111 @@
+"""The benchmark's pure parts: frames, stamps, percentiles, the codec comparison, profiles."""
+
+from __future__ import annotations
+
+import json
+
+from bridge.bench import codec, profiling, stats
+from bridge.bench.frames import EVENTS_PER_FRAME, FrameMaker, hw_id, sample_frames, stamp_of
+from bridge.device import Device
+from bridge.events import EventFactory
+from bridge.protocol import messages as m
+
+
+def test_frames_decode_and_carry_the_stamp_through_the_sig():
+    mk = FrameMaker(hw_id(7), 7)
+    seen = []
+    for i in range(10):
+        f = mk.next(1_000_000 + i)
+        msg = m.decode(f)
+        assert type(msg) is m.Signaling and msg.src == hw_id(7) and msg.call >= 1
+        assert stamp_of(f) == 1_000_000 + i
+        assert stamp_of(bytes(msg.sig)) == 1_000_000 + i  # inside the sig: published as is
+        seen.append((msg.call, msg.signal.type, msg.to is True))
+    assert seen[:6] == [(1, "setup", True), (1, "alert", False), (1, "conn", False),
+                        (1, "disc", True), (1, "rel", False), (2, "setup", True)]
+    assert stamp_of(mk.next(None)) is None
+
+
+def test_every_frame_makes_two_events():
+    dev = Device(hw_id(1), EventFactory("t"))
+    frames = [f for f in sample_frames(devices=1, calls=3)]
+    counts = [len(dev.on_frame(m.decode(f))) for f in frames]
+    assert counts == [EVENTS_PER_FRAME] * len(frames)
+    assert len(dev.tracker) == 0  # every call ended
+
+
+def test_stamp_of_reads_digits_only():
+    assert stamp_of(b'{"sig":{"bench_t":123,"type":"x"}}') == 123
+    assert stamp_of(b'{"bench_c":9}', b'"bench_c":') == 9
+    assert stamp_of(b'{"bench_t":"x"}') is None
+
+
+def test_percentiles_nearest_rank():
+    data = list(range(1, 1001))  # ns
+    s = stats.summary([x * 1000 for x in data], "us")
+    assert s["count"] == 1000 and s["p50"] == 500 and s["p99"] == 990 and s["p99.9"] == 999
+    assert s["max"] == 1000
+    assert stats.summary([], "ms")["p99"] is None
+    xs, ys = stats.cdf_points(data, 1.0, points=50)
+    assert xs == sorted(xs) and ys[-1] == 1.0
+
+
+def test_codec_paths_make_the_same_events():
+    assert codec.equivalent(devices=3, calls=5)
+    r = codec.run(messages=500, repeats=1)
+    assert r["events_per_message"] == EVENTS_PER_FRAME and r["msgspec_full_us"] > 0
+
+
+def test_dict_tracker_follows_the_call_state_rules():
+    t = codec.DictTracker()
+    assert t.signaling(5, True, {"type": "setup", "cg": {"num": "201"}})["state"] == "setup"
+    assert t.signaling(5, False, {"type": "alert"})["state"] == "alert"
+    held = t.signaling(5, False, {"type": "facility", "fty": [{"type": "hold_notify"}]})
+    assert held["held"] is True and held["remote"] == {"num": "201"}
+    assert t.signaling(5, False, {"type": "facility"}) is None  # nothing changed
+    assert t.signaling(5, False, {"type": "rel", "cau": {"num": 16}})["cause"] == {"num": 16}
+    assert t.calls == {}
+
+
+def test_profile_analysis_of_collapsed_stacks():
+    text = "\n".join([
+        "main (/x/bridge/cli.py:1);run (/x/bridge/pbx/session.py:100);decode (/x/bridge/protocol/messages.py:9) 30",
+        "main (/x/bridge/cli.py:1);_publish (/x/bridge/amqp/publisher.py:5);publish (/v/site-packages/aio_pika/exchange.py:7) 60",
+        "main (/x/bridge/cli.py:1);select (/usr/lib/python3.11/selectors.py:3) 10",
+    ])
+    a = profiling.analyse(text)
+    assert a["samples"] == 100
+    assert a["top_self"][0] == {"function": "publish (aio_pika/exchange.py)", "pct": 60.0}
+    assert {"function": "main (bridge/cli.py)", "pct": 100.0} in a["top_total"]
+    comps = {c["component"]: c["pct"] for c in a["self_by_component"]}
+    assert comps == {"aio-pika": 60.0, "bridge: protocol (decode)": 30.0, "stdlib other": 10.0}
+    json.dumps(a)
+
+
+def test_traced_bridge_setup_reports_why_tracing_is_unavailable(monkeypatch):
+    from bridge import tracing
+    from bridge.bench import bridge_proc
+
+    monkeypatch.delattr(tracing, "configure", raising=False)
+    status: dict = {}
+    assert bridge_proc._setup_tracing(status) == (None, None)
+    assert status["tracing"].startswith("unavailable")
+
+
+def test_traced_bridge_setup_counts_spans(monkeypatch):
+    from bridge import tracing
+    from bridge.bench import bridge_proc
+
+    if not hasattr(tracing, "configure"):
+        return
+    for name in ("configure", "ENABLED", "_tracer"):  # restored after the test
+        if hasattr(tracing, name):
+            monkeypatch.setattr(tracing, name, getattr(tracing, name))
+    status: dict = {}
+    provider, exporter = bridge_proc._setup_tracing(status)
+    assert status["tracing"] == "on"
+    assert tracing.configure() is True  # run()'s configure() from OTEL_* keeps the SDK on
+    provider.get_tracer("t").start_span("x").end()
+    provider.force_flush()
+    assert exporter.spans >= 1
+    provider.shutdown()

@@ -1,0 +1,65 @@
+"""The benchmark's smoke run (``epsignal-bridge bench --smoke``): every scenario works against the
+real bridge process and the real broker, every event arrives, the numbers are sane. No time is
+asserted: CI machines are noisy (the performance targets are in docs/PERFORMANCE.md)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.broker
+
+AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+
+
+@pytest.mark.timeout(150)
+def test_bench_smoke(tmp_path):
+    out = tmp_path / "out"
+    result_file = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bridge.cli", "bench", "--smoke", "--amqp-url", AMQP_URL,
+         "--json", str(result_file), "--out", str(out)],
+        capture_output=True, text=True, timeout=140,
+    )
+    assert result_file.exists(), f"no results (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    r = json.loads(result_file.read_text())
+    report = f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-3000:]}"
+    assert not r.get("errors"), report
+    assert r["checks"] and all(r["checks"].values()), report
+    assert proc.returncode == 0, report
+
+    # 1: every event of every round arrived, once; the ratio is sane
+    t = r["throughput"]
+    assert t["all_events_received"], report
+    for rnd in t["rounds"]:
+        b = rnd["bridge"]
+        assert b["events_received"] == b["events_distinct"] == b["events_expected"] == 2 * b["frames"]
+        assert b["by_type"] == {"call.signaling": b["frames"], "call.state": b["frames"]}
+        assert rnd["ceiling"]["events_received"] == b["events_expected"]
+    assert 0.1 < t["ratio"] < 3, report
+    # 2, 3: latencies measured from every message
+    fixed = r["latency"]["fixed"]
+    assert fixed["all_events_received"] and fixed["hop_ms"]["count"] > 100
+    assert isinstance(r["latency"]["at_80pct_of_max"], dict)
+    for key in ("broker_up", "broker_down", "floor_echo"):
+        fw = r["forwarding"][key]["forward_us"]
+        assert fw["count"] > 100 and 0 < fw["p50"] <= fw["p99"], (key, fw)
+    # 4: every command reached the PBX
+    assert r["commands"]["all_received"] and r["commands"]["latency_ms"]["count"] == r["commands"]["commands"]
+    # 5: the devices attached, memory and CPU were read from /proc
+    (run,) = r["scale"]["runs"]
+    assert run["devices"] == 100 and run["rss_mb"] > 10 and run["attach_s"] > 0
+    assert r["cpu"]["cpu_pct_of_one_core_per_1000_eps"] > 0
+    # 6: both codec paths make the same events
+    assert r["codec"]["equivalent_events"] and r["codec"]["msgspec_full_us"] > 0
+    # 7: tracing measured, or n/a with a reason
+    tr = r["tracing"]
+    assert tr["status"] in ("ok", "n/a")
+    assert tr["cost_pct"] is not None if tr["status"] == "ok" else tr["reason"]
+    # plots
+    for name in ("latency_cdf", "rss_vs_devices"):
+        if "skipped" not in r["plots"]:
+            assert (out / r["plots"][name].rsplit("/", 1)[-1]).stat().st_size > 1000
