@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import aio_pika
 import pytest
 
+from bridge.amqp import topology
 from bridge.config import Settings
 from bridge.service import Bridge
 from bridge.sim import PbxSimulator, SimConfig
@@ -158,11 +159,7 @@ async def bus(names):
     b = Bus(conn, s)
     await b.open()
     yield b
-    ch = await conn.channel()
-    for ex in (s.events_exchange, s.commands_exchange, s.dead_exchange):
-        await ch.exchange_delete(ex)
-    for q in (s.commands_queue, s.dead_queue):
-        await ch.queue_delete(q)
+    await topology.delete_for(conn, s)
     await conn.close()
 
 

@@ -16,10 +16,11 @@ every (re)connect, so a deleted queue or a restarted broker gets the topology ba
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange, AbstractQueue
 
 from bridge.config import Settings
 
@@ -49,3 +50,24 @@ async def declare_commands_queue(ch: AbstractChannel, s: Settings, topo: Topolog
     )
     await q.bind(topo.commands, "#")
     return q
+
+
+async def delete(conn: AbstractConnection, exchanges: Iterable[str], queues: Iterable[str]) -> None:
+    """Delete exchanges and queues (tests and the benchmark clean up after a run). Each on a
+    channel of its own: a failed delete closes its channel; what does not exist is skipped."""
+    for kind, names in (("exchange_delete", exchanges), ("queue_delete", queues)):
+        for name in names:
+            ch = await conn.channel()
+            try:
+                await getattr(ch, kind)(name)
+            except aio_pika.exceptions.AMQPError:
+                pass
+            finally:
+                if not ch.is_closed:
+                    await ch.close()
+
+
+async def delete_for(conn: AbstractConnection, s: Settings, extra_queues: Iterable[str] = ()) -> None:
+    """Delete everything :func:`declare_exchanges` and :func:`declare_commands_queue` make."""
+    await delete(conn, (s.events_exchange, s.commands_exchange, s.dead_exchange),
+                 (s.commands_queue, s.dead_queue, *extra_queues))

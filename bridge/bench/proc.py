@@ -19,6 +19,8 @@ from pathlib import Path
 
 import aio_pika
 
+from bridge.amqp import topology
+
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -80,18 +82,9 @@ class Names:
             return
         try:
             t = self.tag
-            for ex in (f"bench{t}.events", f"bench{t}.commands", f"bench{t}.dead", f"bench{t}.ceiling"):
-                ch = await conn.channel()
-                try:
-                    await ch.exchange_delete(ex)
-                except Exception:
-                    pass
-            for q in (f"bench{t}.commands.bridge", f"bench{t}.commands.dead"):
-                ch = await conn.channel()
-                try:
-                    await ch.queue_delete(q)
-                except Exception:
-                    pass
+            await topology.delete(
+                conn, (f"bench{t}.events", f"bench{t}.commands", f"bench{t}.dead", f"bench{t}.ceiling"),
+                (f"bench{t}.commands.bridge", f"bench{t}.commands.dead"))
         finally:
             await conn.close()
 

@@ -29,6 +29,7 @@ import uuid
 import aio_pika
 import pytest
 
+from bridge.amqp import topology
 from bridge.config import describe
 
 ROOT = pathlib.Path(__file__).parents[2]
@@ -315,11 +316,9 @@ async def _broker(names: dict, check: bool) -> bool:
                 await ch.declare_queue(names["EPSIGNAL_COMMANDS_QUEUE"], passive=True)
             except aio_pika.exceptions.ChannelClosed:
                 existed = False
-        ch = await conn.channel()
-        for k in ("EPSIGNAL_EVENTS_EXCHANGE", "EPSIGNAL_COMMANDS_EXCHANGE", "EPSIGNAL_DEAD_EXCHANGE"):
-            await ch.exchange_delete(names[k])
-        for k in ("EPSIGNAL_COMMANDS_QUEUE", "EPSIGNAL_DEAD_QUEUE"):
-            await ch.queue_delete(names[k])
+        await topology.delete(
+            conn, [names[k] for k in ("EPSIGNAL_EVENTS_EXCHANGE", "EPSIGNAL_COMMANDS_EXCHANGE", "EPSIGNAL_DEAD_EXCHANGE")],
+            [names[k] for k in ("EPSIGNAL_COMMANDS_QUEUE", "EPSIGNAL_DEAD_QUEUE")])
         return existed
     finally:
         await conn.close()

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import aio_pika
 
+from bridge.amqp import topology
+
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -230,17 +232,7 @@ async def publish_command(exchange: aio_pika.abc.AbstractExchange, key: str, bod
 async def delete_topology(names: dict, extra_queues: tuple[str, ...] = ()) -> None:
     conn = await aio_pika.connect(AMQP_URL)
     try:
-        for ex in (names["events_exchange"], names["commands_exchange"], names["dead_exchange"]):
-            ch = await conn.channel()
-            try:
-                await ch.exchange_delete(ex)
-            except Exception:
-                pass
-        for q in (names["commands_queue"], names["dead_queue"], *extra_queues):
-            ch = await conn.channel()
-            try:
-                await ch.queue_delete(q)
-            except Exception:
-                pass
+        await topology.delete(conn, (names["events_exchange"], names["commands_exchange"], names["dead_exchange"]),
+                              (names["commands_queue"], names["dead_queue"], *extra_queues))
     finally:
         await conn.close()
