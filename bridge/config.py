@@ -80,6 +80,14 @@ class Settings(Struct, kw_only=True):
     publish_timeout_s: Annotated[float, _doc("Time allowed for one publisher confirm", gt=0)] = 10.0
     buffer_max_events: Annotated[int, _doc("Events kept while the broker is away", ge=1)] = 100_000
     buffer_max_age_s: Annotated[float, _doc("Events older than this are dropped unsent", gt=0)] = 300.0
+    # ------------------------------------------------------------------ many replicas
+    leases: Annotated[bool, _doc(
+        "Share the devices with other replicas: a device is attached by the replica holding its "
+        "lease queue (needed with more than one replica; client mode only; see docs/SCALING.md)"
+    )] = False
+    lease_heartbeat_s: Annotated[float, _doc(
+        "Presence heartbeat between replicas (a replica unheard for 3 is gone)", gt=0
+    )] = 1.0
     # ------------------------------------------------------------------ the process
     http_host: Annotated[str, _doc("Address of the HTTP server (health, readiness, metrics)")] = "0.0.0.0"
     http_port: Annotated[int, _doc("Port of /healthz, /readyz and /metrics (0: any free port)", ge=0)] = 8080

@@ -15,6 +15,7 @@ from websockets.exceptions import ConnectionClosed
 from bridge import commands as cmds
 from bridge import tracing
 from bridge.amqp.consumer import CommandConsumer
+from bridge.amqp.leases import LeaseManager
 from bridge.amqp.link import BrokerLink
 from bridge.amqp.publisher import EventPublisher
 from bridge.config import Settings
@@ -29,6 +30,8 @@ log = logging.getLogger("bridge")
 
 #: how long (x 10 ms) an attach reply waits for the PBX's Attached after a good AttachResult
 ATTACHED_WAIT_STEPS = 50
+#: with leases: a held device whose runner ended (attach refused) is tried again after this
+RUNNER_RETRY_S = 5.0
 
 
 class Bridge:
@@ -40,9 +43,13 @@ class Bridge:
             self.link, self.factory, window=settings.publish_window, timeout_s=settings.publish_timeout_s,
             max_events=settings.buffer_max_events, max_age_s=settings.buffer_max_age_s,
         )
-        self.consumer = CommandConsumer(self.link, self.handle_command)
-        self.runners: dict[str, DeviceRunner] = {}
         self.server = PbxServer(settings, self.emit) if settings.pbx_mode == "server" else None
+        self.leases = None
+        if settings.leases and self.server is None:
+            self.leases = LeaseManager(self.link, self, settings.device_list, self._on_leased_command)
+        self.consumer = CommandConsumer(self.link, self.handle_command,
+                                        redirect=self._redirect if self.leases is not None else None)
+        self.runners: dict[str, DeviceRunner] = {}
         self._gate = asyncio.Semaphore(settings.attach_concurrency)
         self._pbx_ssl = (client_context(settings.pbx_ca_file, settings.pbx_tls_verify)
                          if settings.pbx_url.startswith("wss:") else None)
@@ -66,7 +73,7 @@ class Bridge:
             for hw in self.s.device_list:
                 self.server.devices[hw] = Device(hw, self.factory)
             await self.server.start()
-        else:
+        elif self.leases is None:
             for hw in self.s.device_list:
                 self._runner(hw)
         log.info("bridge %s started: %d devices configured, PBX mode %s",
@@ -75,12 +82,16 @@ class Bridge:
     async def stop(self, grace_s: float = 10.0) -> bool:
         """Graceful stop: no new commands, finish those in progress, close the PBX sessions,
         flush events with confirms (bounded by ``grace_s``). True if nothing was left unsent."""
+        if self.leases is not None:
+            self.leases.pause()
         await self.consumer.stop_accepting()
         await self.consumer.drain(grace_s / 2)
         await asyncio.gather(*(r.stop() for r in self.runners.values()), return_exceptions=True)
         for r in self.runners.values():
             for ev in r.device.on_lost("shutdown"):
                 self.emit(ev)
+        if self.leases is not None:  # detached first: the next holder's Attach is not refused
+            await self.leases.stop()
         if self.server is not None:
             await self.server.close()
         flushed = await self.publisher.flush(grace_s / 2)
@@ -134,6 +145,33 @@ class Bridge:
             r.start()
         return r
 
+    # ------------------------------------------------------------------ leases (bridge.amqp.leases)
+    def acquired(self, hw: str) -> None:
+        r = self.runners.get(hw)
+        if r is not None and r.task is not None and r.task.done() and (
+                asyncio.get_running_loop().time() - r.ended_at < RUNNER_RETRY_S):
+            return
+        self._runner(hw)
+
+    async def released(self, hw: str, reason: str) -> None:
+        r = self.runners.pop(hw, None)
+        if r is not None:
+            await r.stop()
+            for ev in r.device.on_lost(reason):
+                self.emit(ev)
+
+    def idle(self, hw: str) -> bool:
+        r = self.runners.get(hw)
+        return (r is None or len(r.device.tracker) == 0) and not self.consumer.busy(hw)
+
+    async def _on_leased_command(self, message) -> None:
+        await self.consumer.on_message(message, redirect=False)
+
+    async def _redirect(self, hw: str, verb: str) -> str | None:
+        """A command that no lease queue took: an attach makes the device's lease queue and moves
+        there (its holder carries it out); anything else is for a device nobody holds."""
+        return await self.leases.adopt(hw) if verb == "attach" else None
+
     # ------------------------------------------------------------------ commands
     async def handle_command(self, hw: str, verb: str, cmd: cmds.Command) -> cmds.Reply:
         if verb == "attach":
@@ -149,6 +187,8 @@ class Bridge:
                 result = await asyncio.wait_for(self.server.attach(Device(hw, self.factory)), timeout)
                 device = self.server.devices[hw]
             else:
+                if self.leases is not None:
+                    await self.leases.want(hw, True)
                 r = self._runner(hw)
                 result = await asyncio.wait_for(asyncio.shield(r.first_result), timeout)
                 device = r.device
@@ -166,6 +206,8 @@ class Bridge:
                     self.server.session.devices.pop(hw, None)
             elif self.runners.get(hw) is r:
                 del self.runners[hw]
+                if self.leases is not None:
+                    await self.leases.want(hw, False)
             raise cmds.CommandError(f"the PBX refused to attach {hw}: {err}")
         # a registered device's Attached follows the AttachResult at once: let it arrive, so that
         # `attached` tells registered (true) from waiting for registration (false)
@@ -182,6 +224,8 @@ class Bridge:
                 "detach is not possible in server mode: EpSignal has no Detach message and the "
                 "PBX session carries every device"
             )
+        if self.leases is not None:
+            await self.leases.want(hw, False)
         r = self.runners.pop(hw, None)
         if r is None:
             return cmds.Reply(ok=True, command="detach", hw=hw, was_attached=False)

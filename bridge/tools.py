@@ -11,6 +11,7 @@ import aio_pika
 import msgspec
 
 from bridge import routing
+from bridge.amqp import topology
 from bridge.config import Settings
 
 _COLOURS = {
@@ -87,7 +88,7 @@ async def send(settings: Settings, hw: str, verb: str, body: str | bytes, *, tim
     conn = await _connect(settings)
     async with conn:
         ch = await conn.channel()
-        ex = await ch.declare_exchange(settings.commands_exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+        ex = await topology.declare_commands_exchange(ch, settings)
         reply_q = await ch.get_queue("amq.rabbitmq.reply-to", ensure=False)
         got: asyncio.Future = asyncio.get_running_loop().create_future()
         cid = uuid.uuid4().hex

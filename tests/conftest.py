@@ -66,7 +66,7 @@ class Bus:
     async def open(self) -> None:
         self.channel = await self.conn.channel()
         self.events = await self.channel.declare_exchange(self.s.events_exchange, "topic", durable=True)
-        self.commands = await self.channel.declare_exchange(self.s.commands_exchange, "topic", durable=True)
+        self.commands = await topology.declare_commands_exchange(self.channel, self.s)
 
     async def bind(self, *patterns: str) -> EventQueue:
         q = await self.channel.declare_queue(exclusive=True, auto_delete=True)
@@ -177,3 +177,6 @@ async def start_bridge(bus):  # after `bus`, so the bridge stops before bus dele
     yield start
     for b in started:
         await b.stop(2)
+    for b in started:  # the lease queues of every device a bridge knew (EPSIGNAL_LEASES)
+        if b.leases is not None:
+            await topology.delete(bus.conn, (), [topology.lease_queue(b.s, hw) for hw in b.leases.devices()])

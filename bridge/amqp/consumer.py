@@ -32,6 +32,8 @@ from bridge.ratelimit import RateLimiter
 log = logging.getLogger("bridge.commands")
 
 Handler = Callable[[str, str, cmds.Command], Awaitable[cmds.Reply]]
+#: (hw, verb) -> the queue to move the command to, or None to carry it out here
+Redirect = Callable[[str, str], Awaitable[str | None]]
 ERROR_HEADER = "x-epsignal-error"
 
 
@@ -45,10 +47,11 @@ class CommandStats:
 
 
 class CommandConsumer:
-    def __init__(self, link: BrokerLink, handler: Handler) -> None:
+    def __init__(self, link: BrokerLink, handler: Handler, redirect: Redirect | None = None) -> None:
         self.link = link
         self.s = link.s
         self._handler = handler
+        self._redirect = redirect
         #: hw -> [lock, commands holding or waiting for it]: the entry goes when the count is 0
         self._locks: dict[str, list] = {}
         self._inflight: set[asyncio.Task] = set()
@@ -71,7 +74,7 @@ class CommandConsumer:
     async def _consume(self, topo: Topology) -> None:
         q = await declare_commands_queue(self._channel, self.s, topo)
         if self._accepting:
-            self._tag = await q.consume(self._on_message)
+            self._tag = await q.consume(self.on_message)
 
     def _channel_closed(self, conn: AbstractConnection, exc) -> None:
         """The broker closed the consuming channel alone (e.g. a failed re-declare): without it no
@@ -94,15 +97,20 @@ class CommandConsumer:
         except Exception as e:  # the channel went with it: the link's reconnect will redo this
             log.warning("could not consume again (%s); waiting for the reconnect", e)
 
-    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+    def busy(self, hw: str) -> bool:
+        """A command for ``hw`` is in progress or waiting."""
+        return hw in self._locks
+
+    async def on_message(self, message: AbstractIncomingMessage, redirect: bool = True) -> None:
+        """Carry out one command (``redirect``: it came from the shared queue, see Redirect)."""
         t = asyncio.current_task()
         self._inflight.add(t)
         try:
-            await self._process(message)
+            await self._process(message, redirect)
         finally:
             self._inflight.discard(t)
 
-    async def _process(self, message: AbstractIncomingMessage) -> None:
+    async def _process(self, message: AbstractIncomingMessage, redirect: bool) -> None:
         key = message.routing_key or ""
         parsed = routing.parse_command_key(key)
         verb = parsed[1] if parsed is not None and parsed[1] in cmds.VERBS else "invalid"
@@ -110,6 +118,10 @@ class CommandConsumer:
             hw, verb, cmd = cmds.parse(key, message.body)
         except cmds.CommandError as e:
             return await self._refuse(message, verb, parsed[0] if parsed else None, str(e))
+        if redirect and self._redirect is not None:
+            target = await self._redirect(hw, verb)
+            if target is not None:
+                return await self._move(message, target)
         if not self._limiter.allow(hw, time.monotonic()):
             return await self._refuse(message, verb, hw, (
                 f"rate limit: more than {self.s.command_burst} commands at once or "
@@ -137,23 +149,33 @@ class CommandConsumer:
         self.stats.count(verb, "ok")
         await message.ack()
 
+    async def _move(self, message: AbstractIncomingMessage, queue: str) -> None:
+        """Publish the command again, as it is, now that ``queue`` is bound for its key
+        (confirmed), then ack it here."""
+        topo = self.link.topology
+        try:
+            if topo is None or self.link.channel is None:
+                raise ConnectionError("no publishing channel")
+            await topo.commands.publish(_copy(message, message.headers), message.routing_key or "",
+                                        timeout=self.s.publish_timeout_s)
+        except Exception as e:
+            log.warning("could not move the command to %s (%s); it goes back to the queue", queue, e)
+            await message.nack(requeue=True)
+            return
+        await message.ack()
+
     async def _refuse(self, message: AbstractIncomingMessage, verb: str, hw: str | None, error: str) -> None:
         log.info("command refused: key=%s: %s", message.routing_key, error)
         self.stats.count(verb, "refused")
         await self._reply(message, cmds.error_reply(error, command=verb if verb != "invalid" else None, hw=hw))
-        topo, ch = self.link.topology, self.link.channel
+        topo = self.link.topology
         try:
-            if topo is None or ch is None:
+            if topo is None or self.link.channel is None:
                 raise ConnectionError("no publishing channel")
             headers = dict(message.headers or {})
             headers[ERROR_HEADER] = error
-            copy = aio_pika.Message(
-                message.body, headers=headers, content_type=message.content_type,
-                correlation_id=message.correlation_id, reply_to=message.reply_to,
-                message_id=message.message_id, timestamp=message.timestamp, type=message.type,
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            )
-            await topo.dead.publish(copy, message.routing_key or "", timeout=self.s.publish_timeout_s)
+            await topo.dead.publish(_copy(message, headers), message.routing_key or "",
+                                    timeout=self.s.publish_timeout_s)
         except Exception as e:
             log.warning("dead-letter copy failed (%s); rejecting to the queue's dead-letter exchange", e)
             await message.reject(requeue=False)
@@ -199,3 +221,13 @@ class CommandConsumer:
                 await ch.close()
             except Exception:
                 pass
+
+
+def _copy(message: AbstractIncomingMessage, headers) -> aio_pika.Message:
+    """A persistent copy of a command (its routing key is the publisher's to give)."""
+    return aio_pika.Message(
+        message.body, headers=headers, content_type=message.content_type,
+        correlation_id=message.correlation_id, reply_to=message.reply_to,
+        message_id=message.message_id, timestamp=message.timestamp, type=message.type,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+    )

@@ -4,14 +4,24 @@
 
     epsignal.events    topic, durable   events; keys in bridge.routing
     epsignal.commands  topic, durable   commands: device.<hw>.attach|detach|signaling
-      -> epsignal.commands.bridge  durable queue, bound with "#" (every command is taken, so
-                                   a command with a bad key is dead-lettered, not lost),
-                                   x-dead-letter-exchange = epsignal.dead
+                       alternate-exchange = epsignal.commands.unrouted
+      -> epsignal.commands.bridge  durable queue, x-dead-letter-exchange = epsignal.dead; bound
+                                   with "#" (every command is taken, so a command with a bad key
+                                   is dead-lettered, not lost); with leases, bound to the
+                                   alternate exchange instead: it takes what no lease queue takes
+      -> epsignal.commands.bridge.<hw>   with leases (EPSIGNAL_LEASES), one per device: durable,
+                                   x-single-active-consumer, bound with device.<hw>.*; holds the
+                                   device's lease token and its commands (docs/SCALING.md)
+    epsignal.commands.unrouted  fanout, durable   commands no binding matched
+    epsignal.commands.presence  fanout, durable   with leases: the replicas' heartbeats, each
+                                   replica reads them on an exclusive queue of its own
     epsignal.dead      topic, durable   dead-lettered commands, header x-epsignal-error
       -> epsignal.commands.dead    durable queue, bound with "#"
 
-Names are settings (``EPSIGNAL_*_EXCHANGE`` / ``_QUEUE``). Declaring is idempotent and runs on
-every (re)connect, so a deleted queue or a restarted broker gets the topology back.
+Names are settings (``EPSIGNAL_*_EXCHANGE`` / ``_QUEUE``); the unrouted and presence exchanges
+and the lease queues are named after them. Declaring is idempotent and runs on every
+(re)connect, so a deleted queue or a restarted broker gets the topology back. Declare the
+commands exchange only through :func:`declare_commands_exchange` (its arguments must match).
 """
 
 from __future__ import annotations
@@ -20,11 +30,32 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import aio_pika
+import aiormq.abc
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange, AbstractQueue
 
 from bridge.config import Settings
+from bridge.routing import word
 
 TOPIC = aio_pika.ExchangeType.TOPIC
+FANOUT = aio_pika.ExchangeType.FANOUT
+#: the message type of a lease token (in a lease queue, among the device's commands)
+LEASE_TOKEN = "lease"
+
+
+def unrouted_exchange(s: Settings) -> str:
+    return f"{s.commands_exchange}.unrouted"
+
+
+def presence_exchange(s: Settings) -> str:
+    return f"{s.commands_exchange}.presence"
+
+
+def lease_queue(s: Settings, hw: str) -> str:
+    return f"{s.commands_queue}.{word(hw)}"
+
+
+def lease_key(hw: str) -> str:
+    return f"device.{word(hw)}.*"
 
 
 @dataclass
@@ -35,9 +66,15 @@ class Topology:
     commands_queue: AbstractQueue | None = None
 
 
+async def declare_commands_exchange(ch: AbstractChannel, s: Settings) -> AbstractExchange:
+    await ch.declare_exchange(unrouted_exchange(s), FANOUT, durable=True)
+    return await ch.declare_exchange(s.commands_exchange, TOPIC, durable=True,
+                                     arguments={"alternate-exchange": unrouted_exchange(s)})
+
+
 async def declare_exchanges(ch: AbstractChannel, s: Settings) -> Topology:
     events = await ch.declare_exchange(s.events_exchange, TOPIC, durable=True)
-    commands = await ch.declare_exchange(s.commands_exchange, TOPIC, durable=True)
+    commands = await declare_commands_exchange(ch, s)
     dead = await ch.declare_exchange(s.dead_exchange, TOPIC, durable=True)
     dead_q = await ch.declare_queue(s.dead_queue, durable=True)
     await dead_q.bind(dead, "#")
@@ -48,26 +85,43 @@ async def declare_commands_queue(ch: AbstractChannel, s: Settings, topo: Topolog
     q = await ch.declare_queue(
         s.commands_queue, durable=True, arguments={"x-dead-letter-exchange": s.dead_exchange}
     )
-    await q.bind(topo.commands, "#")
+    if s.leases:  # what a lease queue takes must not come here too
+        await q.unbind(topo.commands, "#")
+        await q.bind(unrouted_exchange(s))
+    else:
+        await q.bind(topo.commands, "#")
     return q
 
 
+async def declare_lease_queue(ch: aiormq.abc.AbstractChannel, s: Settings, hw: str) -> int:
+    """Declare ``hw``'s lease queue and its binding; the number of messages ready in it."""
+    name = lease_queue(s, hw)
+    ok = await ch.queue_declare(name, durable=True, arguments={
+        "x-single-active-consumer": True, "x-dead-letter-exchange": s.dead_exchange})
+    await ch.queue_bind(name, s.commands_exchange, lease_key(hw))
+    return ok.message_count
+
+
 async def delete(conn: AbstractConnection, exchanges: Iterable[str], queues: Iterable[str]) -> None:
-    """Delete exchanges and queues (tests and the benchmark clean up after a run). Each on a
-    channel of its own: a failed delete closes its channel; what does not exist is skipped."""
+    """Delete exchanges and queues (tests and the benchmark clean up after a run). What does
+    not exist is skipped; a failed delete closes its channel, the next one opens another."""
+    ch = None
     for kind, names in (("exchange_delete", exchanges), ("queue_delete", queues)):
         for name in names:
-            ch = await conn.channel()
+            if ch is None or ch.is_closed:
+                ch = await conn.channel()
             try:
                 await getattr(ch, kind)(name)
             except aio_pika.exceptions.AMQPError:
                 pass
-            finally:
-                if not ch.is_closed:
-                    await ch.close()
+    if ch is not None and not ch.is_closed:
+        await ch.close()
 
 
 async def delete_for(conn: AbstractConnection, s: Settings, extra_queues: Iterable[str] = ()) -> None:
-    """Delete everything :func:`declare_exchanges` and :func:`declare_commands_queue` make."""
-    await delete(conn, (s.events_exchange, s.commands_exchange, s.dead_exchange),
-                 (s.commands_queue, s.dead_queue, *extra_queues))
+    """Delete everything :func:`declare_exchanges` and :func:`declare_commands_queue` make, and
+    the lease queues of the configured devices."""
+    await delete(conn, (s.events_exchange, s.commands_exchange, s.dead_exchange, unrouted_exchange(s),
+                        presence_exchange(s)),
+                 (s.commands_queue, s.dead_queue, *(lease_queue(s, hw) for hw in s.device_list),
+                  *extra_queues))

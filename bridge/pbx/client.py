@@ -55,6 +55,8 @@ class DeviceRunner:
         self.task: asyncio.Task | None = None
         self.reconnects = 0
         self.login_failures = 0
+        #: loop time the runner ended (attach refused, stopped)
+        self.ended_at = 0.0
         self._stopping = False
 
     @property
@@ -138,6 +140,8 @@ class DeviceRunner:
             log.exception("device %s: runner failed", self.hw)
             if not self.first_result.done():
                 self.first_result.set_exception(e)
+        finally:
+            self.ended_at = asyncio.get_running_loop().time()
 
     def _settle(self) -> None:
         for ev in self.device.settle():

@@ -1,0 +1,118 @@
+"""Several bridges share the devices through lease queues (EPSIGNAL_LEASES; docs/SCALING.md).
+
+In-process bridges, the real broker and the real simulator. The simulator refuses a second
+Attach of a device from another session and counts it (``attach_conflicts``), so a duplicate
+attachment cannot go unseen. The multi-process SIGKILL test is in tests/faults/test_replicas.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from bridge.sim import hw_id
+
+pytestmark = pytest.mark.asyncio
+
+N = 20
+
+
+def held(bridges) -> list[int]:
+    return [len(b.leases.tokens) for b in bridges]
+
+
+def attached_by(bridges) -> dict[str, int]:
+    """hw -> number of bridges with that device attached."""
+    out: dict[str, int] = {}
+    for b in bridges:
+        for hw, r in b.runners.items():
+            if r.device.attached:
+                out[hw] = out.get(hw, 0) + 1
+    return out
+
+
+async def until(pred, timeout: float = 15.0, what: str = "condition") -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not pred():
+        if loop.time() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+def lease_settings(sim, settings_for):
+    devices = ",".join(hw_id(i) for i in range(1, N + 1))
+
+    def make(n: int, **kw):
+        kw.setdefault("devices", devices)
+        return settings_for(sim, leases=True, lease_heartbeat_s=0.3, instance_id=f"replica-{n}", **kw)
+    return make
+
+
+async def test_two_replicas_attach_every_device_once_and_commands_reach_the_holder(
+        sim, bus, start_bridge, lease_settings):
+    a = await start_bridge(lease_settings(1))
+    b = await start_bridge(lease_settings(2))
+    await until(lambda: sim.stats()["attached_devices"] == N, what="every device attached")
+    await until(lambda: sum(held([a, b])) == N and min(held([a, b])) > 0, what="both hold devices")
+    assert sim.stats()["attach_conflicts"] == 0
+    assert set(attached_by([a, b]).values()) == {1}
+    # every device's command goes to its holder: attach is idempotent and says attached
+    replies = await asyncio.gather(*(bus.command(hw_id(i), "attach") for i in range(1, N + 1)))
+    assert [r["ok"] for r in replies] == [True] * N
+    assert all(r["attached"] for r in replies)
+    assert sum(b.consumer.stats.by_outcome.get(("attach", "ok"), 0) for b in (a, b)) == N
+    # no command went to the shared queue's replica by mistake: each was carried out where held
+    for br in (a, b):
+        assert br.consumer.stats.by_outcome.get(("attach", "refused"), 0) == 0
+
+
+async def test_graceful_stop_hands_every_device_to_the_survivor(sim, bus, start_bridge, lease_settings):
+    a = await start_bridge(lease_settings(1))
+    b = await start_bridge(lease_settings(2))
+    await until(lambda: sum(held([a, b])) == N and min(held([a, b])) > 0, what="both hold devices")
+    await a.stop(2)
+    await until(lambda: held([b]) == [N], 10, "the survivor holds every device")
+    await until(lambda: len(attached_by([b])) == N, 10, "the survivor attached every device")
+    assert sim.stats()["attach_conflicts"] == 0
+
+
+async def test_a_new_replica_takes_idle_devices_but_no_call_in_progress(sim, bus, start_bridge, lease_settings):
+    a = await start_bridge(lease_settings(1))
+    await until(lambda: len(attached_by([a])) == N, what="one replica attached every device")
+    # a long call on every device: none may move while it lasts
+    calls = [await sim.place_call(hw_id(i), hold_s=3.0) for i in range(1, N + 1)]
+    await asyncio.sleep(0.5)
+    b = await start_bridge(lease_settings(2))
+    await asyncio.sleep(1.5)
+    assert held([a, b]) == [N, 0], "a device with a call in progress moved"
+    await sim.wait_idle(15)
+    await until(lambda: held([b])[0] > 0 and sum(held([a, b])) == N, 10, "devices moved once idle")
+    await until(lambda: len(attached_by([a, b])) == N, 10, "every device attached again")
+    assert set(attached_by([a, b]).values()) == {1}
+    st = sim.stats()
+    assert st["calls_stalled"] == 0 and st["calls_completed"] == len(calls)
+    assert st["attach_conflicts"] == 0
+    assert a.leases.handed_on == held([b])[0]
+
+
+async def test_detach_is_kept_by_the_next_holder_and_attach_by_command_moves_too(
+        sim, bus, start_bridge, lease_settings):
+    configured = ",".join(hw_id(i) for i in range(1, N))
+    extra = hw_id(N)  # registered in the simulator, not configured
+    a = await start_bridge(lease_settings(1, devices=configured))
+    await until(lambda: len(attached_by([a])) == N - 1, what="every configured device attached")
+    r = await bus.command(hw_id(1), "detach")
+    assert r["ok"] and r["was_attached"]
+    r = await bus.command(extra, "attach")
+    assert r["ok"] and r["attached"], r
+    await until(lambda: a.leases.holds(extra), what="the attached device's lease")
+    b = await start_bridge(lease_settings(2, devices=configured))
+    await until(lambda: extra in b.leases.devices(), 5, "the other replica learns the extra device")
+    await a.stop(2)
+    await until(lambda: held([b]) == [N], 10, "the survivor holds every lease")
+    await until(lambda: len(attached_by([b])) == N - 1, 10, "the survivor attached what is wanted")
+    assert extra in attached_by([b]) and hw_id(1) not in attached_by([b])
+    assert sim.stats()["attach_conflicts"] == 0
