@@ -86,7 +86,7 @@ class Settings(Struct, kw_only=True):
         "lease queue (needed with more than one replica; client mode only; see docs/SCALING.md)"
     )] = False
     lease_heartbeat_s: Annotated[float, _doc(
-        "Presence heartbeat between replicas (a replica unheard for 3 is gone)", gt=0
+        "Presence heartbeat between replicas (a replica unheard for 5 is gone)", gt=0
     )] = 1.0
     # ------------------------------------------------------------------ the process
     http_host: Annotated[str, _doc("Address of the HTTP server (health, readiness, metrics)")] = "0.0.0.0"

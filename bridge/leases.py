@@ -25,8 +25,9 @@ import msgspec
 #: replicas consuming each lease queue: the preferred holder and one stand-in (failover is then
 #: immediate: the broker hands the token to the stand-in the moment the holder's channel closes)
 STANDBY = 2
-#: a member unheard for this many heartbeats is gone
-MISSED_HEARTBEATS = 3
+#: a member unheard for this many heartbeats is gone (for balance only: failover does not wait
+#: for it, the broker hands a dead replica's leases on at once)
+MISSED_HEARTBEATS = 5
 
 
 def weight(member: str, hw: str) -> int:
@@ -111,7 +112,7 @@ class LeasePlan:
         self.m = membership
         #: the member set must be this old before a lease is handed on, so that the replica it is
         #: handed to has had time to line up (and the ones it is not for to step back)
-        self.settle_s = 2 * heartbeat_s
+        self.settle_s = 3 * heartbeat_s
         self._ranks: dict[str, list[str]] = {}
         self._for: tuple[str, ...] = ()
 
@@ -124,15 +125,14 @@ class LeasePlan:
             r = self._ranks[hw] = rank(hw, self._for)[:STANDBY]
         return r
 
-    def consume(self, hw: str) -> bool:
-        """Stand in line for ``hw``'s lease (preferred holder or stand-in)."""
-        return self.m.me in self.ranking(hw)
-
     def preferred(self, hw: str) -> str:
         return self.ranking(hw)[0]
+
+    def settled(self, now: float) -> bool:
+        """The member set has not changed for ``settle_s``."""
+        return now - self.m.changed_at >= self.settle_s
 
     def hand_on(self, hw: str, idle: bool, now: float) -> bool:
         """Give up a lease held here: only an idle device (no call, no command in progress),
         only to another live preferred holder, only once the member set has settled."""
-        return (idle and self.preferred(hw) != self.m.me
-                and now - self.m.changed_at >= self.settle_s)
+        return idle and self.preferred(hw) != self.m.me and self.settled(now)

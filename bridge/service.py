@@ -31,7 +31,7 @@ log = logging.getLogger("bridge")
 #: how long (x 10 ms) an attach reply waits for the PBX's Attached after a good AttachResult
 ATTACHED_WAIT_STEPS = 50
 #: with leases: a held device whose runner ended (attach refused) is tried again after this
-RUNNER_RETRY_S = 5.0
+RUNNER_RETRY_S = 1.0
 
 
 class Bridge:
@@ -140,7 +140,8 @@ class Bridge:
     def _runner(self, hw: str) -> DeviceRunner:
         r = self.runners.get(hw)
         if r is None or (r.task is not None and r.task.done()):
-            r = DeviceRunner(self.s, Device(hw, self.factory), self.emit, self._gate, self._pbx_ssl)
+            r = DeviceRunner(self.s, Device(hw, self.factory), self.emit, self._gate, self._pbx_ssl,
+                             refusals=3 if self.leases is not None else 0)
             self.runners[hw] = r
             r.start()
         return r
@@ -206,8 +207,8 @@ class Bridge:
                     self.server.session.devices.pop(hw, None)
             elif self.runners.get(hw) is r:
                 del self.runners[hw]
-                if self.leases is not None:
-                    await self.leases.want(hw, False)
+                if self.leases is not None and hw not in self.leases.configured:
+                    await self.leases.want(hw, False)  # not wanted until attached by command again
             raise cmds.CommandError(f"the PBX refused to attach {hw}: {err}")
         # a registered device's Attached follows the AttachResult at once: let it arrive, so that
         # `attached` tells registered (true) from waiting for registration (false)

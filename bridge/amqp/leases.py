@@ -46,6 +46,10 @@ log = logging.getLogger("bridge.leases")
 REACQUIRE_S = 5.0
 #: a command that arrives before its device's token waits this long for it
 TOKEN_WAIT_S = 2.0
+#: a token that was someone else's (redelivered: handed on, or its holder died) starts the
+#: runner after this pause, for the PBX to notice the old holder's session is gone (else its
+#: "already attached" refusal costs a retry)
+TAKEOVER_PAUSE_S = 0.3
 
 
 class Token(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -95,6 +99,8 @@ class LeaseManager:
         self.consuming: dict[str, str] = {}  # hw -> consumer tag
         self._hw_by_tag: dict[str, str] = {}
         self._token_arrived: dict[str, asyncio.Event] = {}
+        #: devices with a command waiting for the token
+        self._waiting: set[str] = set()
         self._ch: aiormq.abc.AbstractChannel | None = None
         self._declared: set[str] = set()
         self._line_up_at = 0.0
@@ -130,6 +136,7 @@ class LeaseManager:
             await self._consume(hw)
         if self._task is None:
             self._task = asyncio.create_task(self._loop(), name="leases")
+            self._beat = asyncio.create_task(self._heartbeat(), name="presence")
         self._wake.set()
 
     def _usable(self) -> aiormq.abc.AbstractChannel | None:
@@ -160,6 +167,15 @@ class LeaseManager:
         if p.hello and p.instance != self.s.instance_id:
             asyncio.get_running_loop().create_task(self._announce())
 
+    async def _heartbeat(self) -> None:
+        """On a task of its own: a long lease round must not make the others think us gone."""
+        while not self._stopping:
+            await asyncio.sleep(self.s.lease_heartbeat_s)
+            try:
+                await self._announce()
+            except Exception as e:  # the channel is down: the link reconnects
+                log.debug("presence heartbeat not sent: %s", e)
+
     # ------------------------------------------------------------------ the plan, carried out
     async def _loop(self) -> None:
         while not self._stopping:
@@ -169,7 +185,6 @@ class LeaseManager:
                 pass
             self._wake.clear()
             try:
-                await self._announce()
                 await self._reconcile()
             except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as e:
                 log.debug("lease round interrupted: %s", e)  # the link reconnects; _start redoes it
@@ -194,18 +209,30 @@ class LeaseManager:
                 await self._stop_runner(hw, "lease-lost")
         if self._usable() is None:
             return
+        # first in line where preferred; stand-in only once the member set is stable (so that at
+        # a start the preferred replicas line up first); out of line at once where neither
         lined_up = now >= self._line_up_at
+        stable = lined_up and self.plan.settled(now)
+        me = self.members.me
         for hw in self.devices():
-            want = hw in self.tokens or hw in self.reacquire or (lined_up and self.plan.consume(hw))
-            if want and hw not in self.consuming:
-                await self._consume(hw)
-            elif not want and hw in self.consuming:
+            ranking = self.plan.ranking(hw)
+            keep = hw in self.tokens or hw in self.reacquire
+            if hw not in self.consuming:
+                if keep or (lined_up and ranking[0] == me) or (stable and me in ranking):
+                    await self._consume(hw)
+            elif not keep and me not in ranking:
                 await self._cancel(hw)
+        for hw in list(self.running):  # a runner runs only while its lease is held
+            if hw not in self.tokens and hw not in self.reacquire and hw not in self._waiting:
+                log.warning("device %s: runner without its lease; detaching", hw)
+                await self._stop_runner(hw, "lease-lost")
+        moving = []
         for hw, (_tag, token) in list(self.tokens.items()):
-            if token.attach:
+            if token.attach and hw in self.running:
                 self.owner.acquired(hw)  # a runner that ended (attach refused) is tried again
-            if self.plan.hand_on(hw, self.owner.idle(hw), loop.time()):
-                await self.hand_on(hw)
+            if len(moving) < self.s.attach_concurrency and self.plan.hand_on(hw, self.owner.idle(hw), now):
+                moving.append(hw)  # a few at a time: a misjudged member set moves little
+        await asyncio.gather(*(self.hand_on(hw) for hw in moving))
 
     async def _consume(self, hw: str) -> None:
         ch = self._usable()
@@ -254,20 +281,30 @@ class LeaseManager:
             return
         if msg.header.properties.message_type == t.LEASE_TOKEN:
             return await self._on_token(hw, msg)
-        if hw not in self.tokens:
-            if hw in self.consuming:  # the token usually comes first; give it a moment
-                ev = self._token_arrived.setdefault(hw, asyncio.Event())
-                try:
-                    await asyncio.wait_for(ev.wait(), TOKEN_WAIT_S)
-                except TimeoutError:
-                    pass
-            if hw not in self.tokens and hw not in self.consuming:
-                # handed on meanwhile: back to the queue, for the new holder
-                await ch.basic_nack(msg.delivery_tag, requeue=True)
-                return
-            if hw not in self.tokens:
-                log.warning("device %s: a command came without the lease token; carried out here", hw)
+        if hw not in self.tokens and hw in self.consuming:
+            # the token comes first, or is on its way; if it does not come, it was lost (a purged
+            # queue): make a new one (a holder of a newer one keeps its own)
+            for attempt in range(2):
+                if await self._token_within(hw, TOKEN_WAIT_S) or hw not in self.consuming:
+                    break
+                if attempt == 0:
+                    log.warning("device %s: a command but no lease token; making a new token", hw)
+                    await self._publish_token(Token(hw=hw))
+        if hw not in self.tokens:  # handed on or lost meanwhile: back to the queue, for the holder
+            await ch.basic_nack(msg.delivery_tag, requeue=True)
+            return
         await self._on_command(aio_pika.IncomingMessage(msg, no_ack=False))
+
+    async def _token_within(self, hw: str, timeout: float) -> bool:
+        ev = self._token_arrived.setdefault(hw, asyncio.Event())
+        self._waiting.add(hw)
+        try:
+            await asyncio.wait_for(ev.wait(), timeout)
+        except TimeoutError:
+            pass
+        finally:
+            self._waiting.discard(hw)
+        return hw in self.tokens
 
     async def _on_token(self, hw: str, msg: aiormq.abc.DeliveredMessage) -> None:
         ch = msg.channel
@@ -285,6 +322,7 @@ class LeaseManager:
             await ch.basic_ack(held[0])
         if hw not in self.consuming:  # cancelled meanwhile
             await ch.basic_nack(msg.delivery_tag, requeue=True)
+            await self._stop_runner(hw, "lease-moved")
             return
         self.tokens[hw] = (msg.delivery_tag, token)
         self.reacquire.pop(hw, None)
@@ -293,9 +331,16 @@ class LeaseManager:
             ev.set()
         if token.attach and hw not in self.running:
             self.running.add(hw)
-            self.owner.acquired(hw)
+            if msg.delivery.redelivered:
+                asyncio.get_running_loop().call_later(TAKEOVER_PAUSE_S, self._take_over, hw)
+            else:
+                self.owner.acquired(hw)
         elif not token.attach and hw in self.running:
             await self._stop_runner(hw, "command")
+
+    def _take_over(self, hw: str) -> None:
+        if hw in self.running and hw in self.tokens:
+            self.owner.acquired(hw)
 
     async def _on_cancel(self, frame: Basic.Cancel) -> None:
         """The broker cancelled a consumer: its queue was deleted. Declare it again next round."""
@@ -342,11 +387,8 @@ class LeaseManager:
         held = self.tokens.get(hw)
         if held is None or held[1].attach == attach:
             return
+        # the old token goes when the new one arrives (newer wins): never a moment without one
         await self._publish_token(Token(hw=hw, attach=attach, gen=held[1].gen + 1))
-        ch = self._usable()
-        if ch is not None and self.tokens.get(hw) is held:
-            self.tokens.pop(hw)
-            await ch.basic_ack(held[0])
 
     async def adopt(self, hw: str) -> str:
         """A command for a device without a lease queue (not configured, or its queue is gone):
@@ -367,7 +409,8 @@ class LeaseManager:
         self._stopping = True
         if self._task is not None:
             self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            self._beat.cancel()
+            await asyncio.gather(self._task, self._beat, return_exceptions=True)
         try:
             await self._announce(bye=True)
         except Exception:

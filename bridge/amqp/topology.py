@@ -98,7 +98,7 @@ async def declare_lease_queue(ch: aiormq.abc.AbstractChannel, s: Settings, hw: s
     name = lease_queue(s, hw)
     ok = await ch.queue_declare(name, durable=True, arguments={
         "x-single-active-consumer": True, "x-dead-letter-exchange": s.dead_exchange})
-    await ch.queue_bind(name, s.commands_exchange, lease_key(hw))
+    await ch.queue_bind(name, s.commands_exchange, lease_key(hw), nowait=True)
     return ok.message_count
 
 

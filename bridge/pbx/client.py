@@ -42,8 +42,10 @@ class AttachRefused(Exception):
 
 class DeviceRunner:
     def __init__(self, settings: Settings, device: Device, emit: Emit, gate: asyncio.Semaphore,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
-        """``ssl_context``: for wss:// (one shared by all runners; see bridge.tls)."""
+                 ssl_context: ssl.SSLContext | None = None, refusals: int = 0) -> None:
+        """``ssl_context``: for wss:// (one shared by all runners; see bridge.tls). ``refusals``:
+        refused Attaches tried again (0.5 s, 1 s, 2 s, ... later) before the runner gives up;
+        with leases, a new holder can be faster than the PBX at noticing the old one left."""
         self.s = settings
         self.device = device
         self.emit = emit
@@ -57,6 +59,7 @@ class DeviceRunner:
         self.login_failures = 0
         #: loop time the runner ended (attach refused, stopped)
         self.ended_at = 0.0
+        self._refusals = refusals
         self._stopping = False
 
     @property
@@ -95,15 +98,24 @@ class DeviceRunner:
     async def run(self) -> None:
         self._backoff = wait_exponential_jitter(multiplier=self.s.reconnect_min_s, max=self.s.reconnect_max_s)
         short_lived = 0
+        refused = 0
         try:
             while not self._stopping:
                 retrying = AsyncRetrying(
                     wait=self._wait, retry=retry_if_exception_type(RETRYABLE), reraise=True,
                     before_sleep=self._log_retry,
                 )
-                async for attempt in retrying:
-                    with attempt:
-                        self.session = await self._open()
+                try:
+                    async for attempt in retrying:
+                        with attempt:
+                            self.session = await self._open()
+                except AttachRefused as e:
+                    if refused >= self._refusals:
+                        raise
+                    refused += 1
+                    log.info("device %s: attach refused by the PBX (%s); trying again", self.hw, e)
+                    await asyncio.sleep(0.5 * 2 ** (refused - 1))
+                    continue
                 if not self.first_result.done():
                     self.first_result.set_result(self.device.result)
                 loop = asyncio.get_running_loop()

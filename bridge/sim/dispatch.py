@@ -84,6 +84,7 @@ def on_attach(pbx: PbxSimulator, s: Session, msg: Attach) -> None:
         return
     if d.session is not None and d.session is not s:
         pbx.counters.attach_conflicts += 1
+        pbx.conflict_hw.append(d.hw)
         s.post(encode(AttachResult(src=src, err="already attached")))
         return
     if d.session is s and d.src is not UNSET and s.by_src.get(d.src) is d:

@@ -42,6 +42,10 @@ class PbxSimulator:
         self.config = config or SimConfig()
         self.faults = Faults()
         self.counters = Counters()
+        #: the device of every stalled call, in order (which replica's devices stalled, in tests)
+        self.stalled_hw: list[str] = []
+        #: the device of every Attach refused as "already attached", in order
+        self.conflict_hw: list[str] = []
         self.rtt = RttWindow()
         self.url: str | None = None
         self.control_url: str | None = None
@@ -302,6 +306,7 @@ class PbxSimulator:
             c.calls_completed += 1
         elif outcome == "stalled":
             c.calls_stalled += 1
+            self.stalled_hw.append(d.hw)
         else:
             c.calls_aborted += 1
         self._active -= 1
