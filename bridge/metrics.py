@@ -90,6 +90,14 @@ class BridgeCollector:
         yield f
         yield CounterMetricFamily("epsignal_pbx_login_failures", "Refused AppWebsocket logins",
                                   value=b.login_failures())
+        if b.leases is not None:
+            lm = b.leases
+            yield GaugeMetricFamily("epsignal_leases_held", "Device leases this replica holds",
+                                    value=len(lm.tokens))
+            yield GaugeMetricFamily("epsignal_replicas", "Live replicas, as heard on the presence exchange",
+                                    value=len(lm.members.live))
+            yield CounterMetricFamily("epsignal_leases_handed_on", "Idle devices handed on to another replica",
+                                      value=lm.handed_on)
 
 
 def registry_for(bridge: Bridge) -> CollectorRegistry:

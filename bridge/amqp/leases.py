@@ -368,6 +368,7 @@ class LeaseManager:
         put the token back (the broker gives it to the consumer now active)."""
         held = self.tokens.pop(hw, None)
         await self._stop_runner(hw, "lease-moved")
+        await asyncio.sleep(TAKEOVER_PAUSE_S)  # for the PBX to see the session end
         await self._cancel(hw)
         ch = self._usable()
         if held is not None and ch is not None:

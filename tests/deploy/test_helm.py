@@ -541,3 +541,14 @@ def test_extra_volumes_mount_a_ca_bundle_next_to_tmp(chart):
     assert volumes["pbx-ca"] == {"name": "pbx-ca", "configMap": {"name": "pbx-ca"}}
     ca_file = r.one("ConfigMap")["data"]["EPSIGNAL_PBX_CA_FILE"]
     assert ca_file.startswith("/etc/epsignal/pbx-ca/")
+
+
+@pytest.mark.parametrize(("values", "leases"), [
+    ({}, "false"),
+    ({"config": {"EPSIGNAL_LEASES": True}}, "true"),
+    ({"replicas": 3}, "true"),
+    ({"autoscaling": {"enabled": True, "minReplicas": 1, "maxReplicas": 4}}, "true"),
+])
+def test_more_than_one_replica_turns_leases_on(chart, values, leases):
+    """Replicas must share the devices through leases (docs/SCALING.md), whatever config says."""
+    assert render(chart, values).one("ConfigMap")["data"]["EPSIGNAL_LEASES"] == leases
