@@ -71,7 +71,8 @@ FIELDS: dict[str, dict[str, str]] = {
     "DeviceDetached": {
         "reason": "Why: `unregistered` (the PBX said Detached), `command` (a detach command), "
                   "`session-lost` (the PBX session broke; the bridge reconnects), `shutdown` "
-                  "(the bridge stops).",
+                  "(the bridge stops), `lease-moved` (handed on to another replica, which "
+                  "attaches it next), `lease-lost` (another replica holds the device's lease now).",
     },
     "AttachFailed": {"error": "The PBX's `err`, as text (e.g. `unknown device`)."},
     "CallStateChanged": {
