@@ -17,6 +17,7 @@ from pathlib import Path
 import aio_pika
 
 from bridge.amqp import topology
+from bridge.config import Settings
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 ROOT = Path(__file__).resolve().parents[2]
@@ -232,7 +233,6 @@ async def publish_command(exchange: aio_pika.abc.AbstractExchange, key: str, bod
 async def delete_topology(names: dict, extra_queues: tuple[str, ...] = ()) -> None:
     conn = await aio_pika.connect(AMQP_URL)
     try:
-        await topology.delete(conn, (names["events_exchange"], names["commands_exchange"], names["dead_exchange"]),
-                              (names["commands_queue"], names["dead_queue"], *extra_queues))
+        await topology.delete_for(conn, Settings.from_env({}, **names), extra_queues)
     finally:
         await conn.close()
