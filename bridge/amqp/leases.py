@@ -238,19 +238,20 @@ class LeaseManager:
         ch = self._usable()
         if ch is None or hw in self.consuming:
             return
-        if hw not in self._declared:
-            ready = await t.declare_lease_queue(ch, self.s, hw)
-            self._declared.add(hw)
-            if ready == 0 and hw not in self.tokens:
-                # maybe the holder has it (unacked), maybe nobody: a second token is harmless
-                await self._publish_token(Token(hw=hw))
         tag = f"lease:{self.s.instance_id}:{hw}"
-        self.consuming[hw] = tag
+        self.consuming[hw] = tag  # before the first await: a second caller returns above
         self._hw_by_tag[tag] = hw
         try:
+            if hw not in self._declared:
+                ready = await t.declare_lease_queue(ch, self.s, hw)
+                self._declared.add(hw)
+                if ready == 0 and hw not in self.tokens:
+                    # maybe the holder has it (unacked), maybe nobody: a second token is harmless
+                    await self._publish_token(Token(hw=hw))
             await ch.basic_consume(t.lease_queue(self.s, hw), self._on_deliver, consumer_tag=tag)
         except BaseException:
             self.consuming.pop(hw, None)
+            self._hw_by_tag.pop(tag, None)
             raise
 
     async def _cancel(self, hw: str) -> None:
