@@ -18,6 +18,9 @@ from bridge.protocol.messages import AttachResult, Attached, CallState, Detached
 
 log = logging.getLogger("bridge.device")
 
+#: the empty set every device shares until it has calls to confirm (an empty set is 216 bytes)
+_NONE: frozenset = frozenset()
+
 
 class Device:
     def __init__(self, hw: str, factory: EventFactory) -> None:
@@ -29,10 +32,10 @@ class Device:
         #: the device is registered and we are in its signaling path
         self.attached = False
         self.bad_sig = 0
-        #: call id -> the span context of the call's trace (see bridge.tracing)
+        #: call id -> the context of the call's trace (see bridge.tracing)
         self.trace_ctx: dict = {}
         #: calls known before the session was lost and not yet confirmed by a Sync since
-        self._unconfirmed: set[int] = set()
+        self._unconfirmed: set[int] | frozenset = _NONE  # a set only after a session loss
 
     def on_frame(self, msg) -> list[Outgoing]:
         f = self.factory
@@ -40,7 +43,8 @@ class Device:
         if t is Signaling:
             return self._signaling(msg, "pbx")
         if t is Sync:
-            self._unconfirmed.discard(msg.call)
+            if self._unconfirmed:
+                self._unconfirmed.discard(msg.call)
             return [f.call_state(self.hw, self.tracker.sync(msg), sync=True)]
         if t is AttachResult:
             self.result = msg
@@ -66,13 +70,13 @@ class Device:
         was = self.attached
         self.attached = False
         self.result = None
-        self._unconfirmed = {c.call for c in self.tracker.calls()}
+        self._unconfirmed = {c.call for c in self.tracker.calls()} or _NONE
         return [self.factory.detached(self.hw, reason)] if was or reason == "command" else []
 
     def settle(self) -> list[Outgoing]:
         """After a re-attach and its Syncs: calls known before the loss that no Sync confirmed
         ended while the bridge was away; they get their ``released`` state (cause unknown)."""
-        gone, self._unconfirmed = self._unconfirmed, set()
+        gone, self._unconfirmed = self._unconfirmed, _NONE
         out = []
         for call in sorted(gone):
             status = self.tracker.forget(call)

@@ -27,9 +27,10 @@ import os
 import re
 from contextlib import contextmanager
 
+from opentelemetry import baggage as _baggage
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
-from opentelemetry.trace import Link, NonRecordingSpan, SpanKind
+from opentelemetry.trace import Link, NonRecordingSpan, SpanKind, Status, StatusCode
 
 _tracer = trace.get_tracer("epsignal-bridge")
 #: False: no span is made anywhere (checked on the hot path)
@@ -76,6 +77,8 @@ def configure(provider=None) -> bool:
         provider = TracerProvider(resource=Resource.create({"service.name": env.get("OTEL_SERVICE_NAME", "epsignal-bridge")}))
         provider.add_span_processor(BatchSpanProcessor(exp))
     _tracer = provider.get_tracer("epsignal-bridge")
+    global _FAST_INJECT
+    _FAST_INJECT = None  # decided on first use (the propagator may be set after this)
     ENABLED = True
     return True
 
@@ -86,12 +89,22 @@ def disable() -> None:
 
 
 # ------------------------------------------------------------------------------ PBX side
+#: the parent of a call's first frame: no span (a new trace); contexts are immutable, so one will do
+_ROOT = otel_context.Context()
+
+
+def _call_context(span) -> otel_context.Context:
+    """What ``device.trace_ctx`` keeps per call: a context whose span is the call's root (as a
+    NonRecordingSpan: the ended span itself is not kept alive), built once per call."""
+    return trace.set_span_in_context(NonRecordingSpan(span.get_span_context()))
+
+
 def frame_span(device, msg, start_ns: int):
     """The span of one frame from the PBX (already forwarded), in its call's trace."""
     call = getattr(msg, "call", None)
-    ctx = device.trace_ctx.get(call) if call is not None else None
-    parent = trace.set_span_in_context(NonRecordingSpan(ctx)) if ctx is not None else otel_context.Context()
-    attrs = {"epsignal.hw": device.hw, "epsignal.mt": type(msg).__name__}
+    parent = device.trace_ctx.get(call, _ROOT) if call is not None else _ROOT
+    name = type(msg).__name__
+    attrs = {"epsignal.hw": device.hw, "epsignal.mt": name}
     if call is not None:
         attrs["epsignal.call"] = call
     sig = getattr(msg, "sig", None)
@@ -101,25 +114,96 @@ def frame_span(device, msg, start_ns: int):
         except ValueError:
             pass
         attrs["epsignal.to_device"] = msg.to is True
-    span = _tracer.start_span(f"receive EpSignal {type(msg).__name__}", context=parent,
+    span = _tracer.start_span(_RECEIVE_NAMES.get(name) or f"receive EpSignal {name}", context=parent,
                               kind=SpanKind.CONSUMER, start_time=start_ns, attributes=attrs)
-    if call is not None and ctx is None:
-        device.trace_ctx[call] = span.get_span_context()
+    if call is not None and parent is _ROOT:
+        device.trace_ctx[call] = _call_context(span)
     return span
 
 
-def forward_span(parent_span, start_ns: int, end_ns: int) -> None:
-    s = _tracer.start_span("forward", context=trace.set_span_in_context(parent_span),
-                           kind=SpanKind.PRODUCER, start_time=start_ns)
+_RECEIVE_NAMES = {n: f"receive EpSignal {n}" for n in ("Signaling", "Sync", "AttachResult", "Attached", "Detached")}
+
+
+def forward_span(parent, start_ns: int, end_ns: int) -> None:
+    """``parent``: the frame's span, or a context holding it."""
+    if not isinstance(parent, otel_context.Context):
+        parent = trace.set_span_in_context(parent)
+    s = _tracer.start_span("forward", context=parent, kind=SpanKind.PRODUCER, start_time=start_ns)
     s.end(end_time=end_ns)
 
 
+def enter_frame(device, msg, start_ns: int, forwarded_ns: int | None):
+    """The frame's span (with its ``forward`` child when it was forwarded), made current:
+    ``(span, token)`` for :func:`exit_frame`. The events made meanwhile are its children."""
+    span = frame_span(device, msg, start_ns)
+    ctx = trace.set_span_in_context(span)
+    if forwarded_ns is not None:
+        forward_span(ctx, start_ns, forwarded_ns)
+    return span, otel_context.attach(ctx)
+
+
+def exit_frame(span, token, error: BaseException | None = None) -> None:
+    otel_context.detach(token)
+    if error is not None:
+        span.record_exception(error)
+        span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+    span.end()
+
+
 # ------------------------------------------------------------------------------ broker side
+#: event type -> routing key template (what key_template gives for the keys of that type)
+_TYPE_TEMPLATES = {
+    "call.state": "device.{hw}.call.{call}.state",
+    "call.signaling": "device.{hw}.call.{call}.signaling",
+    "attached": "device.{hw}.attached",
+    "detached": "device.{hw}.detached",
+    "attach.failed": "device.{hw}.attach.failed",
+    "gap": "bridge.{instance}.gap",
+}
+_names: dict[tuple[str, str], str] = {}
+
+
+def _traceparent_only() -> bool:
+    """True when the global propagator is the default W3C one (tracecontext, baggage): then the
+    producer writes ``traceparent``/``tracestate`` itself (the same text, without the composite
+    propagator's machinery on every event)."""
+    from opentelemetry.baggage.propagation import W3CBaggagePropagator
+    from opentelemetry.propagators.composite import CompositePropagator
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    p = propagate.get_global_textmap()
+    parts = getattr(p, "_propagators", None) if isinstance(p, CompositePropagator) else [p]
+    return bool(parts) and all(type(x) in (TraceContextTextMapPropagator, W3CBaggagePropagator) for x in parts) \
+        and any(type(x) is TraceContextTextMapPropagator for x in parts)
+
+
+_FAST_INJECT: bool | None = None
+
+
+def inject(headers: dict, span) -> None:
+    """The trace context of ``span`` (a child of the current context) into AMQP headers."""
+    global _FAST_INJECT
+    if _FAST_INJECT is None:
+        _FAST_INJECT = _traceparent_only()
+    if not _FAST_INJECT or _baggage.get_all():
+        propagate.inject(headers, context=trace.set_span_in_context(span))
+        return
+    sc = span.get_span_context()
+    if sc.is_valid:
+        headers["traceparent"] = f"00-{sc.trace_id:032x}-{sc.span_id:016x}-{sc.trace_flags:02x}"
+        if sc.trace_state:
+            headers["tracestate"] = sc.trace_state.to_header()
+
+
 def producer(event, exchange: str) -> None:
     """Start the PRODUCER span of an event in the current context and put it in its headers."""
-    tpl = key_template(event.key)
+    typ = event.type
+    tpl = _TYPE_TEMPLATES.get(typ) or key_template(event.key)
+    name = _names.get((exchange, tpl))
+    if name is None:
+        name = _names[(exchange, tpl)] = f"publish {exchange} {tpl}"
     span = _tracer.start_span(
-        f"publish {exchange} {tpl}", kind=SpanKind.PRODUCER,
+        name, kind=SpanKind.PRODUCER,
         attributes={
             "messaging.system": SYSTEM, "messaging.operation.name": "publish",
             "messaging.operation.type": "send", "messaging.destination.name": exchange,
@@ -130,7 +214,7 @@ def producer(event, exchange: str) -> None:
         },
     )
     headers = event.headers if event.headers is not None else {}
-    propagate.inject(headers, context=trace.set_span_in_context(span))
+    inject(headers, span)
     event.headers = headers
     event.span = span
 
@@ -174,5 +258,5 @@ def send_span(device, call: int, sig_type: str):
         "send EpSignal Signaling", kind=SpanKind.PRODUCER,
         attributes={"epsignal.hw": device.hw, "epsignal.call": call, "epsignal.sig.type": sig_type},
     ) as span:
-        device.trace_ctx[call] = span.get_span_context()
+        device.trace_ctx[call] = _call_context(span)
         yield span

@@ -114,6 +114,9 @@ class PbxSession:
         ws, emit, stats, observe = self.ws, self.emit, STATS, FORWARD_SECONDS.observe
         try:
             while True:
+                # an idle session keeps nothing of its last frame (its bytes, the decoded
+                # message, the last event): ~1.5 kB per device at 10,000 mostly idle sessions
+                data = msg = dev = ev = None
                 data = await ws.recv(decode=False)
                 t0 = time.perf_counter_ns()
                 stats.frames_in += 1
@@ -157,12 +160,14 @@ class PbxSession:
                 self.closed.set_result(None)
 
     def _traced(self, dev: Device, msg, start_ns: int, forwarded_ns: int | None) -> None:
-        span = tracing.frame_span(dev, msg, start_ns)
-        if forwarded_ns is not None:
-            tracing.forward_span(span, start_ns, forwarded_ns)
-        with tracing.trace.use_span(span, end_on_exit=True):
+        span, token = tracing.enter_frame(dev, msg, start_ns, forwarded_ns)
+        try:
             for ev in dev.on_frame(msg):
                 self.emit(ev)
+        except BaseException as e:
+            tracing.exit_frame(span, token, e)
+            raise
+        tracing.exit_frame(span, token)
 
     def _device_for(self, msg) -> Device | None:
         src = msg.src

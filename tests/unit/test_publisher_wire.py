@@ -69,3 +69,4 @@ def test_wire_refuses_what_amqp_cannot_carry():
     with pytest.raises(ValueError):
         Wire(1, "x", 131064).encode(ev)
     assert datetime.now(timezone.utc)  # (timestamps are aware UTC datetimes)
+
