@@ -361,9 +361,6 @@ class LeaseManager:
             await self.owner.released(hw, reason)
 
     # ------------------------------------------------------------------ for the bridge
-    def holds(self, hw: str) -> bool:
-        return hw in self.tokens
-
     async def hand_on(self, hw: str) -> None:
         """Give the device up to the next replica in line: detach, step out of the line, then
         put the token back (the broker gives it to the consumer now active)."""
