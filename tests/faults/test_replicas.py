@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+import uuid
 from urllib.parse import parse_qs, urlsplit
 
 import aio_pika
@@ -93,11 +94,14 @@ async def test_three_replicas_failover_and_scale_out(big_sim, names, tmp_path):
         ex = await ch.get_exchange(names["commands_exchange"], ensure=False)
         sent: list[str] = []
         rng = random.Random(3)
+        sending = True
 
         async def send_commands():
-            while True:
-                hw = rng.choice(devices)
-                sent.append(await publish_command(ex, f"device.{hw}.attach", reply_to=replies.name))
+            while sending:
+                cid = uuid.uuid4().hex
+                sent.append(cid)  # before the publish: every command published is counted
+                await publish_command(ex, f"device.{rng.choice(devices)}.attach", reply_to=replies.name,
+                                      correlation_id=cid)
                 await asyncio.sleep(0.02)
 
         sender = asyncio.create_task(send_commands())
@@ -133,8 +137,8 @@ async def test_three_replicas_failover_and_scale_out(big_sim, names, tmp_path):
         start("4")
         await eventually(lambda: share(sim).get("4", 0) >= DEVICES // 6, 45, "replica 4 holds a share")
         await eventually(lambda: sim.stats()["attached_devices"] == DEVICES, 15, "every device attached")
-        sender.cancel()
-        await asyncio.gather(sender, return_exceptions=True)
+        sending = False
+        await sender
         sender = None
         await replies.wait_count(len(sent), 30)
         assert all(r[0]["ok"] for r in replies.by_id.values()), [
