@@ -455,7 +455,8 @@ HEADERS = {
             "timestamp": {"type": "integer", "description": f"{_PROP}: the body's `time` in whole "
                           "seconds since the Unix epoch."},
             "app_id": {"const": "epsignal-bridge", "description": f"{_PROP}."},
-            **_trace("The context of the bridge's publish span, to continue the trace from. "
+            **_trace("The creation context of the event (the bridge's span of the PBX frame or command "
+                     "that made it), to continue the trace from. "
                      "Present when the bridge runs with tracing on (OTEL_* variables; issue 5)."),
         },
         "required": ["content_type", "delivery_mode", "type", "message_id", "timestamp"],

@@ -131,8 +131,8 @@ class Outgoing:
     hw: str | None = None
     seq: int = 0
     headers: dict | None = None
-    #: the PRODUCER span while tracing is on (ended when the broker confirms)
-    span: Any = None
+    #: tracing on: the SpanContext the event was made in (its headers carry it)
+    origin: Any = None
     #: a gap event's (reason, ranges), so a gap event that is itself dropped is announced again
     gap: Any = None
 

@@ -57,9 +57,9 @@ class Bridge:
         self.http = HttpServer(self, settings.http_host, settings.http_port)
 
     def emit(self, event: Outgoing) -> None:
-        """Hand an event to the publisher (never blocks); with tracing, start its PRODUCER span."""
+        """Hand an event to the publisher (never blocks); with tracing, its creation context."""
         if tracing.ENABLED:
-            tracing.producer(event, self.s.events_exchange)
+            tracing.creation(event, self.s.events_exchange)
         self.publisher.publish_nowait(event)
 
     # ------------------------------------------------------------------ life cycle

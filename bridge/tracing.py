@@ -1,24 +1,35 @@
 """Tracing across hops with OpenTelemetry, instrumented by hand (propagate.inject/extract).
 
-Span model (OpenTelemetry messaging conventions for RabbitMQ):
+Span model (OpenTelemetry messaging conventions for RabbitMQ), one span per frame:
 
 - ``receive EpSignal {mt}`` (CONSUMER): one per frame from the PBX, with ``epsignal.hw``,
-  ``epsignal.call``, ``epsignal.sig.type``; it starts at the moment the frame was read, so it
-  covers decoding and forwarding; a child ``forward`` span covers exactly the forward.
-- ``publish {exchange} {key template}`` (PRODUCER): one per event, started when the event is
-  made, ended when the broker confirmed it; its context goes into the AMQP headers
-  (``traceparent``/``tracestate``) so consumers continue the trace.
+  ``epsignal.call``, ``epsignal.sig.type``, ``epsignal.to_device``; it starts at the moment the
+  frame was read, so it covers decoding and forwarding; a forwarded frame has
+  ``epsignal.forward_us``, the microseconds from reading it to having sent it back.
+- The events a frame makes carry that span's context in their AMQP headers
+  (``traceparent``/``tracestate``): it is their *creation context*, so consumers continue the
+  call's trace. An event made outside any span (a session lost, a gap) gets a short
+  ``create {exchange} {key template}`` span of its own, so every event carries a context.
+- ``publish {exchange}`` (PRODUCER, ERROR): only for a slice of events the broker did not
+  confirm in full (nack, timeout, connection lost), from its write to the failure, linked to the
+  creation contexts of the events that failed (they stay buffered and are sent again). Confirmed
+  publishes make no span: ``epsignal_publish_latency_seconds`` measures them.
 - ``process {exchange} device.{hw}.{verb}`` (CONSUMER): one per command, a child of the
   producer's context extracted from the headers, with a link to it as the conventions say;
   ``send EpSignal Signaling`` (PRODUCER toward the PBX) under it for a signaling command.
+
+Why not a PRODUCER span per event (the conventions' default): with every span sampled that was
+4 spans per frame and cost 40-46% of the throughput; one span per frame is the floor
+(docs/PERFORMANCE.md has the measurements).
 
 **Across the PBX hop** every call has a trace: the first frame of a call starts it, later frames
 of the call are children of it; a command that starts or acts on a call makes its own context
 the call's, so click-to-dial (command -> call-proc, alert, connected, released) is one trace.
 
-Configuration is the standard ``OTEL_*`` variables. Tracing is on when ``OTEL_TRACES_EXPORTER``
-is ``otlp`` or ``console`` (or unset with ``OTEL_EXPORTER_OTLP_ENDPOINT`` set), and not
-``OTEL_SDK_DISABLED=true``. Off, the hot path checks one module flag and does nothing else.
+Configuration is the standard ``OTEL_*`` variables (``OTEL_TRACES_SAMPLER`` included). Tracing is
+on when ``OTEL_TRACES_EXPORTER`` is ``otlp`` or ``console`` (or unset with
+``OTEL_EXPORTER_OTLP_ENDPOINT`` set), and not ``OTEL_SDK_DISABLED=true``. Off, the hot path checks
+one module flag and does nothing else.
 """
 
 from __future__ import annotations
@@ -99,12 +110,12 @@ def _call_context(span) -> otel_context.Context:
     return trace.set_span_in_context(NonRecordingSpan(span.get_span_context()))
 
 
-def frame_span(device, msg, start_ns: int):
-    """The span of one frame from the PBX (already forwarded), in its call's trace."""
+def frame_span(device, msg, start_ns: int, forwarded_ns: int | None = None):
+    """The span of one frame from the PBX (already forwarded if ``forwarded_ns``), in its call's trace."""
     call = getattr(msg, "call", None)
     parent = device.trace_ctx.get(call, _ROOT) if call is not None else _ROOT
     name = type(msg).__name__
-    attrs = {"epsignal.hw": device.hw, "epsignal.mt": name}
+    attrs = {"epsignal.hw": device.hw}
     if call is not None:
         attrs["epsignal.call"] = call
     sig = getattr(msg, "sig", None)
@@ -114,6 +125,8 @@ def frame_span(device, msg, start_ns: int):
         except ValueError:
             pass
         attrs["epsignal.to_device"] = msg.to is True
+    if forwarded_ns is not None:
+        attrs["epsignal.forward_us"] = (forwarded_ns - start_ns) // 1000
     span = _tracer.start_span(_RECEIVE_NAMES.get(name) or f"receive EpSignal {name}", context=parent,
                               kind=SpanKind.CONSUMER, start_time=start_ns, attributes=attrs)
     if call is not None and parent is _ROOT:
@@ -124,22 +137,11 @@ def frame_span(device, msg, start_ns: int):
 _RECEIVE_NAMES = {n: f"receive EpSignal {n}" for n in ("Signaling", "Sync", "AttachResult", "Attached", "Detached")}
 
 
-def forward_span(parent, start_ns: int, end_ns: int) -> None:
-    """``parent``: the frame's span, or a context holding it."""
-    if not isinstance(parent, otel_context.Context):
-        parent = trace.set_span_in_context(parent)
-    s = _tracer.start_span("forward", context=parent, kind=SpanKind.PRODUCER, start_time=start_ns)
-    s.end(end_time=end_ns)
-
-
 def enter_frame(device, msg, start_ns: int, forwarded_ns: int | None):
-    """The frame's span (with its ``forward`` child when it was forwarded), made current:
-    ``(span, token)`` for :func:`exit_frame`. The events made meanwhile are its children."""
-    span = frame_span(device, msg, start_ns)
-    ctx = trace.set_span_in_context(span)
-    if forwarded_ns is not None:
-        forward_span(ctx, start_ns, forwarded_ns)
-    return span, otel_context.attach(ctx)
+    """The frame's span, made current: ``(span, token)`` for :func:`exit_frame`. The events
+    made meanwhile carry its context."""
+    span = frame_span(device, msg, start_ns, forwarded_ns)
+    return span, otel_context.attach(trace.set_span_in_context(span))
 
 
 def exit_frame(span, token, error: BaseException | None = None) -> None:
@@ -160,7 +162,6 @@ _TYPE_TEMPLATES = {
     "attach.failed": "device.{hw}.attach.failed",
     "gap": "bridge.{instance}.gap",
 }
-_names: dict[tuple[str, str], str] = {}
 
 
 def _traceparent_only() -> bool:
@@ -195,37 +196,55 @@ def inject(headers: dict, span) -> None:
             headers["tracestate"] = sc.trace_state.to_header()
 
 
-def producer(event, exchange: str) -> None:
-    """Start the PRODUCER span of an event in the current context and put it in its headers."""
-    typ = event.type
-    tpl = _TYPE_TEMPLATES.get(typ) or key_template(event.key)
-    name = _names.get((exchange, tpl))
-    if name is None:
-        name = _names[(exchange, tpl)] = f"publish {exchange} {tpl}"
-    span = _tracer.start_span(
-        name, kind=SpanKind.PRODUCER,
-        attributes={
-            "messaging.system": SYSTEM, "messaging.operation.name": "publish",
-            "messaging.operation.type": "send", "messaging.destination.name": exchange,
-            "messaging.destination.template": tpl,
+def _template(event) -> str:
+    return _TYPE_TEMPLATES.get(event.type) or key_template(event.key)
+
+
+def creation(event, exchange: str) -> None:
+    """Put the event's creation context in its headers: the current span (the frame's or the
+    command's), or a ``create`` span of its own when there is none. The events made in one
+    context share one headers dict (the publisher encodes it once)."""
+    global _made
+    ctx = otel_context.get_current()
+    if ctx is _made[0]:
+        event.headers, event.origin = _made[1], _made[2]
+        return
+    span = trace.get_current_span(ctx)
+    sc = span.get_span_context()
+    if not sc.is_valid:
+        span = _tracer.start_span(f"create {exchange} {_template(event)}", kind=SpanKind.PRODUCER, attributes={
+            "messaging.system": SYSTEM, "messaging.operation.name": "create",
+            "messaging.operation.type": "create", "messaging.destination.name": exchange,
             "messaging.rabbitmq.destination.routing_key": event.key,
             "messaging.message.id": event.message_id,
-            "messaging.message.body.size": len(event.body),
-        },
-    )
-    headers = event.headers if event.headers is not None else {}
-    inject(headers, span)
-    event.headers = headers
-    event.span = span
-
-
-def published(event, error: BaseException | None = None) -> None:
-    span = getattr(event, "span", None)
-    if span is not None:
-        if error is not None:
-            span.record_exception(error)
+        })
         span.end()
-        event.span = None
+        sc = span.get_span_context()
+        ctx = None  # nothing to share with the next event
+    headers: dict = {}
+    inject(headers, span)
+    event.headers, event.origin = headers, sc
+    _made = (ctx, headers, sc)
+
+
+#: (context, headers, span context) of the last :func:`creation` (contexts are immutable)
+_made: tuple = (None, None, None)
+
+
+def publish_failed(exchange: str, start_ns: int, failed: list, total: int, error: BaseException) -> None:
+    """A slice the broker did not confirm in full: a ``publish {exchange}`` span (ERROR) from its
+    write to now, linked to the creation contexts of the events that failed (sent again later).
+    Confirmed slices make no span: the publish latency histogram covers them."""
+    origins = {ev.origin.span_id: ev.origin for ev in failed if ev.origin is not None and ev.origin.trace_flags.sampled}
+    links = [Link(sc) for sc in origins.values()]
+    span = _tracer.start_span(
+        f"publish {exchange}", context=_ROOT, kind=SpanKind.PRODUCER, links=links, start_time=start_ns,
+        attributes={"messaging.system": SYSTEM, "messaging.operation.name": "publish",
+                    "messaging.operation.type": "send", "messaging.destination.name": exchange,
+                    "messaging.batch.message_count": total})
+    span.set_status(Status(StatusCode.ERROR, f"{len(failed)} of {total} not confirmed "
+                                             f"({type(error).__name__}); sent again"))
+    span.end()
 
 
 def command_span(headers: dict | None, exchange: str, hw: str, verb: str, routing_key: str,

@@ -85,6 +85,8 @@ class Wire:
         self._ct = _shortstr(CONTENT_TYPE)
         self._app = _shortstr(APP_ID)
         self._types: dict[str, bytes] = {}
+        self._headers: dict | None = None  # the last headers table encoded, and its bytes
+        self._table = _EMPTY_TABLE
 
     def encode(self, ev: Outgoing) -> bytes:
         """Raises ValueError for what AMQP cannot carry (a key or id over 255 bytes)."""
@@ -95,7 +97,14 @@ class Wire:
         typ = self._types.get(ev.type)
         if typ is None:
             typ = self._types[ev.type] = _shortstr(ev.type)
-        headers = _pamqp_encode.field_table(ev.headers) if ev.headers else _EMPTY_TABLE
+        headers = ev.headers
+        if not headers:
+            headers = _EMPTY_TABLE
+        elif headers is self._headers:  # the events of one frame share their (trace) headers
+            headers = self._table
+        else:
+            self._headers, headers = headers, _pamqp_encode.field_table(headers)
+            self._table = headers
         body = ev.body
         n = len(body)
         props = b"".join((
@@ -255,9 +264,6 @@ class EventPublisher:
     def _settled(self, entry: Entry, tag: int, ids: dict, sl: _Slice, fut: asyncio.Future) -> None:
         """A confirmation future is done: acked, returned, nacked, timed out or rejected."""
         sl.left -= 1
-        if sl.left == 0 and sl.timer is not None:
-            sl.timer.cancel()
-            sl.timer = None
         ev = entry.event
         if ids.get(ev.message_id) == tag:
             del ids[ev.message_id]
@@ -276,17 +282,22 @@ class EventPublisher:
             self._retry_pause = 0.0
             self.buffer.confirm(entry)
             PUBLISH_SECONDS.observe(time.monotonic() - entry.enqueued)
-            if ev.span is not None:
-                tracing.published(ev)
             if self.buffer.stats.episodes_closed != self._episodes_seen[1]:
                 self._log_episodes()
         else:  # nack, timeout, channel or connection gone: stays buffered, sent again
             self.stats.failed += 1
+            sl.failed.append(ev)
+            sl.error = exc
             self._failed.append(entry)
             if not self._broken.is_set():
                 log.warning("publish failed, events stay buffered: %s: %s",
                             type(exc).__name__, exc or type(exc).__name__)
                 self._break()
+        if sl.left == 0:
+            sl.done()
+            if sl.failed and tracing.ENABLED:
+                tracing.publish_failed(self.link.topology.events.name, sl.start_ns, sl.failed,
+                                       len(sl.futs), sl.error)
         if not self.buffer:
             self._drained.set()
 
@@ -344,12 +355,21 @@ class _Slice:
     """The events written at once: one confirm timer for all of them, cancelled (and the
     futures let go) when the last one settled."""
 
-    __slots__ = ("futs", "left", "timer")
+    __slots__ = ("futs", "left", "timer", "failed", "error", "start_ns")
 
     def __init__(self, futs: list[asyncio.Future]) -> None:
         self.futs = futs
         self.left = 0
         self.timer: asyncio.TimerHandle | None = None
+        self.failed: list[Outgoing] = []  # the events not confirmed
+        self.error: BaseException | None = None
+        self.start_ns = time.time_ns()
+
+    def done(self) -> None:
+        """The last of its events settled."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
 
     def expire(self) -> None:
         """The confirm timeout: what is still unconfirmed counts as failed."""
