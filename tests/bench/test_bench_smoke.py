@@ -59,6 +59,9 @@ def test_bench_smoke(tmp_path):
     tr = r["tracing"]
     assert tr["status"] in ("ok", "n/a")
     assert tr["cost_pct"] is not None if tr["status"] == "ok" else tr["reason"]
+    if tr["every_span"]["cost_pct"] is not None:  # one span per frame (and none per event)
+        assert 0.9 <= tr["every_span"]["spans_per_frame"] <= 1.3
+        assert tr["on"]["spans_per_frame"] < tr["every_span"]["spans_per_frame"]
     # plots
     for name in ("latency_cdf", "rss_vs_devices"):
         if "skipped" not in r["plots"]:

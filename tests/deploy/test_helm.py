@@ -383,6 +383,13 @@ def test_anti_affinity(chart):
     assert render(chart, {"affinity": own}).pod["spec"]["affinity"] == own
 
 
+def test_the_tracing_benchmark_measures_the_charts_sampler(chart):
+    from bridge.bench.runner import DEPLOYED_SAMPLER
+
+    env = render(chart, {"otel": {"enabled": True}}).env()
+    assert (env["OTEL_TRACES_SAMPLER"]["value"], env["OTEL_TRACES_SAMPLER_ARG"]["value"]) == DEPLOYED_SAMPLER
+
+
 def test_otel(chart, monkeypatch):
     env = render(chart).env()
     assert env["OTEL_SDK_DISABLED"]["value"] == "true"
