@@ -5,6 +5,8 @@ asserted: CI machines are noisy (the performance targets are in docs/PERFORMANCE
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 
@@ -19,14 +21,21 @@ AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 def test_bench_smoke(tmp_path):
     out = tmp_path / "out"
     result_file = tmp_path / "bench.json"
-    proc = subprocess.run(
+    # its own process group: on a timeout the bridges and helpers it started go with it
+    proc = subprocess.Popen(
         [sys.executable, "-m", "bridge.cli", "bench", "--smoke", "--amqp-url", AMQP_URL,
          "--json", str(result_file), "--out", str(out)],
-        capture_output=True, text=True, timeout=140,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )
-    assert result_file.exists(), f"no results (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    try:
+        stdout, stderr = proc.communicate(timeout=140)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"bench --smoke did not finish in 140 s:\n{stdout}\n{stderr[-3000:]}")
+    assert result_file.exists(), f"no results (exit {proc.returncode}):\n{stdout}\n{stderr}"
     r = json.loads(result_file.read_text())
-    report = f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-3000:]}"
+    report = f"exit {proc.returncode}\n{stdout}\n{stderr[-3000:]}"
     assert not r.get("errors"), report
     assert r["checks"] and all(r["checks"].values()), report
     assert proc.returncode == 0, report
