@@ -364,6 +364,11 @@ class LeaseManager:
     async def hand_on(self, hw: str) -> None:
         """Give the device up to the next replica in line: detach, step out of the line, then
         put the token back (the broker gives it to the consumer now active)."""
+        if not self.owner.idle(hw):
+            # a command (or a call) began since the round chose this device: an attach command
+            # carried out after the runner stopped would start it again beside the next holder's
+            return
+        # from here on a command for hw goes back to the queue (no token), for the next holder
         held = self.tokens.pop(hw, None)
         await self._stop_runner(hw, "lease-moved")
         await asyncio.sleep(TAKEOVER_PAUSE_S)  # for the PBX to see the session end
