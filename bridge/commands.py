@@ -8,6 +8,10 @@ body:
 - ``signaling``: ``{"call": int, "to": bool, "sig": {...}}``: a Signaling message sent toward the
   device (``to`` true) or the PBX (``to`` false/absent) on the device's behalf. Negative call
   ids are for calls the application starts. ``sig`` passes through byte for byte.
+
+The hw id of the key and the call id must be valid (:mod:`bridge.ids`), and the body must be
+UTF-8 (RFC 8259): ``sig`` goes to the PBX in a WebSocket text frame, which must be UTF-8 (RFC
+6455, a PBX fails the connection otherwise), and msgspec does not check the strings it skips.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from __future__ import annotations
 import msgspec
 from msgspec import UNSET, Raw, Struct, UnsetType
 
-from bridge import routing
+from bridge import ids, routing
 from bridge.events import SCHEMA_VERSION, AttachInfo
 from bridge.protocol.errors import FrameError
 from bridge.protocol.signal import decode_sig
@@ -37,7 +41,7 @@ class DetachCommand(Struct, kw_only=True):
 
 
 class SignalingCommand(Struct, kw_only=True):
-    call: int
+    call: ids.CallId
     sig: Raw
     to: bool = False
     v: int = SCHEMA_VERSION
@@ -49,7 +53,7 @@ class Reply(Struct, kw_only=True):
     ok: bool
     v: int = SCHEMA_VERSION
     command: str | UnsetType = UNSET
-    hw: str | UnsetType = UNSET
+    hw: ids.HwId | UnsetType = UNSET
     error: str | UnsetType = UNSET
     #: attach: what the PBX answered (without the TURN password)
     attach: AttachInfo | UnsetType = UNSET
@@ -79,8 +83,16 @@ def parse(routing_key: str, body: bytes) -> tuple[str, str, Command]:
     hw, verb = parsed
     if verb not in _decoders:
         raise CommandError(f"unknown command {verb!r} in routing key; expected one of {', '.join(VERBS)}")
+    bad_hw = ids.hw_error(hw)
+    if bad_hw is not None:
+        raise CommandError(f"routing key {routing_key[:300]!r}: {bad_hw}")
     if len(body) > MAX_COMMAND_BYTES:
         raise CommandError(f"body of {len(body)} bytes exceeds the limit of {MAX_COMMAND_BYTES}")
+    try:
+        body.decode("utf-8")  # a copy, but commands are few: not the hot path
+    except UnicodeDecodeError as e:
+        raise CommandError(f"{verb} command body is not valid UTF-8 (byte 0x{body[e.start]:02x} at "
+                           f"{e.start}: {e.reason}); JSON must be UTF-8") from None
     if verb != "signaling" and not body.strip():
         body = b"{}"
     try:
@@ -94,6 +106,9 @@ def parse(routing_key: str, body: bytes) -> tuple[str, str, Command]:
     if cmd.v != SCHEMA_VERSION:
         raise CommandError(f"unsupported schema version v={cmd.v} (this bridge speaks v={SCHEMA_VERSION})")
     if isinstance(cmd, SignalingCommand):
+        if cmd.call == 0:
+            raise CommandError(f"invalid signaling command: call id 0 names no call; a call id is "
+                               f"{ids.CALL_RULE} - at `$.call`")
         if bytes(memoryview(cmd.sig)[:1]) != b"{":
             raise CommandError("invalid signaling command: Expected `object` - at `$.sig`")
         try:

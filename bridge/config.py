@@ -17,6 +17,9 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta, Struct
 
+from bridge import ids
+from bridge.protocol.callstate import CallLimits
+
 PREFIX = "EPSIGNAL_"
 
 
@@ -47,7 +50,8 @@ class Settings(Struct, kw_only=True):
         _doc("client: the bridge connects to the PBX; server: the PBX's App object connects in"),
     ] = "client"
     pbx_listen: Annotated[str, _doc("Listen address for server mode, host:port")] = "0.0.0.0:8090"
-    devices: Annotated[str, _doc("Comma-separated hw ids to attach at start")] = ""
+    devices: Annotated[str, _doc(
+        "Comma-separated hw ids to attach at start (each 1 to 64 of `A-Z a-z 0-9 - _ . : @`)")] = ""
     attach_concurrency: Annotated[
         int, _doc("Sessions opened at once while attaching many devices", ge=1)
     ] = 50
@@ -60,6 +64,15 @@ class Settings(Struct, kw_only=True):
     login_retry_s: Annotated[
         float, _doc("Delay before retrying a refused login (wrong password)", gt=0)
     ] = 60.0
+    max_calls_per_device: Annotated[int, _doc(
+        "Calls tracked per device at most (a phone has a handful); beyond, the least recently "
+        "signaled is dropped: `released` with `evicted` too-many-calls", ge=1)] = 256
+    call_idle_s: Annotated[float, _doc(
+        "A call setting up, ringing or disconnecting with no signaling for this long is dropped: "
+        "`released` with `evicted` idle (0: never)", ge=0)] = 3600.0
+    connected_call_idle_s: Annotated[float, _doc(
+        "The same for a connected, held or parked call, or one first seen mid-call (such calls "
+        "may be silent for hours; 0: never)", ge=0)] = 86400.0
     # ------------------------------------------------------------------ broker side
     amqp_url: Annotated[str, _doc("RabbitMQ URL, amqp:// or amqps:// (credentials are secret)")] = (
         "amqp://guest:guest@localhost/"
@@ -78,7 +91,13 @@ class Settings(Struct, kw_only=True):
     heartbeat_s: Annotated[int, _doc("AMQP heartbeat interval", ge=1)] = 10
     publish_window: Annotated[int, _doc("Events published and not yet confirmed, at most", ge=1)] = 1024
     publish_timeout_s: Annotated[float, _doc("Time allowed for one publisher confirm", gt=0)] = 10.0
+    publish_max_attempts: Annotated[int, _doc(
+        "Publishes of one event the broker nacks (a queue refused it) before it is dropped and "
+        "announced in a gap event; pauses between them double from 0.5 s to 8 s", ge=1)] = 6
     buffer_max_events: Annotated[int, _doc("Events kept while the broker is away", ge=1)] = 100_000
+    buffer_max_mb: Annotated[int, _doc(
+        "Megabytes of event bodies kept while the broker is away (the oldest are dropped beyond, "
+        "as beyond the event count)", ge=1)] = 256
     buffer_max_age_s: Annotated[float, _doc("Events older than this are dropped unsent", gt=0)] = 300.0
     # ------------------------------------------------------------------ many replicas
     leases: Annotated[bool, _doc(
@@ -99,6 +118,7 @@ class Settings(Struct, kw_only=True):
             self.instance_id = _default_instance()
         self.pbx_password = Secret(self.pbx_password)
         self.amqp_url = Secret(self.amqp_url)
+        ids.check_devices(self.device_list)
 
     def secrets(self) -> list[str]:
         """Every secret value, for the log filter: the PBX password, the AMQP password and URL."""
@@ -119,6 +139,10 @@ class Settings(Struct, kw_only=True):
         if n == 0:
             return 0.0
         return min(self.reconnect_max_s, self.reconnect_min_s * 2 ** (n - 1)) * random.uniform(0.5, 1.0)
+
+    def call_limits(self) -> CallLimits:
+        """The bounds on the calls of each device (for :class:`~bridge.device.Device`)."""
+        return CallLimits(self.max_calls_per_device, self.call_idle_s, self.connected_call_idle_s)
 
     @property
     def device_list(self) -> list[str]:

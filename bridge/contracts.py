@@ -25,7 +25,7 @@ import msgspec.inspect as mi
 from msgspec import Raw
 
 from bridge import commands as C
-from bridge import routing
+from bridge import ids, routing
 from bridge import events as E
 from bridge.events import SCHEMA_VERSION as V
 from bridge.protocol.signal import Sig
@@ -42,7 +42,7 @@ COMMON = {
     "type": "The event name; the same as the AMQP `type` property.",
     "v": f"Schema version (major), {V} for this schema. Compatible changes (new optional fields) "
          "keep it; see contracts/README.md.",
-    "hw": "Hardware id of the device, as the PBX knows it (not percent-encoded).",
+    "hw": f"Hardware id of the device, as the PBX knows it (not percent-encoded): {ids.HW_RULE}.",
     "seq": "Number of the event per device and bridge instance: 1, 2, 3, ... without gaps. "
            "(`instance`, `hw`, `seq`) identifies the event; a duplicate has the same.",
     "instance": "Id of the bridge instance that published the event. A restarted bridge has a new "
@@ -89,6 +89,12 @@ FIELDS: dict[str, dict[str, str]] = {
                  "gave one).",
         "sync": "True when the state comes from a Sync at attach (the call existed before), not "
                 "from a Signaling message.",
+        "evicted": "Only with `released`, and only when the bridge stopped tracking the call, "
+                   "not the PBX ended it (the PBX may still have it; no `cause`): `idle` (no "
+                   "signaling for EPSIGNAL_CALL_IDLE_S, or EPSIGNAL_CONNECTED_CALL_IDLE_S when "
+                   "connected, held, parked or state unknown), `too-many-calls` (more than "
+                   "EPSIGNAL_MAX_CALLS_PER_DEVICE calls: the least recently signaled one). Should "
+                   "the call signal again, it comes back as a call first seen mid-call.",
     },
     "Remote": {"num": "Number.", "sip": "SIP user name.", "dn": "Display name."},
     "Cause": {
@@ -111,7 +117,7 @@ FIELDS: dict[str, dict[str, str]] = {
     "SeqRange": {"first": "First `seq` dropped.", "last": "Last `seq` dropped (inclusive)."},
     "SignalingCommand": {
         "call": "Call id on the device. Negative: a call the application starts (click to dial: "
-                "a `setup` toward the PBX with call -1).",
+                f"a `setup` toward the PBX with call -1). Valid: {ids.CALL_RULE}.",
         "to": "True: send toward the device; false or absent: toward the PBX.",
         "sig": SIG_TEXT + " Must be an object with a string `type`; the fields the bridge reads "
                           "must have the types below.",
@@ -133,8 +139,8 @@ FIELDS: dict[str, dict[str, str]] = {
               "dead-lettered).",
         "command": "The verb of the command (`attach`, `detach`, `signaling`); absent when the "
                    "routing key names none of them.",
-        "hw": "The device the command was for; absent when the command was refused before it "
-              "was read (a bad routing key or body).",
+        "hw": "The device the command was for; absent when the routing key names no valid hw "
+              "id.",
         "error": "Why the command was refused (also the dead letter's `x-epsignal-error`).",
         "attach": "attach: what the PBX answered (without the TURN password).",
         "attached": "attach: true when the device is registered and attached now; false: it "
@@ -237,6 +243,9 @@ BODIES = [
           ("released", "The call is gone, with its cause",
            _ev(E.CallStateChanged, 9, call=17, state="released", in_=True, remote=R201,
                cause=msgspec.convert({"num": 16}, E.Cause))),
+          ("evicted", "The bridge stopped tracking a call that had no signaling for too long",
+           _ev(E.CallStateChanged, 30, call=21, state="released", in_=True, remote=R201,
+               evicted="idle")),
           ("sync", "A call that existed at attach",
            _ev(E.CallStateChanged, 2, hw=HW2, call=3, state="connected", in_=False,
                remote=E.Remote(num="0703173000"), held=True, sync=True))]),
@@ -411,10 +420,12 @@ def body_schema(body: Body, missing: list[str] | None = None) -> dict:
 PARAMS = {
     "hw": {"description": "Hardware id of the device as one routing-key word: every byte outside "
                           "[A-Za-z0-9_-] is percent-encoded (UTF-8, upper-case hex; `.` is `%2E`), "
-                          "so a key always has the same number of words.",
+                          "so a key always has the same number of words. The id itself is "
+                          f"{ids.HW_RULE}; a command for any other id is refused.",
            "examples": [HW, "00%3A90%3A33%3A40%3A00%3A01"]},
     "call": {"description": "Call id on the device, a decimal integer; negative for calls the "
-                            "application started.", "examples": ["17", "-1"]},
+                            "application started. In commands: "
+                            f"{ids.CALL_RULE}.", "examples": ["17", "-1"]},
     "instance": {"description": "Id of the bridge instance, as one routing-key word "
                                 "(percent-encoded like `hw`).", "examples": [INSTANCE]},
     "key": {"description": "The refused command's routing key, unchanged (also a key that is not "

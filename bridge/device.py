@@ -3,30 +3,58 @@
 The PBX session hands every frame that belongs to the device to :meth:`Device.on_frame` *after*
 it has forwarded it; what comes back is the list of events to publish. Signaling the bridge
 sends for a command goes through :meth:`Device.on_sent`, so the call state follows both.
+
+What the device keeps of the PBX's words is bounded (README "Limits"): the calls by
+:class:`~bridge.protocol.callstate.CallLimits` (checked after every Signaling and Sync, so no
+timer is needed: a call dropped by a bound gets its ``released`` event with ``evicted``), the
+strings of a call by the tracker, and each field of the AttachResult (kept, and repeated in
+every ``attached`` event) at :data:`MAX_ATTACH_TEXT` characters.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 
-from msgspec import Raw
+import msgspec
+from msgspec import UNSET, Raw, structs
 
 from bridge.events import EventFactory, Outgoing
-from bridge.protocol.callstate import CallTracker
+from bridge.protocol.callstate import CallLimits, CallTracker, cut
 from bridge.protocol.errors import FrameError
 from bridge.protocol.messages import AttachResult, Attached, CallState, Detached, Signaling, Sync
 
 log = logging.getLogger("bridge.device")
+
+#: longest text kept of one AttachResult field (``err``, ``stun``, ... ; a non-string value
+#: longer than this as JSON is kept as its cut JSON text)
+MAX_ATTACH_TEXT = 1000
+
+
+def bounded_result(r: AttachResult) -> AttachResult:
+    """``r`` with every field cut to :data:`MAX_ATTACH_TEXT` characters (``r`` itself if none is
+    longer: the common case)."""
+    changes = {}
+    for name in r.__struct_fields__:
+        v = getattr(r, name)
+        if v is UNSET or v is None or isinstance(v, (bool, int, float)):
+            continue
+        text = v if isinstance(v, str) else msgspec.json.encode(v).decode()
+        if len(text) > MAX_ATTACH_TEXT:
+            changes[name] = cut(text, MAX_ATTACH_TEXT)
+    return structs.replace(r, **changes) if changes else r
 
 #: the empty set every device shares until it has calls to confirm (an empty set is 216 bytes)
 _NONE: frozenset = frozenset()
 
 
 class Device:
-    def __init__(self, hw: str, factory: EventFactory) -> None:
+    def __init__(self, hw: str, factory: EventFactory, limits: CallLimits = CallLimits(),
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.hw = hw
         self.factory = factory
-        self.tracker = CallTracker()
+        self.tracker = CallTracker(limits, clock)
         #: the PBX's answer to our Attach (None: not answered yet)
         self.result: AttachResult | None = None
         #: the device is registered and we are in its signaling path
@@ -34,6 +62,7 @@ class Device:
         self.bad_sig = 0
         #: call id -> the context of the call's trace (see bridge.tracing)
         self.trace_ctx: dict = {}
+        self._max_ctx = 2 * limits.max_calls
         #: calls known before the session was lost and not yet confirmed by a Sync since
         self._unconfirmed: set[int] | frozenset = _NONE  # a set only after a session loss
 
@@ -45,9 +74,9 @@ class Device:
         if t is Sync:
             if self._unconfirmed:
                 self._unconfirmed.discard(msg.call)
-            return [f.call_state(self.hw, self.tracker.sync(msg), sync=True)]
+            return self._bounded([f.call_state(self.hw, self.tracker.sync(msg), sync=True)])
         if t is AttachResult:
-            self.result = msg
+            self.result = msg = bounded_result(msg)
             if msg.failed:
                 return [f.attach_failed(self.hw, msg.err)]
             return []
@@ -100,9 +129,23 @@ class Device:
             if self.bad_sig & (self.bad_sig - 1) == 0:  # 1, 2, 4, 8, ...: no flood
                 log.warning("device %s call %s: sig not understood, state not tracked (%d so far): %s",
                             self.hw, msg.call, self.bad_sig, e)
-            return out
+            return self._bounded(out)
         if status is not None:
             out.append(self.factory.call_state(self.hw, status))
             if status.state is CallState.RELEASED:
                 self.trace_ctx.pop(msg.call, None)
+        return self._bounded(out)
+
+    def _bounded(self, out: list[Outgoing]) -> list[Outgoing]:
+        """After a message: the calls the tracker's bounds dropped get their ``released`` event;
+        the trace contexts of calls not tracked (a sig never understood) go once there are
+        twice as many contexts as calls may be tracked (so pruning is amortised O(1))."""
+        gone = self.tracker.expire()
+        if gone:
+            for status in gone:
+                out.append(self.factory.call_state(self.hw, status))
+                self.trace_ctx.pop(status.call, None)
+        if len(self.trace_ctx) > self._max_ctx:
+            tracked = self.tracker.get
+            self.trace_ctx = {c: v for c, v in self.trace_ctx.items() if tracked(c) is not None}
         return out

@@ -16,8 +16,8 @@ from typing import Any, Union
 import msgspec
 from msgspec import UNSET, Raw, Struct, UnsetType, field
 
-from bridge import routing
-from bridge.protocol.callstate import CallStatus
+from bridge import ids, routing
+from bridge.protocol.callstate import CallStatus, Evicted
 from bridge.protocol.messages import AttachResult, CallState, Remote
 from bridge.protocol.signal import Cause
 
@@ -26,7 +26,7 @@ SCHEMA_VERSION = 1
 
 class Event(Struct, kw_only=True, tag_field="type"):
     v: int = SCHEMA_VERSION
-    hw: str
+    hw: ids.HwId
     seq: int
     instance: str
     time: datetime
@@ -87,6 +87,10 @@ class CallStateChanged(Event, tag="call.state", kw_only=True):
     cause: Cause | None = None
     #: true when the state comes from a Sync at attach, not from a Signaling message
     sync: bool = False
+    #: with ``released``, present only when the bridge dropped the call, not the PBX: ``idle``
+    #: (no signaling for EPSIGNAL_CALL_IDLE_S / EPSIGNAL_CONNECTED_CALL_IDLE_S) or
+    #: ``too-many-calls`` (beyond EPSIGNAL_MAX_CALLS_PER_DEVICE, the least recently signaled)
+    evicted: Evicted | UnsetType = UNSET
 
 
 class CallSignaling(Event, tag="call.signaling", kw_only=True):
@@ -111,7 +115,7 @@ class Gap(Struct, kw_only=True, tag_field="type", tag="gap"):
     instance: str
     time: datetime
     reason: str
-    dropped: dict[str, list[SeqRange]]
+    dropped: dict[ids.HwId, list[SeqRange]]
 
 
 DeviceEvent = Union[DeviceAttached, DeviceDetached, AttachFailed, CallStateChanged, CallSignaling]
@@ -173,7 +177,7 @@ class EventFactory:
     def call_state(self, hw: str, s: CallStatus, *, sync: bool = False) -> Outgoing:
         ev = CallStateChanged(
             call=s.call, state=s.state, in_=s.in_, remote=s.remote, channel=s.channel, held=s.held,
-            app=s.app, cause=s.cause, sync=sync, **self._base(hw),
+            app=s.app, cause=s.cause, sync=sync, evicted=s.evicted or UNSET, **self._base(hw),
         )
         return self._out(routing.call_key(hw, s.call, "state"), ev)
 

@@ -59,18 +59,40 @@ class BridgeCollector:
         yield GaugeMetricFamily("epsignal_broker_connected", "1 when the broker link is up",
                                 value=1 if b.link.ready else 0)
 
-        ps, bs = b.publisher.stats, b.publisher.buffer.stats
+        yield GaugeMetricFamily("epsignal_broker_blocked",
+                                "1 while the broker blocks publishing (connection.blocked: memory or disk alarm)",
+                                value=1 if b.link.blocked is not None else 0)
+        yield CounterMetricFamily("epsignal_broker_blocks", "connection.blocked received from the broker",
+                                  value=b.link.blocks)
+
+        pub = b.publisher
+        ps, bs = pub.stats, pub.buffer.stats
         c = CounterMetricFamily("epsignal_events", "Events by outcome", labels=["outcome"])
         for outcome, v in (("published", ps.published), ("confirmed", ps.confirmed),
-                           ("returned", ps.returned), ("failed", ps.failed), ("buffered", bs.appended)):
+                           ("returned", ps.returned), ("failed", ps.failed), ("nacked", ps.nacked),
+                           ("buffered", bs.appended)):
             c.add_metric([outcome], v)
         yield c
         d = CounterMetricFamily("epsignal_events_dropped", "Events dropped unsent", labels=["reason"])
         d.add_metric(["buffer-full"], bs.dropped_full)
         d.add_metric(["too-old"], bs.dropped_age)
+        d.add_metric(["nacked"], bs.dropped_nacked)
+        d.add_metric(["unpublishable"], bs.dropped_invalid)
         yield d
         yield GaugeMetricFamily("epsignal_buffer_events", "Events buffered (waiting or in flight)",
-                                value=len(b.publisher.buffer))
+                                value=len(pub.buffer))
+        yield GaugeMetricFamily("epsignal_publish_stalled_seconds",
+                                "Seconds events have waited without any publisher confirm (0: none waiting)",
+                                value=pub.stalled_s())
+        yield CounterMetricFamily("epsignal_publish_timeouts",
+                                  "Confirms that did not come in time (each replaced the connection)",
+                                  value=ps.timeouts)
+        yield GaugeMetricFamily("epsignal_devices_held_by_nacks",
+                                "Devices whose events wait behind an event the broker nacked",
+                                value=pub.buffer.held_devices)
+        yield GaugeMetricFamily("epsignal_events_unflushed",
+                                "Events the last stop could not get confirmed within its grace (lost)",
+                                value=pub.unflushed)
 
         cm = CounterMetricFamily("epsignal_commands", "Commands by kind and outcome", labels=["command", "outcome"])
         for (verb, outcome), v in sorted(b.consumer.stats.by_outcome.items()):

@@ -8,6 +8,7 @@ PBX sessions in :mod:`bridge.pbx`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 
@@ -20,7 +21,7 @@ from bridge.amqp.leases import LeaseManager
 from bridge.amqp.link import BrokerLink
 from bridge.amqp.publisher import EventPublisher
 from bridge.config import Settings
-from bridge.device import Device
+from bridge.device import Device, bounded_result
 from bridge.events import AttachInfo, EventFactory, Outgoing
 from bridge.http import HttpServer
 from bridge.pbx.client import DeviceRunner
@@ -33,6 +34,10 @@ log = logging.getLogger("bridge")
 ATTACHED_WAIT_STEPS = 50
 #: with leases: a held device whose runner ended (attach refused) is tried again after this
 RUNNER_RETRY_S = 1.0
+#: of a stop's grace, kept for closing the broker connection after the flush
+CLOSE_MARGIN_S = 0.5
+#: devices per log line when a stop reports the events it could not flush
+UNFLUSHED_PER_LINE = 100
 
 
 class Bridge:
@@ -43,6 +48,7 @@ class Bridge:
         self.publisher = EventPublisher(
             self.link, self.factory, window=settings.publish_window, timeout_s=settings.publish_timeout_s,
             max_events=settings.buffer_max_events, max_age_s=settings.buffer_max_age_s,
+            max_attempts=settings.publish_max_attempts, max_bytes=settings.buffer_max_mb * 2**20,
         )
         self.server = PbxServer(settings, self.emit) if settings.pbx_mode == "server" else None
         self.leases = None
@@ -55,6 +61,7 @@ class Bridge:
         self._pbx_ssl = (client_context(settings.pbx_ca_file, settings.pbx_tls_verify)
                          if settings.pbx_url.startswith("wss:") else None)
         self._tasks: list[asyncio.Task] = []
+        self._call_limits = settings.call_limits()
         self.http = HttpServer(self, settings.http_host, settings.http_port)
 
     def emit(self, event: Outgoing) -> None:
@@ -72,7 +79,7 @@ class Bridge:
         ]
         if self.server is not None:
             for hw in self.s.device_list:
-                self.server.devices[hw] = Device(hw, self.factory)
+                self.server.devices[hw] = self._device(hw)
             await self.server.start()
         elif self.leases is None:
             for hw in self.s.device_list:
@@ -82,29 +89,59 @@ class Bridge:
 
     async def stop(self, grace_s: float = 10.0) -> bool:
         """Graceful stop: no new commands, finish those in progress, close the PBX sessions,
-        flush events with confirms (bounded by ``grace_s``). True if nothing was left unsent."""
+        flush events with confirms, all within ``grace_s``. True if nothing was left unsent.
+
+        A broker that is away is tried at once and every quarter second meanwhile (not at the
+        backoff's pace), so one that comes back inside the grace takes every event. What is
+        still unconfirmed at the end is counted (``epsignal_events_unflushed``) and logged as
+        per-device seq ranges."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
+
+        def left(share: float = 1.0) -> float:
+            return max(0.05, (deadline - loop.time()) * share)
+
+        self.link.hurry()
         if self.leases is not None:
             self.leases.pause()
-        await self.consumer.stop_accepting()
-        await self.consumer.drain(grace_s / 2)
+        with contextlib.suppress(TimeoutError):  # a stalled broker link must not hold the stop
+            await asyncio.wait_for(self.consumer.stop_accepting(), left(0.25))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.consumer.drain(grace_s / 2), left(0.5))
         await asyncio.gather(*(r.stop() for r in self.runners.values()), return_exceptions=True)
         for r in self.runners.values():
             for ev in r.device.on_lost("shutdown"):
                 self.emit(ev)
         if self.leases is not None:  # detached first: the next holder's Attach is not refused
-            await self.leases.stop()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.leases.stop(), left(0.5))
         if self.server is not None:
             await self.server.close()
-        flushed = await self.publisher.flush(grace_s / 2)
-        if not flushed:
-            log.warning("shutdown: %d events not confirmed within the grace period", len(self.publisher.buffer))
+        flushed = await self.publisher.flush(left() - CLOSE_MARGIN_S)
         await self.publisher.close()
-        await self.link.close()
+        if not flushed:
+            self._report_unflushed()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.link.close(), CLOSE_MARGIN_S)
         await self.http.stop()
         for t in self._tasks:
             t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        # bounded: a broker connect in progress may take its own time to give up
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*self._tasks, return_exceptions=True), CLOSE_MARGIN_S)
         return flushed
+
+    def _report_unflushed(self) -> None:
+        buf = self.publisher.buffer
+        self.publisher.unflushed = len(buf)
+        unsent = buf.unsent()
+        log.error("shutdown: %d events not confirmed by the broker within the grace period are "
+                  "lost (%d devices; seq ranges follow)", len(buf), len(unsent))
+        items = sorted(unsent.items())
+        for i in range(0, len(items), UNFLUSHED_PER_LINE):
+            part = {hw: [f"{a}-{b}" if a != b else str(a) for a, b in rs]
+                    for hw, rs in items[i:i + UNFLUSHED_PER_LINE]}
+            log.error("shutdown: events lost: %s", part)
 
     # ------------------------------------------------------------------ state, for health and metrics
     def _devices(self) -> list[tuple[Device, bool]]:
@@ -133,15 +170,24 @@ class Bridge:
         reasons = []
         if not self.link.ready:
             reasons.append("broker not connected")
+        elif self.link.blocked is not None:
+            reasons.append(f"broker blocks publishing ({self.link.blocked}): "
+                           f"{len(self.publisher.buffer)} events buffered")
+        elif (stalled := self.publisher.stalled_s()) > self.s.publish_timeout_s:
+            reasons.append(f"broker confirms nothing: {len(self.publisher.buffer)} events waiting "
+                           f"for {stalled:.0f}s")
         devices = self._devices()
         if self.server is None and devices and not any(up for _, up in devices):
             reasons.append("PBX not reachable: no session is up")
         return reasons
 
+    def _device(self, hw: str) -> Device:
+        return Device(hw, self.factory, self._call_limits)
+
     def _runner(self, hw: str) -> DeviceRunner:
         r = self.runners.get(hw)
         if r is None or (r.task is not None and r.task.done()):
-            r = DeviceRunner(self.s, Device(hw, self.factory), self.emit, self._gate, self._pbx_ssl,
+            r = DeviceRunner(self.s, self._device(hw), self.emit, self._gate, self._pbx_ssl,
                              refusals=3 if self.leases is not None else 0)
             self.runners[hw] = r
             r.start()
@@ -186,7 +232,7 @@ class Bridge:
         timeout = self.s.attach_timeout_s
         try:
             if self.server is not None:
-                result = await asyncio.wait_for(self.server.attach(Device(hw, self.factory)), timeout)
+                result = await asyncio.wait_for(self.server.attach(self._device(hw)), timeout)
                 device = self.server.devices[hw]
             else:
                 if self.leases is not None:
@@ -201,7 +247,7 @@ class Bridge:
         except (NoPbxSession, ConnectionError, ConnectionClosed) as e:
             raise cmds.CommandError(str(e)) from None
         if result is None or result.failed:
-            err = result.err if result is not None else "no answer"
+            err = bounded_result(result).err if result is not None else "no answer"
             if self.server is not None:
                 self.server.devices.pop(hw, None)
                 if self.server.session is not None:

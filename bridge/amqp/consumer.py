@@ -23,7 +23,7 @@ import aio_pika
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 
 from bridge import commands as cmds
-from bridge import routing
+from bridge import ids, routing
 from bridge import tracing
 from bridge.amqp.link import BrokerLink
 from bridge.amqp.topology import Topology, declare_commands_queue
@@ -116,8 +116,9 @@ class CommandConsumer:
         verb = parsed[1] if parsed is not None and parsed[1] in cmds.VERBS else "invalid"
         try:
             hw, verb, cmd = cmds.parse(key, message.body)
-        except cmds.CommandError as e:
-            return await self._refuse(message, verb, parsed[0] if parsed else None, str(e))
+        except cmds.CommandError as e:  # the reply names the hw only when it is a valid one
+            hw = parsed[0] if parsed is not None and ids.valid_hw(parsed[0]) else None
+            return await self._refuse(message, verb, hw, str(e))
         if redirect and self._redirect is not None:
             target = await self._redirect(hw, verb)
             if target is not None:

@@ -4,17 +4,25 @@ One :class:`BrokerLink` owns the aio-pika connection. It connects with exponenti
 jitter (tenacity), declares the topology on every (re)connect, runs the ``on_ready`` hooks (the
 command consumer starts there), and marks itself not ready the moment the connection closes,
 so publishers wait (with timeouts) instead of writing into a dead socket.
+
+Each connection has a :attr:`lost` future, done the moment the link gives that connection up
+(closed by the broker, the watchdog, :meth:`reset`): whoever works on the connection races its
+waits against it, so nothing waits on a connection that is gone (the publisher cancels its
+drain). RabbitMQ's ``connection.blocked`` / ``unblocked`` (a memory or disk alarm) are followed
+in :attr:`blocked`: the broker is there but takes no publishes; nothing is written meanwhile and
+the watchdog does not mistake the silence for a dead broker.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection
-from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter, wait_fixed
 from yarl import URL
 
 from bridge.amqp.topology import Topology, declare_exchanges
@@ -24,6 +32,9 @@ from bridge.tls import client_context
 log = logging.getLogger("bridge.amqp")
 
 ReadyHook = Callable[[AbstractConnection, Topology], Awaitable[None]]
+
+#: while hurrying (a stop with events to flush): the broker is tried again this often
+HURRY_RETRY_S = 0.25
 
 
 def redact(url: str) -> str:
@@ -43,6 +54,17 @@ class BrokerLink:
         self._hooks: list[ReadyHook] = []
         self._closing = False
         self.reconnects = 0
+        #: done when the current connection is given up (its result: the reason)
+        self.lost: asyncio.Future | None = None
+        #: the broker's reason while it blocks publishing (``connection.blocked``), else None
+        self.blocked: str | None = None
+        self.blocked_since = 0.0
+        self.blocks = 0
+        self._unblocked = asyncio.Event()
+        self._unblocked.set()
+        #: monotonic time the broker last showed it is alive (a confirm, a watchdog answer)
+        self.heard_at = 0.0
+        self._hurry = asyncio.Event()
 
     def on_ready(self, hook: ReadyHook) -> None:
         self._hooks.append(hook)
@@ -58,6 +80,49 @@ class BrokerLink:
         except TimeoutError:
             return False
 
+    async def wait_unblocked(self) -> None:
+        await self._unblocked.wait()
+
+    def reset(self, reason: str, lost: asyncio.Future | None = None) -> None:
+        """Give up the current connection (or only the one whose :attr:`lost` is ``lost``, if
+        it is still current): e.g. confirms stopped coming. The link reconnects."""
+        if lost is None:
+            lost = self.lost
+        if lost is not None and not lost.done():
+            lost.set_result(ConnectionError(reason))
+
+    def hurry(self) -> None:
+        """Try the broker at once and then every :data:`HURRY_RETRY_S` (a stop that has events
+        to flush cannot wait for the backoff)."""
+        self._hurry.set()
+
+    async def _sleep(self, seconds: float) -> None:
+        """A backoff pause that :meth:`hurry` cuts short."""
+        try:
+            await asyncio.wait_for(self._hurry.wait(), seconds)
+        except TimeoutError:
+            pass
+
+    def _wait(self, base):
+        hurry = self._hurry
+        fixed = wait_fixed(HURRY_RETRY_S)
+        return lambda rs: fixed(rs) if hurry.is_set() else base(rs)
+
+    def _on_blocked(self, reason) -> None:
+        if isinstance(reason, bytes):
+            reason = reason.decode(errors="replace")
+        self.blocked = str(reason or "blocked")
+        self.blocked_since = time.monotonic()
+        self.blocks += 1
+        self._unblocked.clear()
+        log.warning("broker blocks publishing (%s): events stay buffered until it unblocks", self.blocked)
+
+    def _on_unblocked(self) -> None:
+        if self.blocked is not None:
+            log.warning("broker unblocked publishing after %.1fs", time.monotonic() - self.blocked_since)
+        self.blocked = None
+        self._unblocked.set()
+
     async def _connect_once(self) -> asyncio.Future:
         kw = dict(heartbeat=self.s.heartbeat_s, timeout=10, client_properties={
             "connection_name": f"epsignal-bridge {self.s.instance_id}"})
@@ -66,6 +131,8 @@ class BrokerLink:
         conn = await aio_pika.connect(str(self.s.amqp_url), **kw)
         try:
             lost: asyncio.Future = asyncio.get_running_loop().create_future()
+            lost.add_done_callback(lambda _f: self._ready.clear())  # not ready the same moment
+            _follow_blocked(conn, self._on_blocked, self._on_unblocked)
             conn.close_callbacks.add(
                 lambda _c, exc: lost.done() or lost.set_result(exc)
             )
@@ -78,6 +145,8 @@ class BrokerLink:
             await conn.close()
             raise
         self.connection, self.channel, self.topology = conn, ch, topo
+        self.lost = lost
+        self.heard_at = time.monotonic()
         return lost
 
     async def run(self) -> None:
@@ -86,21 +155,33 @@ class BrokerLink:
         short_lived = 0
         while not self._closing:
             retrying = AsyncRetrying(
-                wait=wait_exponential_jitter(multiplier=self.s.reconnect_min_s, max=self.s.reconnect_max_s),
+                wait=self._wait(wait_exponential_jitter(multiplier=self.s.reconnect_min_s,
+                                                        max=self.s.reconnect_max_s)),
+                sleep=self._sleep,
                 retry=retry_if_exception_type(Exception),
+                stop=lambda _rs: self._closing,
                 before_sleep=lambda rs: log.warning(
                     "broker %s unreachable (%s), retry in %.1fs", redact(self.s.amqp_url),
                     _reason(rs.outcome.exception()), rs.next_action.sleep),
                 reraise=True,
             )
-            async for attempt in retrying:
-                with attempt:
-                    lost = await self._connect_once()
+            try:
+                async for attempt in retrying:
+                    with attempt:
+                        lost = await self._connect_once()
+            except Exception:
+                if self._closing:
+                    return
+                raise
+            if self._closing:
+                await self._close_conn()
+                return
             if not first:
                 self.reconnects += 1
             first = False
             log.info("broker connected: %s", redact(self.s.amqp_url))
-            self._ready.set()
+            if not lost.done():
+                self._ready.set()
             watchdog = asyncio.create_task(self._watchdog(lost))
             loop = asyncio.get_running_loop()
             started = loop.time()
@@ -108,25 +189,32 @@ class BrokerLink:
             watchdog.cancel()
             self._ready.clear()
             self.channel = None
+            self._on_unblocked()  # a new connection starts unblocked; the broker says again
             if not self._closing:
                 short_lived = short_lived + 1 if loop.time() - started < self.s.reconnect_max_s else 0
-                pause = self.s.reconnect_pause(short_lived)
+                pause = HURRY_RETRY_S if self._hurry.is_set() else self.s.reconnect_pause(short_lived)
                 log.warning("broker connection lost: %s; reconnecting in %.1fs", _reason(exc), pause)
                 await self._close_conn()
-                await asyncio.sleep(pause)
+                await self._sleep(pause)
 
     async def _watchdog(self, lost: asyncio.Future) -> None:
         """A broker that stops answering is noticed within the heartbeat interval: every half
         interval a passive declare must come back within half an interval. (The AMQP client's
-        own heartbeat check allows three missed beats, which is too slow for readiness.)"""
+        own heartbeat check allows three missed beats, which is too slow for readiness.) A
+        broker that confirmed something within the last half interval is alive without asking
+        (under load the answer could queue behind the frames of a busy loop), and so is one
+        that blocks publishing: it said so, and a blocked connection's probe may not be read."""
         half = self.s.heartbeat_s / 2
         while not lost.done():
             await asyncio.sleep(half)
             ch = self.channel
             if ch is None or lost.done():
                 return
+            if self.blocked is not None or time.monotonic() - self.heard_at < half:
+                continue
             try:
                 await asyncio.wait_for(ch.get_exchange(self.s.events_exchange, ensure=True), half)
+                self.heard_at = time.monotonic()
             except Exception as e:
                 if not lost.done():
                     lost.set_result(TimeoutError(
@@ -144,7 +232,34 @@ class BrokerLink:
     async def close(self) -> None:
         self._closing = True
         self._ready.clear()
+        self.reset("closing")
         await self._close_conn()
+
+
+def _follow_blocked(conn: AbstractConnection, on_blocked, on_unblocked) -> None:
+    """Call ``on_blocked(reason)`` / ``on_unblocked()`` when the broker sends
+    ``connection.blocked`` / ``unblocked``. Neither aio-pika nor aiormq offers a callback
+    (aio-pika issue 506): aiormq handles both frames in two private methods, which are wrapped
+    here on this one connection object. ``tests/integration/test_broker_alarm.py`` checks it
+    against a real memory alarm, so an aiormq that renames them fails a test, not production."""
+    raw = conn.transport.connection
+    names = ("_Connection__handle_connection_blocked", "_Connection__handle_connection_unblocked")
+    if not all(hasattr(raw, n) for n in names):
+        log.warning("this aiormq does not let the bridge follow connection.blocked; "
+                    "a broker alarm shows only as events not confirmed")
+        return
+    blocked, unblocked = (getattr(raw, n) for n in names)
+
+    async def on_b(frame) -> None:
+        await blocked(frame)
+        on_blocked(frame.reason)
+
+    async def on_u(frame) -> None:
+        await unblocked(frame)
+        on_unblocked()
+
+    setattr(raw, names[0], on_b)
+    setattr(raw, names[1], on_u)
 
 
 def _reason(exc: BaseException | None) -> str:

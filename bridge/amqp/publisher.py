@@ -3,8 +3,21 @@
 ``publish_nowait`` never blocks and never fails: it is what the PBX side calls after it has
 forwarded a frame. A single task drains the buffer, keeping up to ``publish_window`` events in
 flight; an event leaves the buffer only when the broker confirmed it (or returned it as
-unroutable: no queue is bound, which is counted, not an error). A failed, nacked or timed-out
-publish puts the in-flight events back at the front and waits for the link to come back.
+unroutable: no queue is bound, which is counted, not an error).
+
+What goes wrong, and what happens then:
+
+- the connection is lost (broker gone, watchdog, a stalled link): the drain of that connection
+  is *cancelled*, wherever it waits (the aiormq writer queue of a dead connection is never read
+  again); every event in flight on it is failed at once and put back at the front; the next
+  connection drains them first.
+- a *nack* (the broker refused the event, e.g. for a queue at ``x-max-length`` with
+  ``reject-publish``): per event and per device, in the buffer (see :mod:`bridge.buffer`); other
+  devices' events go on.
+- no confirm within ``publish_timeout_s`` on a connection that is not blocked: the connection is
+  not working, whatever its socket says: the link is reset (reconnect), the events sent again.
+- ``connection.blocked`` (a broker memory or disk alarm): nothing is written until unblocked,
+  confirm timers wait, events stay buffered.
 
 How it publishes (docs/PERFORMANCE.md): not through ``aio_pika.Exchange.publish`` (one task,
 one ``Message`` object, one channel-lock round and one hand-off to the writer task per event)
@@ -20,12 +33,14 @@ read between slices: calls come first also under load.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import struct
 import time
 from functools import partial
 
 from aiormq.abc import ChannelFrame, DeliveredMessage
+from aiormq.exceptions import DeliveryError
 from pamqp import encode as _pamqp_encode
 
 from bridge import tracing
@@ -44,10 +59,10 @@ APP_ID = "epsignal-bridge"
 
 
 class PublisherStats:
-    __slots__ = ("published", "confirmed", "returned", "failed")
+    __slots__ = ("published", "confirmed", "returned", "failed", "nacked", "timeouts")
 
     def __init__(self) -> None:
-        self.published = self.confirmed = self.returned = self.failed = 0
+        self.published = self.confirmed = self.returned = self.failed = self.nacked = self.timeouts = 0
 
 
 def _shortstr(s: str) -> bytes:
@@ -125,12 +140,14 @@ class Wire:
 
 class EventPublisher:
     def __init__(self, link: BrokerLink, factory: EventFactory, *, window: int,
-                 timeout_s: float, max_events: int, max_age_s: float) -> None:
+                 timeout_s: float, max_events: int, max_age_s: float, max_attempts: int = 6,
+                 max_bytes: int = 256 * 2**20) -> None:
         self.link = link
         self.factory = factory
         self.window = window
         self.timeout_s = timeout_s
-        self.buffer = EventBuffer(max_events, max_age_s, clock=time.monotonic)
+        self.buffer = EventBuffer(max_events, max_age_s, clock=time.monotonic, max_attempts=max_attempts,
+                                  max_bytes=max_bytes)
         self.stats = PublisherStats()
         #: set for anything the drain loop may be waiting for: new events, a free window
         #: slot, a broken link, closing
@@ -141,16 +158,23 @@ class EventPublisher:
         self._idle = asyncio.Event()  # nothing in flight
         self._idle.set()
         self._failed: list[Entry] = []
+        self._slices: set[_Slice] = set()  # written, not all settled
         self._broken = asyncio.Event()
         self._closing = False
         self._episodes_seen = (0, 0)  # (opened, closed) already logged
         self._last_gap = 0.0
-        #: pause before resending after a failure while the link still looks up (doubles to 5 s)
-        self._retry_pause = 0.0
+        #: monotonic time of the last confirm, or of the moment events began to wait
+        self._progress_at = time.monotonic()
+        #: events that could not be flushed at the last stop (a metric)
+        self.unflushed = 0
+        #: (nacks, dropped_nacked) when the current run of nacks began (for its log lines)
+        self._nacks_from: tuple[int, int] | None = None
 
     # ----------------------------------------------------------------- the PBX side's door
     def publish_nowait(self, event: Outgoing) -> None:
         buffer = self.buffer
+        if not buffer:
+            self._progress_at = time.monotonic()
         buffer.append(event)
         s, seen = buffer.stats, self._episodes_seen
         if s.episodes != seen[0] or s.episodes_closed != seen[1]:
@@ -158,23 +182,41 @@ class EventPublisher:
         self._drained.clear()
         self._wakeup.set()
 
+    def stalled_s(self) -> float:
+        """Seconds events have waited without a single confirm (0 when nothing waits)."""
+        return time.monotonic() - self._progress_at if self.buffer else 0.0
+
     # ----------------------------------------------------------------- the drain task
     async def run(self) -> None:
+        """One drain per connection; a lost connection cancels its drain wherever it waits."""
         while not self._closing:
-            if not self.link.ready:
+            if not self.link.ready:  # (ready: the current connection's ``lost`` is not done)
                 await self.link.wait_ready()
                 continue
+            lost = self.link.lost
             self._broken.clear()
-            await self._drain()
-            # the link broke under us: let in-flight publishes settle, then resend them first
-            await self._settle()
+            drain = asyncio.create_task(self._drain(), name="publisher drain")
+            try:
+                await asyncio.wait((drain, lost), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if not drain.done():
+                    drain.cancel()
+                await asyncio.gather(drain, return_exceptions=True)
+            # let what is in flight settle, unless the connection is gone: then at once
+            idle = asyncio.ensure_future(self._idle.wait())
+            await asyncio.wait((idle, lost), return_when=asyncio.FIRST_COMPLETED)
+            if not idle.done():
+                self._fail_inflight()
+                await idle
+            # what did not get a confirm goes back to the front, and first on the next connection
             self.buffer.requeue(self._failed)
             self._failed.clear()
-            if not self.link.ready and not self._closing:
-                await self.link.wait_ready()
-            elif not self._closing:  # failing with the link up (nacks, timeouts): no tight loop
-                self._retry_pause = min(5.0, max(0.05, self._retry_pause * 2))
-                await asyncio.sleep(self._retry_pause)
+
+    def _fail_inflight(self) -> None:
+        """The connection is gone: its confirms will never come; fail every event in flight."""
+        for sl in list(self._slices):
+            sl.lost = True
+            sl.expire()
 
     def _break(self) -> None:
         self._broken.set()
@@ -210,12 +252,19 @@ class EventPublisher:
                     if not buffer:
                         self._drained.set()
                 self._wakeup.clear()
-                await self._wakeup.wait()
+                retry_at = buffer.next_retry()  # a device's nacked event waits for its pause
+                if retry_at is None:
+                    await self._wakeup.wait()
+                else:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wakeup.wait(), max(0.0, retry_at - time.monotonic()))
                 continue
             if raw.is_closed:
                 self._failed.extend(batch)
                 self._break()
                 break
+            if self.link.blocked is not None:  # a broker alarm: write nothing until it is over
+                await self.link.wait_unblocked()
             await self._send(raw, wire, batch)
             # let the PBX sockets be read between slices: calls first
             await asyncio.sleep(0)
@@ -224,7 +273,7 @@ class EventPublisher:
         """Write the frames of ``batch`` at once, each event with its confirmation future."""
         parts: list[bytes] = []
         futs: list[asyncio.Future] = []
-        sl = _Slice(futs)
+        sl = _Slice(futs, self, self.link.lost)
         async with raw.lock:  # the channel's delivery tags are counted under its lock
             tag0 = raw.delivery_tag
             confirmations, ids = raw.confirmations, raw.message_id_delivery_tag
@@ -246,6 +295,7 @@ class EventPublisher:
             if not futs:
                 return
             sl.left = len(futs)
+            self._slices.add(sl)
             self._inflight += len(futs)
             self._idle.clear()
             self.stats.published += len(futs)
@@ -256,10 +306,11 @@ class EventPublisher:
                 raw.delivery_tag = tag0
                 for i, fut in enumerate(futs, tag0 + 1):
                     confirmations.pop(i, None)
-                    fut.cancel()
+                sl.lost = True
+                sl.expire()
                 raise
         if sl.left:
-            sl.timer = asyncio.get_running_loop().call_later(self.timeout_s, sl.expire)
+            sl.arm()
 
     def _settled(self, entry: Entry, tag: int, ids: dict, sl: _Slice, fut: asyncio.Future) -> None:
         """A confirmation future is done: acked, returned, nacked, timed out or rejected."""
@@ -272,19 +323,27 @@ class EventPublisher:
             self._idle.set()
         self._wakeup.set()
         if fut.cancelled():
-            exc: BaseException | None = TimeoutError(f"no publisher confirm within {self.timeout_s:g}s")
+            exc: BaseException | None = (ConnectionError("broker connection lost") if sl.lost else
+                                         TimeoutError(f"no publisher confirm within {self.timeout_s:g}s"))
         else:
             exc = fut.exception()
         if exc is None:
             if isinstance(fut.result(), DeliveredMessage):
                 self.stats.returned += 1  # unroutable: nobody bound yet; not an error
             self.stats.confirmed += 1
-            self._retry_pause = 0.0
+            now = self._progress_at = self.link.heard_at = time.monotonic()
             self.buffer.confirm(entry)
-            PUBLISH_SECONDS.observe(time.monotonic() - entry.enqueued)
+            PUBLISH_SECONDS.observe(now - entry.enqueued)
             if self.buffer.stats.episodes_closed != self._episodes_seen[1]:
                 self._log_episodes()
-        else:  # nack, timeout, channel or connection gone: stays buffered, sent again
+        elif isinstance(exc, DeliveryError):  # a nack: this event, not the link
+            self.stats.nacked += 1
+            sl.failed.append(ev)
+            sl.error = exc
+            self.link.heard_at = time.monotonic()
+            self.buffer.nacked(entry)
+            self._log_nacks()
+        else:  # timeout, channel or connection gone: stays buffered, sent again
             self.stats.failed += 1
             sl.failed.append(ev)
             sl.error = exc
@@ -293,11 +352,17 @@ class EventPublisher:
                 log.warning("publish failed, events stay buffered: %s: %s",
                             type(exc).__name__, exc or type(exc).__name__)
                 self._break()
+                if not sl.lost:  # confirms stopped on a connection that looks up: replace it
+                    self.stats.timeouts += 1
+                    self.link.reset(f"no publisher confirm within {self.timeout_s:g}s", sl.conn_lost)
         if sl.left == 0:
             sl.done()
+            self._slices.discard(sl)
             if sl.failed and tracing.ENABLED:
                 tracing.publish_failed(self.link.topology.events.name, sl.start_ns, sl.failed,
                                        len(sl.futs), sl.error)
+        if self._nacks_from is not None and not self.buffer.held_devices:
+            self._log_nacks()
         if not self.buffer:
             self._drained.set()
 
@@ -323,6 +388,21 @@ class EventPublisher:
         self.buffer.push_front(self.factory.gap(reason, dropped))
         return True
 
+    def _log_nacks(self) -> None:
+        """One line when the broker begins to nack and one when no device is held any more."""
+        bs = self.buffer.stats
+        if self._nacks_from is None:
+            self._nacks_from = (bs.nacks - 1, bs.dropped_nacked)
+            log.warning("the broker nacks events (a queue refused them, e.g. one at its x-max-length "
+                        "with reject-publish): each goes again after a pause, at most %d times, then "
+                        "is dropped and announced in a gap event; other devices' events go on",
+                        self.buffer.max_attempts)
+        elif not self.buffer.held_devices:
+            nacks, dropped = self._nacks_from
+            self._nacks_from = None
+            log.warning("nacks over: %d nacks, %d events dropped after %d attempts",
+                        bs.nacks - nacks, bs.dropped_nacked - dropped, self.buffer.max_attempts)
+
     def _log_episodes(self) -> None:
         """One line when dropping starts and one when the buffer is empty again: never per event."""
         s = self.buffer.stats
@@ -346,8 +426,10 @@ class EventPublisher:
             return False
 
     async def close(self) -> None:
+        """Stop publishing; what is still in flight is given up (after :meth:`flush`)."""
         self._closing = True
         self._break()
+        self._fail_inflight()
         await self._settle()
 
 
@@ -355,15 +437,23 @@ class _Slice:
     """The events written at once: one confirm timer for all of them, cancelled (and the
     futures let go) when the last one settled."""
 
-    __slots__ = ("futs", "left", "timer", "failed", "error", "start_ns")
+    __slots__ = ("futs", "publisher", "conn_lost", "left", "timer", "failed", "error", "start_ns", "lost")
 
-    def __init__(self, futs: list[asyncio.Future]) -> None:
+    def __init__(self, futs: list[asyncio.Future], publisher: EventPublisher,
+                 conn_lost: asyncio.Future) -> None:
         self.futs = futs
+        self.publisher = publisher
+        self.conn_lost = conn_lost  # the ``lost`` of the connection it was written on
         self.left = 0
         self.timer: asyncio.TimerHandle | None = None
         self.failed: list[Outgoing] = []  # the events not confirmed
         self.error: BaseException | None = None
         self.start_ns = time.time_ns()
+        #: the connection went away under it (its futures are cancelled for that, not a timeout)
+        self.lost = False
+
+    def arm(self) -> None:
+        self.timer = asyncio.get_running_loop().call_later(self.publisher.timeout_s, self._timeout)
 
     def done(self) -> None:
         """The last of its events settled."""
@@ -371,8 +461,16 @@ class _Slice:
             self.timer.cancel()
             self.timer = None
 
+    def _timeout(self) -> None:
+        if self.publisher.link.blocked is not None:  # a broker alarm: confirms wait for it too
+            self.arm()
+            return
+        self.expire()
+
     def expire(self) -> None:
-        """The confirm timeout: what is still unconfirmed counts as failed."""
+        """What is still unconfirmed counts as failed."""
+        if self.timer is not None:
+            self.timer.cancel()
         self.timer = None
         for f in self.futs:
             if not f.done():

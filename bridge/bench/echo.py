@@ -18,7 +18,7 @@ import sys
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from bridge.pbx.session import login_as_client
+from bridge.pbx.session import PbxClientConnection, login_as_client
 from bridge.protocol import messages as m
 
 SIGNALING = b'{"mt":"Signaling"'
@@ -27,15 +27,16 @@ SIGNALING = b'{"mt":"Signaling"'
 async def _session(url: str, app: str, password: str, hw: str, gate: asyncio.Semaphore) -> None:
     async with gate:
         ws = await connect(url, compression=None, ping_interval=None, max_size=m.MAX_FRAME_BYTES,
-                           proxy=None)
+                           proxy=None, create_connection=PbxClientConnection)
         await login_as_client(ws, app, password, 10, m.MAX_FRAME_BYTES)
         await ws.send(m.encode(m.Attach(hw=hw, src=hw)), text=True)
     try:
-        recv, send = ws.recv, ws.send
+        recv, send, took_binary = ws.recv, ws.send, ws.took_binary
         while True:
             data = await recv(decode=False)
+            binary = took_binary()  # as the bridge: a forward is the kind of frame that came
             if data.startswith(SIGNALING):
-                await send(data, text=True)
+                await send(data, text=not binary)
     except ConnectionClosed:
         pass
 

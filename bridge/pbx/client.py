@@ -21,7 +21,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from bridge.config import Settings
 from bridge.device import Device
-from bridge.pbx.session import Emit, PbxSession, login_as_client, ws_max_size
+from bridge.pbx.session import Emit, PbxClientConnection, PbxSession, login_as_client, ws_max_size
 from bridge.protocol import messages as m
 from bridge.protocol.errors import FrameError
 from bridge.protocol.login import LoginFailed
@@ -81,7 +81,7 @@ class DeviceRunner:
             ws = await connect(
                 s.pbx_url, compression=None, max_size=ws_max_size(s.max_frame_bytes), proxy=None,
                 open_timeout=s.attach_timeout_s, ssl=self._ssl if s.pbx_url.startswith("wss:") else None,
-                ping_interval=20, ping_timeout=20, close_timeout=2,
+                ping_interval=20, ping_timeout=20, close_timeout=2, create_connection=PbxClientConnection,
             )
             try:
                 await login_as_client(ws, s.pbx_app, s.pbx_password, s.attach_timeout_s, s.max_frame_bytes)

@@ -17,7 +17,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from bridge.config import Settings
 from bridge.device import Device
 from bridge.pbx.client import SETTLE_S
-from bridge.pbx.session import Emit, PbxSession, login_as_server, ws_max_size
+from bridge.pbx.session import Emit, PbxServerConnection, PbxSession, login_as_server, ws_max_size
 from bridge.protocol import messages as m
 from bridge.protocol.errors import FrameError
 from bridge.protocol.login import LoginFailed
@@ -52,6 +52,7 @@ class PbxServer:
         self._server = await serve(
             self._handle, host or None, int(port), compression=None,
             max_size=ws_max_size(self.s.max_frame_bytes), ssl=self._ssl, ping_interval=20, ping_timeout=20,
+            create_connection=PbxServerConnection,
         )
         log.info("server mode: waiting for the PBX on %s", self.s.pbx_listen)
 

@@ -36,8 +36,9 @@ if TYPE_CHECKING:
 NOT_LOGGED_IN = 1008
 
 
-def on_frame(pbx: PbxSimulator, s: Session, data: bytes) -> None:
-    """One frame from the application. A bad frame is counted and otherwise ignored."""
+def on_frame(pbx: PbxSimulator, s: Session, data: str | bytes) -> None:
+    """One frame from the application (str: a text frame, bytes: a binary one). A bad frame is
+    counted and otherwise ignored."""
     try:
         msg = decode(data)
     except FrameError:

@@ -44,11 +44,11 @@ def app_login(app: str, password: str) -> ClientLogin:
 async def _login(ws, login: ClientLogin) -> None:
     await ws.send(encode(login.start()), text=True)
     async with asyncio.timeout(LOGIN_TIMEOUT_S):
-        msg = decode(await ws.recv(decode=False))
+        msg = decode(await ws.recv())  # a text frame with invalid UTF-8 fails the connection
         if not isinstance(msg, AppChallengeResult):
             raise FrameError("invalid", f"expected AppChallengeResult, got {type(msg).__name__}")
         await ws.send(encode(login.on_challenge(msg)), text=True)
-        msg = decode(await ws.recv(decode=False))
+        msg = decode(await ws.recv())
         if not isinstance(msg, AppLoginResult):
             raise FrameError("invalid", f"expected AppLoginResult, got {type(msg).__name__}")
     login.on_result(msg)  # raises LoginFailed

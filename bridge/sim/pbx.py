@@ -179,6 +179,10 @@ class PbxSimulator:
             "messages_forwarded": c.messages_forwarded,
             "messages_injected": c.messages_injected,
             "bad_frames": c.bad_frames,
+            #: frames the application sent as binary frames (handled like text frames)
+            "binary_frames": c.binary_frames,
+            #: sessions failed (close 1007) for a text frame that was not valid UTF-8
+            "invalid_utf8": c.invalid_utf8,
             "bad_signaling": c.bad_signaling,
             "late_signaling": c.late_signaling,
             "attach_conflicts": c.attach_conflicts,

@@ -3,6 +3,15 @@
 Frames to the application go through one writer task, in order, so that synchronous code (a
 device registering, a call script) can post a frame without awaiting. The ``delay_ms`` fault
 holds every frame back by that many milliseconds (latency, not a throughput limit).
+
+Frames from the application are read as an RFC 6455 endpoint must: a text frame that is not
+valid UTF-8 fails the connection with close code 1007 (websockets does that when it decodes a
+text frame), so a bridge that sends one loses its session here as it would on a real PBX.
+A binary frame is read like a text frame: the JSON message in it is handled the same way (its
+strings are not checked for UTF-8, as the bridge does not check a sig's). AppWebsocket speaks text
+frames and does not say what a PBX does with a binary one; parsing it is the lenient reading,
+and a bridge only sends one when it forwards a binary frame the PBX sent first. They are counted
+in ``binary_frames``; sessions failed for invalid UTF-8 in ``invalid_utf8``.
 """
 
 from __future__ import annotations
@@ -12,6 +21,7 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import CloseCode
 
 from bridge.protocol.login import ServerLogin
 from bridge.sim.dispatch import on_frame
@@ -98,10 +108,13 @@ class Session:
         pbx._session_opened(self)
         try:
             while True:
-                data = await ws.recv(decode=False)
+                data = await ws.recv()  # str for a text frame (valid UTF-8), bytes for binary
+                if type(data) is bytes:
+                    pbx.counters.binary_frames += 1
                 on_frame(pbx, self, data)
-        except ConnectionClosed:
-            pass
+        except ConnectionClosed as e:
+            if e.sent is not None and e.sent.code == CloseCode.INVALID_DATA:
+                pbx.counters.invalid_utf8 += 1
         finally:
             self._closing = True
             self._writer.cancel()

@@ -49,6 +49,8 @@ class Counters:
         "messages_forwarded",
         "messages_injected",
         "bad_frames",
+        "binary_frames",
+        "invalid_utf8",
         "bad_signaling",
         "late_signaling",
         "attach_conflicts",

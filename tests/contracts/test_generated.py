@@ -172,7 +172,7 @@ def test_every_struct_built_by_the_factory_matches_its_schema():
     from bridge.protocol.messages import AttachResult
 
     f = E.EventFactory("bridge-x")
-    hw = "00:90:33.40 01"  # needs percent-encoding in keys
+    hw = "00:90:33.40@01"  # a valid hw id (bridge.ids) that needs percent-encoding in keys
     outs = [
         f.attached(hw, AttachResult(stun="a;b", turn="t", turnPwd="secret", country="49")),
         f.attached(hw, AttachResult()),

@@ -3,7 +3,9 @@ bridge's own :class:`~bridge.protocol.login.ServerLogin`, answers one ``Attach``
 ``AttachResult`` + ``Attached``, and then lets the test send any bytes it likes.
 
 Everything the bridge sends after the attach (its forwards) is kept, in order, per connection,
-so a test can compare what came back with what it expected to come back.
+with the kind of frame it came in (text or binary), so a test can compare what came back with
+what it expected to come back. Text frames are not checked for UTF-8 here (a hostile PBX's own
+invalid frames come back as they were sent); a test asks :meth:`FakeSession.invalid_text`.
 """
 
 from __future__ import annotations
@@ -12,11 +14,25 @@ import asyncio
 
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import Opcode
 
 from bridge.protocol import messages as m
 from bridge.protocol.login import ServerLogin
 
 PATH = "/PBX0/APPS/websocket"
+
+
+class RecordingConnection(ServerConnection):
+    """Keeps the opcode of every message's first frame (TEXT or BINARY), in arrival order."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.opcodes: list[Opcode] = []
+
+    def process_event(self, event) -> None:
+        if getattr(event, "opcode", None) in (Opcode.TEXT, Opcode.BINARY):
+            self.opcodes.append(event.opcode)
+        super().process_event(event)
 
 
 class FakeSession:
@@ -26,12 +42,25 @@ class FakeSession:
         self.src = src
         #: every frame the bridge sent after the attach, as bytes, in order
         self.received: list[bytes] = []
+        #: for each of ``received``: it came as a binary frame (else as a text frame)
+        self.binary: list[bool] = []
         self.got = asyncio.Event()
         self.closed = asyncio.Event()
         self.close_code: int | None = None
 
     async def send(self, frame: bytes, text: bool = True) -> None:
         await self.ws.send(frame, text=text)
+
+    def invalid_text(self) -> list[bytes]:
+        """The text frames received that are not UTF-8 (an RFC 6455 PBX fails the connection)."""
+        out = []
+        for data, binary in zip(self.received, self.binary):
+            if not binary:
+                try:
+                    data.decode("utf-8")
+                except UnicodeDecodeError:
+                    out.append(data)
+        return out
 
     async def until_received(self, n: int, timeout: float) -> None:
         """Until at least ``n`` frames came back (TimeoutError otherwise)."""
@@ -60,7 +89,7 @@ class FakePbx:
     async def start(self) -> FakePbx:
         # no size limit on our side: the test decides what is too large
         self._server = await serve(self._handler, "127.0.0.1", 0, compression=None, max_size=None,
-                                   max_queue=None, ping_interval=None)
+                                   max_queue=None, ping_interval=None, create_connection=RecordingConnection)
         port = self._server.sockets[0].getsockname()[1]
         self.url = f"ws://127.0.0.1:{port}{PATH}"
         return self
@@ -81,7 +110,7 @@ class FakePbx:
                 await self.new_session.wait()
         return self.sessions[n - 1]
 
-    async def _handler(self, ws: ServerConnection) -> None:
+    async def _handler(self, ws: RecordingConnection) -> None:
         self.connections += 1
         login = ServerLogin(dict(self.passwords))
         try:
@@ -103,7 +132,10 @@ class FakePbx:
             self.new_session.set()
             try:
                 while True:
-                    s.received.append(await ws.recv(decode=False))
+                    data = await ws.recv(decode=False)
+                    # the messages read so far: AppChallenge, AppLogin, Attach, then these
+                    s.binary.append(ws.opcodes[3 + len(s.received)] is Opcode.BINARY)
+                    s.received.append(data)
                     s.got.set()
             except ConnectionClosed as e:
                 s.close_code = e.rcvd.code if e.rcvd is not None else None

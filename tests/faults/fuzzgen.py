@@ -322,7 +322,8 @@ class CommandGen:
         return key, r.choice((b"{}", b"", b'{"call":1,"sig":{"type":"setup"}}'))
 
     def unknown_device(self):
-        """Well-formed attach commands for devices the PBX does not know: refused by the PBX."""
+        """Attach commands for devices the PBX does not know (refused by the PBX) or with hw ids
+        that are not valid (``%zz``, ``a b``, non-ASCII: refused by the bridge, bridge/ids.py)."""
         hw = self.r.choice(("%zz", "a b", f"nosuch{self.r.randrange(100)}", "ünïcödé"))
         return f"device.{hw}.attach", b""
 

@@ -77,6 +77,7 @@ async def test_100k_malformed_frames_from_the_pbx_do_not_disturb_the_session(
             items.append(("app", gen.app_call(), False))
     check_corpus(items)
     expected = [f for cls, f, _ in items if cls == "fwd"]
+    expected_binary = [b for cls, _, b in items if cls == "fwd"]
     n_bad = sum(1 for cls, _, _ in items if cls == "bad")
     n_app = sum(1 for cls, _, _ in items if cls == "app")
 
@@ -99,6 +100,7 @@ async def test_100k_malformed_frames_from_the_pbx_do_not_disturb_the_session(
     mismatch = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), None)
     assert mismatch is None, (f"seed {SEED}: forward {mismatch} differs: "
                               f"{got[mismatch][:200]!r} != {expected[mismatch][:200]!r}")
+    assert sess.binary[:-1] == expected_binary  # each forward is the kind of frame that came
     assert FRAMES.bad_frames - bad0 == n_bad
     assert FRAMES.forwarded - fwd0 == len(expected) + 1
     # the session is the one from the start: no reconnect, still up, still read
@@ -214,7 +216,8 @@ async def test_events_are_valid_json_even_when_the_sig_is_not_valid_utf8(fake_pb
 
 # ------------------------------------------------------------------------------- bus side
 def reason_class(err: str) -> str:
-    for needle, name in (("rate limit", "rate-limit"), ("unknown command", "unknown-verb"), ("routing key", "bad-key"),
+    for needle, name in (("rate limit", "rate-limit"), ("unknown command", "unknown-verb"), ("hw id", "bad-hw"),
+                         ("not valid UTF-8", "not-utf8"), ("routing key", "bad-key"),
                          ("exceeds the limit", "too-large"), ("not JSON", "not-json"), ("invalid", "invalid-body"),
                          ("not attached", "not-attached"), ("refused to attach", "pbx-refused-attach")):
         if needle in err:

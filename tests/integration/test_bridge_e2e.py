@@ -261,14 +261,14 @@ async def test_odd_hw_ids_are_escaped_in_keys_and_commands_reach_them(names, bus
 
     from tests.conftest import PASSWORD
 
-    odd = ["00:90:33.40 01", "dev#1*x", "ünï.cödé"]
+    odd = ["00:90:33.40@01", "dev_1:x", "phone-1.lobby@pbx"]  # valid hw ids (bridge.ids), escaped in keys
     sim = PbxSimulator(SimConfig(password=PASSWORD, devices=1, ring_s=0.05, extra_hw=tuple(odd)))
     await sim.start()
     try:
         q = await bus.bind("device.*.call.*.state", "device.*.attached")
         await start_bridge(settings_for(sim, devices=odd[0]))
         e = (await q.until(lambda e: e.body["type"] == "attached"))[-1]
-        assert e.key == "device.00%3A90%3A33%2E40%2001.attached" and e.body["hw"] == odd[0]
+        assert e.key == "device.00%3A90%3A33%2E40%4001.attached" and e.body["hw"] == odd[0]
         assert len(e.key.split(".")) == 3
         for hw in odd[1:]:
             reply = await bus.command(hw, "attach", key=f"device.{routing.word(hw)}.attach")
@@ -296,3 +296,10 @@ async def test_many_commands_in_flight_at_once(sim, bus, settings_for, start_bri
                           reply=False)
     evs = await q.until(lambda e: e.body["origin"] == "command" and e.body["call"] == -20)
     assert [e.body["call"] for e in evs if e.body["origin"] == "command"] == [-i for i in range(1, 21)]
+
+
+async def test_the_call_limits_set_reach_every_device(sim, settings_for, start_bridge):
+    from bridge.protocol.callstate import CallLimits
+
+    b = await start_bridge(settings_for(sim, devices=sim.hw(1), max_calls_per_device=7, call_idle_s=60))
+    assert b.runners[sim.hw(1)].device.tracker.limits == CallLimits(7, 60.0, 86400.0)
