@@ -132,6 +132,16 @@ def names() -> dict:
 
 
 @pytest.fixture
+async def proxy():
+    """A TCP proxy to the broker, for cutting or stalling the bridge's link."""
+    from tests.tcpproxy import TcpProxy
+
+    p = await TcpProxy("127.0.0.1", 5672).start()
+    yield p
+    await p.stop()
+
+
+@pytest.fixture
 async def sim():
     s = PbxSimulator(SimConfig(password=PASSWORD, devices=20, unregistered=2, ring_s=0.05,
                                stall_timeout_s=3.0, seed=1))

@@ -15,6 +15,7 @@ import uuid
 from pathlib import Path
 
 import aio_pika
+import aiohttp
 
 from bridge.amqp import topology
 from bridge.config import Settings
@@ -236,3 +237,20 @@ async def delete_topology(names: dict, extra_queues: tuple[str, ...] = ()) -> No
         await topology.delete_for(conn, Settings.from_env({}, **names), extra_queues)
     finally:
         await conn.close()
+
+
+async def http_get(port: int, path: str) -> tuple[int, str]:
+    """(status, text) of a GET on the bridge's HTTP server."""
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://127.0.0.1:{port}{path}", timeout=aiohttp.ClientTimeout(total=5)) as r:
+            return r.status, await r.text()
+
+
+def metric(text: str, name: str, **labels) -> float:
+    """The sum of the samples of ``name`` with ``labels`` in a Prometheus text page."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            if all(f'{k}="{v}"' in line for k, v in labels.items()):
+                total += float(line.rsplit(" ", 1)[1])
+    return total

@@ -24,8 +24,8 @@ from bridge.protocol.errors import FrameError
 from tests.faults.fakepbx import FakePbx
 from tests.faults.fuzzgen import SEED, CommandGen, FrameGen
 from tests.faults.helpers import (
-    BridgeProcess, Replies, bridge_env, eventually, free_port, need_rabbitmqctl, publish_command, queue_counts,
-    rabbitmq_queue,
+    bridge_env, BridgeProcess, eventually, free_port, metric, need_rabbitmqctl, publish_command,
+    queue_counts, rabbitmq_queue, Replies,
 )
 
 pytestmark = pytest.mark.broker
@@ -223,15 +223,6 @@ def reason_class(err: str) -> str:
         if needle in err:
             return name
     return "other: " + err[:60]
-
-
-def metric(text: str, name: str, **labels) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            if all(f'{k}="{v}"' in line for k, v in labels.items()):
-                total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 @pytest.mark.timeout(400)

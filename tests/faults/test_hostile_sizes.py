@@ -13,7 +13,6 @@ short. The figures are printed (``pytest -s``) for docs/RELIABILITY.md.
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import aiohttp

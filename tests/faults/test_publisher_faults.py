@@ -12,21 +12,14 @@ import signal
 import time
 
 import aio_pika
-import aiohttp
 import pytest
 
+from bridge.service import Bridge
 from tests.conftest import PASSWORD
-from tests.faults.helpers import AMQP_URL, BridgeProcess, bridge_env, eventually, free_port
+from tests.faults.helpers import AMQP_URL, BridgeProcess, bridge_env, eventually, free_port, http_get, metric
 from tests.tcpproxy import TcpProxy
 
 pytestmark = pytest.mark.broker
-
-
-@pytest.fixture
-async def proxy():
-    p = await TcpProxy("127.0.0.1", 5672).start()
-    yield p
-    await p.stop()
 
 
 def seqs_by_device(events) -> dict[str, list[int]]:
@@ -44,17 +37,6 @@ def gap_seqs(events) -> dict[str, set[int]]:
             for hw, rs in e.body["dropped"].items():
                 out.setdefault(hw, set()).update(s for r in rs for s in range(r["first"], r["last"] + 1))
     return out
-
-
-async def http_get(port: int, path: str) -> tuple[int, str]:
-    async with aiohttp.ClientSession() as http:
-        async with http.get(f"http://127.0.0.1:{port}{path}") as r:
-            return r.status, await r.text()
-
-
-def metric(text: str, name: str, label: str = "") -> float:
-    return sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines()
-               if ln.split("{")[0].split(" ")[0] == name and label in ln)
 
 
 async def calls_until(sim, hws, stop: asyncio.Event) -> int:
@@ -261,12 +243,21 @@ async def test_sigterm_while_the_broker_is_away_flushes_when_it_returns(sim, bus
         await proxy.stop()
 
 
-async def test_unflushed_metric_is_zero_after_a_clean_stop(sim, bus, settings_for, start_bridge):
-    bridge = await start_bridge(settings_for(sim, devices=sim.hw(1)))
+async def test_a_clean_stop_flushes_everything_and_reports_nothing_lost(sim, bus, settings_for, caplog):
+    caplog.set_level(logging.ERROR, logger="bridge")
+    hw = sim.hw(1)
     q = await bus.bind("device.#")
-    await sim.place_call(sim.hw(1), direction="in", hold_s=0.02)
+    bridge = Bridge(settings_for(sim, devices=hw))
+    await bridge.start()
+    await eventually(lambda: sim.stats()["attached_devices"] == 1, 10, "attached")
+    await sim.place_call(hw, direction="in", hold_s=0.02)
     await sim.wait_idle(10)
     assert await bridge.stop(5) is True and bridge.publisher.unflushed == 0
+    await asyncio.sleep(0.3)
+    evs = [e.body for e in q.drain()]
+    assert [e["seq"] for e in evs] == list(range(1, len(evs) + 1))
+    assert (evs[-1]["type"], evs[-1]["reason"]) == ("detached", "shutdown")
+    assert not [r for r in caplog.records if "lost" in r.getMessage()]
 
 
 async def test_a_bound_queue_that_drains_again_stops_the_nacks(sim, bus, settings_for, start_bridge):

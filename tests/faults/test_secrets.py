@@ -22,7 +22,8 @@ import pytest
 from bridge.sim import PbxSimulator, SimConfig
 from bridge.sim import dispatch as sim_dispatch
 from tests.faults.helpers import (
-    AMQP_URL, BridgeProcess, Replies, bridge_env, eventually, free_port, need_rabbitmqctl, publish_command,
+    AMQP_URL, bridge_env, BridgeProcess, eventually, free_port, http_get, need_rabbitmqctl,
+    publish_command, Replies,
 )
 from tests.tcpproxy import TcpProxy
 
@@ -61,12 +62,6 @@ def turn_passwords(monkeypatch):
 
     monkeypatch.setattr(sim_dispatch, "secrets", types.SimpleNamespace(token_urlsafe=token_urlsafe))
     return made
-
-
-async def http_get(port: int, path: str) -> tuple[int, str]:
-    async with aiohttp.ClientSession() as http:
-        async with http.get(f"http://127.0.0.1:{port}{path}", timeout=aiohttp.ClientTimeout(total=5)) as r:
-            return r.status, await r.text()
 
 
 @pytest.mark.timeout(180)

@@ -13,18 +13,14 @@ import pytest
 from bridge.protocol.messages import CallState
 from tests.conftest import PASSWORD
 from tests.faults.helpers import (
-    AMQP_URL, BridgeProcess, Replies, bridge_env, eventually, free_port, need_rabbitmqctl, publish_command,
-    queue_counts, rabbitmq_queue,
+    AMQP_URL, bridge_env, BridgeProcess, eventually, free_port, metric, need_rabbitmqctl,
+    publish_command, queue_counts, rabbitmq_queue, Replies,
 )
 from tests.tcpproxy import TcpProxy
 
 pytestmark = pytest.mark.broker
 
 GRACE_S = 10.0
-
-
-def metric(text: str, name: str) -> float:
-    return sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines() if ln.split("{")[0].split(" ")[0] == name)
 
 
 async def test_sigterm_finishes_commands_flushes_events_and_closes_sessions(sim, bus, names, tmp_path):

@@ -8,12 +8,11 @@ import asyncio
 import json
 
 import aio_pika
-import aiohttp
 import pytest
 
 from bridge.amqp import topology
 from bridge.service import Bridge
-from tests.faults.helpers import eventually
+from tests.faults.helpers import eventually, http_get
 from tests.rabbitnode import RabbitNode
 
 pytestmark = pytest.mark.broker
@@ -24,12 +23,6 @@ def node():
     n = RabbitNode().start()
     yield n
     n.stop()
-
-
-async def http_get(port: int, path: str) -> tuple[int, str]:
-    async with aiohttp.ClientSession() as http:
-        async with http.get(f"http://127.0.0.1:{port}{path}") as r:
-            return r.status, await r.text()
 
 
 async def test_a_memory_alarm_blocks_publishing_but_never_a_call(node, sim, settings_for):

@@ -8,16 +8,8 @@ import logging
 
 import pytest
 
-from tests.tcpproxy import TcpProxy
 
 pytestmark = pytest.mark.broker
-
-
-@pytest.fixture
-async def proxy():
-    p = await TcpProxy("127.0.0.1", 5672).start()
-    yield p
-    await p.stop()
 
 
 def by_device(events):
