@@ -2,10 +2,10 @@
 
     run        the bridge (configuration from EPSIGNAL_* variables)
     pbx-sim    the PBX simulator
-    demo       simulator + bridge + a live view of the events, against the local RabbitMQ
+    demo       simulator + bridge + a live view of the events, isolated (its own names, ports)
     tail       print the events matching a binding pattern
     send       send a command (attach, detach, signaling) and print the reply
-    config     list every EPSIGNAL_* setting with its default
+    config     list every EPSIGNAL_* setting with its default; --check, --effective
     contracts  write (or --check) the JSON Schemas and the AsyncAPI document in contracts/
     bench      the benchmark (docs/PERFORMANCE.md)
 """
@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
+import errno
+import os
 import sys
+import traceback
 
 from bridge.config import Settings, describe
 
@@ -26,11 +28,37 @@ def _setup_logging(level: str, secrets: list[str] | None = None) -> None:
     logs.setup(level, secrets)
 
 
-def _settings(args) -> Settings:
+#: exit status of a configuration the program cannot use (as argparse's usage errors)
+EXIT_CONFIG = 2
+
+
+class Fail(Exception):
+    """Ends the command with one sentence on stderr and ``status``, no traceback."""
+
+    def __init__(self, sentence: str, status: int = 1) -> None:
+        super().__init__(sentence)
+        self.status = status
+
+
+def _settings(args=None, **overrides) -> Settings:
     try:
-        return Settings.from_env()
+        return Settings.from_env(None, **overrides)
     except ValueError as e:
-        sys.exit(f"epsignal-bridge: {e}")
+        raise Fail(str(e), EXIT_CONFIG) from None
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("epsignal-bridge")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _note(text: str) -> None:
+    """What a tool tells its user beside its output (stderr: stdout stays the data)."""
+    print(f"epsignal-bridge: {text}", file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------- run
@@ -42,11 +70,40 @@ def cmd_run(args) -> int:
     try:
         return asyncio.run(run_until_signalled(s, grace_s=args.grace))
     except ValueError as e:  # a configuration the bridge cannot start with
-        sys.exit(f"epsignal-bridge: {e}")
+        raise Fail(str(e), EXIT_CONFIG) from None
+    except OSError as e:  # a listening socket at start: the HTTP server, the PBX listener
+        raise Fail(_listen_error(e, s)) from None
+
+
+def _listen_error(e: OSError, s: Settings) -> str:
+    """One sentence for a socket the bridge could not listen on, naming the setting."""
+    files = [f.f_code.co_filename.replace(os.sep, "/") for f, _ in traceback.walk_tb(e.__traceback__)]
+    if any(f.endswith("bridge/http.py") for f in files):
+        var, host, port = "EPSIGNAL_HTTP_PORT", s.http_host, str(s.http_port)
+        value = port
+    elif any("bridge/pbx/" in f for f in files):
+        host, _, port = s.pbx_listen.rpartition(":")
+        var, value = "EPSIGNAL_PBX_LISTEN", s.pbx_listen
+    else:
+        return f"cannot start: {e}"
+    if e.errno == errno.EADDRINUSE:
+        return (f"{var} {value} is in use: another process listens on port {port} of {host or '*'} "
+                f"(stop it, or set {var} to a free port)")
+    if e.errno == errno.EACCES:
+        return f"{var} {value} may not be used: permission denied (ports below 1024 need privileges)"
+    if e.errno == errno.EADDRNOTAVAIL:
+        return f"{var} {value} cannot be used: {host} is not an address of this machine"
+    return f"{var} {value} cannot be used: {e.strerror or e}"
 
 
 # --------------------------------------------------------------------------- config
 def cmd_config(args) -> int:
+    if args.check:
+        s = _settings(args)
+        print(f"configuration OK: {_summary(s)}")
+        return 0
+    if args.effective:
+        return _print_effective()
     rows = describe()
     if args.markdown:
         print("| variable | default | meaning |\n|---|---|---|")
@@ -58,13 +115,62 @@ def cmd_config(args) -> int:
     return 0
 
 
+def _summary(s: Settings) -> str:
+    from bridge.tools import describe_broker, masked_url
+
+    pbx = (f"PBX {masked_url(s.pbx_url)} (client mode)" if s.pbx_mode == "client"
+           else f"PBX connects in on {s.pbx_listen} (server mode)")
+    n = len(s.device_list)
+    return (f"{describe_broker(str(s.amqp_url))}, {pbx}, {n} device{'s' if n != 1 else ''}, "
+            f"HTTP {s.http_host}:{s.http_port}")
+
+
+def _print_effective() -> int:
+    """Every setting as the bridge would use it (environment over defaults), secrets masked."""
+    from bridge.config import PREFIX
+    from bridge.tools import masked_url
+
+    s = _settings()
+    for name, default, _ in describe():
+        field = name[len(PREFIX):].lower()
+        value = str(getattr(s, field))
+        if field == "pbx_password":
+            value = "***" if value else ""
+        elif field in ("amqp_url", "pbx_url"):
+            value = masked_url(value)
+        origin = "environment" if name in os.environ else "default"
+        if field == "instance_id" and name not in os.environ:
+            origin = "generated: hostname + random"
+        print(f"{name}={value}    # {origin}")
+    return 0
+
+
 # --------------------------------------------------------------------------- tail / send / demo
+def _tool_settings(args) -> Settings:
+    """Settings of tail and send: the environment's, with ``--amqp-url`` over EPSIGNAL_AMQP_URL."""
+    from bridge.tools import amqp_url_from, describe_broker
+
+    s = _settings(args, amqp_url=amqp_url_from(args.amqp_url))
+    _note(f"{args.command}: {describe_broker(str(s.amqp_url))}")
+    return s
+
+
+def _run_tool(coro) -> object:
+    """Run a tool; its :class:`~bridge.tools.ToolError` becomes one sentence and exit 1."""
+    from bridge.tools import ToolError
+
+    try:
+        return asyncio.run(coro)
+    except ToolError as e:
+        raise Fail(str(e)) from None
+
+
 def cmd_tail(args) -> int:
     from bridge.tools import tail
 
-    s = _settings(args)
+    s = _tool_settings(args)
     try:
-        asyncio.run(tail(s, args.patterns or ["#"], raw=args.json, limit=args.count))
+        _run_tool(tail(s, args.patterns or ["#"], raw=args.json, limit=args.count))
     except KeyboardInterrupt:
         pass
     return 0
@@ -73,25 +179,25 @@ def cmd_tail(args) -> int:
 def cmd_send(args) -> int:
     from bridge.tools import send
 
-    s = _settings(args)
     body = args.body
     if args.verb == "signaling" and body is None:
-        sys.exit("epsignal-bridge send signaling: a JSON body is required, e.g. "
-                 "'{\"call\": -1, \"sig\": {\"type\": \"setup\", \"cd\": {\"num\": \"201\"}}}'")
-    reply = asyncio.run(send(s, args.hw, args.verb, body or "", timeout=args.timeout))
+        raise Fail("send signaling: a JSON body is required, e.g. "
+                   "'{\"call\": -1, \"sig\": {\"type\": \"setup\", \"cd\": {\"num\": \"201\"}}}'",
+                   EXIT_CONFIG)
+    s = _tool_settings(args)
+    reply = _run_tool(send(s, args.hw, args.verb, body or "", timeout=args.timeout))
     print(reply)
     return 0 if '"ok":true' in reply else 1
 
 
 def cmd_demo(args) -> int:
-    from bridge.tools import demo
+    from bridge.tools import amqp_url_from, demo
 
     _setup_logging("WARNING")
-    try:
-        asyncio.run(demo(devices=args.devices, call_rate=args.call_rate, duration=args.duration,
-                         amqp_url=args.amqp_url))
-    except KeyboardInterrupt:
-        pass
+    url = amqp_url_from(args.amqp_url)
+    _settings(args, amqp_url=url)  # the URL as `run` would take it, or the sentence why not
+    _run_tool(demo(devices=args.devices, call_rate=args.call_rate, duration=args.duration,
+                   amqp_url=url, http_port=args.http_port))
     return 0
 
 
@@ -143,38 +249,60 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Configuration of `run` comes from EPSIGNAL_* variables: `epsignal-bridge config`.",
     )
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="run the bridge (configured by EPSIGNAL_* variables)")
     r.add_argument("--grace", type=float, default=10.0, help="seconds allowed for a graceful stop")
     r.set_defaults(func=cmd_run)
 
-    c = sub.add_parser("config", help="list every EPSIGNAL_* setting with its default")
-    c.add_argument("--markdown", action="store_true", help="as a Markdown table")
+    c = sub.add_parser("config", help="list every EPSIGNAL_* setting with its default; "
+                       "--check validates the environment's, --effective shows it",
+                       description="Without options: every EPSIGNAL_* setting, its default and "
+                       "meaning. --check validates the configuration in the environment without "
+                       "running anything (exit 0 and one line, or exit 2 and the reason); "
+                       "--effective prints the values `run` would use, secrets masked.")
+    mode = c.add_mutually_exclusive_group()
+    mode.add_argument("--markdown", action="store_true", help="as a Markdown table")
+    mode.add_argument("--check", action="store_true",
+                      help="validate the EPSIGNAL_* variables of the environment (exit 2 if wrong)")
+    mode.add_argument("--effective", action="store_true",
+                      help="the values in effect (environment over defaults), secrets masked")
     c.set_defaults(func=cmd_config)
 
     t = sub.add_parser("tail", help="print events matching binding patterns, one line each",
                        description="Binds a temporary queue to the events exchange with each "
-                       "PATTERN (AMQP topic syntax) and prints every event. Broker from EPSIGNAL_AMQP_URL.")
+                       "PATTERN (AMQP topic syntax) and prints every event. Broker: --amqp-url, "
+                       "else EPSIGNAL_AMQP_URL; exchange: EPSIGNAL_EVENTS_EXCHANGE.")
     t.add_argument("patterns", nargs="*", metavar="PATTERN", help="e.g. 'device.*.call.*.state' (default '#')")
     t.add_argument("--json", action="store_true", help="print the raw JSON bodies")
     t.add_argument("--count", type=int, default=None, help="stop after N events")
+    t.add_argument("--amqp-url", default=None, help="broker URL (default: EPSIGNAL_AMQP_URL, else amqp://guest:guest@localhost/)")
     t.set_defaults(func=cmd_tail)
 
     s = sub.add_parser("send", help="send a command and print the reply",
                        description="Publishes device.<HW>.<VERB> to the commands exchange with a "
-                       "reply_to and prints the bridge's reply. Broker from EPSIGNAL_AMQP_URL.")
+                       "reply_to and prints the bridge's reply. Broker: --amqp-url, else "
+                       "EPSIGNAL_AMQP_URL; exchange: EPSIGNAL_COMMANDS_EXCHANGE (never declared: "
+                       "the bridge does that).")
     s.add_argument("verb", choices=["attach", "detach", "signaling"])
     s.add_argument("hw", help="hardware id of the device")
     s.add_argument("body", nargs="?", default=None, help="JSON body (signaling: {\"call\":..,\"to\":..,\"sig\":{..}})")
-    s.add_argument("--timeout", type=float, default=15.0)
+    s.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for the reply")
+    s.add_argument("--amqp-url", default=None, help="broker URL (default: EPSIGNAL_AMQP_URL, else amqp://guest:guest@localhost/)")
     s.set_defaults(func=cmd_send)
 
-    d = sub.add_parser("demo", help="simulator + bridge + live events, against the local RabbitMQ")
+    d = sub.add_parser("demo", help="simulator + bridge + live events, isolated from other bridges",
+                       description="A PBX simulator with call traffic, a bridge for its devices and "
+                       "the events it publishes, live. The demo uses exchanges and queues of its "
+                       "own (demo-<id>.*, deleted at exit) and a free HTTP port on 127.0.0.1, so it "
+                       "never takes a real bridge's commands nor shows other bridges' events.")
     d.add_argument("--devices", type=int, default=5)
     d.add_argument("--call-rate", type=float, default=0.5, help="calls per second across all devices")
     d.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
-    d.add_argument("--amqp-url", default="amqp://guest:guest@127.0.0.1/")
+    d.add_argument("--amqp-url", default=None, help="broker URL (default: EPSIGNAL_AMQP_URL, else amqp://guest:guest@localhost/)")
+    d.add_argument("--http-port", type=int, default=0,
+                   help="port of the bridge's /healthz, /readyz, /metrics (default: a free one)")
     d.set_defaults(func=cmd_demo)
 
     k = sub.add_parser("contracts", help="generate the JSON Schemas and the AsyncAPI document",
@@ -205,7 +333,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args) or 0
+    try:
+        status = args.func(args) or 0
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
+        return status
+    except Fail as e:
+        print(f"epsignal-bridge: {e}", file=sys.stderr, flush=True)
+        return e.status
+    except BrokenPipeError:  # `epsignal-bridge config | head`: the reader is gone; end quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 128 + 13  # as a Unix tool ended by SIGPIPE
 
 
 if __name__ == "__main__":

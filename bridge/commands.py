@@ -40,7 +40,10 @@ class DetachCommand(Struct, kw_only=True):
     v: int = SCHEMA_VERSION
 
 
-class SignalingCommand(Struct, kw_only=True):
+class SignalingCommand(Struct, kw_only=True, forbid_unknown_fields=True):
+    """Strict: a misspelt field (``To`` for ``to``) would send the message the wrong way, so an
+    unknown field is refused, named."""
+
     call: ids.CallId
     sig: Raw
     to: bool = False

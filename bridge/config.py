@@ -18,6 +18,7 @@ import msgspec
 from msgspec import Meta, Struct
 
 from bridge import ids
+from bridge.events import KINDS
 from bridge.protocol.callstate import CallLimits
 
 PREFIX = "EPSIGNAL_"
@@ -94,6 +95,10 @@ class Settings(Struct, kw_only=True):
     publish_max_attempts: Annotated[int, _doc(
         "Publishes of one event the broker nacks (a queue refused it) before it is dropped and "
         "announced in a gap event; pauses between them double from 0.5 s to 8 s", ge=1)] = 6
+    event_kinds: Annotated[str, _doc(
+        "Comma-separated kinds of device event to publish: attached, detached, attach.failed, "
+        "call.state, call.signaling (default: all; gap events always). `call.state` alone halves "
+        "the events of a call")] = "attached,detached,attach.failed,call.state,call.signaling"
     buffer_max_events: Annotated[int, _doc("Events kept while the broker is away", ge=1)] = 100_000
     buffer_max_mb: Annotated[int, _doc(
         "Megabytes of event bodies kept while the broker is away (the oldest are dropped beyond, "
@@ -119,6 +124,10 @@ class Settings(Struct, kw_only=True):
         self.pbx_password = Secret(self.pbx_password)
         self.amqp_url = Secret(self.amqp_url)
         ids.check_devices(self.device_list)
+        self.log_level = self.log_level.upper()
+        problems = _problems(self)
+        if problems:
+            raise ValueError("; ".join(problems))
 
     def secrets(self) -> list[str]:
         """Every secret value, for the log filter: the PBX password, the AMQP password and URL."""
@@ -145,6 +154,10 @@ class Settings(Struct, kw_only=True):
         return CallLimits(self.max_calls_per_device, self.call_idle_s, self.connected_call_idle_s)
 
     @property
+    def event_kind_list(self) -> tuple[str, ...]:
+        return tuple(k.strip() for k in self.event_kinds.split(",") if k.strip())
+
+    @property
     def device_list(self) -> list[str]:
         return [d.strip() for d in self.devices.split(",") if d.strip()]
 
@@ -160,6 +173,45 @@ class Settings(Struct, kw_only=True):
             return msgspec.convert(raw, cls, strict=False)
         except msgspec.ValidationError as e:
             raise ValueError(f"configuration: {_env_name(str(e))}") from None
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def _problems(s: Settings) -> list[str]:
+    """What makes these settings unable to work, each a sentence naming the variable (a bad
+    setting refuses the start instead of retrying for ever or running silently otherwise)."""
+    from yarl import URL
+
+    out = []
+    if s.pbx_mode == "client":
+        pbx = URL(s.pbx_url)
+        if pbx.scheme not in ("ws", "wss") or not pbx.host:
+            out.append(f"EPSIGNAL_PBX_URL {_shown(pbx)!r} is not a ws:// or wss:// URL with a host "
+                       "(the PBX's AppWebsocket, e.g. wss://pbx.example.com/PBX0/APPS/websocket)")
+    amqp = URL(str(s.amqp_url))
+    if amqp.scheme not in ("amqp", "amqps") or not amqp.host:
+        out.append(f"EPSIGNAL_AMQP_URL {_shown(amqp)!r} is not an amqp:// or amqps:// URL with a host "
+                   "(e.g. amqp://user:password@rabbitmq:5672/vhost)")
+    kinds = s.event_kind_list
+    if not kinds or set(kinds) - set(KINDS):
+        out.append(f"EPSIGNAL_EVENT_KINDS {s.event_kinds!r}: each kind must be one of {', '.join(KINDS)}")
+    if s.log_level not in LOG_LEVELS:
+        out.append(f"EPSIGNAL_LOG_LEVEL {s.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
+    if s.http_port > 65535:
+        out.append(f"EPSIGNAL_HTTP_PORT {s.http_port} is not a TCP port (0 to 65535)")
+    if s.pbx_mode == "server":
+        host, _, port = s.pbx_listen.rpartition(":")
+        if not host or not port.isdigit() or int(port) > 65535:
+            out.append(f"EPSIGNAL_PBX_LISTEN {s.pbx_listen!r} is not host:port (e.g. 0.0.0.0:8090)")
+    return out
+
+
+def _shown(url) -> str:
+    """A URL for an error message: credentials masked, everything else as given."""
+    if url.user or url.password:
+        url = url.with_user("***").with_password("***" if url.password else None)
+    return str(url)
 
 
 def _env_name(text: str) -> str:

@@ -74,21 +74,20 @@ class Device:
         if t is Sync:
             if self._unconfirmed:
                 self._unconfirmed.discard(msg.call)
-            return self._bounded([f.call_state(self.hw, self.tracker.sync(msg), sync=True)])
+            return self._bounded(_some(f.call_state(self.hw, self.tracker.sync(msg), sync=True)))
         if t is AttachResult:
             self.result = msg = bounded_result(msg)
             if msg.failed:
-                return [f.attach_failed(self.hw, msg.err)]
+                return _some(f.attach_failed(self.hw, msg.err))
             return []
         if t is Attached:
             self.attached = True
-            return [f.attached(self.hw, self.result or AttachResult())]
+            return _some(f.attached(self.hw, self.result or AttachResult()))
         if t is Detached:
             self.attached = False
             self.trace_ctx.clear()
-            out = [f.detached(self.hw, "unregistered")]
-            out += [f.call_state(self.hw, s) for s in self.tracker.release_all()]
-            return out
+            return _some(f.detached(self.hw, "unregistered"),
+                         *(f.call_state(self.hw, s) for s in self.tracker.release_all()))
         return []
 
     def on_sent(self, call: int, to: bool, sig: Raw) -> list[Outgoing]:
@@ -100,7 +99,7 @@ class Device:
         self.attached = False
         self.result = None
         self._unconfirmed = {c.call for c in self.tracker.calls()} or _NONE
-        return [self.factory.detached(self.hw, reason)] if was or reason == "command" else []
+        return _some(self.factory.detached(self.hw, reason)) if was or reason == "command" else []
 
     def settle(self) -> list[Outgoing]:
         """After a re-attach and its Syncs: calls known before the loss that no Sync confirmed
@@ -110,18 +109,20 @@ class Device:
         for call in sorted(gone):
             status = self.tracker.forget(call)
             if status is not None:
-                out.append(self.factory.call_state(self.hw, status))
+                out += _some(self.factory.call_state(self.hw, status))
                 self.trace_ctx.pop(call, None)
         return out
 
     def _signaling(self, msg: Signaling, origin: str) -> list[Outgoing]:
         toward = msg.to is True
-        sig = msg.sig
-        try:
-            str(sig, "utf-8")  # forwarded as it came, but an event must be valid JSON text
-        except UnicodeDecodeError:
-            sig = Raw(str(sig, "utf-8", "replace").encode())
-        out = [self.factory.signaling(self.hw, msg.call, toward, sig, origin)]
+        out = []
+        if self.factory.signaling_events:
+            sig = msg.sig
+            try:
+                str(sig, "utf-8")  # forwarded as it came, but an event must be valid JSON text
+            except UnicodeDecodeError:
+                sig = Raw(str(sig, "utf-8", "replace").encode())
+            out.append(self.factory.signaling(self.hw, msg.call, toward, sig, origin))
         try:
             status = self.tracker.signaling(msg.call, toward, msg.signal)
         except FrameError as e:
@@ -131,7 +132,9 @@ class Device:
                             self.hw, msg.call, self.bad_sig, e)
             return self._bounded(out)
         if status is not None:
-            out.append(self.factory.call_state(self.hw, status))
+            ev = self.factory.call_state(self.hw, status)
+            if ev is not None:
+                out.append(ev)
             if status.state is CallState.RELEASED:
                 self.trace_ctx.pop(msg.call, None)
         return self._bounded(out)
@@ -143,9 +146,14 @@ class Device:
         gone = self.tracker.expire()
         if gone:
             for status in gone:
-                out.append(self.factory.call_state(self.hw, status))
+                out += _some(self.factory.call_state(self.hw, status))
                 self.trace_ctx.pop(status.call, None)
         if len(self.trace_ctx) > self._max_ctx:
             tracked = self.tracker.get
             self.trace_ctx = {c: v for c, v in self.trace_ctx.items() if tracked(c) is not None}
         return out
+
+
+def _some(*events: Outgoing | None) -> list[Outgoing]:
+    """The events made (a kind the deployment does not publish is None)."""
+    return [e for e in events if e is not None]

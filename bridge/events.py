@@ -141,13 +141,28 @@ class Outgoing:
     gap: Any = None
 
 
-class EventFactory:
-    """Numbers and encodes events for one bridge instance (pure, no I/O)."""
+#: the kinds of device event a deployment may choose to publish (``EPSIGNAL_EVENT_KINDS``);
+#: gap events are always published
+KINDS = ("attached", "detached", "attach.failed", "call.state", "call.signaling")
 
-    def __init__(self, instance: str) -> None:
+
+class EventFactory:
+    """Numbers and encodes events for one bridge instance (pure, no I/O).
+
+    Only the ``kinds`` chosen are made: a kind left out returns None and takes no ``seq``, so a
+    consumer still sees each device's events numbered without gaps."""
+
+    def __init__(self, instance: str, kinds: tuple[str, ...] | frozenset[str] = KINDS) -> None:
         self.instance = instance
         self._seq: dict[str, int] = {}
         self._gaps = 0
+        unknown = set(kinds) - set(KINDS)
+        if unknown:
+            raise ValueError(f"unknown event kinds {sorted(unknown)}; the kinds are {', '.join(KINDS)}")
+        self.kinds = frozenset(kinds)
+        self._state = "call.state" in self.kinds
+        #: ``call.signaling`` events are made (the costly kind: one per frame)
+        self.signaling_events = "call.signaling" in self.kinds
 
     def _next(self, hw: str) -> int:
         n = self._seq.get(hw, 0) + 1
@@ -163,25 +178,35 @@ class EventFactory:
     def _base(self, hw: str) -> dict:
         return dict(hw=hw, seq=self._next(hw), instance=self.instance, time=datetime.now(timezone.utc))
 
-    def attached(self, hw: str, result: AttachResult) -> Outgoing:
+    def attached(self, hw: str, result: AttachResult) -> Outgoing | None:
+        if "attached" not in self.kinds:
+            return None
         ev = DeviceAttached(attach=AttachInfo.from_result(result), **self._base(hw))
         return self._out(routing.device_key(hw, "attached"), ev)
 
-    def detached(self, hw: str, reason: str) -> Outgoing:
+    def detached(self, hw: str, reason: str) -> Outgoing | None:
+        if "detached" not in self.kinds:
+            return None
         return self._out(routing.device_key(hw, "detached"), DeviceDetached(reason=reason, **self._base(hw)))
 
-    def attach_failed(self, hw: str, error: Any) -> Outgoing:
+    def attach_failed(self, hw: str, error: Any) -> Outgoing | None:
+        if "attach.failed" not in self.kinds:
+            return None
         text = error if isinstance(error, str) else msgspec.json.encode(error).decode()
         return self._out(routing.device_key(hw, "attach", "failed"), AttachFailed(error=text, **self._base(hw)))
 
-    def call_state(self, hw: str, s: CallStatus, *, sync: bool = False) -> Outgoing:
+    def call_state(self, hw: str, s: CallStatus, *, sync: bool = False) -> Outgoing | None:
+        if not self._state:
+            return None
         ev = CallStateChanged(
             call=s.call, state=s.state, in_=s.in_, remote=s.remote, channel=s.channel, held=s.held,
             app=s.app, cause=s.cause, sync=sync, evicted=s.evicted or UNSET, **self._base(hw),
         )
         return self._out(routing.call_key(hw, s.call, "state"), ev)
 
-    def signaling(self, hw: str, call: int, to: bool, sig: Raw, origin: str) -> Outgoing:
+    def signaling(self, hw: str, call: int, to: bool, sig: Raw, origin: str) -> Outgoing | None:
+        if not self.signaling_events:
+            return None
         ev = CallSignaling(call=call, to=to, sig=sig, origin=origin, **self._base(hw))
         return self._out(routing.call_key(hw, call, "signaling"), ev)
 

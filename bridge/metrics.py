@@ -70,7 +70,7 @@ class BridgeCollector:
         c = CounterMetricFamily("epsignal_events", "Events by outcome", labels=["outcome"])
         for outcome, v in (("published", ps.published), ("confirmed", ps.confirmed),
                            ("returned", ps.returned), ("failed", ps.failed), ("nacked", ps.nacked),
-                           ("buffered", bs.appended)):
+                           ("made", bs.appended)):
             c.add_metric([outcome], v)
         yield c
         d = CounterMetricFamily("epsignal_events_dropped", "Events dropped unsent", labels=["reason"])

@@ -43,7 +43,7 @@ UNFLUSHED_PER_LINE = 100
 class Bridge:
     def __init__(self, settings: Settings) -> None:
         self.s = settings
-        self.factory = EventFactory(settings.instance_id)
+        self.factory = EventFactory(settings.instance_id, settings.event_kind_list)
         self.link = BrokerLink(settings)
         self.publisher = EventPublisher(
             self.link, self.factory, window=settings.publish_window, timeout_s=settings.publish_timeout_s,
@@ -178,7 +178,12 @@ class Bridge:
                            f"for {stalled:.0f}s")
         devices = self._devices()
         if self.server is None and devices and not any(up for _, up in devices):
-            reasons.append("PBX not reachable: no session is up")
+            why: dict[str, int] = {}
+            for r in self.runners.values():
+                if r.last_error:
+                    why[r.last_error] = why.get(r.last_error, 0) + 1
+            reasons.append("PBX not reachable: no session is up" + "".join(
+                f"; {n} devices: {text}" for text, n in sorted(why.items(), key=lambda kv: -kv[1])[:3]))
         return reasons
 
     def _device(self, hw: str) -> Device:
@@ -241,8 +246,10 @@ class Bridge:
                 result = await asyncio.wait_for(asyncio.shield(r.first_result), timeout)
                 device = r.device
         except TimeoutError:
+            last = self.runners[hw].last_error if hw in self.runners else None
             raise cmds.CommandError(
-                f"no AttachResult for {hw} within {timeout:g}s (PBX unreachable?); the bridge keeps trying"
+                f"no AttachResult for {hw} within {timeout:g}s ({last or 'PBX unreachable?'}); "
+                "the bridge keeps trying"
             ) from None
         except (NoPbxSession, ConnectionError, ConnectionClosed) as e:
             raise cmds.CommandError(str(e)) from None

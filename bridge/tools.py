@@ -1,14 +1,23 @@
-"""The tools for people: ``tail``, ``send`` and ``demo``. Thin clients of the bus."""
+"""The tools for people: ``tail``, ``send`` and ``demo``. Thin clients of the bus.
+
+A problem a user can fix (the broker is down, refuses the login, has no such vhost, no bridge
+declared the commands exchange, no queue takes a command) raises :class:`ToolError` with one
+sentence naming the broker (credentials masked, host shown); the CLI prints it, no traceback."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import os
+import signal
 import sys
 import uuid
 
 import aio_pika
+import aiormq.exceptions
 import msgspec
+from yarl import URL
 
 from bridge import routing
 from bridge.amqp import topology
@@ -56,16 +65,122 @@ def format_event(key: str, body: bytes, colour: bool = False) -> str:
     return f"{clock} {key} {body.decode(errors='replace')}"
 
 
-async def _connect(settings: Settings) -> aio_pika.abc.AbstractConnection:
-    return await aio_pika.connect(str(settings.amqp_url), timeout=10)
+# --------------------------------------------------------------------------- the broker, for people
+#: the broker of the tools when neither --amqp-url nor EPSIGNAL_AMQP_URL says otherwise
+DEFAULT_AMQP_URL = "amqp://guest:guest@localhost/"
+#: time allowed to reach the broker and open the connection
+CONNECT_TIMEOUT_S = 5.0
+#: time the demo waits for its bridge to be ready before it prints where it is
+READY_WAIT_S = 10.0
+
+
+class ToolError(Exception):
+    """A problem the user can fix; ``str(e)`` is one sentence that says it."""
+
+
+def amqp_url_from(arg: str | None, environ=None) -> str:
+    """The broker URL: ``--amqp-url``, else EPSIGNAL_AMQP_URL, else :data:`DEFAULT_AMQP_URL`."""
+    env = os.environ if environ is None else environ
+    return arg or env.get("EPSIGNAL_AMQP_URL") or DEFAULT_AMQP_URL
+
+
+def masked_url(url: str) -> str:
+    """``url`` with its password and query values as ``***``; scheme, user, host, port and path
+    shown (what a user needs to see which broker or PBX is meant)."""
+    try:
+        u = URL(str(url))
+        if u.password is not None:
+            u = u.with_password("***")
+        if u.query_string:
+            u = u.with_query({k: "***" for k in u.query})
+        return str(u)
+    except (ValueError, TypeError):
+        return "<not a URL>"
+
+
+def vhost_of(url: str) -> str:
+    """The virtual host an AMQP URL names (``/`` when its path is empty)."""
+    try:
+        return URL(str(url)).path[1:] or "/"
+    except (ValueError, TypeError):
+        return "/"
+
+
+def describe_broker(url: str) -> str:
+    return f"broker {masked_url(url)} (vhost {vhost_of(url)})"
+
+
+@contextlib.contextmanager
+def _quiet(*names: str):
+    """aiormq logs a failed connect before raising it: the caller says it better, once."""
+    loggers = [logging.getLogger(n) for n in names]
+    saved = [lg.disabled for lg in loggers]
+    for lg in loggers:
+        lg.disabled = True
+    try:
+        yield
+    finally:
+        for lg, was in zip(loggers, saved):
+            lg.disabled = was
+
+
+async def connect(url: str, *, timeout: float = CONNECT_TIMEOUT_S) -> aio_pika.abc.AbstractConnection:
+    """A connection to the broker, or :class:`ToolError` within ``timeout`` seconds."""
+    url = str(url)
+    where = masked_url(url)
+    try:
+        u = URL(url)
+    except (ValueError, TypeError):
+        u = None
+    if u is None or u.scheme not in ("amqp", "amqps") or not u.host:
+        raise ToolError(f"the broker URL {where!s} is not an amqp:// or amqps:// URL with a host "
+                        "(e.g. amqp://guest:guest@localhost/)")
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(timeout):
+            await loop.getaddrinfo(u.host, u.port)
+    except TimeoutError:
+        raise ToolError(f"cannot resolve the host {u.host} of the broker {where} "
+                        f"within {timeout:g}s") from None
+    except OSError as e:
+        raise ToolError(f"cannot resolve the host {u.host} of the broker {where}: "
+                        f"{e.strerror or e}") from None
+    try:
+        with _quiet("aiormq", "aiormq.connection", "aio_pika", "aio_pika.connection"):
+            async with asyncio.timeout(timeout):
+                return await aio_pika.connect(url, timeout=timeout)
+    except aiormq.exceptions.ProbableAuthenticationError:
+        raise ToolError(f"the broker {where} refused the login of user {u.user!r} "
+                        "(wrong user name or password?)") from None
+    except TimeoutError:
+        raise ToolError(f"the broker {where} did not answer within {timeout:g}s "
+                        "(is it running, and is this its AMQP port?)") from None
+    except OSError as e:  # AMQPConnectionError is one: refused, reset, TLS
+        raise ToolError(f"cannot reach the broker {where}: {_reason(e)}") from None
+    except aiormq.exceptions.AMQPError:  # Connection.Close at Connection.Open
+        raise ToolError(f"the broker {where} closed the connection at the opening of vhost "
+                        f"{vhost_of(url)!r}: does the vhost exist, and may user {u.user!r} use it?"
+                        ) from None
+
+
+def _reason(e: OSError) -> str:
+    code = e.errno if isinstance(e.errno, int) else (e.args[0] if e.args and isinstance(e.args[0], int) else None)
+    if code is not None:
+        return os.strerror(code).lower()
+    text = str(e.args[0]) if len(e.args) == 1 else str(e)
+    return text or type(e).__name__
 
 
 async def tail(settings: Settings, patterns: list[str], *, raw: bool = False, limit: int | None = None,
-               out=None, ready: asyncio.Event | None = None) -> None:
+               out=None, ready: asyncio.Event | None = None,
+               conn: aio_pika.abc.AbstractConnection | None = None) -> None:
+    """Print the events matching ``patterns`` (on ``conn``, or a connection of its own)."""
     out = out or sys.stdout
     colour = hasattr(out, "isatty") and out.isatty() and not os.environ.get("NO_COLOR")
-    conn = await _connect(settings)
-    async with conn:
+    own = conn is None
+    if own:
+        conn = await connect(str(settings.amqp_url))
+    try:
         ch = await conn.channel()
         ex = await ch.declare_exchange(settings.events_exchange, aio_pika.ExchangeType.TOPIC, durable=True)
         q = await ch.declare_queue(exclusive=True, auto_delete=True)
@@ -81,14 +196,34 @@ async def tail(settings: Settings, patterns: list[str], *, raw: bool = False, li
                 n += 1
                 if limit is not None and n >= limit:
                     return
+        if conn.is_closed:
+            raise ToolError(f"lost the {describe_broker(str(settings.amqp_url))}")
+    except (aiormq.exceptions.AMQPError, ConnectionError) as e:
+        raise ToolError(f"lost the {describe_broker(str(settings.amqp_url))}: "
+                        f"{type(e).__name__}") from None
+    finally:
+        if own:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(conn.close(), 2)
 
 
 async def send(settings: Settings, hw: str, verb: str, body: str | bytes, *, timeout: float = 15.0) -> str:
-    """Publish one command with a reply_to (direct reply-to) and return the reply body."""
-    conn = await _connect(settings)
+    """Publish one command with a reply_to (direct reply-to) and return the reply body.
+
+    Never declares anything: a missing commands exchange (no bridge ever ran against this
+    broker and vhost) and a command no queue takes are :class:`ToolError` at once."""
+    url = str(settings.amqp_url)
+    conn = await connect(url)
     async with conn:
-        ch = await conn.channel()
-        ex = await topology.declare_commands_exchange(ch, settings)
+        ch = await conn.channel(on_return_raises=True)
+        name = settings.commands_exchange
+        try:
+            ex = await ch.get_exchange(name, ensure=True)  # passive: never creates it
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            raise ToolError(
+                f"the commands exchange {name!r} does not exist on the {describe_broker(url)}; "
+                "a bridge declares it when it starts: is a bridge running against this broker "
+                "and vhost (with the same EPSIGNAL_COMMANDS_EXCHANGE)?") from None
         reply_q = await ch.get_queue("amq.rabbitmq.reply-to", ensure=False)
         got: asyncio.Future = asyncio.get_running_loop().create_future()
         cid = uuid.uuid4().hex
@@ -99,48 +234,125 @@ async def send(settings: Settings, hw: str, verb: str, body: str | bytes, *, tim
 
         await reply_q.consume(on_reply, no_ack=True)
         data = body.encode() if isinstance(body, str) else body
-        await ex.publish(
-            aio_pika.Message(data, content_type="application/json", reply_to="amq.rabbitmq.reply-to",
-                             correlation_id=cid, message_id=cid),
-            routing.device_key(hw, verb),
-        )
+        key = routing.device_key(hw, verb)
+        try:
+            await ex.publish(
+                aio_pika.Message(data, content_type="application/json", reply_to="amq.rabbitmq.reply-to",
+                                 correlation_id=cid, message_id=cid),
+                key, mandatory=True,
+            )
+        except aio_pika.exceptions.PublishError:  # returned: no binding, not even the alternate's
+            raise ToolError(
+                f"no queue is bound for key {key!r} on exchange {name!r} ({describe_broker(url)}): "
+                "is a bridge running and attached to this exchange?") from None
         try:
             return await asyncio.wait_for(got, timeout)
         except TimeoutError:
             return '{"ok":false,"error":"no reply within %gs (is the bridge running?)"}' % timeout
 
 
-async def demo(*, devices: int, call_rate: float, duration: float | None, amqp_url: str) -> None:
-    """Simulator with traffic + bridge for its devices + live events, in one process."""
+# --------------------------------------------------------------------------- demo
+def demo_settings(name: str, *, amqp_url: str, pbx_url: str, pbx_app: str, password: str,
+                  devices: list[str], http_port: int = 0) -> Settings:
+    """The demo bridge's settings: every exchange and queue named after the demo (``name``), so
+    it never takes a real bridge's commands nor shows another bridge's events; HTTP on the
+    loopback only."""
+    return Settings.from_env(
+        {}, pbx_url=pbx_url, pbx_app=pbx_app, pbx_password=password, amqp_url=amqp_url,
+        amqp_ca_file=os.environ.get("EPSIGNAL_AMQP_CA_FILE", ""), devices=",".join(devices),
+        instance_id=name, events_exchange=f"{name}.events", commands_exchange=f"{name}.commands",
+        commands_queue=f"{name}.commands.bridge", dead_exchange=f"{name}.dead",
+        dead_queue=f"{name}.commands.dead", http_host="127.0.0.1", http_port=http_port,
+    )
+
+
+async def demo(*, devices: int, call_rate: float, duration: float | None, amqp_url: str,
+               http_port: int = 0, out=None) -> None:
+    """Simulator with traffic + a bridge for its devices + live events, in one process.
+
+    Isolated: its own exchange and queue names (``demo-<id>.*``, deleted at exit), its own
+    ports. Reaches the broker first, so an unreachable one is a :class:`ToolError` within
+    :data:`CONNECT_TIMEOUT_S`; ``duration`` ends it, so do SIGINT and SIGTERM."""
     from bridge.service import Bridge
     from bridge.sim import PbxSimulator, SimConfig
 
-    sim = PbxSimulator(SimConfig(devices=devices, call_rate=call_rate, password="demo-secret"))
-    await sim.start(control_port=0)
-    hws = [sim.hw(i) for i in range(1, devices + 1)]
-    settings = Settings.from_env(
-        {}, pbx_url=sim.url, pbx_app=sim.config.app, pbx_password="demo-secret", amqp_url=amqp_url,
-        devices=",".join(hws), instance_id=f"demo-{uuid.uuid4().hex[:4]}",
-    )
-    print(f"PBX simulator {sim.url} (control {sim.control_url}), {devices} devices, "
-          f"{call_rate:g} calls/s; bridge {settings.instance_id}; Ctrl-C to stop", flush=True)
-    bridge = Bridge(settings)
-    ready = asyncio.Event()
-    viewer = asyncio.create_task(tail(settings, ["device.*.call.*.state", "device.*.attached",
-                                                 "device.*.detached", "device.*.attach.failed", "bridge.*.gap"],
-                                      ready=ready))
-    await ready.wait()
-    await bridge.start()
+    out = out or sys.stdout
+    loop = asyncio.get_running_loop()
+    deadline = None if duration is None else loop.time() + duration
+    conn = await connect(amqp_url)  # before anything starts: fail fast
+
+    def left(most: float | None = None) -> float | None:
+        rest = None if deadline is None else max(0.0, deadline - loop.time())
+        return most if rest is None else rest if most is None else min(most, rest)
+    name = f"demo-{uuid.uuid4().hex[:6]}"
+    password = "demo-secret"
+    sim = PbxSimulator(SimConfig(devices=devices, call_rate=call_rate, password=password))
+    bridge = settings = viewer = None
+    started = False
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
     try:
-        if duration is None:
-            await asyncio.Event().wait()
-        else:
-            await asyncio.sleep(duration)
+        await sim.start(control_port=0)
+        hws = [sim.hw(i) for i in range(1, devices + 1)]
+        settings = demo_settings(name, amqp_url=amqp_url, pbx_url=sim.url, pbx_app=sim.config.app,
+                                 password=password, devices=hws, http_port=http_port)
+        bridge = Bridge(settings)
+        ready = asyncio.Event()
+        viewer = asyncio.create_task(tail(
+            settings, ["device.*.call.*.state", "device.*.attached", "device.*.detached",
+                       "device.*.attach.failed", "bridge.*.gap"], ready=ready, conn=conn, out=out))
+        bound = asyncio.ensure_future(ready.wait())
+        try:
+            await asyncio.wait([viewer, bound], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            bound.cancel()
+        if viewer.done():
+            viewer.result()  # its ToolError
+        try:
+            await bridge.start()
+        except OSError as e:
+            await bridge.http.stop()
+            what = f"--http-port {http_port}" if http_port else "a free port"
+            raise ToolError(f"the demo's HTTP server cannot listen on 127.0.0.1 ({what}): "
+                            f"{_reason(e)}") from None
+        started = True
+        print(f"demo {name}: PBX simulator {sim.url} (control {sim.control_url}), {devices} devices, "
+              f"{call_rate:g} calls/s; bridge HTTP http://127.0.0.1:{bridge.http.port} "
+              "(/healthz /readyz /metrics)", file=out, flush=True)
+        # ready (its exchanges and queues declared, the devices' sessions up) before it says
+        # how to send it a command; bounded, and a stop or the duration ends the wait too
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(left(READY_WAIT_S)):
+                while bridge.not_ready_reasons() and not stop.is_set() and not viewer.done():
+                    await asyncio.sleep(0.05)
+        print(f"demo {name}: {describe_broker(amqp_url)}, exchanges {settings.events_exchange} and "
+              f"{settings.commands_exchange} (deleted at exit); try "
+              f"`EPSIGNAL_COMMANDS_EXCHANGE={settings.commands_exchange} epsignal-bridge send "
+              f"detach {hws[0] if hws else '<hw>'}`; Ctrl-C to stop", file=out, flush=True)
+        waiter = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait([viewer, waiter], timeout=left(), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+        if viewer.done():
+            viewer.result()  # the broker went away: its ToolError
+            raise ToolError(f"the event view ended: lost the {describe_broker(amqp_url)}?")
     finally:
-        await bridge.stop(5)
-        viewer.cancel()
-        await asyncio.gather(viewer, return_exceptions=True)
-        st = sim.stats()
-        print(f"calls started {st['calls_started']}, completed {st['calls_completed']}, "
-              f"stalled {st['calls_stalled']}; forwarded {st['messages_forwarded']}", flush=True)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        if started:
+            await bridge.stop(5)
+        if viewer is not None:
+            viewer.cancel()
+            await asyncio.gather(viewer, return_exceptions=True)
+        if settings is not None:  # what the demo (its bridge) declared
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(topology.delete_for(conn, settings), 5)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(conn.close(), 2)
+        if started:
+            st = sim.stats()
+            print(f"calls started {st['calls_started']}, completed {st['calls_completed']}, "
+                  f"stalled {st['calls_stalled']}; forwarded {st['messages_forwarded']}", file=out, flush=True)
         await sim.stop()

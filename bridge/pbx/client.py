@@ -58,6 +58,8 @@ class DeviceRunner:
         self.task: asyncio.Task | None = None
         self.reconnects = 0
         self.login_failures = 0
+        #: why the last try to open the session failed, as a sentence (None: it did not fail)
+        self.last_error: str | None = None
         #: loop time the runner ended (attach refused, stopped)
         self.ended_at = 0.0
         self._refusals = refusals
@@ -108,6 +110,7 @@ class DeviceRunner:
                 )
                 try:
                     self.session = await retrying(self._open)
+                    self.last_error = None
                 except AttachRefused as e:
                     if refused >= self._refusals:
                         raise
@@ -119,6 +122,8 @@ class DeviceRunner:
                 # attempt's actions: cleared, they go now rather than at a full GC collection
                 retrying.iter_state.reset()
                 del retrying
+                log.info("device %s: PBX session open, attach accepted%s", self.hw,
+                         f" (after {self.reconnects} reconnects)" if self.reconnects else "")
                 if not self.first_result.done():
                     self.first_result.set_result(self.device.result)
                 loop = asyncio.get_running_loop()
@@ -166,15 +171,15 @@ class DeviceRunner:
         exc = rs.outcome.exception()
         if isinstance(exc, LoginFailed):
             self.login_failures += 1
-            log.error("device %s: %s; check EPSIGNAL_PBX_APP and EPSIGNAL_PBX_PASSWORD; retry in %.0fs",
-                      self.hw, exc, rs.next_action.sleep)
+            self.last_error = f"{exc}; check EPSIGNAL_PBX_APP and EPSIGNAL_PBX_PASSWORD"
+            log.error("device %s: %s; retry in %.0fs", self.hw, self.last_error, rs.next_action.sleep)
         elif isinstance(exc, ssl.SSLCertVerificationError):
-            log.error("device %s: the PBX's TLS certificate is not trusted (SSLCertVerificationError: %s); "
-                      "set EPSIGNAL_PBX_CA_FILE to its CA bundle; retry in %.1fs", self.hw, exc,
-                      rs.next_action.sleep)
+            self.last_error = (f"the PBX's TLS certificate is not trusted (SSLCertVerificationError: {exc}); "
+                               "set EPSIGNAL_PBX_CA_FILE to its CA bundle")
+            log.error("device %s: %s; retry in %.1fs", self.hw, self.last_error, rs.next_action.sleep)
         else:
-            log.warning("device %s: PBX unreachable (%s: %s), retry in %.1fs",
-                        self.hw, type(exc).__name__, exc, rs.next_action.sleep)
+            self.last_error = f"PBX unreachable ({type(exc).__name__}: {exc})"
+            log.warning("device %s: %s, retry in %.1fs", self.hw, self.last_error, rs.next_action.sleep)
 
     async def stop(self) -> None:
         """End the attachment (close the session) and the runner."""

@@ -129,8 +129,11 @@ def test_sig_is_an_object_passed_through_with_unknown_fields():
     assert errors(cmd, {"call": -1, "sig": {"type": "setup", "unknown": {"deep": True}}}) == []
     assert errors(cmd, {"call": -1, "sig": {}}) != []  # the bridge refuses a sig without type
     assert errors(cmd, {"call": -1, "sig": {"type": "setup", "cg": "201"}}) != []
-    # unknown fields of a command are ignored, so adding an optional field stays compatible
-    assert errors(cmd, {"call": -1, "sig": {"type": "setup"}, "extra": 1}) == []
+    # the signaling command is strict: a misspelt field (`To` for `to`) would send the message
+    # the wrong way, so the schema refuses unknown fields as the bridge does
+    assert errors(cmd, {"call": -1, "sig": {"type": "setup"}, "To": True}) != []
+    # attach and detach ignore unknown fields, so adding an optional one stays compatible
+    assert errors(body_path("commands", "attach"), {"extra": 1}) == []
 
 
 def test_time_is_an_rfc3339_date_time():

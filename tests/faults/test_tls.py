@@ -188,7 +188,9 @@ async def test_wss_with_an_untrusted_certificate_is_refused_clearly(
     text = pbx_log(caplog)
     assert "SSLCertVerificationError" in text and hw in text, text
     assert bridge.runners[hw].session is None
-    assert "PBX not reachable: no session is up" in bridge.not_ready_reasons()
+    reasons = bridge.not_ready_reasons()  # readiness names the cause and the setting to fix
+    assert len(reasons) == 1 and reasons[0].startswith("PBX not reachable: no session is up"), reasons
+    assert "not trusted" in reasons[0] and "EPSIGNAL_PBX_CA_FILE" in reasons[0], reasons
 
 
 async def test_wss_with_the_ca_configured_attaches_and_calls_complete(

@@ -201,6 +201,8 @@ BAD = [
     ("sig-without-type", "signaling", b'{"call": 1, "sig": {}}', "type"),
     ("not-attached", "signaling", b'{"call": -1, "sig": {"type": "setup"}}', "not attached"),
     ("unknown-verb", "explode", b"{}", "unknown command"),
+    # a misspelt `to` would send a setup toward the PBX instead of the device (issue 16.2)
+    ("misspelt-field", "signaling", b'{"call":-5,"To":true,"sig":{"type":"setup"}}', "unknown field `To`"),
 ]
 
 
@@ -225,12 +227,18 @@ async def test_bad_key_without_reply_is_dead_lettered(sim, bus, settings_for, st
 async def test_wrong_password_is_reported_and_not_retried_in_a_tight_loop(
         sim, bus, settings_for, start_bridge, caplog):
     caplog.set_level(logging.ERROR, logger="bridge.pbx")
-    await start_bridge(settings_for(sim, devices=sim.hw(1), pbx_password="wrong", login_retry_s=2.0))
+    bridge = await start_bridge(settings_for(sim, devices=sim.hw(1), pbx_password="wrong", login_retry_s=2.0,
+                                             attach_timeout_s=1.0))
     await asyncio.sleep(3.0)
     st = sim.stats()
     assert st["attached_devices"] == 0 and 1 <= st["logins_failed"] <= 2
     assert any("refused" in r.getMessage() and "EPSIGNAL_PBX_PASSWORD" in r.getMessage() for r in caplog.records)
     assert all("wrong" not in r.getMessage() for r in caplog.records)
+    # readiness and an attach command name the real cause, not "PBX unreachable?" (issue 16.5)
+    reasons = " ".join(bridge.not_ready_reasons())
+    assert "refused" in reasons and "EPSIGNAL_PBX_PASSWORD" in reasons, reasons
+    reply = await bus.command(sim.hw(1), "attach")
+    assert reply["ok"] is False and "refused" in reply["error"] and "unreachable" not in reply["error"], reply
 
 
 async def test_server_mode_verifies_the_pbx_login(sim, bus, settings_for, start_bridge):
@@ -303,3 +311,15 @@ async def test_the_call_limits_set_reach_every_device(sim, settings_for, start_b
 
     b = await start_bridge(settings_for(sim, devices=sim.hw(1), max_calls_per_device=7, call_idle_s=60))
     assert b.runners[sim.hw(1)].device.tracker.limits == CallLimits(7, 60.0, 86400.0)
+
+
+async def test_a_deployment_can_publish_call_states_only(sim, bus, settings_for, start_bridge):
+    hw = sim.hw(2)
+    q = await bus.bind(f"device.{hw}.#")
+    bridge = await start_bridge(settings_for(sim, devices=hw, event_kinds="call.state"))
+    await asyncio.sleep(0.5)
+    call = await sim.place_call(hw, direction="in", hold_s=0.05)
+    evs = await q.until(lambda e: e.body.get("call") == call and e.body.get("state") == "released")
+    assert {e.body["type"] for e in evs} == {"call.state"}
+    assert [e.body["seq"] for e in evs] == list(range(1, len(evs) + 1))  # numbered without gaps
+    assert sim.stats()["calls_stalled"] == 0 and bridge.publisher.buffer.stats.appended == len(evs)

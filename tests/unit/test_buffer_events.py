@@ -158,3 +158,22 @@ def test_a_dropped_gap_announcement_is_announced_again():
         b.append(ev(f))  # drops the gap event, then seq 2
     assert b.stats.dropped_full == 2  # device events only
     assert b.take_gaps() == ("buffer-full", {"hw1": [(1, 2)]})
+
+
+def test_a_deployment_publishing_call_states_only_numbers_them_without_gaps():
+    f = EventFactory("i", ("call.state",))
+    d = Device("hw", f)
+    frames = [b'{"api":"EpSignal","mt":"Attached"}',
+              b'{"api":"EpSignal","mt":"Signaling","call":3,"to":true,"sig":{"type":"setup","cg":{"num":"201"}}}',
+              b'{"api":"EpSignal","mt":"Signaling","call":3,"sig":{"type":"alert"}}',
+              b'{"api":"EpSignal","mt":"Signaling","call":3,"sig":{"type":"rel"}}',
+              b'{"api":"EpSignal","mt":"Detached"}']
+    out = [ev for fr in frames for ev in d.on_frame(m.decode(fr))]
+    assert [(o.type, o.seq) for o in out] == [("call.state", 1), ("call.state", 2), ("call.state", 3)]
+    assert [json.loads(o.body)["state"] for o in out] == ["setup", "alert", "released"]
+    assert d.on_lost("command") == []  # detached is not published either
+
+
+def test_unknown_event_kinds_are_refused_naming_the_kinds():
+    with pytest.raises(ValueError, match="call.signaling"):
+        EventFactory("i", ("call.states",))

@@ -37,3 +37,27 @@ def test_readme_documents_every_setting():
     readme = (pathlib.Path(__file__).parents[2] / "README.md").read_text()
     for name, default, text in describe():
         assert f"| `{name}` | `{default}` | {text} |" in readme, name
+
+
+
+@pytest.mark.parametrize("env,needle", [
+    ({"EPSIGNAL_PBX_URL": "http://x"}, "EPSIGNAL_PBX_URL 'http://x' is not a ws:// or wss:// URL"),
+    ({"EPSIGNAL_AMQP_URL": "foo"}, "EPSIGNAL_AMQP_URL 'foo' is not an amqp:// or amqps:// URL"),
+    ({"EPSIGNAL_LOG_LEVEL": "LOUD"}, "EPSIGNAL_LOG_LEVEL 'LOUD' is not one of DEBUG, INFO, WARNING, ERROR"),
+    ({"EPSIGNAL_HTTP_PORT": "70000"}, "EPSIGNAL_HTTP_PORT 70000 is not a TCP port"),
+    ({"EPSIGNAL_PBX_MODE": "server", "EPSIGNAL_PBX_LISTEN": "8090"}, "EPSIGNAL_PBX_LISTEN '8090' is not host:port"),
+])
+def test_a_setting_that_cannot_work_refuses_the_start_naming_it(env, needle):
+    with pytest.raises(ValueError) as e:
+        Settings.from_env(env)
+    assert needle in str(e.value)
+
+
+def test_a_bad_amqp_url_is_shown_with_its_credentials_masked():
+    with pytest.raises(ValueError) as e:
+        Settings.from_env({"EPSIGNAL_AMQP_URL": "amqps://user:Sup3rS3cret@/vhost"})
+    assert "Sup3rS3cret" not in str(e.value) and "amqps://***:***@/vhost" in str(e.value)
+
+
+def test_the_log_level_is_case_insensitive():
+    assert Settings.from_env({"EPSIGNAL_LOG_LEVEL": "debug"}).log_level == "DEBUG"

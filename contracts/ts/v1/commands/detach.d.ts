@@ -1,0 +1,13 @@
+/* Generated from contracts/v1/commands/detach.json (urn:epsignal-bridge:v1:commands:detach) by json-schema-to-typescript 16.0.0
+ * (examples/node/gen-types.mjs). Do not edit: run `npm run types --prefix examples/node`. */
+
+/**
+ * Detach the device (client mode only). Idempotent. The body may also be empty.
+ */
+export interface DetachCommand {
+  /**
+   * Schema version (major), 1 for this schema. Compatible changes (new optional fields) keep it; see contracts/README.md.
+   */
+  v?: 1;
+  [k: string]: unknown;
+}
