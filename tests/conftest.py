@@ -132,6 +132,14 @@ def names() -> dict:
 
 
 @pytest.fixture
+async def amqp():
+    """A connection to the test broker of the test's own."""
+    conn = await aio_pika.connect(AMQP_URL)
+    yield conn
+    await conn.close()
+
+
+@pytest.fixture
 async def proxy():
     """A TCP proxy to the broker, for cutting or stalling the bridge's link."""
     from tests.tcpproxy import TcpProxy

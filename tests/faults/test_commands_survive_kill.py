@@ -15,7 +15,7 @@ import pytest
 
 from tests.conftest import PASSWORD
 from tests.faults.helpers import (
-    AMQP_URL, BridgeProcess, Replies, bridge_env, eventually, publish_command, queue_counts,
+    BridgeProcess, Replies, bridge_env, eventually, publish_command, queue_counts,
 )
 from tests.tcpproxy import TcpProxy
 
@@ -27,13 +27,6 @@ async def counts(conn, name) -> tuple[int, int] | None:
         return await queue_counts(conn, name)
     except aio_pika.exceptions.ChannelClosed:
         return None  # not declared yet
-
-
-@pytest.fixture
-async def amqp():
-    conn = await aio_pika.connect(AMQP_URL)
-    yield conn
-    await conn.close()
 
 
 @pytest.fixture

@@ -49,13 +49,6 @@ async def exists(conn, kind: str, name: str) -> bool:
             await ch.close()
 
 
-@pytest.fixture
-async def amqp():
-    conn = await aio_pika.connect(AMQP_URL)
-    yield conn
-    await conn.close()
-
-
 async def test_send_never_creates_the_commands_exchange(amqp):
     name = f"test-{uuid.uuid4().hex[:8]}.commands"
     code, out, err = await cli("send", "attach", "009033400001", "--amqp-url", AMQP_URL,

@@ -32,6 +32,7 @@ from bridge.amqp import topology
 from bridge.config import Settings
 from bridge.service import Bridge
 from tests.conftest import PASSWORD
+from tests.faults.helpers import eventually, queue_counts
 
 pytestmark = pytest.mark.broker
 
@@ -140,41 +141,19 @@ async def bash_line(line: str, timeout: float = 20) -> tuple[int, str, str]:
 
 
 # --------------------------------------------------------------------------- the bridge
-async def queue_counts(conn, name: str) -> tuple[int, int] | None:
+async def counts_or_none(conn, name: str) -> tuple[int, int] | None:
     """(messages, consumers) of a queue, None when there is none."""
-    ch = await conn.channel()
     try:
-        q = await ch.declare_queue(name, passive=True)
-        return q.declaration_result.message_count, q.declaration_result.consumer_count
+        return await queue_counts(conn, name)
     except aio_pika.exceptions.ChannelClosed:
         return None
-    finally:
-        if not ch.is_closed:
-            await ch.close()
-
-
-async def eventually(pred, timeout: float, what: str):
-    try:
-        async with asyncio.timeout(timeout):
-            while not (v := await pred()):
-                await asyncio.sleep(0.05)
-    except TimeoutError:
-        raise AssertionError(f"timed out after {timeout:g}s waiting for {what}") from None
-    return v
-
-
-@pytest.fixture
-async def amqp():
-    conn = await aio_pika.connect(AMQP_URL)
-    yield conn
-    await conn.close()
 
 
 @pytest.fixture
 async def default_bridge(sim, amqp):
     """A bridge with the default exchange and queue names, attached to the simulator's device
     ``HW``; its topology (and `my-call-states`) deleted afterwards, whatever happened."""
-    counts = await queue_counts(amqp, DEFAULTS.commands_queue)
+    counts = await counts_or_none(amqp, DEFAULTS.commands_queue)
     # the README's examples use the default names: a bridge of the developer's own on them would
     # take the commands; stop it (the test must not run beside one, nor silently skip)
     assert counts is None or counts[1] == 0, (
@@ -241,7 +220,7 @@ async def test_python_consumer_prints_the_states_of_a_call(default_bridge, sim, 
 
 
 async def _has_consumer(conn, name: str) -> bool:
-    counts = await queue_counts(conn, name)
+    counts = await counts_or_none(conn, name)
     return counts is not None and counts[1] >= 1
 
 
