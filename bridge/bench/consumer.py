@@ -6,6 +6,11 @@ consumer aio-pika offers, so that the consumer is not what limits either run). F
 ``call.signaling`` / ``call.state`` delivery it counts the event and its distinct
 ``message_id``; for a ``call.signaling`` that carries a ``bench_t`` stamp it records the hop
 latency (send stamp to delivery, same machine clock) and gives the load generator one credit.
+
+A bridge that does not publish ``call.signaling`` (``EPSIGNAL_EVENT_KINDS=call.state``) has no
+stamp in its events: then every ``call.state`` is the stamped event, and its stamp comes from
+``stamp_by_key`` (the load generator's send times per device, oldest first: the bridge makes one
+``call.state`` per frame of the cycle and publishes a device's events in order).
 """
 
 from __future__ import annotations
@@ -60,10 +65,14 @@ class Run:
 
 
 class Sink:
-    def __init__(self, url: str, exchange: str, on_stamp: Callable[[], None] | None = None) -> None:
+    def __init__(self, url: str, exchange: str, on_stamp: Callable[[], None] | None = None,
+                 stamp_by_key: Callable[[str], int | None] | None = None) -> None:
         self.url = url
         self.exchange = exchange
         self.on_stamp = on_stamp
+        #: the event type that stands for a frame (hop latency, credit)
+        self.stamp_type = "call.signaling" if stamp_by_key is None else "call.state"
+        self.stamp_by_key = stamp_by_key
         self.conn = None
         self.queue = None
         self.by_type: Counter = Counter()
@@ -134,8 +143,9 @@ class Sink:
         run.by_type[typ] += 1
         run.ids.add(props.message_id)
         body = msg.body
-        if typ == "call.signaling":
-            stamp = stamp_of(body, STAMP)
+        if typ == self.stamp_type:
+            by_key = self.stamp_by_key
+            stamp = stamp_of(body, STAMP) if by_key is None else by_key(msg.delivery.routing_key)
             if stamp is not None:
                 if stamp >= run.record_from:
                     run.hop_ns.append(t - stamp)

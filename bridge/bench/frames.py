@@ -8,7 +8,8 @@ answered, the remote side hangs up)::
 The sig objects are the simulator's (:mod:`bridge.sim.sigs`: ``bc``, ``cg``/``cd``, name
 identification, media ``channels``, causes), so sizes and shapes match what the bridge sees
 from the simulator. Every message of the cycle changes the call's state, so each frame makes
-exactly :data:`EVENTS_PER_FRAME` events: one ``call.signaling`` and one ``call.state``.
+exactly :data:`EVENTS_PER_FRAME` events: one ``call.signaling`` and one ``call.state`` (with
+``EPSIGNAL_EVENT_KINDS`` limiting the kinds: :func:`events_per_frame`).
 
 A benchmark frame carries its send time as an unknown field of the sig, ``"bench_t":<ns>``
 (``time.monotonic_ns()``, CLOCK_MONOTONIC, the same clock in every process of the machine).
@@ -20,8 +21,10 @@ from __future__ import annotations
 
 from bridge.sim import sigs
 
-#: events the bridge publishes per frame of the cycle (call.signaling + call.state)
+#: events the bridge publishes per frame of the cycle with every kind on (call.signaling + call.state)
 EVENTS_PER_FRAME = 2
+#: the kinds of event a frame of the cycle makes (one each)
+FRAME_KINDS = ("call.signaling", "call.state")
 STAMP = b'"bench_t":'
 COMMAND_STAMP = b'"bench_c":'
 HW_PREFIX = "0090335"
@@ -71,14 +74,33 @@ class FrameMaker:
         return b"".join((self.prefix, str(call).encode(), mid, STAMP, str(stamp_ns).encode(), b",", tail))
 
 
+def event_kinds(env: dict[str, str] | None) -> tuple[str, ...]:
+    """The kinds a bridge with environment ``env`` publishes (``EPSIGNAL_EVENT_KINDS``;
+    unset: every kind)."""
+    from bridge.events import KINDS
+
+    text = (env or {}).get("EPSIGNAL_EVENT_KINDS")
+    if text is None:
+        return KINDS
+    return tuple(k.strip() for k in text.split(",") if k.strip())
+
+
+def events_per_frame(kinds) -> int:
+    """Events the bridge publishes per frame of the cycle with ``kinds`` on (0, 1 or 2)."""
+    return sum(1 for k in FRAME_KINDS if k in kinds)
+
+
 def stamp_of(data: bytes, marker: bytes = STAMP) -> int | None:
-    """The stamp in a frame or an event body (None: none there)."""
+    """The stamp in a frame or an event body (None: none there). A space after the colon is
+    allowed (stdlib ``json.dumps`` writes one)."""
     i = data.find(marker)
     if i < 0:
         return None
     i += len(marker)
-    j = i
     n = len(data)
+    while i < n and data[i] == 32:
+        i += 1
+    j = i
     while j < n and 48 <= data[j] <= 57:
         j += 1
     return int(data[i:j]) if j > i else None

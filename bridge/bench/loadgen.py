@@ -39,7 +39,7 @@ now_ns = time.monotonic_ns
 
 
 class LgSession:
-    __slots__ = ("ws", "hw", "maker", "outstanding", "closed")
+    __slots__ = ("ws", "hw", "maker", "outstanding", "closed", "stamps")
 
     def __init__(self, ws: ServerConnection, hw: str, index: int) -> None:
         self.ws = ws
@@ -47,6 +47,8 @@ class LgSession:
         self.maker = FrameMaker(hw, index)
         self.outstanding = 0
         self.closed = False
+        #: send stamps of the frames sent, oldest first (only with ``LoadGen.keep_stamps``)
+        self.stamps: deque[int] = deque()
 
 
 class LoadGen:
@@ -84,6 +86,9 @@ class LoadGen:
         self._ready: deque[LgSession] | None = None
         self._wake = asyncio.Event()
         self.credit = 0
+        #: keep every frame's send stamp per session, for a consumer whose events carry none
+        #: (:meth:`stamp_by_key`)
+        self.keep_stamps = False
 
     # ------------------------------------------------------------------ server
     async def start(self, host: str = "127.0.0.1") -> str:
@@ -242,9 +247,18 @@ class LoadGen:
             self._cmd_target = 1 << 62
 
     # ------------------------------------------------------------------ pumps
+    def stamp_by_key(self, key: str) -> int | None:
+        """The send stamp of the oldest frame of the device in routing key ``key``
+        (``device.<hw>.call.<n>.state``) not claimed yet."""
+        s = self.sessions.get(key.split(".", 2)[1])
+        return s.stamps.popleft() if s is not None and s.stamps else None
+
     async def _send(self, s: LgSession) -> bool:
+        t = now_ns()
+        if self.keep_stamps:
+            s.stamps.append(t)
         try:
-            await s.ws.send(s.maker.next(now_ns()), text=True)
+            await s.ws.send(s.maker.next(t), text=True)
         except ConnectionClosed:
             s.closed = True
             self.send_errors += 1

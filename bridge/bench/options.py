@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import argparse
 
-SCENARIOS = ("throughput", "latency", "forwarding", "commands", "scale", "codec", "tracing")
+SCENARIOS = ("throughput", "latency", "forwarding", "commands", "scale", "codec", "tracing", "peer")
 
 #: defaults of the full run and of --smoke; an option given on the command line wins
 FULL = dict(
     frames=30_000, rounds=3, devices=100, window=8, latency_duration=20.0, warmup=2.0,
     commands=1000, command_rate=200.0, scale_devices="0,1000,5000,10000", codec_messages=50_000,
-    tracing_frames=None, idle_window=20.0,
+    tracing_frames=None, idle_window=20.0, peer_frames=None,
 )
 SMOKE = dict(
     frames=2000, rounds=1, devices=100, window=8, latency_duration=2.0, warmup=0.5,
     commands=100, command_rate=200.0, scale_devices="100", codec_messages=5000,
-    tracing_frames=1500, idle_window=1.0,
+    tracing_frames=1500, idle_window=1.0, peer_frames=1000,
 )
 
 
@@ -68,6 +68,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "keepalive ping of every session; smoke 1)")
     g.add_argument("--tracing-frames", type=int, default=None,
                    help="frames per tracing round (default: --frames)")
+    g.add_argument("--peer-frames", type=int, default=None,
+                   help="frames per closed-loop round of the peer scenario (default: --frames; smoke 1000)")
+    g.add_argument("--peer-rate", type=float, default=500.0,
+                   help="open-loop rate of the peer scenario, frames/s (default 500)")
     p.add_argument("--profile", action="store_true",
                    help="one more throughput round with the bridge under py-spy (or pyinstrument); "
                    "the profile is written to DIR")
@@ -89,6 +93,8 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
             setattr(args, k, v)
     if args.tracing_frames is None:
         args.tracing_frames = args.frames
+    if args.peer_frames is None:
+        args.peer_frames = args.frames
     if args.credit is None:
         args.credit = 2 * args.publish_window
     wanted = [s.strip() for s in args.scenarios.split(",") if s.strip()]

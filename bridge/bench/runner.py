@@ -19,8 +19,7 @@ import msgspec
 
 from bridge.bench import codec, profiling, stats
 from bridge.bench.consumer import Sink
-from bridge.bench.frames import EVENTS_PER_FRAME as EPF
-from bridge.bench.frames import hw_id
+from bridge.bench.frames import event_kinds, events_per_frame, hw_id
 from bridge.bench.loadgen import LoadGen
 from bridge.bench.proc import (
     BridgeProc, Names, base_env, closed_port, cpu_of, find_broker_pid, machine_cpu, raise_nofile,
@@ -80,7 +79,8 @@ class Env:
 
     def __init__(self, bench: Bench, name: str, devices: int, *, broker: bool = True,
                  wrapper: bool = False, extra_env: dict[str, str] | None = None,
-                 args: list[str] | None = None, command: list[str] | None = None) -> None:
+                 args: list[str] | None = None, command: list[str] | None = None,
+                 peer: bool = False) -> None:
         self.bench = bench
         self.name = name
         self.devices = devices
@@ -95,13 +95,27 @@ class Env:
         self.proc: BridgeProc | None = None
         self.t_attached: int | None = None
         self.t_attached_events: int | None = None
+        #: the hand-written peer (bridge.bench.peer): one call.signaling per frame, no commands
+        #: queue, no attached events
+        self.peer = peer
+        merged = {**dict(bench.o.bridge_env), **self.extra_env}
+        self.kinds = ("call.signaling",) if peer else event_kinds(merged)
+        #: events per frame of the cycle: what a run waits for at the consumer
+        self.epf = events_per_frame(self.kinds)
+        if self.epf == 0 and broker:
+            raise BenchError(f"{name}: EPSIGNAL_EVENT_KINDS {merged.get('EPSIGNAL_EVENT_KINDS')!r} publishes "
+                             "neither call.signaling nor call.state: nothing to measure")
 
     async def start(self, attach_timeout: float = 60.0) -> None:
         b = self.bench
         self.lg = LoadGen(PASSWORD)
         url = await self.lg.start()
         if self.broker:
-            self.sink = Sink(b.amqp, self.names.events, on_stamp=self.lg.release)
+            # no call.signaling events: the stamps come from the load generator, per device
+            state_only = "call.signaling" not in self.kinds
+            self.lg.keep_stamps = state_only
+            self.sink = Sink(b.amqp, self.names.events, on_stamp=self.lg.release,
+                             stamp_by_key=self.lg.stamp_by_key if state_only else None)
             await self.sink.open()
             amqp = b.amqp
         else:
@@ -131,11 +145,16 @@ class Env:
             raise BenchError(f"{self.name}: {len(self.lg.sessions)}/{self.devices} devices attached "
                              f"within {attach_timeout:g}s; bridge log {log}:\n{self.proc.log_tail()}")
         self.t_attached = self.lg.t_last_attached if self.devices else now_ns()
-        if self.broker:
+        if self.broker and self.peer:
+            # the peer connects to the broker and declares the exchange before its sessions
+            self.t_attached_events = now_ns()
+        elif self.broker:
             if not await self.until(self.names.wait_declared(b.amqp, attach_timeout)):
                 raise BenchError(f"{self.name}: the bridge did not connect to the broker within "
                                  f"{attach_timeout:g}s; bridge log {log}:\n{self.proc.log_tail()}")
-            ok = await self.until(self.sink.wait_type("attached", self.devices, attach_timeout))
+            # broker link up + every session attached; the attached events only if published
+            ok = "attached" not in self.kinds or await self.until(
+                self.sink.wait_type("attached", self.devices, attach_timeout))
             if not ok:
                 raise BenchError(f"{self.name}: {self.sink.by_type['attached']}/{self.devices} attached "
                                  f"events reached the consumer; bridge log {log}:\n{self.proc.log_tail()}")
@@ -190,6 +209,8 @@ class Bench:
             await self._scenario("main", self.main_env)
         if "forwarding" in S:
             await self._scenario("forwarding", self.broker_down)
+        if "peer" in S:
+            await self._scenario("peer", self.peer)
         if "tracing" in S:
             await self._scenario("tracing", self.tracing)
         if "scale" in S:
@@ -283,9 +304,10 @@ class Bench:
         """``frames`` frames as fast as the whole path takes them; done when every event of
         them reached the consumer."""
         o, lg, sink, proc = self.o, env.lg, env.sink, env.proc
-        expected = frames * EPF
+        expected = frames * env.epf
         run = sink.begin(expected, store=store)
         meter = CpuMeter(self, proc.pid)
+        cpu0 = proc.cpu_s()
         limit = max(120.0, frames / 100)
         try:
             t_first = await env.until(asyncio.wait_for(lg.run_closed(frames, o.window, o.credit), limit))
@@ -296,6 +318,7 @@ class Bench:
         ok = await env.until(run.wait(max(60.0, frames / 200)))
         t_end = run.t_last or now_ns()
         cpu = meter.stop(t_end, t_first)
+        cpu_s = proc.cpu_s() - cpu0
         fwd_ok = await lg.wait_forwards(lg.sent, 10)
         elapsed = max(1e-9, (t_end - t_first) / 1e9)
         complete = ok and run.count == expected and run.distinct == expected
@@ -304,6 +327,9 @@ class Bench:
             "events_distinct": run.distinct, "by_type": dict(run.by_type), "complete": complete,
             "forwards_complete": fwd_ok, "elapsed_s": round(elapsed, 3),
             "frames_per_s": round(frames / elapsed, 1), "events_per_s": round(run.count / elapsed, 1),
+            "events_per_frame": env.epf,
+            # the process's utime + stime over the run (clock ticks: +-0.01 s)
+            "cpu_s_per_10k_frames": _r(cpu_s * 10_000 / frames, 3),
             **cpu,
             "hop_ms": stats.summary(run.hop_ns, "ms"),
         }
@@ -383,7 +409,7 @@ class Bench:
         self.max_eps = b_eps
         all_in = all(r["bridge"]["complete"] and r["ceiling"]["complete"] for r in rounds)
         self.results["throughput"] = {
-            "devices": o.devices, "frames_per_round": o.frames, "events_per_frame": EPF,
+            "devices": o.devices, "frames_per_round": o.frames, "events_per_frame": env.epf,
             "window_per_session": o.window, "credit_frames": o.credit, "publish_window": o.publish_window,
             "bridge_frames_per_s": _r(b_fps), "bridge_events_per_s": _r(b_eps),
             "ceiling_events_per_s": _r(c_eps), "ratio": _r(ratio, 3),
@@ -436,15 +462,19 @@ class Bench:
     # ------------------------------------------------------------------ scenarios 2, 3 (+ CPU)
     async def paced_run(self, env: Env, eps: float, duration: float, warmup: float,
                         consume: bool = True) -> dict:
-        """Open-loop load of ``eps`` events/s (``eps / 2`` frames/s) for ``duration`` seconds;
-        samples of the first ``warmup`` seconds are left out."""
+        """Open-loop load of ``eps`` events/s (``eps / events per frame`` frames/s) for
+        ``duration`` seconds; samples of the first ``warmup`` seconds are left out."""
         lg, sink, proc = env.lg, env.sink, env.proc
+        EPF = max(1, env.epf)
         fps = eps / EPF
         t0 = now_ns()
         record_from = t0 + int(warmup * 1e9)
         lg.fwd_rtt = []
         lg.record_from = record_from
         run = sink.begin(None, record_from=record_from) if sink is not None and consume else None
+        keep = lg.keep_stamps
+        if not consume:
+            lg.keep_stamps = False  # nothing claims the stamps: the events go unread
         base_fwd = lg.forwards
 
         async def cpu_window() -> tuple[float, float, int, dict]:
@@ -455,7 +485,10 @@ class Bench:
             return proc.cpu_s() - c0, (now_ns() - w0) / 1e9, lg.sent - s0, meter.stop()
 
         cpu_task = asyncio.ensure_future(cpu_window())
-        r = await env.until(lg.run_rate(fps, duration))
+        try:
+            r = await env.until(lg.run_rate(fps, duration))
+        finally:
+            lg.keep_stamps = keep
         cpu_s, wall_s, win_frames, meter = await cpu_task
         fwd_ok = await lg.wait_forwards(base_fwd + r["sent"], 30)
         lg.record_from = 1 << 62
@@ -470,10 +503,12 @@ class Bench:
         res["bridge_cpu_pct"] = _r(100 * cpu_s / wall_s) if wall_s else None
         res["cpu_window"] = meter  # bridge, broker, harness, whole machine (noise indicator)
         res["cpu_pct_per_1000_eps"] = _r(100 * cpu_s / wall_s / (eps_window / 1000), 2) if eps_window else None
+        res["cpu_s_per_10k_frames"] = _r(cpu_s * 10_000 / win_frames, 3) if win_frames else None
+        res["events_per_frame"] = env.epf
         if run is not None:
-            run.set_target(r["sent"] * EPF)
+            run.set_target(r["sent"] * env.epf)
             ok = await env.until(run.wait(60))
-            res["all_events_received"] = ok and run.distinct == r["sent"] * EPF
+            res["all_events_received"] = ok and run.distinct == r["sent"] * env.epf
             res["hop_ms"] = stats.summary(run.hop_ns, "ms")
             res["_hop"] = run.hop_ns
         res["_fwd"] = lg.fwd_rtt
@@ -643,6 +678,88 @@ class Bench:
         self.results["scale"] = {"runs": runs, "rss_kb_per_device": per_dev}
         self.checks["scale_all_attached"] = all("rss_mb" in r or "skipped" in r for r in runs)
 
+    # ------------------------------------------------------------------ scenario 8: the peer
+    async def peer(self) -> None:
+        """Issue 19: the bridge against a hand-written peer (:mod:`bridge.bench.peer`), per frame.
+
+        Three processes side by side, each with its own load generator and consumer: the bridge
+        with every event kind, the bridge with ``call.state`` only, and the peer (one
+        ``call.signaling`` per frame). Every round: a closed-loop run of each (frames/s, CPU per
+        10,000 frames), then an open-loop run of each at ``--peer-rate`` frames/s with the
+        consumer on (forwarding and hop percentiles). Ratios bridge / peer per round; medians."""
+        from bridge.events import KINDS
+
+        o = self.o
+        envs = {
+            "bridge_all": Env(self, "peer-bridge-all", o.devices, extra_env={"EPSIGNAL_EVENT_KINDS": ",".join(KINDS)}),
+            "bridge_state": Env(self, "peer-bridge-state", o.devices, extra_env={"EPSIGNAL_EVENT_KINDS": "call.state"}),
+            "peer": Env(self, "peer", o.devices, peer=True, command=[sys.executable, "-m", "bridge.bench.peer"]),
+        }
+        frames = o.peer_frames
+        warm = max(200, min(2000, frames // 5))
+        rounds: list[dict] = []
+        try:
+            for env in envs.values():
+                await env.start()
+            for env in envs.values():
+                await self.closed_run(env, warm)
+            for _ in range(o.rounds):
+                rnd: dict = {}
+                for name, env in envs.items():
+                    rnd[name] = {"closed": (await self.closed_run(env, frames))[0]}
+                for name, env in envs.items():
+                    p = await self.paced_run(env, o.peer_rate * env.epf, o.latency_duration, o.warmup)
+                    p.pop("_hop", None)
+                    p.pop("_fwd", None)
+                    rnd[name]["paced"] = p
+                rounds.append(rnd)
+        finally:
+            for env in envs.values():
+                await env.stop()
+
+        def med(name: str, get) -> float | None:
+            xs = [get(r[name]) for r in rounds]
+            xs = [x for x in xs if x is not None]
+            return _r(stats.median(xs), 3) if xs else None
+
+        def p99(r: dict, key: str):
+            return (r["paced"].get(key) or {}).get("p99")
+
+        res: dict = {"frames_per_round": frames, "rate_frames_per_s": o.peer_rate, "devices": o.devices,
+                     "window_per_session": o.window, "rounds": rounds}
+        for name, env in envs.items():
+            res[name] = {
+                "events_per_frame": env.epf,
+                "frames_per_s": med(name, lambda r: r["closed"]["frames_per_s"]),
+                "events_per_s": med(name, lambda r: r["closed"]["events_per_s"]),
+                "cpu_s_per_10k_frames": med(name, lambda r: r["closed"]["cpu_s_per_10k_frames"]),
+                "cpu_s_per_10k_frames_at_rate": med(name, lambda r: r["paced"]["cpu_s_per_10k_frames"]),
+                "forward_p99_us": med(name, lambda r: p99(r, "forward_us")),
+                "hop_p99_ms": med(name, lambda r: p99(r, "hop_ms")),
+                "forward_p50_us": med(name, lambda r: (r["paced"].get("forward_us") or {}).get("p50")),
+                "hop_p50_ms": med(name, lambda r: (r["paced"].get("hop_ms") or {}).get("p50")),
+            }
+
+        def ratio(a, b):
+            return a / b if a is not None and b else None
+
+        def mratio(name: str, get) -> float | None:
+            """Median over the rounds of (bridge figure / peer figure in the same round)."""
+            xs = [ratio(get(r[name]), get(r["peer"])) for r in rounds]
+            xs = [x for x in xs if x is not None]
+            return _r(stats.median(xs), 3) if xs else None
+
+        res["ratios"] = {name: {
+            "frames_per_s": mratio(name, lambda x: x["closed"]["frames_per_s"]),
+            "forward_p99": mratio(name, lambda x: p99(x, "forward_us")),
+            "hop_p99": mratio(name, lambda x: p99(x, "hop_ms")),
+            "cpu_per_frame": mratio(name, lambda x: x["closed"]["cpu_s_per_10k_frames"]),
+        } for name in ("bridge_all", "bridge_state")}
+        self.results["peer"] = res
+        self.checks["peer_all_events_received"] = all(
+            x["closed"]["complete"] and x["paced"].get("all_events_received") and x["paced"]["all_forwards_back"]
+            for r in rounds for x in r.values())
+
     # ------------------------------------------------------------------ scenario 7: tracing
     async def tracing(self) -> None:
         """Three bridges side by side, the throughput run alternating between them: tracing off,
@@ -722,6 +839,17 @@ class Bench:
         big = next((r for r in R.get("scale", {}).get("runs", []) if r.get("devices") == 10000 and "rss_mb" in r), None)
         add("10,000 devices: RSS (MB)", "< 250", big and big["hwm_mb"], None if big is None else big["hwm_mb"] < 250)
         add("10,000 devices: attached (s)", "< 30", big and big["attach_s"], None if big is None else big["attach_s"] < 30)
+        pr = R.get("peer", {}).get("ratios", {})
+        if pr:
+            rate = self.o.peer_rate
+            for name, label, need in (("bridge_state", "call.state only", 1.5), ("bridge_all", "every kind", 1.0)):
+                v = pr.get(name, {}).get("frames_per_s")
+                add(f"frames/s vs hand-written peer, {label}", f">= {need}", v, None if v is None else v >= need)
+            for name, label in (("bridge_state", "call.state only"), ("bridge_all", "every kind")):
+                for key, what in (("forward_p99", "forwarding p99"), ("hop_p99", "hop p99")):
+                    v = pr.get(name, {}).get(key)
+                    ok = None if v is None else v <= 1.0
+                    add(f"{what} @ {rate:g} frames/s vs peer, {label} (ratio)", "<= 1.0", v, ok)
         tr = R.get("tracing", {})
         cost = tr.get("cost_pct")
         add(f"tracing cost (% throughput; {tr.get('sampler', 'the chart sampler')})", "< 15",
@@ -859,6 +987,20 @@ def table(R: dict) -> str:
         L.append(f"  msgspec {k['msgspec_full_us']} us, stdlib json {k['stdlib_full_us']} us: x{k['speedup_full']}"
                  f"  (decode only: {k['msgspec_decode_us']} vs {k['stdlib_decode_us']} us, x{k['speedup_decode']}; "
                  f"same events: {k['equivalent_events']})")
+    pe = R.get("peer")
+    if pe:
+        L.append(f"\n[8] against the hand-written peer (issue 19): {pe['devices']} devices, window "
+                 f"{pe['window_per_session']}/session, {pe['frames_per_round']} frames per round, "
+                 f"{len(pe['rounds'])} round(s), open loop at {pe['rate_frames_per_s']:g} frames/s; medians")
+        L.append("  process          ev/frame  frames/s  cpu_s/10k frames (closed / paced)  fwd p50/p99 us  hop p50/p99 ms")
+        for name in ("peer", "bridge_all", "bridge_state"):
+            v = pe[name]
+            L.append(f"  {name:16s} {v['events_per_frame']:8d}  {v['frames_per_s']!s:>8}  "
+                     f"{v['cpu_s_per_10k_frames']!s:>8} / {v['cpu_s_per_10k_frames_at_rate']!s:<24}"
+                     f"{v['forward_p50_us']} / {v['forward_p99_us']}   {v['hop_p50_ms']} / {v['hop_p99_ms']}")
+        for name, r in pe["ratios"].items():
+            L.append(f"  {name} / peer: frames/s x{r['frames_per_s']}, forwarding p99 x{r['forward_p99']}, "
+                     f"hop p99 x{r['hop_p99']}, CPU per frame x{r['cpu_per_frame']}")
     tr = R.get("tracing")
     if tr:
         L.append(f"\n[7] tracing on vs off (throughput), off {tr['off_events_per_s']} ev/s")

@@ -109,3 +109,47 @@ def test_traced_bridge_setup_counts_spans(monkeypatch):
     provider.force_flush()
     assert exporter.spans >= 1
     provider.shutdown()
+
+
+def test_events_per_frame_follows_the_event_kinds():
+    from bridge.bench.frames import event_kinds, events_per_frame
+    from bridge.events import KINDS
+
+    assert event_kinds(None) == KINDS and events_per_frame(event_kinds({})) == EVENTS_PER_FRAME == 2
+    assert events_per_frame(event_kinds({"EPSIGNAL_EVENT_KINDS": "call.state"})) == 1
+    assert events_per_frame(event_kinds({"EPSIGNAL_EVENT_KINDS": " call.signaling , attached"})) == 1
+    assert events_per_frame(event_kinds({"EPSIGNAL_EVENT_KINDS": "attached,detached"})) == 0
+    # what the bridge's device really makes per frame with call states only
+    dev = Device(hw_id(2), EventFactory("t", ("call.state",)))
+    counts = [len(dev.on_frame(m.decode(f))) for f in sample_frames(devices=1, calls=2)]
+    assert counts == [1] * len(counts)
+
+
+def test_stamp_of_allows_the_space_stdlib_json_writes():
+    assert stamp_of(json.dumps({"sig": {"bench_t": 42, "type": "x"}}).encode()) == 42
+
+
+def test_load_generator_hands_out_send_stamps_per_device_in_order():
+    from collections import deque
+
+    from bridge.bench.loadgen import LoadGen
+
+    lg = LoadGen("pw")
+    s = type("S", (), {})()
+    s.stamps = deque([5, 7])
+    lg.sessions[hw_id(3)] = s
+    key = f"device.{hw_id(3)}.call.12.state"
+    assert [lg.stamp_by_key(key), lg.stamp_by_key(key), lg.stamp_by_key(key)] == [5, 7, None]
+    assert lg.stamp_by_key(f"device.{hw_id(4)}.call.1.state") is None
+
+
+def test_the_hand_written_peer_stays_an_afternoon_s_work():
+    from pathlib import Path
+
+    from bridge.bench import peer
+
+    code = [ln for ln in Path(peer.__file__).read_text().splitlines()
+            if ln.strip() and not ln.lstrip().startswith("#")]
+    doc_end = next(i for i, ln in enumerate(code) if ln.startswith("import"))
+    assert len(code) - doc_end <= 50  # about 40 lines of code
+

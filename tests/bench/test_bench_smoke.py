@@ -71,6 +71,25 @@ def test_bench_smoke(tmp_path):
     if tr["every_span"]["cost_pct"] is not None:  # one span per frame (and none per event)
         assert 0.9 <= tr["every_span"]["spans_per_frame"] <= 1.3
         assert tr["on"]["spans_per_frame"] < tr["every_span"]["spans_per_frame"]
+    # 8: the hand-written peer (issue 19): the bridge with every kind, with call.state only, and
+    # the peer, each under the same load generator and consumer; every event of every run arrived
+    pe = r["peer"]
+    per_frame = {"peer": 1, "bridge_all": 2, "bridge_state": 1}
+    for rnd in pe["rounds"]:
+        for name, epf in per_frame.items():
+            c, p = rnd[name]["closed"], rnd[name]["paced"]
+            assert c["complete"] and c["events_received"] == c["events_distinct"] == epf * c["frames"], (name, c)
+            assert c["events_per_frame"] == epf and c["cpu_s_per_10k_frames"] >= 0
+            assert p["all_events_received"] and p["all_forwards_back"], (name, p)
+            assert p["forward_us"]["count"] > 100 and p["hop_ms"]["count"] > 100, (name, p)
+        assert set(rnd["peer"]["closed"]["by_type"]) == {"call.signaling"}
+        assert set(rnd["bridge_state"]["closed"]["by_type"]) == {"call.state"}
+        assert rnd["bridge_all"]["closed"]["by_type"] == {"call.signaling": pe["frames_per_round"],
+                                                         "call.state": pe["frames_per_round"]}
+    for name in ("bridge_all", "bridge_state"):
+        ratios = pe["ratios"][name]
+        assert all(v is not None and v > 0 for v in ratios.values()), (name, ratios)
+        assert 0.1 < ratios["frames_per_s"] < 20, report
     # plots
     for name in ("latency_cdf", "rss_vs_devices"):
         if "skipped" not in r["plots"]:
