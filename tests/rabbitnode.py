@@ -1,0 +1,86 @@
+"""A RabbitMQ node of the test's own, beside the machine's broker (never reconfigured).
+
+For what a TCP proxy cannot fake: a memory alarm (``connection.blocked``), a node that dies, a
+cluster. The node gets its own name, AMQP and distribution ports, and a temp dir for its config,
+data and logs, writable by the ``rabbitmq`` user the server script runs as. It starts in about
+10 s; ``stop()`` stops it and removes the dir.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import uuid
+from pathlib import Path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def available() -> bool:
+    """True when this machine can start a RabbitMQ node of its own (the server is installed)."""
+    return shutil.which("rabbitmq-server") is not None and shutil.which("rabbitmqctl") is not None
+
+
+class RabbitNode:
+    def __init__(self, name: str | None = None) -> None:
+        self.name = f"{name or 'epsig-' + uuid.uuid4().hex[:6]}@localhost"
+        self.port = _free_port()
+        self.dist_port = _free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="rmqnode-"))
+        os.chmod(self.dir, 0o777)
+
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.port}/"
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            RABBITMQ_NODENAME=self.name,
+            RABBITMQ_CONFIG_FILE=str(self.dir / "rabbitmq.conf"),
+            RABBITMQ_MNESIA_BASE=str(self.dir / "mnesia"),
+            RABBITMQ_LOG_BASE=str(self.dir / "log"),
+            RABBITMQ_PID_FILE=str(self.dir / "pid"),
+            RABBITMQ_ENABLED_PLUGINS_FILE=str(self.dir / "enabled_plugins"),
+            RABBITMQ_DIST_PORT=str(self.dist_port),
+        )
+        return env
+
+    def start(self, timeout: float = 60) -> RabbitNode:
+        conf = self.dir / "rabbitmq.conf"
+        conf.write_text(f"listeners.tcp.local = 127.0.0.1:{self.port}\nloopback_users = none\n")
+        (self.dir / "enabled_plugins").write_text("[].\n")
+        for f in (conf, self.dir / "enabled_plugins"):
+            os.chmod(f, 0o644)
+        subprocess.run(["rabbitmq-server", "-detached"], env=self._env(), check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30)
+        # waits for the pid file, then for the rabbit app
+        self.ctl("wait", str(self.dir / "pid"), "--timeout", str(int(timeout)), timeout=timeout + 5)
+        return self
+
+    def ctl(self, *args: str, timeout: float = 30) -> str:
+        r = subprocess.run(["rabbitmqctl", "-n", self.name, *args], env=self._env(), capture_output=True,
+                           text=True, timeout=timeout)
+        if r.returncode != 0:
+            raise RuntimeError(f"rabbitmqctl {' '.join(args)}: {r.stdout} {r.stderr}")
+        return r.stdout
+
+    def memory_alarm(self, on: bool) -> None:
+        """Raise (or clear) the memory alarm: the node blocks publishing connections."""
+        self.ctl("set_vm_memory_high_watermark", "0.000001" if on else "0.4")
+
+    def stop(self) -> None:
+        try:
+            self.ctl("stop", str(self.dir / "pid"), timeout=60)
+        except (RuntimeError, subprocess.TimeoutExpired):
+            pid = (self.dir / "pid").read_text().strip() if (self.dir / "pid").exists() else ""
+            if pid.isdigit():
+                subprocess.run(["kill", "-9", pid], check=False)
+        shutil.rmtree(self.dir, ignore_errors=True)
