@@ -191,6 +191,11 @@ async def test_three_replicas_failover_and_scale_out(big_sim, names, tmp_path):
         assert st["attached_devices"] == DEVICES
         assert len(holders(sim)) == DEVICES
         assert bad == [], f"a device on two replicas at once: {bad[:5]}"
+        handed = {tag: sum("handed on" in str(r.get("msg", "")) for r in procs[tag].logs()) for tag in ("2", "3")}
+        to_dead = [r["msg"] for tag in ("2", "3") for r in procs[tag].logs()
+                   if "handed on (to replica-1)" in str(r.get("msg", ""))]
+        assert to_dead == [], f"a lease handed on to the killed replica: {to_dead[:3]}"
+        assert sum(handed.values()) > 0, "no hand-on logged at the scale-out"
         s = Settings.from_env({}, amqp_url=AMQP_URL, devices=",".join(devices), **names)
         tokens = await asyncio.to_thread(lease_tokens, s, devices)
         assert set(tokens.values()) == {1}, f"not one token per lease queue: {[(hw, n) for hw, n in tokens.items() if n != 1][:5]}"

@@ -117,10 +117,14 @@ async def test_a_lease_channel_error_stops_the_runners_and_the_replica_lines_up_
     mine = set(a.leases.tokens)
     async with one_owner_at_a_time([a, b], runs=False):
         ch = a.leases._ch
+        t0 = asyncio.get_running_loop().time()
         await ch.basic_nack(999_999, requeue=True)  # PRECONDITION_FAILED - unknown delivery tag
         await until(lambda: a.leases.channels_lost == 1, 5, "the lease channel loss noticed")
         assert not a.leases.tokens and not any(a.leases.runs(hw) for hw in mine)
         await until(lambda: not a.runners, 10, "the runners stopped")
+        await until(lambda: len(attached_by([a, b])) == N, 15, "every device attached again")
+        print(f"\nlease channel error: {len(mine)} devices attached again in "
+              f"{asyncio.get_running_loop().time() - t0:.2f}s")
         await until(lambda: a.leases._usable() is not None, 10, "a new lease channel")
         assert a.link.ready, "the connection was not lost: only the channel"
         await until(lambda: held([a])[0] > 0 and sum(held([a, b])) == N, 15, "the leases balanced again")
