@@ -406,6 +406,7 @@ class LeaseManager:
         stable = lined_up and self.plan.settled(now)
         me = self.members.me
         moving = sum(1 for lease in self.leases.values() if lease.state in (State.RELEASING, State.LEAVING))
+        checked = 0
         for hw in sorted(self.devices()):
             if self.epoch != epoch:
                 return
@@ -419,9 +420,15 @@ class LeaseManager:
             elif lease.state is State.HOLDING:
                 if (lease.runner and hw not in self._starting and hw not in self._stopping_runner):
                     self.owner.acquired(hw)  # a runner that ended (attach refused) is tried again
-                if (moving < self.s.attach_concurrency and self.plan.hand_on(hw, self.owner.idle(hw), now)):
-                    moving += 1  # a few at a time: a misjudged member set moves little
-                    await self._do(lease, lease.release(), "lease-moved")
+                if (moving < self.s.attach_concurrency and checked < self.s.attach_concurrency
+                        and self.plan.hand_on(hw, self.owner.idle(hw), now)):
+                    # only to a replica in line: a second consumer on the queue (a replica just
+                    # SIGKILLed may still be "heard lately", but its consumers are gone at once)
+                    checked += 1
+                    ok = await ch.queue_declare(t.lease_queue(self.s, hw), passive=True)
+                    if ok.consumer_count >= 2 and lease.holding and self.owner.idle(hw) and self.epoch == epoch:
+                        moving += 1  # a few at a time: a misjudged member set moves little
+                        await self._do(lease, lease.release(), "lease-moved")
                 elif lease.token is not None and now - lease.token.at > RENEW_S:
                     await self._do(lease, lease.renew())
 
