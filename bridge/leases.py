@@ -174,7 +174,7 @@ class LeasePlan:
 #   IN_LINE    yes        none         off           token -> HOLDING; release -> LEAVING
 #   HOLDING    yes        yes          per token     token (keep the newer), want, renew, command;
 #                                                    release -> RELEASING
-#   RELEASING  yes        yes          stopping      runner_stopped -> LEAVING
+#   RELEASING  yes        yes          stopping      runner_stopped (every stop ended) -> LEAVING
 #   LEAVING    cancelled  maybe        off           cancel_ok -> OUT (token nacked)
 #   any        -          -            -             channel_lost, broker_cancel -> OUT (runner
 #                                                    stopped; the broker already took the token)
@@ -325,8 +325,10 @@ class Lease:
     token: Held | None = None
     #: the runner is (wanted) on: only ever True in HOLDING
     runner: bool = False
-    #: the StopRunner whose end RELEASING waits for
+    #: the last StopRunner's number, and the ones not ended yet: RELEASING waits for all of them
+    #: (a runner stopped by a detach may still be stopping when the release begins)
     stop_seq: int = 0
+    stopping: set[int] = field(default_factory=set)
     #: a renewal token is on its way (not asked for again until it arrives)
     renewing: bool = False
     history: list[State] = field(default_factory=list, repr=False)
@@ -351,6 +353,7 @@ class Lease:
             return []
         self.runner = False
         self.stop_seq += 1
+        self.stopping.add(self.stop_seq)
         return [StopRunner(self.hw, self.stop_seq)]
 
     def _mine(self, epoch: int, ctag: str) -> bool:
@@ -442,8 +445,9 @@ class Lease:
         return out
 
     def runner_stopped(self, seq: int) -> list[Action]:
-        if self.state is State.RELEASING and seq != self.stop_seq:
-            return []  # an earlier stop ended: not the one the release waits for
+        self.stopping.discard(seq)
+        if self.state is State.RELEASING and self.stopping:
+            return []  # another stop has not ended yet: the release waits for every one
         nxt = self._go(Ev.RUNNER_STOPPED)
         if self.state is not State.RELEASING:
             self._enter(nxt)

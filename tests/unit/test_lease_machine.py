@@ -339,6 +339,20 @@ def test_an_extra_token_during_a_hand_on_never_starts_a_runner():
     assert lease.cancel_ok(1, "c1") == [Nack("d", 1, 1)] and lease.state is State.OUT
 
 
+def test_a_release_waits_for_every_runner_stop_not_only_its_own():
+    """Found by the stateful test: a detach's stop still running when a hand-on began; the
+    hand-on's own (no-op) stop ended first, the consumer was cancelled and the next replica
+    started while the detached runner was still stopping."""
+    lease = Lease("d")
+    lease.line_up(1, "c1")
+    lease.token_delivered(1, "c1", 1, 0, True)
+    first = lease.want(False)[0]
+    assert first == StopRunner("d", 1)
+    assert lease.release() == [StopRunner("d", 2)]
+    assert lease.runner_stopped(2) == [] and lease.state is State.RELEASING
+    assert lease.runner_stopped(1) == [Cancel("d", 1, "c1")] and lease.state is State.LEAVING
+
+
 def test_a_reconnect_during_a_hand_on_never_nacks_a_stale_tag():
     """Issue 14: a nack of the old channel's delivery tag on the new channel closed it."""
     lease = Lease("d")
