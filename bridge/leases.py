@@ -86,6 +86,15 @@ class Membership:
             self._update(now)
         return new
 
+    def fresh(self, member: str, now: float) -> bool:
+        """``member`` was heard within two heartbeats (this replica always is): a lease is handed
+        on only to a fresh one, never to a replica that may be dead (SIGKILL: its heartbeats stop
+        at once, it is forgotten only after MISSED_HEARTBEATS)."""
+        if member == self.me:
+            return True
+        last = self._last.get(member)
+        return last is not None and now - last <= 2 * self.timeout_s / MISSED_HEARTBEATS
+
     def expire(self, now: float) -> list[str]:
         """Forget members unheard for too long; the ones forgotten."""
         gone = [m for m, t in self._last.items() if now - t > self.timeout_s]
@@ -134,5 +143,356 @@ class LeasePlan:
 
     def hand_on(self, hw: str, idle: bool, now: float) -> bool:
         """Give up a lease held here: only an idle device (no call, no command in progress),
-        only to another live preferred holder, only once the member set has settled."""
-        return idle and self.preferred(hw) != self.m.me and self.settled(now)
+        only to another preferred holder heard lately, only once the member set has settled."""
+        if not idle or not self.settled(now):
+            return False
+        p = self.preferred(hw)
+        return p != self.m.me and self.m.fresh(p, now)
+
+
+# ====================================================================== ownership: the state machine
+#
+# THE INVARIANT (issue 14; docs/SCALING.md). A replica runs device D only while
+#
+#   its consumer on D's lease queue is on its current, open lease channel, and it holds a token
+#   for D delivered on that channel since it last began releasing D.
+#
+# It is enforced here and only here: a runner is started only by a StartRunner action, which
+# only the HOLDING state emits; every way out of HOLDING stops the runner first; a token is only
+# ever given back (nack) after the runner stopped *and* the consumer was cancelled (so no other
+# token can reach another replica while ours still runs). bridge.amqp.leases carries the actions
+# out and feeds the broker's answers back in; it decides nothing about ownership.
+#
+# The broker (RabbitMQ single-active-consumer queue) does the rest: it delivers only to the
+# first consumer in line; basic.cancel keeps the cancelled consumer's unacked messages on its
+# channel; closing a channel (crash, error, consumer timeout) requeues them in order for the
+# next consumer. So a token moves only when its holder lets go of it: by nack after cancel-ok, or
+# by losing its channel, and both leave the state machine OUT with its runner stopped.
+#
+#   state      consumer   token held   runner        events taken (-> next state)
+#   OUT        none       none         off           line_up -> IN_LINE
+#   IN_LINE    yes        none         off           token -> HOLDING; release -> LEAVING
+#   HOLDING    yes        yes          per token     token (keep the newer), want, renew, command;
+#                                                    release -> RELEASING
+#   RELEASING  yes        yes          stopping      runner_stopped (every stop ended) -> LEAVING
+#   LEAVING    cancelled  maybe        off           cancel_ok -> OUT (token nacked)
+#   any        -          -            -             channel_lost, broker_cancel -> OUT (runner
+#                                                    stopped; the broker already took the token)
+#
+# A command delivered IN_LINE (the token is on its way: a hand-on requeues it after commands
+# that went straight to the new active consumer) waits for it (Defer), and is requeued if it does
+# not come; RELEASING or LEAVING, it is requeued for the next holder. Tokens are minted only
+# where the invariant allows no holder: a queue declared with nothing ready *and no consumer*
+# (a held token is unacked, so the ready count alone does not tell; a holder is a consumer).
+
+
+import enum
+from dataclasses import dataclass, field
+
+
+class LeaseError(Exception):
+    """An event the state machine does not take in its state (a bug in the caller)."""
+
+
+class State(enum.Enum):
+    OUT = "out"
+    IN_LINE = "in line"
+    HOLDING = "holding"
+    RELEASING = "releasing"
+    LEAVING = "leaving"
+
+
+class Ev(enum.Enum):
+    LINE_UP = "line_up"
+    TOKEN = "token"
+    COMMAND = "command"
+    WANT = "want"
+    RENEW = "renew"
+    RELEASE = "release"
+    RUNNER_STOPPED = "runner_stopped"
+    CANCEL_OK = "cancel_ok"
+    CHANNEL_LOST = "channel_lost"
+    BROKER_CANCEL = "broker_cancel"
+
+
+S, E = State, Ev
+#: the only transitions there are (h11 ``_state.py`` style); anything else raises LeaseError
+TRANSITIONS: dict[State, dict[Ev, State]] = {
+    S.OUT: {E.LINE_UP: S.IN_LINE, E.RUNNER_STOPPED: S.OUT, E.CHANNEL_LOST: S.OUT},
+    S.IN_LINE: {E.TOKEN: S.HOLDING, E.COMMAND: S.IN_LINE, E.RELEASE: S.LEAVING,
+                E.RUNNER_STOPPED: S.IN_LINE, E.CHANNEL_LOST: S.OUT, E.BROKER_CANCEL: S.OUT},
+    S.HOLDING: {E.TOKEN: S.HOLDING, E.COMMAND: S.HOLDING, E.WANT: S.HOLDING, E.RENEW: S.HOLDING,
+                E.RELEASE: S.RELEASING, E.RUNNER_STOPPED: S.HOLDING, E.CHANNEL_LOST: S.OUT,
+                E.BROKER_CANCEL: S.OUT},
+    S.RELEASING: {E.TOKEN: S.RELEASING, E.COMMAND: S.RELEASING, E.RUNNER_STOPPED: S.LEAVING,
+                  E.CHANNEL_LOST: S.OUT, E.BROKER_CANCEL: S.OUT},
+    S.LEAVING: {E.TOKEN: S.LEAVING, E.COMMAND: S.LEAVING, E.CANCEL_OK: S.OUT,
+                E.RUNNER_STOPPED: S.LEAVING, E.CHANNEL_LOST: S.OUT, E.BROKER_CANCEL: S.OUT},
+}
+
+
+# ---------------------------------------------------------------- actions (carried out by the I/O side)
+@dataclass(frozen=True)
+class Consume:
+    """Declare the lease queue (mint a token if it has nothing ready and no consumer), then
+    basic.consume with ``ctag`` on the lease channel of ``epoch``."""
+    hw: str
+    epoch: int
+    ctag: str
+
+
+@dataclass(frozen=True)
+class Cancel:
+    hw: str
+    epoch: int
+    ctag: str
+
+
+@dataclass(frozen=True)
+class Ack:
+    """Acknowledge (destroy) a duplicate token."""
+    hw: str
+    epoch: int
+    dtag: int
+
+
+@dataclass(frozen=True)
+class Nack:
+    """Requeue a message (a token given back, a command for the next holder)."""
+    hw: str
+    epoch: int
+    dtag: int
+
+
+@dataclass(frozen=True)
+class Publish:
+    """Publish a token of generation ``gen`` to the lease queue (confirmed)."""
+    hw: str
+    gen: int
+    attach: bool
+
+
+@dataclass(frozen=True)
+class StartRunner:
+    hw: str
+    #: the token was someone else's before: give the PBX a moment to see their session end
+    takeover: bool = False
+
+
+@dataclass(frozen=True)
+class StopRunner:
+    """Stop the runner; feed ``runner_stopped(seq)`` back when it has ended."""
+    hw: str
+    seq: int
+
+
+@dataclass(frozen=True)
+class Process:
+    """Carry the command out (its delivery stays unacked until answered)."""
+    hw: str
+    dtag: int
+
+
+@dataclass(frozen=True)
+class Defer:
+    """Hold the command until the token arrives, then offer it again (``retry=True``)."""
+    hw: str
+    dtag: int
+
+
+Action = Consume | Cancel | Ack | Nack | Publish | StartRunner | StopRunner | Process | Defer
+
+
+@dataclass
+class Held:
+    """A token held: where it was delivered and what it says."""
+    epoch: int
+    dtag: int
+    gen: int
+    attach: bool
+    at: float = 0.0
+
+
+@dataclass
+class Lease:
+    """One device's ownership, as seen by one replica. Every method is an event; it returns the
+    actions to carry out, in order."""
+    hw: str
+    state: State = State.OUT
+    #: lease channel epoch and consumer tag of the current consumer (None when OUT)
+    epoch: int | None = None
+    ctag: str | None = None
+    token: Held | None = None
+    #: the runner is (wanted) on: only ever True in HOLDING
+    runner: bool = False
+    #: the last StopRunner's number, and the ones not ended yet: RELEASING waits for all of them
+    #: (a runner stopped by a detach may still be stopping when the release begins)
+    stop_seq: int = 0
+    stopping: set[int] = field(default_factory=set)
+    #: a renewal token is on its way (not asked for again until it arrives)
+    renewing: bool = False
+    history: list[State] = field(default_factory=list, repr=False)
+
+    # -------------------------------------------------------------- the table
+    def _go(self, ev: Ev) -> State:
+        nxt = TRANSITIONS[self.state].get(ev)
+        if nxt is None:
+            raise LeaseError(f"device {self.hw}: {ev.value} in state {self.state.value}")
+        return nxt
+
+    def _enter(self, state: State) -> None:
+        self.state = state
+        if state is State.OUT:
+            self.epoch = self.ctag = None
+            self.token = None
+            self.renewing = False
+        self.check()
+
+    def _stop(self) -> list[Action]:
+        if not self.runner:
+            return []
+        self.runner = False
+        self.stop_seq += 1
+        self.stopping.add(self.stop_seq)
+        return [StopRunner(self.hw, self.stop_seq)]
+
+    def _mine(self, epoch: int, ctag: str) -> bool:
+        return self.epoch == epoch and self.ctag == ctag
+
+    # -------------------------------------------------------------- events
+    def line_up(self, epoch: int, ctag: str) -> list[Action]:
+        nxt = self._go(Ev.LINE_UP)
+        self.epoch, self.ctag = epoch, ctag
+        self._enter(nxt)
+        return [Consume(self.hw, epoch, ctag)]
+
+    def token_delivered(self, epoch: int, ctag: str, dtag: int, gen: int, attach: bool,
+                        redelivered: bool = False, now: float = 0.0) -> list[Action]:
+        """A token arrived on consumer ``ctag`` of channel ``epoch``."""
+        if not self._mine(epoch, ctag):
+            # a delivery to a consumer given up (its cancel-ok overtook it) or an old channel's:
+            # not ours to hold; back to the queue if its channel still lives (the caller knows)
+            return [Nack(self.hw, epoch, dtag)]
+        nxt = self._go(Ev.TOKEN)
+        new = Held(epoch, dtag, gen, attach, now)
+        out: list[Action] = []
+        if self.token is not None:  # two tokens: keep the newer generation, destroy the other
+            if gen <= self.token.gen:
+                self._enter(nxt)
+                return [Ack(self.hw, epoch, dtag)]
+            out.append(Ack(self.hw, self.token.epoch, self.token.dtag))
+            self.renewing = False
+        self.token = new
+        if nxt is State.HOLDING:
+            if attach and not self.runner:
+                self.runner = True
+                out.append(StartRunner(self.hw, takeover=redelivered))
+            elif not attach:
+                out += self._stop()
+        self._enter(nxt)
+        return out
+
+    def command(self, epoch: int, ctag: str, dtag: int, retry: bool = False) -> list[Action]:
+        if not self._mine(epoch, ctag):
+            return [Nack(self.hw, epoch, dtag)]
+        nxt = self._go(Ev.COMMAND)
+        self._enter(nxt)
+        if self.state is State.HOLDING:
+            return [Process(self.hw, dtag)]
+        if self.state is State.IN_LINE and not retry:
+            return [Defer(self.hw, dtag)]
+        return [Nack(self.hw, epoch, dtag)]
+
+    def want(self, attach: bool) -> list[Action]:
+        """An attach/detach command carried out here (HOLDING only): the runner follows, and
+        the token is replaced by one of the next generation saying so (the old one is acked
+        when the new one arrives: never a moment without one)."""
+        nxt = self._go(Ev.WANT)
+        assert self.token is not None
+        out: list[Action] = []
+        if attach and not self.runner:
+            self.runner = True
+            out.append(StartRunner(self.hw))
+        elif not attach:
+            out += self._stop()
+        if self.token.attach != attach:
+            out.append(Publish(self.hw, self.token.gen + 1, attach))
+            self.renewing = True
+        self._enter(nxt)
+        return out
+
+    def renew(self) -> list[Action]:
+        """Replace the held token by a fresh delivery of the next generation before the broker's
+        consumer timeout (which counts from the delivery) closes the channel over it."""
+        nxt = self._go(Ev.RENEW)
+        assert self.token is not None
+        self._enter(nxt)
+        if self.renewing:
+            return []
+        self.renewing = True
+        return [Publish(self.hw, self.token.gen + 1, self.token.attach)]
+
+    def release(self) -> list[Action]:
+        """Give the lease up (hand on, step out of line): stop the runner, then cancel, then
+        give the token back."""
+        nxt = self._go(Ev.RELEASE)
+        if nxt is State.LEAVING:
+            self._enter(nxt)
+            return [Cancel(self.hw, self.epoch, self.ctag)]
+        self.runner = True  # RELEASING always waits for a StopRunner of its own
+        out = self._stop()
+        self._enter(nxt)
+        return out
+
+    def runner_stopped(self, seq: int) -> list[Action]:
+        self.stopping.discard(seq)
+        if self.state is State.RELEASING and self.stopping:
+            return []  # another stop has not ended yet: the release waits for every one
+        nxt = self._go(Ev.RUNNER_STOPPED)
+        if self.state is not State.RELEASING:
+            self._enter(nxt)
+            return []
+        self._enter(nxt)
+        return [Cancel(self.hw, self.epoch, self.ctag)]
+
+    def cancel_ok(self, epoch: int, ctag: str) -> list[Action]:
+        if not self._mine(epoch, ctag):
+            return []
+        nxt = self._go(Ev.CANCEL_OK)
+        held = self.token
+        self._enter(nxt)
+        return [Nack(self.hw, held.epoch, held.dtag)] if held is not None else []
+
+    def channel_lost(self, epoch: int) -> list[Action]:
+        """The lease channel of ``epoch`` closed: every token on it is the broker's again."""
+        if self.epoch != epoch:
+            return []
+        nxt = self._go(Ev.CHANNEL_LOST)
+        out = self._stop()
+        self._enter(nxt)
+        return out
+
+    def broker_cancel(self, epoch: int, ctag: str) -> list[Action]:
+        """The broker cancelled our consumer (the queue was deleted, token and all)."""
+        if not self._mine(epoch, ctag):
+            return []
+        nxt = self._go(Ev.BROKER_CANCEL)
+        out = self._stop()
+        self._enter(nxt)
+        return out
+
+    # -------------------------------------------------------------- the invariant
+    @property
+    def holding(self) -> bool:
+        return self.state is State.HOLDING
+
+    def check(self, open_epoch: int | None = None) -> None:
+        """The invariant, as far as this replica can know it (``open_epoch``: its current open
+        lease channel, when the caller knows it). Raises LeaseError."""
+        if self.runner and not (self.state is State.HOLDING and self.token is not None
+                                and self.token.epoch == self.epoch and self.ctag is not None):
+            raise LeaseError(f"device {self.hw}: runner on in state {self.state.value} with token {self.token}")
+        if self.runner and open_epoch is not None and self.epoch != open_epoch:
+            raise LeaseError(f"device {self.hw}: runner on for channel {self.epoch}, open is {open_epoch}")
+        if self.state is State.OUT and (self.token is not None or self.runner):
+            raise LeaseError(f"device {self.hw}: OUT with a token or a runner")

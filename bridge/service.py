@@ -241,8 +241,10 @@ class Bridge:
                 device = self.server.devices[hw]
             else:
                 if self.leases is not None:
-                    await self.leases.want(hw, True)
-                r = self._runner(hw)
+                    if not await self.leases.want(hw, True) or not self.leases.runs(hw):
+                        raise cmds.CommandError(f"the lease of {hw} moved to another replica while "
+                                                "the command was carried out; send it again")
+                r = self._runner(hw)  # (with leases: no await since runs() said so)
                 result = await asyncio.wait_for(asyncio.shield(r.first_result), timeout)
                 device = r.device
         except TimeoutError:
@@ -279,8 +281,12 @@ class Bridge:
                 "detach is not possible in server mode: EpSignal has no Detach message and the "
                 "PBX session carries every device"
             )
-        if self.leases is not None:
-            await self.leases.want(hw, False)
+        if self.leases is not None:  # the lease's state machine stops the runner
+            r = self.runners.get(hw)
+            was = r is not None and r.device.attached
+            if not await self.leases.want(hw, False):
+                raise cmds.CommandError(f"the lease of {hw} moved to another replica")
+            return cmds.Reply(ok=True, command="detach", hw=hw, was_attached=was)
         r = self.runners.pop(hw, None)
         if r is None:
             return cmds.Reply(ok=True, command="detach", hw=hw, was_attached=False)

@@ -29,7 +29,11 @@ def available() -> bool:
 
 
 class RabbitNode:
-    def __init__(self, name: str | None = None) -> None:
+    def __init__(self, name: str | None = None, config: str = "", advanced: str = "") -> None:
+        """``config``: more rabbitmq.conf lines (e.g. ``consumer_timeout = 5000``); ``advanced``:
+        the rabbit application's advanced.config terms (e.g. ``{channel_tick_interval, 1000}``)."""
+        self.config = config
+        self.advanced = advanced
         self.name = f"{name or 'epsig-' + uuid.uuid4().hex[:6]}@localhost"
         self.port = _free_port()
         self.dist_port = _free_port()
@@ -45,6 +49,7 @@ class RabbitNode:
         env.update(
             RABBITMQ_NODENAME=self.name,
             RABBITMQ_CONFIG_FILE=str(self.dir / "rabbitmq.conf"),
+            RABBITMQ_ADVANCED_CONFIG_FILE=str(self.dir / "advanced.config"),
             RABBITMQ_MNESIA_BASE=str(self.dir / "mnesia"),
             RABBITMQ_LOG_BASE=str(self.dir / "log"),
             RABBITMQ_PID_FILE=str(self.dir / "pid"),
@@ -55,9 +60,11 @@ class RabbitNode:
 
     def start(self, timeout: float = 60) -> RabbitNode:
         conf = self.dir / "rabbitmq.conf"
-        conf.write_text(f"listeners.tcp.local = 127.0.0.1:{self.port}\nloopback_users = none\n")
+        conf.write_text(f"listeners.tcp.local = 127.0.0.1:{self.port}\nloopback_users = none\n{self.config}\n")
+        adv = self.dir / "advanced.config"
+        adv.write_text(f"[{{rabbit, [{self.advanced}]}}].\n")
         (self.dir / "enabled_plugins").write_text("[].\n")
-        for f in (conf, self.dir / "enabled_plugins"):
+        for f in (conf, adv, self.dir / "enabled_plugins"):
             os.chmod(f, 0o644)
         subprocess.run(["rabbitmq-server", "-detached"], env=self._env(), check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30)

@@ -18,14 +18,20 @@ and wait in the queue while nobody holds it.
   replaces the token with ``attach: false``, so the next holder does not attach it again. Two
   tokens (two replicas created the queue at once) meet at the active consumer, which keeps the
   newer generation and acknowledges the other.
-- Broker lost: the runners go on (calls come first); after the reconnect the replica lines up
-  first for the leases it held and gives up any whose token does not come back within
-  ``REACQUIRE_S`` (another replica holds it now).
+- Broker or lease channel lost (a crash, a channel error, RabbitMQ's consumer timeout): the
+  broker has requeued every token of the channel, so every runner stops (the invariant); the
+  channel is opened again (on the same connection if it lives) and the replica lines up again.
+- Consumer timeout: a held token is replaced by a new delivery (``renew``) every ``RENEW_S``,
+  well within RabbitMQ's ``consumer_timeout`` (30 min by default), so the timeout never fires.
+
+Who owns what is decided by :class:`bridge.leases.Lease` (the state machine, with the invariant);
+this module only carries out its actions and feeds the broker's answers back.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Protocol
@@ -38,13 +44,17 @@ from pamqp.commands import Basic
 
 from bridge.amqp import topology as t
 from bridge.amqp.link import BrokerLink
-from bridge.leases import PRESENCE_DECODER, PRESENCE_ENCODER, LeasePlan, Membership, Presence
+from bridge.leases import (
+    PRESENCE_DECODER, PRESENCE_ENCODER, Ack, Action, Cancel, Consume, Defer, Lease, LeasePlan, Membership,
+    Nack, Presence, Process, Publish, StartRunner, State, StopRunner,
+)
 
 log = logging.getLogger("bridge.leases")
 
-#: after a broker reconnect: time for the token of a lease held before to come back
-REACQUIRE_S = 5.0
-#: a command that arrives before its device's token waits this long for it
+#: a held token is renewed (a new delivery) this often: RabbitMQ's consumer_timeout (30 min by
+#: default) closes a channel over a delivery older than that, which would move every device
+RENEW_S = 600.0
+#: a command that arrives before its device's token waits this long for it, then is requeued
 TOKEN_WAIT_S = 2.0
 #: a token that was someone else's (redelivered: handed on, or its holder died) starts the
 #: runner after this pause, for the PBX to notice the old holder's session is gone (else its
@@ -90,28 +100,63 @@ class LeaseManager:
         loop = asyncio.get_running_loop()
         self.members = Membership(self.s.instance_id, self.s.lease_heartbeat_s, loop.time())
         self.plan = LeasePlan(self.members, self.s.lease_heartbeat_s)
-        #: hw -> (delivery tag, token) of the tokens held on the current channel
-        self.tokens: dict[str, tuple[int, Token]] = {}
-        #: devices whose runner this replica started (may outlive a channel)
-        self.running: set[str] = set()
-        #: hw -> deadline: held before a broker reconnect, token not back yet
-        self.reacquire: dict[str, float] = {}
-        self.consuming: dict[str, str] = {}  # hw -> consumer tag
-        self._hw_by_tag: dict[str, str] = {}
-        self._token_arrived: dict[str, asyncio.Event] = {}
-        #: devices with a command waiting for the token
-        self._waiting: set[str] = set()
+        #: hw -> its ownership state machine (bridge.leases.Lease): the only judge of ownership
+        self.leases: dict[str, Lease] = {}
+        #: the current lease channel and its epoch (every channel opened gets the next one)
         self._ch: aiormq.abc.AbstractChannel | None = None
-        self._declared: set[str] = set()
+        self.epoch = 0
+        self._conn: AbstractConnection | None = None
+        self._ctags = itertools.count(1)
+        self._by_ctag: dict[str, str] = {}  # consumer tag -> hw
+        self._declared: set[str] = set()    # declared on the current channel
+        self._token_arrived: dict[str, asyncio.Event] = {}
+        #: runner stops and starts in progress (never awaited by the lease round)
+        self._stopping_runner: dict[str, asyncio.Task] = {}
+        self._starting: set[str] = set()
+        self._bg: set[asyncio.Task] = set()
         self._line_up_at = 0.0
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._beat: asyncio.Task | None = None
         self._stopping = False
         self.handed_on = 0
+        self.channels_lost = 0
         link.on_ready(self._start)
+
+    # ------------------------------------------------------------------ views
+    @property
+    def tokens(self) -> dict[str, Lease]:
+        """Devices whose lease is held here (HOLDING)."""
+        return {hw: lease for hw, lease in self.leases.items() if lease.state is State.HOLDING}
+
+    def holds(self, hw: str) -> bool:
+        lease = self.leases.get(hw)
+        return lease is not None and lease.state is State.HOLDING
+
+    def runs(self, hw: str) -> bool:
+        """The invariant allows a runner for ``hw`` here now."""
+        lease = self.leases.get(hw)
+        return lease is not None and lease.runner
+
+    def _lease(self, hw: str) -> Lease:
+        lease = self.leases.get(hw)
+        if lease is None:
+            lease = self.leases[hw] = Lease(hw)
+        return lease
+
+    def devices(self) -> set[str]:
+        return self.configured | self.dynamic | set(self.leases)
 
     # ------------------------------------------------------------------ connection
     async def _start(self, conn: AbstractConnection, topo: t.Topology) -> None:
+        self._conn = conn
+        await self._open_channel(conn)
+        if self._task is None:
+            self._task = asyncio.create_task(self._loop(), name="leases")
+            self._beat = asyncio.create_task(self._heartbeat(), name="presence")
+
+    async def _open_channel(self, conn: AbstractConnection) -> None:
+        self._lost(self.epoch)  # the old channel is gone (its close callback may come later)
         ch = await (await conn.channel(publisher_confirms=False)).get_underlay_channel()
         await ch.basic_qos(prefetch_count=self.s.prefetch)  # per consumer (RabbitMQ)
         ch.on_consumer_cancel_callbacks.add(self._on_cancel)
@@ -120,24 +165,45 @@ class LeaseManager:
         q = (await ch.queue_declare("", exclusive=True, auto_delete=True)).queue
         await ch.queue_bind(q, presence)
         await ch.basic_consume(q, self._on_presence, no_ack=True)
-        loop = asyncio.get_running_loop()
-        # a new channel: every token held on the old one is void; the runners go on meanwhile
-        for hw in self.running:
-            self.reacquire.setdefault(hw, loop.time() + REACQUIRE_S)
-        self.tokens.clear()
-        self.consuming.clear()
-        self._hw_by_tag.clear()
+        self.epoch += 1
+        epoch = self.epoch
         self._declared.clear()
+        self._by_ctag.clear()
         self._ch = ch
+        ch.closing.add_done_callback(lambda _f: self._on_channel_closed(epoch))
+        loop = asyncio.get_running_loop()
         # hear the others before lining up for devices: they answer a hello at once
         self._line_up_at = loop.time() + min(0.5, self.s.lease_heartbeat_s)
         await self._announce(hello=True)
-        for hw in list(self.reacquire):  # first in line for what we held
-            await self._consume(hw)
-        if self._task is None:
-            self._task = asyncio.create_task(self._loop(), name="leases")
-            self._beat = asyncio.create_task(self._heartbeat(), name="presence")
         self._wake.set()
+
+    def _on_channel_closed(self, epoch: int) -> None:
+        if epoch != self.epoch or self._stopping:
+            return
+        self.channels_lost += 1
+        log.warning("lease channel closed: every lease held here is void; lining up again")
+        self._lost(epoch)
+        conn = self._conn
+        if conn is not None and not conn.is_closed:  # only the channel: open another one
+            self._spawn(self._reopen(conn, epoch))
+
+    async def _reopen(self, conn: AbstractConnection, epoch: int) -> None:
+        delay = 0.1
+        while not self._stopping and self.epoch == epoch and not conn.is_closed:
+            try:
+                await self._open_channel(conn)
+                return
+            except Exception as e:
+                log.debug("lease channel not reopened: %s", e)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def _lost(self, epoch: int) -> None:
+        """The lease channel of ``epoch`` is gone: the broker requeued its tokens."""
+        if self._ch is not None and epoch == self.epoch:
+            self._ch = None
+        for lease in self.leases.values():
+            self._carry_out_now(lease, lease.channel_lost(epoch), "lease-lost")
 
     def _usable(self) -> aiormq.abc.AbstractChannel | None:
         ch = self._ch
@@ -165,7 +231,7 @@ class LeaseManager:
             log.info("replicas: %s", ", ".join(self.members.live))
             self._wake.set()
         if p.hello and p.instance != self.s.instance_id:
-            asyncio.get_running_loop().create_task(self._announce())
+            self._spawn(self._announce())
 
     async def _heartbeat(self) -> None:
         """On a task of its own: a long lease round must not make the others think us gone."""
@@ -176,89 +242,120 @@ class LeaseManager:
             except Exception as e:  # the channel is down: the link reconnects
                 log.debug("presence heartbeat not sent: %s", e)
 
-    # ------------------------------------------------------------------ the plan, carried out
-    async def _loop(self) -> None:
-        while not self._stopping:
-            try:
-                await asyncio.wait_for(self._wake.wait(), self.s.lease_heartbeat_s)
-            except TimeoutError:
-                pass
-            self._wake.clear()
-            try:
-                await self._reconcile()
-            except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as e:
-                log.debug("lease round interrupted: %s", e)  # the link reconnects; _start redoes it
-            except Exception:
-                log.exception("lease round failed")
+    def _spawn(self, coro) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._bg.add(task)
+        task.add_done_callback(self._bg.discard)
+        return task
 
-    def devices(self) -> set[str]:
-        return self.configured | self.dynamic | self.running | set(self.tokens)
+    # ------------------------------------------------------------------ actions, carried out
+    def _carry_out_now(self, lease: Lease, actions: list[Action], reason: str) -> None:
+        """Actions from a synchronous context (a channel's close): runner starts and stops at
+        once, the rest on a task."""
+        rest = []
+        for a in actions:
+            if isinstance(a, StopRunner):
+                self._stop_runner(a, reason)
+            elif isinstance(a, StartRunner):
+                self._start_runner(a)
+            else:
+                rest.append(a)
+        if rest:
+            self._spawn(self._do(lease, rest, reason))
 
-    async def _reconcile(self) -> None:
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        if self.members.expire(now):
-            log.info("replicas: %s", ", ".join(self.members.live))
-        for hw, deadline in list(self.reacquire.items()):
-            if hw in self.tokens:
-                del self.reacquire[hw]
-            elif now > deadline:
-                del self.reacquire[hw]
-                log.warning("device %s: lease not back after the broker reconnect; another replica "
-                            "holds it now", hw)
-                await self._stop_runner(hw, "lease-lost")
-        if self._usable() is None:
+    async def _do(self, lease: Lease, actions: list[Action], reason: str = "lease-moved") -> None:
+        for a in actions:
+            if isinstance(a, StopRunner):
+                self._stop_runner(a, reason)
+            elif isinstance(a, StartRunner):
+                self._start_runner(a)
+            elif isinstance(a, (Ack, Nack)):
+                ch = self._usable()
+                if ch is None or a.epoch != self.epoch:
+                    continue  # that channel is gone, and the tag with it
+                if isinstance(a, Ack):
+                    await ch.basic_ack(a.dtag)
+                else:
+                    await ch.basic_nack(a.dtag, requeue=True)
+            elif isinstance(a, Publish):
+                try:
+                    await self._publish_token(Token(hw=a.hw, attach=a.attach, gen=a.gen))
+                except Exception:
+                    lease.renewing = False
+                    raise
+            elif isinstance(a, Consume):
+                await self._consume(lease, a)
+            elif isinstance(a, Cancel):
+                await self._cancel(lease, a)
+            else:  # Process and Defer are the delivery's to handle
+                raise AssertionError(f"unexpected action {a}")
+
+    def _start_runner(self, a: StartRunner) -> None:
+        hw = a.hw
+        pending = self._stopping_runner.get(hw)
+        if not a.takeover and pending is None:
+            self.owner.acquired(hw)
             return
-        # first in line where preferred; stand-in only once the member set is stable (so that at
-        # a start the preferred replicas line up first); out of line at once where neither
-        lined_up = now >= self._line_up_at
-        stable = lined_up and self.plan.settled(now)
-        me = self.members.me
-        for hw in self.devices():
-            ranking = self.plan.ranking(hw)
-            keep = hw in self.tokens or hw in self.reacquire
-            if hw not in self.consuming:
-                if keep or (lined_up and ranking[0] == me) or (stable and me in ranking):
-                    await self._consume(hw)
-            elif not keep and me not in ranking:
-                await self._cancel(hw)
-        for hw in list(self.running):  # a runner runs only while its lease is held
-            if hw not in self.tokens and hw not in self.reacquire and hw not in self._waiting:
-                log.warning("device %s: runner without its lease; detaching", hw)
-                await self._stop_runner(hw, "lease-lost")
-        moving = []
-        for hw, (_tag, token) in list(self.tokens.items()):
-            if token.attach and hw in self.running:
-                self.owner.acquired(hw)  # a runner that ended (attach refused) is tried again
-            if len(moving) < self.s.attach_concurrency and self.plan.hand_on(hw, self.owner.idle(hw), now):
-                moving.append(hw)  # a few at a time: a misjudged member set moves little
-        await asyncio.gather(*(self.hand_on(hw) for hw in moving))
+        self._starting.add(hw)
 
-    async def _consume(self, hw: str) -> None:
+        async def start() -> None:
+            try:
+                if pending is not None:
+                    await asyncio.shield(pending)
+                if a.takeover:  # for the PBX to notice the old holder's session is gone
+                    await asyncio.sleep(TAKEOVER_PAUSE_S)
+            finally:
+                self._starting.discard(hw)
+            if self.runs(hw):  # still wanted (the lease may have moved on meanwhile)
+                self.owner.acquired(hw)
+        self._spawn(start())
+
+    def _stop_runner(self, a: StopRunner, reason: str) -> None:
+        hw = a.hw
+        previous = self._stopping_runner.get(hw)
+
+        async def stop() -> None:
+            try:
+                if previous is not None:
+                    await asyncio.shield(previous)
+                await self.owner.released(hw, reason)
+                if reason == "lease-moved":
+                    await asyncio.sleep(TAKEOVER_PAUSE_S)  # for the PBX to see the session end
+            finally:
+                if self._stopping_runner.get(hw) is task:
+                    del self._stopping_runner[hw]
+            lease = self.leases.get(hw)
+            if lease is not None:
+                await self._do(lease, lease.runner_stopped(a.seq), reason)
+        task = self._spawn(stop())
+        self._stopping_runner[hw] = task
+
+    async def _consume(self, lease: Lease, a: Consume) -> None:
         ch = self._usable()
-        if ch is None or hw in self.consuming:
+        if ch is None or a.epoch != self.epoch:
+            return  # the channel went: channel_lost has put the lease OUT already
+        hw = a.hw
+        self._by_ctag[a.ctag] = hw
+        if hw not in self._declared:
+            ready, consumers = await t.declare_lease_queue(ch, self.s, hw)
+            self._declared.add(hw)
+            if ready == 0 and consumers == 0:
+                # nothing ready and nobody consuming: nobody can hold a token (a holder is always
+                # a consumer, its token unacked); a race of two declares makes two tokens, which
+                # meet at the active consumer (the older is acked)
+                await self._publish_token(Token(hw=hw))
+        await ch.basic_consume(t.lease_queue(self.s, hw), self._on_deliver, consumer_tag=a.ctag)
+
+    async def _cancel(self, lease: Lease, a: Cancel) -> None:
+        ch = self._usable()
+        if ch is None or a.epoch != self.epoch:
             return
-        tag = f"lease:{self.s.instance_id}:{hw}"
-        self.consuming[hw] = tag  # before the first await: a second caller returns above
-        self._hw_by_tag[tag] = hw
-        try:
-            if hw not in self._declared:
-                ready = await t.declare_lease_queue(ch, self.s, hw)
-                self._declared.add(hw)
-                if ready == 0 and hw not in self.tokens:
-                    # maybe the holder has it (unacked), maybe nobody: a second token is harmless
-                    await self._publish_token(Token(hw=hw))
-            await ch.basic_consume(t.lease_queue(self.s, hw), self._on_deliver, consumer_tag=tag)
-        except BaseException:
-            self.consuming.pop(hw, None)
-            self._hw_by_tag.pop(tag, None)
-            raise
-
-    async def _cancel(self, hw: str) -> None:
-        tag = self.consuming.pop(hw, None)
-        ch = self._usable()
-        if tag is not None and ch is not None:
-            await ch.basic_cancel(tag)
+        await ch.basic_cancel(a.ctag)
+        acts = lease.cancel_ok(a.epoch, a.ctag)
+        if acts:
+            self.handed_on += 1
+            log.info("device %s: lease handed on (to %s)", a.hw, self.plan.preferred(a.hw))
+        await self._do(lease, acts)
 
     async def _publish_token(self, token: Token) -> None:
         """Put a token in the device's lease queue (straight, through the default exchange),
@@ -271,135 +368,159 @@ class LeaseManager:
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         ), t.lease_queue(self.s, token.hw), timeout=self.s.publish_timeout_s)
 
+    # ------------------------------------------------------------------ the plan, carried out
+    async def _loop(self) -> None:
+        while not self._stopping:
+            try:
+                async with asyncio.timeout(self.s.lease_heartbeat_s):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                await self._reconcile()
+            except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as e:
+                log.debug("lease round interrupted: %s", e)  # the channel comes back; redone then
+            except Exception:
+                log.exception("lease round failed")
+
+    async def _reconcile(self) -> None:
+        """One lease round. It only starts things (line up, step out, hand on, renew): no wait
+        for a runner or a hand-on, so a slow PBX never holds the round up."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if self.members.expire(now):
+            log.info("replicas: %s", ", ".join(self.members.live))
+        # the safety net of the invariant: a runner the state machine does not allow is stopped
+        for hw in list(getattr(self.owner, "runners", {})):
+            if not self.runs(hw) and hw not in self._stopping_runner and hw not in self._starting:
+                log.warning("device %s: runner without its lease; detaching", hw)
+                self._spawn(self.owner.released(hw, "lease-lost"))
+        ch = self._usable()
+        if ch is None:
+            return
+        epoch = self.epoch
+        # first in line where preferred; stand-in only once the member set is stable (so that at
+        # a start the preferred replicas line up first); out of line at once where neither
+        lined_up = now >= self._line_up_at
+        stable = lined_up and self.plan.settled(now)
+        me = self.members.me
+        moving = sum(1 for lease in self.leases.values() if lease.state in (State.RELEASING, State.LEAVING))
+        checked = 0
+        for hw in sorted(self.devices()):
+            if self.epoch != epoch:
+                return
+            lease = self._lease(hw)
+            ranking = self.plan.ranking(hw)
+            if lease.state is State.OUT:
+                if (lined_up and ranking[0] == me) or (stable and me in ranking):
+                    await self._do(lease, lease.line_up(epoch, f"lease:{self.s.instance_id}:{hw}:{next(self._ctags)}"))
+            elif lease.state is State.IN_LINE and me not in ranking:
+                await self._do(lease, lease.release())
+            elif lease.state is State.HOLDING:
+                if (lease.runner and hw not in self._starting and hw not in self._stopping_runner):
+                    self.owner.acquired(hw)  # a runner that ended (attach refused) is tried again
+                if (moving < self.s.attach_concurrency and checked < self.s.attach_concurrency
+                        and self.plan.hand_on(hw, self.owner.idle(hw), now)):
+                    # only to a replica in line: a second consumer on the queue (a replica just
+                    # SIGKILLed may still be "heard lately", but its consumers are gone at once)
+                    checked += 1
+                    ok = await ch.queue_declare(t.lease_queue(self.s, hw), passive=True)
+                    if ok.consumer_count >= 2 and lease.holding and self.owner.idle(hw) and self.epoch == epoch:
+                        moving += 1  # a few at a time: a misjudged member set moves little
+                        await self._do(lease, lease.release(), "lease-moved")
+                elif lease.token is not None and now - lease.token.at > RENEW_S:
+                    await self._do(lease, lease.renew())
+
     # ------------------------------------------------------------------ deliveries
     async def _on_deliver(self, msg: aiormq.abc.DeliveredMessage) -> None:
-        hw = self._hw_by_tag.get(msg.consumer_tag or "")
+        ctag = msg.consumer_tag or ""
+        hw = self._by_ctag.get(ctag)
         ch = msg.channel
         if self._stopping:  # left unacked: closing the channel requeues it for the next holder
             return
-        if hw is None:  # a consumer of an old channel: not ours any more
-            await ch.basic_nack(msg.delivery_tag, requeue=True)
+        if hw is None or ch is not self._ch:  # an old channel's or consumer's: not ours any more
+            if ch is self._ch and not ch.is_closed:
+                await ch.basic_nack(msg.delivery_tag, requeue=True)
             return
+        lease = self._lease(hw)
+        epoch = self.epoch
         if msg.header.properties.message_type == t.LEASE_TOKEN:
-            return await self._on_token(hw, msg)
-        if hw not in self.tokens and hw in self.consuming:
-            # the token comes first, or is on its way; if it does not come, it was lost (a purged
-            # queue): make a new one (a holder of a newer one keeps its own)
-            for attempt in range(2):
-                if await self._token_within(hw, TOKEN_WAIT_S) or hw not in self.consuming:
-                    break
-                if attempt == 0:
-                    log.warning("device %s: a command but no lease token; making a new token", hw)
-                    await self._publish_token(Token(hw=hw))
-        if hw not in self.tokens:  # handed on or lost meanwhile: back to the queue, for the holder
-            await ch.basic_nack(msg.delivery_tag, requeue=True)
-            return
-        await self._on_command(aio_pika.IncomingMessage(msg, no_ack=False))
-
-    async def _token_within(self, hw: str, timeout: float) -> bool:
-        ev = self._token_arrived.setdefault(hw, asyncio.Event())
-        self._waiting.add(hw)
-        try:
-            await asyncio.wait_for(ev.wait(), timeout)
-        except TimeoutError:
-            pass
-        finally:
-            self._waiting.discard(hw)
-        return hw in self.tokens
-
-    async def _on_token(self, hw: str, msg: aiormq.abc.DeliveredMessage) -> None:
-        ch = msg.channel
-        try:
-            token = TOKEN_DECODER.decode(msg.body)
-        except msgspec.DecodeError as e:
-            log.warning("device %s: bad lease token dropped: %s", hw, e)
-            await ch.basic_ack(msg.delivery_tag)
-            return
-        held = self.tokens.get(hw)
-        if held is not None:  # two tokens: keep the newer
-            if token.gen <= held[1].gen:
+            try:
+                token = TOKEN_DECODER.decode(msg.body)
+            except msgspec.DecodeError as e:
+                log.warning("device %s: bad lease token dropped: %s", hw, e)
                 await ch.basic_ack(msg.delivery_tag)
                 return
-            await ch.basic_ack(held[0])
-        if hw not in self.consuming:  # cancelled meanwhile
-            await ch.basic_nack(msg.delivery_tag, requeue=True)
-            await self._stop_runner(hw, "lease-moved")
+            acts = lease.token_delivered(epoch, ctag, msg.delivery_tag, token.gen, token.attach,
+                                         bool(msg.delivery.redelivered), asyncio.get_running_loop().time())
+            await self._do(lease, acts, "command")
+            if lease.holding:
+                ev = self._token_arrived.pop(hw, None)
+                if ev is not None:
+                    ev.set()
             return
-        self.tokens[hw] = (msg.delivery_tag, token)
-        self.reacquire.pop(hw, None)
-        ev = self._token_arrived.pop(hw, None)
-        if ev is not None:
-            ev.set()
-        if token.attach and hw not in self.running:
-            self.running.add(hw)
-            if msg.delivery.redelivered:
-                asyncio.get_running_loop().call_later(TAKEOVER_PAUSE_S, self._take_over, hw)
+        for retry in (False, True):
+            acts = lease.command(epoch, ctag, msg.delivery_tag, retry=retry)
+            if isinstance(acts[0], Defer):
+                # the token is on its way (a hand-on requeues it after commands that came straight
+                # here): wait for it; no new token is made here (only the declare mints one)
+                ev = self._token_arrived.setdefault(hw, asyncio.Event())
+                try:
+                    async with asyncio.timeout(TOKEN_WAIT_S):
+                        await ev.wait()
+                except TimeoutError:
+                    pass
+                continue
+            if isinstance(acts[0], Process):
+                await self._on_command(aio_pika.IncomingMessage(msg, no_ack=False))
             else:
-                self.owner.acquired(hw)
-        elif not token.attach and hw in self.running:
-            await self._stop_runner(hw, "command")
-
-    def _take_over(self, hw: str) -> None:
-        if hw in self.running and hw in self.tokens:
-            self.owner.acquired(hw)
+                await self._do(lease, acts)
+            return
 
     async def _on_cancel(self, frame: Basic.Cancel) -> None:
         """The broker cancelled a consumer: its queue was deleted. Declare it again next round."""
-        hw = self._hw_by_tag.pop(frame.consumer_tag, None)
+        hw = self._by_ctag.pop(frame.consumer_tag, None)
         if hw is None:
             return
-        self.consuming.pop(hw, None)
         self._declared.discard(hw)
         self.dynamic.discard(hw)
-        if self.tokens.pop(hw, None) is not None:
-            await self._stop_runner(hw, "lease-lost")
+        lease = self._lease(hw)
+        await self._do(lease, lease.broker_cancel(self.epoch, frame.consumer_tag), "lease-lost")
         self._wake.set()
 
-    async def _stop_runner(self, hw: str, reason: str) -> None:
-        if hw in self.running:
-            self.running.discard(hw)
-            await self.owner.released(hw, reason)
-
     # ------------------------------------------------------------------ for the bridge
-    async def hand_on(self, hw: str) -> None:
-        """Give the device up to the next replica in line: detach, step out of the line, then
-        put the token back (the broker gives it to the consumer now active)."""
-        if not self.owner.idle(hw):
-            # a command (or a call) began since the round chose this device: an attach command
-            # carried out after the runner stopped would start it again beside the next holder's
-            return
-        # from here on a command for hw goes back to the queue (no token), for the next holder
-        held = self.tokens.pop(hw, None)
-        await self._stop_runner(hw, "lease-moved")
-        await asyncio.sleep(TAKEOVER_PAUSE_S)  # for the PBX to see the session end
-        await self._cancel(hw)
-        ch = self._usable()
-        if held is not None and ch is not None:
-            await ch.basic_nack(held[0], requeue=True)
-            self.handed_on += 1
-            log.info("device %s: handed on to %s", hw, self.plan.preferred(hw))
-
-    async def want(self, hw: str, attach: bool) -> None:
-        """An attach or detach command for a device held here: start or stop its runner, and
-        replace the token with one of the next generation saying so (confirmed before the old
-        one is let go), so that the next holder knows too."""
-        if attach:
-            self.running.add(hw)
-            self.owner.acquired(hw)
-        else:
-            self.running.discard(hw)
-        held = self.tokens.get(hw)
-        if held is None or held[1].attach == attach:
-            return
-        # the old token goes when the new one arrives (newer wins): never a moment without one
-        await self._publish_token(Token(hw=hw, attach=attach, gen=held[1].gen + 1))
+    async def want(self, hw: str, attach: bool) -> bool:
+        """An attach or detach command for a device held here: start or stop its runner (a stop
+        is waited for), and replace the token with one of the next generation saying so. False
+        if the lease is not held here (it moved while the command waited)."""
+        lease = self.leases.get(hw)
+        if lease is None or not lease.holding:
+            return False
+        acts = lease.want(attach)
+        stops = [a for a in acts if isinstance(a, StopRunner)]
+        await self._do(lease, [a for a in acts if not isinstance(a, StopRunner)], "command")
+        for a in stops:
+            self._stop_runner(a, "command")
+            task = self._stopping_runner.get(hw)
+            if task is not None:
+                await asyncio.shield(task)
+        return True
 
     async def adopt(self, hw: str) -> str:
         """A command for a device without a lease queue (not configured, or its queue is gone):
         make the queue (with a token), line up for it; the queue to move the command to."""
         if hw not in self.configured:
             self.dynamic.add(hw)
-        await self._consume(hw)
+        ch = self._usable()
+        if ch is None:
+            raise ConnectionError("no lease channel")
+        lease = self._lease(hw)
+        if lease.state is State.OUT:
+            await self._do(lease, lease.line_up(self.epoch, f"lease:{self.s.instance_id}:{hw}:{next(self._ctags)}"))
+        elif hw not in self._declared:
+            ready, consumers = await t.declare_lease_queue(ch, self.s, hw)
+            self._declared.add(hw)
         return t.lease_queue(self.s, hw)
 
     def pause(self) -> None:
@@ -411,10 +532,10 @@ class LeaseManager:
         """Graceful stop, after the runners were stopped: say goodbye, close the channel (the
         broker hands every token to the next in line)."""
         self._stopping = True
-        if self._task is not None:
-            self._task.cancel()
-            self._beat.cancel()
-            await asyncio.gather(self._task, self._beat, return_exceptions=True)
+        tasks = [t_ for t_ in (self._task, self._beat) if t_ is not None]
+        for t_ in tasks:
+            t_.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         try:
             await self._announce(bye=True)
         except Exception:
@@ -425,3 +546,6 @@ class LeaseManager:
                 await ch.close()
             except Exception:
                 pass
+        for task in list(self._bg):
+            task.cancel()
+        await asyncio.gather(*self._bg, return_exceptions=True)

@@ -93,13 +93,13 @@ async def declare_commands_queue(ch: AbstractChannel, s: Settings, topo: Topolog
     return q
 
 
-async def declare_lease_queue(ch: aiormq.abc.AbstractChannel, s: Settings, hw: str) -> int:
-    """Declare ``hw``'s lease queue and its binding; the number of messages ready in it."""
+async def declare_lease_queue(ch: aiormq.abc.AbstractChannel, s: Settings, hw: str) -> tuple[int, int]:
+    """Declare ``hw``'s lease queue and its binding; (messages ready, consumers) in it.""" 
     name = lease_queue(s, hw)
     ok = await ch.queue_declare(name, durable=True, arguments={
         "x-single-active-consumer": True, "x-dead-letter-exchange": s.dead_exchange})
     await ch.queue_bind(name, s.commands_exchange, lease_key(hw), nowait=True)
-    return ok.message_count
+    return ok.message_count, ok.consumer_count
 
 
 async def delete(conn: AbstractConnection, exchanges: Iterable[str], queues: Iterable[str]) -> None:

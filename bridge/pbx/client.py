@@ -30,6 +30,8 @@ log = logging.getLogger("bridge.pbx")
 
 #: time after a (re-)attach for the PBX's Sync messages to arrive (EpSignal marks no end of Sync)
 SETTLE_S = 2.0
+#: ``DeviceRunner.stop`` waits at most this long for the runner's task to end
+STOP_TIMEOUT_S = 5.0
 
 RETRYABLE = (OSError, TimeoutError, ConnectionError, ConnectionClosed, InvalidHandshake, FrameError,
              LoginFailed)
@@ -64,6 +66,8 @@ class DeviceRunner:
         self.ended_at = 0.0
         self._refusals = refusals
         self._stopping = False
+        #: the WebSocket being opened (login, Attach): stop() closes it too
+        self._ws = None
 
     @property
     def hw(self) -> str:
@@ -85,7 +89,10 @@ class DeviceRunner:
                 open_timeout=s.attach_timeout_s, ssl=self._ssl if s.pbx_url.startswith("wss:") else None,
                 ping_interval=20, ping_timeout=20, close_timeout=2, create_connection=PbxClientConnection,
             )
+            self._ws = ws
             try:
+                if self._stopping:
+                    raise asyncio.CancelledError
                 await login_as_client(ws, s.pbx_app, s.pbx_password, s.attach_timeout_s, s.max_frame_bytes)
                 session = PbxSession(ws, self.emit, s.max_frame_bytes)
                 session.reader = asyncio.create_task(session.run())
@@ -93,6 +100,8 @@ class DeviceRunner:
             except BaseException:
                 await ws.close()
                 raise
+            finally:
+                self._ws = None
         if result.failed:
             await ws.close()
             raise AttachRefused(result.err)
@@ -122,6 +131,9 @@ class DeviceRunner:
                 # attempt's actions: cleared, they go now rather than at a full GC collection
                 retrying.iter_state.reset()
                 del retrying
+                if self._stopping:  # stopped while logging in or attaching: never left attached
+                    await self.session.close()
+                    break
                 log.info("device %s: PBX session open, attach accepted%s", self.hw,
                          f" (after {self.reconnects} reconnects)" if self.reconnects else "")
                 if not self.first_result.done():
@@ -181,14 +193,23 @@ class DeviceRunner:
             self.last_error = f"PBX unreachable ({type(exc).__name__}: {exc})"
             log.warning("device %s: %s, retry in %.1fs", self.hw, self.last_error, rs.next_action.sleep)
 
-    async def stop(self) -> None:
-        """End the attachment (close the session) and the runner."""
+    async def stop(self, timeout: float = STOP_TIMEOUT_S) -> bool:
+        """End the attachment (close the session) and the runner, within ``timeout``: a lease
+        round or a hand-on waiting on it must not wait forever. True if the runner ended."""
         self._stopping = True
-        if self.session is not None:
-            await self.session.close()
-        if self.task is not None and not self.task.done():
-            self.task.cancel()
-            try:
-                await self.task
-            except (asyncio.CancelledError, Exception):
-                pass
+        try:
+            async with asyncio.timeout(timeout):
+                if self.session is not None:
+                    await self.session.close()
+                if self._ws is not None:  # logging in or attaching
+                    await self._ws.close()
+                if self.task is not None and not self.task.done():
+                    self.task.cancel()
+                    try:
+                        await self.task
+                    except (asyncio.CancelledError, Exception):
+                        if asyncio.current_task().cancelling():
+                            raise
+        except TimeoutError:
+            log.error("device %s: runner did not stop within %.0fs", self.hw, timeout)
+        return self.task is None or self.task.done()

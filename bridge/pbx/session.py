@@ -103,7 +103,10 @@ class PbxServerConnection(FrameKinds, ServerConnection):
 
 
 async def _recv(ws: FrameKinds, timeout: float, max_bytes: int) -> m.Frame:
-    data = await asyncio.wait_for(ws.recv(decode=False), timeout)
+    # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that arrives just
+    # after its inner future finished (a stopped runner then went on attaching; fixed in 3.12)
+    async with asyncio.timeout(timeout):
+        data = await ws.recv(decode=False)
     ws.took_binary()  # login frames are read the same either way; this keeps the count
     return m.decode(data, max_bytes)
 
@@ -171,7 +174,8 @@ class PbxSession:
         ok = False
         try:
             await self.ws.send(m.encode(m.Attach(hw=device.hw, src=device.hw)), text=True)
-            result = await asyncio.wait_for(fut, timeout)
+            async with asyncio.timeout(timeout):  # not wait_for: see _recv
+                result = await fut
             ok = not result.failed
             return result
         finally:

@@ -12,7 +12,10 @@ attach commands (idempotent, answered) sent all the time. Asserted:
   is the one docs/SCALING.md quotes), with no action by the test;
 - every command sent is answered ok: none lost while ownership moved;
 - calls stalled only on devices the killed replica held at the moment of the kill;
-- a replica added gets a share of the devices, and no call anywhere stalls meanwhile.
+- a replica added gets a share of the devices, and no call anywhere stalls meanwhile;
+- sampled every 100 ms for the whole test: no device attached on two replicas' sessions;
+- at the end, one token in each lease queue (ready or held: rabbitmqctl's ready + unacked, with
+  every command answered), and a reply for every command, matched by correlation id.
 
 Each replica's PBX URL carries ``?replica=N``, so the simulator's session tells which process
 holds which device.
@@ -21,8 +24,8 @@ holds which device.
 from __future__ import annotations
 
 import asyncio
-import os
 import random
+import subprocess
 import time
 import uuid
 from urllib.parse import parse_qs, urlsplit
@@ -36,16 +39,7 @@ from bridge.sim import PbxSimulator, SimConfig, hw_id
 from tests.conftest import PASSWORD
 from tests.faults.helpers import AMQP_URL, BridgeProcess, Replies, bridge_env, eventually, publish_command
 
-pytestmark = [
-    pytest.mark.broker,
-    # Quarantined (issue 8 session): fails about one run in three on the 2-core machine, at
-    # b63e32c as well: after the SIGKILL or at scale-out a device can stay refused "already
-    # attached" for many seconds because another replica still runs it (two runners for one
-    # device: a lease-token race not found yet). docs/SCALING.md, "Known problem".
-    pytest.mark.skipif(os.environ.get("EPSIGNAL_QUARANTINED") != "1",
-                       reason="quarantined: flaky two-runner race (docs/SCALING.md, Known problem); "
-                              "EPSIGNAL_QUARANTINED=1 runs it"),
-]
+pytestmark = [pytest.mark.broker]
 
 DEVICES = 1000
 FAILOVER_TARGET_S = 10.0
@@ -59,6 +53,42 @@ def holders(sim: PbxSimulator) -> dict[str, str]:
             q = parse_qs(urlsplit(d.session.ws.request.path).query)
             out[hw] = q.get("replica", ["?"])[0]
     return out
+
+
+def owners(sim: PbxSimulator) -> dict[str, set[str]]:
+    """hw -> the replica tags of every PBX session it is attached on (each replica's holders)."""
+    out: dict[str, set[str]] = {}
+    for sess in list(sim._sessions):
+        tag = parse_qs(urlsplit(sess.ws.request.path).query).get("replica", ["?"])[0]
+        for hw in list(sess.devices):
+            out.setdefault(hw, set()).add(tag)
+    return out
+
+
+async def sample_owners(sim: PbxSimulator, bad: list[str], samples: list[int]) -> None:
+    while True:
+        for hw, tags in owners(sim).items():
+            if len(tags) > 1:
+                bad.append(f"{hw} on replicas {sorted(tags)}")
+        samples[0] += 1
+        await asyncio.sleep(0.1)
+
+
+def lease_tokens(s: Settings, devices: list[str]) -> dict[str, int]:
+    """hw -> messages in its lease queue (ready + unacked), from rabbitmqctl."""
+    out = subprocess.run(
+        ["rabbitmqctl", "list_queues", "-q", "--no-table-headers", "name", "messages_ready",
+         "messages_unacknowledged"], capture_output=True, text=True, timeout=60, check=True)
+    by_name = {}
+    for line in out.stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 3:
+            by_name[parts[0]] = int(parts[1]) + int(parts[2])
+    return {hw: by_name.get(topology.lease_queue(s, hw), 0) for hw in devices}
+
+
+def handed_to_1(proc: BridgeProcess) -> list[str]:
+    return [r["msg"] for r in proc.logs() if "handed on (to replica-1)" in str(r.get("msg", ""))]
 
 
 def share(sim: PbxSimulator) -> dict[str, int]:
@@ -91,6 +121,9 @@ async def test_three_replicas_failover_and_scale_out(big_sim, names, tmp_path):
 
     conn = await aio_pika.connect(AMQP_URL)
     sender: asyncio.Task | None = None
+    bad: list[str] = []
+    samples = [0]
+    sampler = asyncio.create_task(sample_owners(sim, bad, samples))
     try:
         for tag in ("1", "2", "3"):
             start(tag)
@@ -123,6 +156,8 @@ async def test_three_replicas_failover_and_scale_out(big_sim, names, tmp_path):
         stalled_before = len(sim.stalled_hw)
         assert sim.conflict_hw == [], "a second Attach while the replicas started"
         conflicts_before = len(sim.conflict_hw)
+        # hand-ons to replica 1 while it lived (at the start) are fine; none after its death
+        handed_to_1_at_kill = {tag: len(handed_to_1(procs[tag])) for tag in ("2", "3")}
         t0 = time.monotonic()
         procs["1"].kill()
         await eventually(lambda: "1" not in holders(sim).values(), 10, "the killed replica's sessions closed")
@@ -150,10 +185,10 @@ async def test_three_replicas_failover_and_scale_out(big_sim, names, tmp_path):
         sending = False
         await sender
         sender = None
-        await replies.wait_count(len(sent), 30)
+        await eventually(lambda: set(sent) <= set(replies.by_id), 30, "a reply to every command")
         assert all(r[0]["ok"] for r in replies.by_id.values()), [
             r for r in replies.by_id.values() if not r[0]["ok"]][:3]
-        assert set(replies.by_id) == set(sent), "a command got no reply"
+        assert set(replies.by_id) == set(sent), "a reply to a command never sent"
         await asyncio.sleep(4)  # a call broken by the move would stall within the stall timeout
         late = sim.stalled_hw[stalled_mark:]
         assert late == [], f"calls stalled while replica 4 took its share: {[(hw, moved_from.get(hw), holders(sim).get(hw)) for hw in late]}"
@@ -161,10 +196,20 @@ async def test_three_replicas_failover_and_scale_out(big_sim, names, tmp_path):
         assert sim.conflict_hw[conflicts_mark:] == [], "a second Attach while replica 4 took its share"
         assert st["attached_devices"] == DEVICES
         assert len(holders(sim)) == DEVICES
+        assert bad == [], f"a device on two replicas at once: {bad[:5]}"
+        handed = {tag: sum("handed on" in str(r.get("msg", "")) for r in procs[tag].logs()) for tag in ("2", "3")}
+        to_dead = [m for tag in ("2", "3") for m in handed_to_1(procs[tag])[handed_to_1_at_kill[tag]:]]
+        assert to_dead == [], f"a lease handed on to the killed replica after the kill: {to_dead[:3]}"
+        assert sum(handed.values()) > 0, "no hand-on logged at the scale-out"
+        s = Settings.from_env({}, amqp_url=AMQP_URL, devices=",".join(devices), **names)
+        tokens = await asyncio.to_thread(lease_tokens, s, devices)
+        assert set(tokens.values()) == {1}, f"not one token per lease queue: {[(hw, n) for hw, n in tokens.items() if n != 1][:5]}"
+        print(f"owners sampled {samples[0]} times, never two; one token in each of {len(tokens)} lease queues")
         print(f"shares after scale-out: {share(sim)}; commands answered: {len(sent)}; "
               f"calls completed {st['calls_completed']}, stalled {st['calls_stalled']} (all on the "
               f"killed replica's devices); refused takeover Attaches {len(kill_conflicts)}")
     finally:
+        sampler.cancel()
         if sender is not None:
             sender.cancel()
         for p in procs.values():

@@ -68,9 +68,13 @@ def test_plan_stands_in_line_for_the_first_two_and_hands_on_only_idle_settled_de
     assert all(plan.ranking(hw) == rank(hw, ["a", "b", "c"])[:2] for hw in DEVICES[:100])
     hw = other[0]
     assert not plan.hand_on(hw, idle=True, now=plan.settle_s - 0.1), "member set not settled yet"
+    assert not plan.hand_on(hw, idle=True, now=plan.settle_s), "its heartbeat is stale (3 beats)"
+    for who in ("a", "c"):
+        m.heard(Presence(instance=who), plan.settle_s - 0.5)
     assert plan.hand_on(hw, idle=True, now=plan.settle_s)
-    assert not plan.hand_on(hw, idle=False, now=100.0), "a call in progress never moves"
-    assert not plan.hand_on(mine[0], idle=True, now=100.0), "preferred here: kept"
+    assert not plan.hand_on(hw, idle=False, now=plan.settle_s), "a call in progress never moves"
+    assert not plan.hand_on(mine[0], idle=True, now=plan.settle_s), "preferred here: kept"
+    assert not plan.hand_on(hw, idle=True, now=plan.settle_s + 2.1), "never to a replica unheard for 2 beats"
 
 
 def test_presence_round_trips_and_omits_defaults():

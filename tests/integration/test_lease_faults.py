@@ -1,0 +1,198 @@
+"""Issue 14: each root cause of a device run by two replicas, reproduced deterministically.
+
+In-process bridges, the real simulator, the real broker (or, for the consumer timeout, a
+RabbitMQ node of the test's own with a lowered ``consumer_timeout``). While a test runs, a
+sampler checks every 50 ms that no two bridges' state machines allow a runner for one device
+(``LeaseManager.runs``) and no device is attached by two bridges.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import aio_pika
+import pytest
+
+from bridge.amqp import leases as amqp_leases
+from bridge.amqp import topology
+from bridge.amqp.leases import TOKEN_ENCODER, Token
+from bridge.sim import hw_id
+from tests import rabbitnode
+from tests.integration.test_leases import N, attached_by, held, until
+
+pytestmark = pytest.mark.asyncio
+
+
+@pytest.fixture
+def lease_settings(sim, settings_for):
+    devices = ",".join(hw_id(i) for i in range(1, N + 1))
+
+    def make(n: int, **kw):
+        kw.setdefault("devices", devices)
+        return settings_for(sim, leases=True, lease_heartbeat_s=0.3, instance_id=f"replica-{n}", **kw)
+    return make
+
+
+@contextlib.asynccontextmanager
+async def one_owner_at_a_time(bridges: list, *, runs: bool = True):
+    """Sample every 50 ms: no device attached by two bridges; with ``runs``, no device two
+    bridges' state machines let run."""
+    bad: list[str] = []
+
+    async def sample():
+        while True:
+            for hw, n in attached_by(bridges).items():
+                if n > 1:
+                    bad.append(f"{hw} attached by {n}")
+            if runs:
+                for i in range(1, N + 1):
+                    hw = hw_id(i)
+                    owners = [b.s.instance_id for b in bridges if b.leases.runs(hw)]
+                    if len(owners) > 1:
+                        bad.append(f"{hw} run by {owners}")
+            await asyncio.sleep(0.05)
+    task = asyncio.create_task(sample())
+    try:
+        yield bad
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert bad == [], bad[:5]
+
+
+async def tokens_in_queues(bridges, conn) -> dict[str, int]:
+    """hw -> tokens in its lease queue: ready (a passive declare) plus held by a bridge."""
+    out = {}
+    ch = await conn.channel()
+    try:
+        for i in range(1, N + 1):
+            hw = hw_id(i)
+            q = await ch.declare_queue(topology.lease_queue(bridges[0].s, hw), passive=True)
+            out[hw] = q.declaration_result.message_count + sum(b.leases.holds(hw) for b in bridges)
+    finally:
+        await ch.close()
+    return out
+
+
+async def test_an_extra_token_during_a_hand_on_never_makes_a_second_holder(sim, bus, start_bridge, lease_settings):
+    """Cause 1: a token arriving while the holder hands the device on started a runner there."""
+    a = await start_bridge(lease_settings(1))
+    await until(lambda: len(attached_by([a])) == N, what="one replica attached every device")
+    extra: list[str] = []
+    released = a.released
+
+    async def released_with_an_extra_token(hw: str, reason: str) -> None:
+        if reason == "lease-moved":  # a hand-on: a second token reaches the queue right now
+            extra.append(hw)
+            ch = await bus.conn.channel()
+            await ch.default_exchange.publish(aio_pika.Message(
+                TOKEN_ENCODER.encode(Token(hw=hw)), type=topology.LEASE_TOKEN), topology.lease_queue(a.s, hw))
+            await ch.close()
+            await asyncio.sleep(0.05)  # delivered to the holder, which is still the active consumer
+        await released(hw, reason)
+    a.released = released_with_an_extra_token
+    async with one_owner_at_a_time([a]) as _:
+        b = await start_bridge(lease_settings(2))
+        async with one_owner_at_a_time([a, b]):
+            await until(lambda: held([b])[0] > 0 and sum(held([a, b])) == N, 15, "devices handed on")
+            await until(lambda: len(attached_by([a, b])) == N, 15, "every device attached")
+            await asyncio.sleep(1.0)
+    assert extra, "no hand-on happened"
+    assert sim.stats()["attach_conflicts"] == 0
+    await until(lambda: True)
+    counts = await tokens_in_queues([a, b], bus.conn)
+    assert set(counts.values()) == {1}, {hw: n for hw, n in counts.items() if n != 1}
+
+
+async def test_a_lease_channel_error_stops_the_runners_and_the_replica_lines_up_again(
+        sim, bus, start_bridge, lease_settings):
+    """Cause 4: an error on the lease channel alone (the connection lives) went unnoticed: the
+    runners went on while the broker gave the tokens to the stand-in."""
+    a = await start_bridge(lease_settings(1))
+    b = await start_bridge(lease_settings(2))
+    await until(lambda: sum(held([a, b])) == N and min(held([a, b])) > 0, what="both hold devices")
+    await until(lambda: len(attached_by([a, b])) == N, what="every device attached")
+    mine = set(a.leases.tokens)
+    async with one_owner_at_a_time([a, b], runs=False):
+        ch = a.leases._ch
+        t0 = asyncio.get_running_loop().time()
+        await ch.basic_nack(999_999, requeue=True)  # PRECONDITION_FAILED - unknown delivery tag
+        await until(lambda: a.leases.channels_lost == 1, 5, "the lease channel loss noticed")
+        assert not a.leases.tokens and not any(a.leases.runs(hw) for hw in mine)
+        await until(lambda: not a.runners, 10, "the runners stopped")
+        await until(lambda: len(attached_by([a, b])) == N, 15, "every device attached again")
+        print(f"\nlease channel error: {len(mine)} devices attached again in "
+              f"{asyncio.get_running_loop().time() - t0:.2f}s")
+        await until(lambda: a.leases._usable() is not None, 10, "a new lease channel")
+        assert a.link.ready, "the connection was not lost: only the channel"
+        await until(lambda: held([a])[0] > 0 and sum(held([a, b])) == N, 15, "the leases balanced again")
+        await until(lambda: len(attached_by([a, b])) == N, 15, "every device attached again")
+    assert set(sim.conflict_hw) <= mine, "a second Attach for a device the failed channel did not hold"
+
+
+async def test_a_reconnect_during_a_hand_on_never_nacks_a_stale_tag(sim, bus, start_bridge, lease_settings):
+    """Cause 4 (stale tag): a hand-on that ended after a reconnect nacked the old channel's
+    delivery tag on the new channel, whose error then closed it."""
+    from tests.tcpproxy import TcpProxy
+
+    proxy = await TcpProxy("127.0.0.1", 5672).start()
+    try:
+        a = await start_bridge(lease_settings(1, amqp_url=f"amqp://guest:guest@127.0.0.1:{proxy.port}/",
+                                              heartbeat_s=2))
+        await until(lambda: len(attached_by([a])) == N, what="one replica attached every device")
+        cut = asyncio.Event()
+        released = a.released
+
+        async def released_then_reconnect(hw: str, reason: str) -> None:
+            if reason == "lease-moved" and not cut.is_set():  # the broker connection drops mid hand-on
+                cut.set()
+                proxy.cut()
+                await asyncio.sleep(0.3)
+                proxy.restore()
+            await released(hw, reason)
+        a.released = released_then_reconnect
+        b = await start_bridge(lease_settings(2))
+        await until(lambda: cut.is_set(), 15, "a hand-on began")
+        lost = a.leases.channels_lost
+        await until(lambda: a.link.ready and a.leases._usable() is not None, 20, "a back on the broker")
+        async with one_owner_at_a_time([a, b], runs=False):
+            await until(lambda: held([a])[0] > 0 and held([b])[0] > 0 and sum(held([a, b])) == N, 20,
+                        "both hold devices again")
+            await until(lambda: len(attached_by([a, b])) == N, 15, "every device attached")
+            await asyncio.sleep(1.5)
+        assert a.leases.channels_lost <= lost + 1, "a lease channel closed after the reconnect (stale tag?)"
+        assert a.leases._usable() is not None
+    finally:
+        await proxy.stop()
+
+
+@pytest.mark.skipif(not rabbitnode.available(), reason="no rabbitmq-server on this machine")
+async def test_the_consumer_timeout_never_moves_a_device(sim, bus, start_bridge, lease_settings, monkeypatch):
+    """Cause 4 (consumer timeout): RabbitMQ closes a channel over a delivery unacked for longer
+    than consumer_timeout (30 min by default): every holder met it. On a node of the test's own,
+    the timeout is 3 s (checked every second); the bridge renews its tokens every second."""
+    node = rabbitnode.RabbitNode(config="consumer_timeout = 3000", advanced="{channel_tick_interval, 500}")
+    await asyncio.to_thread(node.start)
+    try:
+        monkeypatch.setattr(amqp_leases, "RENEW_S", 1.0)
+        a = await start_bridge(lease_settings(1, amqp_url=node.url))
+        b = await start_bridge(lease_settings(2, amqp_url=node.url))
+        await until(lambda: sum(held([a, b])) == N and min(held([a, b])) > 0, what="both hold devices")
+        await until(lambda: len(attached_by([a, b])) == N, what="every device attached")
+        owners = {hw: ("a" if hw in a.leases.tokens else "b") for hw in (hw_id(i) for i in range(1, N + 1))}
+        async with one_owner_at_a_time([a, b]):
+            await asyncio.sleep(8)  # more than twice the timeout
+        assert a.leases.channels_lost == 0 and b.leases.channels_lost == 0, "the consumer timeout closed a channel"
+        assert {hw: ("a" if hw in a.leases.tokens else "b") for hw in owners} == owners, "a device moved"
+        assert len(attached_by([a, b])) == N
+        for br in (a, b):
+            await br.stop(2)
+        # the same, without renewal: the timeout closes the holder's channel (what the test guards)
+        monkeypatch.setattr(amqp_leases, "RENEW_S", 3600.0)
+        c = await start_bridge(lease_settings(3, amqp_url=node.url))
+        await until(lambda: held([c]) == [N], 15, "one replica holds every device")
+        await until(lambda: c.leases.channels_lost > 0, 15, "the consumer timeout closed the channel")
+    finally:
+        await asyncio.to_thread(node.stop)

@@ -1,0 +1,366 @@
+"""Issue 14: the ownership state machine (bridge.leases.Lease) proven against a model of RabbitMQ.
+
+A Hypothesis stateful test drives several replicas' machines against an in-memory model of a
+single-active-consumer queue per device, as RabbitMQ 3.10 behaves:
+
+- messages are delivered in order, only to the first consumer in line (the active one), at
+  most ``PREFETCH`` unacked per consumer;
+- ``basic.cancel`` removes the consumer but keeps its unacked messages on its channel;
+- closing a channel (crash, channel error, consumer timeout, a connection lost) requeues its
+  unacked messages at the head of the queue, marked redelivered;
+- an ack/nack of a delivery tag the channel does not know (a stale tag) is a channel error that
+  closes the channel;
+- deliveries and cancel-oks reach the replica later (its inbox), and runner stops end later.
+
+After every step: the invariant holds for every replica (a runner on only in HOLDING, with a
+token delivered on its current open channel, which the broker model agrees is unacked there),
+and at most one replica runs each device, a runner counting as running until its stop has
+ended. The one exception is a runner stopping because its channel closed: the broker hands the
+token on at the close, before any client can stop anything (the PBX's "already attached"
+refusal covers that window; docs/SCALING.md). A replica learns of its channel's close at once.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections import deque
+from dataclasses import dataclass, field
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+
+from bridge.leases import (
+    TRANSITIONS, Ack, Cancel, Consume, Defer, Lease, LeaseError, Nack, Process, Publish, StartRunner,
+    State, StopRunner,
+)
+
+DEVICES = ("d1", "d2")
+REPLICAS = ("r1", "r2", "r3")
+PREFETCH = 3
+#: disruptive steps happen on one draw in four (else little gets to HOLDING)
+RARE = st.integers(0, 3)
+
+
+@dataclass
+class Msg:
+    token: bool
+    gen: int = 0
+    attach: bool = True
+    redelivered: bool = False
+
+
+@dataclass
+class Queue:
+    ready: deque = field(default_factory=deque)
+    consumers: list = field(default_factory=list)  # (replica, epoch, ctag), in consume order
+
+
+@dataclass
+class Channel:
+    epoch: int
+    unacked: dict = field(default_factory=dict)  # dtag -> (hw, ctag, Msg), in delivery order
+    next_dtag: int = 1
+    declared: set = field(default_factory=set)
+
+
+@dataclass
+class Replica:
+    name: str
+    ch: Channel | None = None
+    leases: dict = field(default_factory=dict)
+    inbox: deque = field(default_factory=deque)
+    stops: list = field(default_factory=list)       # (hw, seq) still stopping
+    deferred: list = field(default_factory=list)    # (hw, epoch, ctag, dtag)
+
+    def lease(self, hw: str) -> Lease:
+        return self.leases.setdefault(hw, Lease(hw))
+
+
+class LeaseModel(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.queues = {hw: Queue() for hw in DEVICES}
+        self.replicas = {r: Replica(r) for r in REPLICAS}
+        self.epochs = itertools.count(1)
+        self.ctags = itertools.count(1)
+        self.channel_errors = 0
+        self._losing = False
+
+    @initialize()
+    def every_replica_connected_and_in_line(self):
+        for r in self.replicas.values():
+            r.ch = Channel(next(self.epochs))
+            for hw in DEVICES:
+                self._run(r, r.lease(hw).line_up(r.ch.epoch, f"c{next(self.ctags)}"))
+
+    # ------------------------------------------------------------------ the broker model
+    def _close(self, r: Replica) -> None:
+        ch, r.ch = r.ch, None
+        if ch is None:
+            return
+        for hw, q in self.queues.items():
+            q.consumers = [c for c in q.consumers if c[1] != ch.epoch]
+        for hw, _ctag, msg in reversed(list(ch.unacked.values())):  # back at the head, in order
+            msg.redelivered = True
+            self.queues[hw].ready.appendleft(msg)
+        # the broker hands the tokens on at the close: runners still stopping (for whatever
+        # reason) and the ones stopped now are in the unavoidable window
+        r.stops = [(hw, seq, True) for hw, seq, _lost in r.stops]
+        self._losing = True
+        try:
+            for lease in list(r.leases.values()):
+                self._run(r, lease.channel_lost(ch.epoch))
+        finally:
+            self._losing = False
+
+    def _settle_tag(self, r: Replica, epoch: int, dtag: int) -> tuple | None:
+        ch = r.ch
+        if ch is None or ch.epoch != epoch:
+            return None  # the I/O side drops acks for a channel that is gone
+        entry = ch.unacked.pop(dtag, None)
+        if entry is None:  # PRECONDITION_FAILED - unknown delivery tag: the channel closes
+            self.channel_errors += 1
+            self._close(r)
+        return entry
+
+    def _run(self, r: Replica, actions) -> None:
+        for a in actions:
+            if isinstance(a, Consume):
+                ch = r.ch
+                assert ch is not None and ch.epoch == a.epoch
+                q = self.queues[a.hw]
+                if a.hw not in ch.declared:
+                    ch.declared.add(a.hw)
+                    if not q.ready and not q.consumers:  # the minting rule of bridge.amqp.leases
+                        q.ready.append(Msg(token=True))
+                q.consumers.append((r.name, a.epoch, a.ctag))
+            elif isinstance(a, Cancel):
+                if r.ch is not None and r.ch.epoch == a.epoch:
+                    q = self.queues[a.hw]
+                    q.consumers = [c for c in q.consumers if c[2] != a.ctag]
+                    r.inbox.append(("cancel_ok", a.hw, a.epoch, a.ctag))
+            elif isinstance(a, Ack):
+                self._settle_tag(r, a.epoch, a.dtag)
+            elif isinstance(a, Nack):
+                entry = self._settle_tag(r, a.epoch, a.dtag)
+                if entry is not None:
+                    entry[2].redelivered = True
+                    self.queues[entry[0]].ready.appendleft(entry[2])
+            elif isinstance(a, Publish):
+                if r.ch is not None:
+                    self.queues[a.hw].ready.append(Msg(token=True, gen=a.gen, attach=a.attach))
+            elif isinstance(a, StartRunner):
+                pass  # the runner is lease.runner; checked by the invariants
+            elif isinstance(a, StopRunner):
+                r.stops.append((a.hw, a.seq, self._losing))
+            elif isinstance(a, Process):
+                lease = r.leases[a.hw]
+                self._settle_tag(r, lease.epoch, a.dtag)
+            elif isinstance(a, Defer):
+                r.deferred.append((a.hw, r.leases[a.hw].epoch, r.leases[a.hw].ctag, a.dtag))
+            else:  # pragma: no cover
+                raise AssertionError(a)
+
+    # ------------------------------------------------------------------ broker steps
+    @rule(hw=st.sampled_from(DEVICES))
+    def deliver(self, hw):
+        q = self.queues[hw]
+        if not q.consumers or not q.ready:
+            return
+        name, epoch, ctag = q.consumers[0]  # single active consumer: the first in line
+        r = self.replicas[name]
+        ch = r.ch
+        if sum(1 for _h, c, _m in ch.unacked.values() if c == ctag) >= PREFETCH:
+            return
+        msg = q.ready.popleft()
+        dtag = ch.next_dtag
+        ch.next_dtag += 1
+        ch.unacked[dtag] = (hw, ctag, msg)
+        r.inbox.append(("deliver", hw, epoch, ctag, dtag, msg))
+
+    @rule(hw=st.sampled_from(DEVICES))
+    def a_command_arrives(self, hw):
+        self.queues[hw].ready.append(Msg(token=False))
+
+    @rule(hw=st.sampled_from(DEVICES))
+    def an_extra_token(self, hw):
+        """A token minted by a race (two replicas declaring an empty queue at once)."""
+        self.queues[hw].ready.append(Msg(token=True))
+
+    @rule(name=st.sampled_from(REPLICAS), rare=RARE)
+    def channel_closed(self, name, rare):
+        """A channel error, the consumer timeout, a lost connection: unacked messages requeued."""
+        if rare:
+            return
+        self._close(self.replicas[name])
+
+    @rule(name=st.sampled_from(REPLICAS), rare=RARE)
+    def crash(self, name, rare):
+        """SIGKILL: the channel closes and the replica's runners die with it."""
+        if rare:
+            return
+        r = self.replicas[name]
+        self._close(r)
+        self.replicas[name] = Replica(name)
+
+    @rule(name=st.sampled_from(REPLICAS))
+    def reconnect(self, name):
+        r = self.replicas[name]
+        if r.ch is None:
+            r.ch = Channel(next(self.epochs))
+
+    # ------------------------------------------------------------------ replica steps
+    @rule(name=st.sampled_from(REPLICAS), n=st.integers(1, 3))
+    def replica_reads(self, name, n):
+        for _ in range(n):
+            self._read(self.replicas[name])
+
+    def _read(self, r: Replica) -> None:
+        if not r.inbox:
+            return
+        item = r.inbox.popleft()
+        if item[0] == "deliver":
+            _, hw, epoch, ctag, dtag, msg = item
+            lease = r.lease(hw)
+            if msg.token:
+                acts = lease.token_delivered(epoch, ctag, dtag, msg.gen, msg.attach, msg.redelivered)
+            else:
+                acts = lease.command(epoch, ctag, dtag)
+        else:
+            _, hw, epoch, ctag = item
+            acts = r.lease(hw).cancel_ok(epoch, ctag)
+        self._run(r, acts)
+
+    @rule(name=st.sampled_from(REPLICAS), hw=st.sampled_from(DEVICES))
+    def line_up(self, name, hw):
+        r = self.replicas[name]
+        lease = r.lease(hw)
+        if r.ch is not None and lease.state is State.OUT:
+            self._run(r, lease.line_up(r.ch.epoch, f"c{next(self.ctags)}"))
+
+    def _holder(self, hw: str) -> Replica | None:
+        for r in self.replicas.values():
+            if r.lease(hw).state is State.HOLDING:
+                return r
+        return None
+
+    @rule(name=st.sampled_from(REPLICAS), hw=st.sampled_from(DEVICES), holder=st.booleans())
+    def release(self, name, hw, holder):
+        """The plan: hand on (the holder) or step out of line (anyone)."""
+        r = self._holder(hw) if holder else self.replicas[name]
+        if r is not None and r.lease(hw).state in (State.IN_LINE, State.HOLDING):
+            self._run(r, r.lease(hw).release())
+
+    @rule(hw=st.sampled_from(DEVICES), attach=st.booleans())
+    def want(self, hw, attach):
+        """An attach or detach command carried out by the holder."""
+        r = self._holder(hw)
+        if r is not None:
+            self._run(r, r.lease(hw).want(attach))
+
+    @rule(hw=st.sampled_from(DEVICES))
+    def renew(self, hw):
+        r = self._holder(hw)
+        if r is not None:
+            self._run(r, r.lease(hw).renew())
+
+    @rule(name=st.sampled_from(REPLICAS), i=st.integers(0, 5))
+    def a_runner_stops(self, name, i):
+        r = self.replicas[name]
+        if r.stops:
+            hw, seq, _lost = r.stops.pop(i % len(r.stops))
+            self._run(r, r.lease(hw).runner_stopped(seq))
+
+    @rule(name=st.sampled_from(REPLICAS))
+    def a_deferred_command_is_offered_again(self, name):
+        r = self.replicas[name]
+        if r.deferred:
+            hw, epoch, ctag, dtag = r.deferred.pop(0)
+            self._run(r, r.lease(hw).command(epoch, ctag, dtag, retry=True))
+
+    # ------------------------------------------------------------------ the invariant
+    @invariant()
+    def exactly_one_runner_and_only_under_a_held_token(self):
+        for hw in DEVICES:
+            running = []
+            for r in self.replicas.values():
+                lease = r.leases.get(hw)
+                if lease is None:
+                    continue
+                lease.check(open_epoch=r.ch.epoch if r.ch is not None else None)
+                if lease.runner:
+                    assert r.ch is not None, f"{r.name} runs {hw} without an open lease channel"
+                    tok = lease.token
+                    entry = r.ch.unacked.get(tok.dtag)
+                    assert entry is not None and entry[0] == hw and entry[2].token, \
+                        f"{r.name} runs {hw} on a token the broker does not see it hold"
+                    assert (hw, lease.epoch, lease.ctag) and any(
+                        c[0] == r.name and c[2] == lease.ctag for c in self.queues[hw].consumers), \
+                        f"{r.name} runs {hw} without its consumer in line"
+                    running.append(r.name)
+                elif any(h == hw and not lost for h, _seq, lost in r.stops):
+                    # still stopping: a runner runs until its stop ends (a release waits for it)
+                    running.append(r.name + " (stopping)")
+            assert len(running) <= 1, f"{hw} run by {running}"
+
+
+TestLeaseModel = LeaseModel.TestCase
+TestLeaseModel.settings = settings(max_examples=int(os.environ.get("LEASE_MODEL_EXAMPLES", "1500")), stateful_step_count=80, deadline=None,
+                                   suppress_health_check=[HealthCheck.too_slow])
+
+
+def test_every_state_has_a_way_out_and_illegal_events_raise():
+    assert set(TRANSITIONS) == set(State)
+    lease = Lease("d")
+    with pytest.raises(LeaseError):
+        lease.release()  # OUT: nothing to release
+    lease.line_up(1, "c1")
+    with pytest.raises(LeaseError):
+        lease.want(True)  # not holding: a command must not start a runner
+    acts = lease.token_delivered(1, "c1", 1, 0, True)
+    assert acts == [StartRunner("d")] and lease.holding and lease.runner
+    with pytest.raises(LeaseError):
+        lease.line_up(1, "c2")
+
+
+def test_an_extra_token_during_a_hand_on_never_starts_a_runner():
+    """Issue 14, cause 1: the old code popped the token, then an extra one started a runner."""
+    lease = Lease("d")
+    lease.line_up(1, "c1")
+    lease.token_delivered(1, "c1", 1, 0, True)
+    stop = lease.release()
+    assert stop == [StopRunner("d", 1)] and lease.state is State.RELEASING and not lease.runner
+    assert lease.token_delivered(1, "c1", 2, 0, True) == [Ack("d", 1, 2)]  # the duplicate is destroyed
+    assert not lease.runner
+    assert lease.runner_stopped(1) == [Cancel("d", 1, "c1")]
+    assert lease.cancel_ok(1, "c1") == [Nack("d", 1, 1)] and lease.state is State.OUT
+
+
+def test_a_release_waits_for_every_runner_stop_not_only_its_own():
+    """Found by the stateful test: a detach's stop still running when a hand-on began; the
+    hand-on's own (no-op) stop ended first, the consumer was cancelled and the next replica
+    started while the detached runner was still stopping."""
+    lease = Lease("d")
+    lease.line_up(1, "c1")
+    lease.token_delivered(1, "c1", 1, 0, True)
+    first = lease.want(False)[0]
+    assert first == StopRunner("d", 1)
+    assert lease.release() == [StopRunner("d", 2)]
+    assert lease.runner_stopped(2) == [] and lease.state is State.RELEASING
+    assert lease.runner_stopped(1) == [Cancel("d", 1, "c1")] and lease.state is State.LEAVING
+
+
+def test_a_reconnect_during_a_hand_on_never_nacks_a_stale_tag():
+    """Issue 14: a nack of the old channel's delivery tag on the new channel closed it."""
+    lease = Lease("d")
+    lease.line_up(1, "c1")
+    lease.token_delivered(1, "c1", 7, 0, True)
+    lease.release()
+    assert lease.channel_lost(1) == [] and lease.state is State.OUT
+    assert lease.runner_stopped(1) == []
+    lease.line_up(2, "c2")
+    assert lease.cancel_ok(1, "c1") == []  # the old consumer's cancel-ok: nothing to give back
+    assert lease.state is State.IN_LINE
