@@ -24,16 +24,6 @@ from tests.integration.test_leases import N, attached_by, held, until
 pytestmark = pytest.mark.asyncio
 
 
-@pytest.fixture
-def lease_settings(sim, settings_for):
-    devices = ",".join(hw_id(i) for i in range(1, N + 1))
-
-    def make(n: int, **kw):
-        kw.setdefault("devices", devices)
-        return settings_for(sim, leases=True, lease_heartbeat_s=0.3, instance_id=f"replica-{n}", **kw)
-    return make
-
-
 @contextlib.asynccontextmanager
 async def one_owner_at_a_time(bridges: list, *, runs: bool = True):
     """Sample every 50 ms: no device attached by two bridges; with ``runs``, no device two

@@ -12,10 +12,10 @@ import asyncio
 import pytest
 
 from bridge.sim import hw_id
+from tests.integration.conftest import N
 
 pytestmark = pytest.mark.asyncio
 
-N = 20
 
 
 def held(bridges) -> list[int]:
@@ -39,16 +39,6 @@ async def until(pred, timeout: float = 15.0, what: str = "condition") -> None:
         if loop.time() > end:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.05)
-
-
-@pytest.fixture
-def lease_settings(sim, settings_for):
-    devices = ",".join(hw_id(i) for i in range(1, N + 1))
-
-    def make(n: int, **kw):
-        kw.setdefault("devices", devices)
-        return settings_for(sim, leases=True, lease_heartbeat_s=0.3, instance_id=f"replica-{n}", **kw)
-    return make
 
 
 async def test_two_replicas_attach_every_device_once_and_commands_reach_the_holder(
