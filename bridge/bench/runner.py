@@ -416,7 +416,10 @@ class Bench:
             "all_events_received": all_in, "rounds": rounds,
         }
         self.checks["throughput_all_events_received"] = all_in
-        self.checks["throughput_ratio_sane"] = ratio is not None and 0.1 < ratio < 3.0
+        # a sanity range, not a target: it catches a broken measurement (a ceiling that fails, a
+        # bridge that drops events), not a fast bridge. The bridge publishes in slices and the
+        # ceiling awaits each publish, so on a quiet machine a smoke run saw 3.2
+        self.checks["throughput_ratio_sane"] = ratio is not None and 0.1 < ratio < 20
         if o.profile:
             await self._sub("profile", self.profile(env))
 
