@@ -67,7 +67,6 @@ class _Lane:
 class BufferStats:
     appended: int = 0
     confirmed: int = 0
-    requeued: int = 0
     dropped_full: int = 0
     dropped_age: int = 0
     #: events the broker can never take (e.g. a routing key over 255 bytes)
@@ -138,10 +137,6 @@ class EventBuffer:
         """When the earliest lane may send again (None: no lane is waiting)."""
         times = [ln.ready_at for ln in self._lanes.values() if not ln.inflight and ln.entries]
         return min(times) if times else None
-
-    @property
-    def inflight(self) -> int:
-        return len(self._inflight)
 
     def append(self, event: Outgoing) -> None:
         self.stats.appended += 1
@@ -263,11 +258,9 @@ class EventBuffer:
         """Failed in-flight entries go back to the front (or to their device's lane), oldest
         first."""
         back = []
-        n = 0
         for e in entries:
             if self._inflight.pop(e.id, None) is None:
                 continue
-            n += 1
             lane = self._lanes.get(e.event.hw) if self._lanes else None
             if lane is not None:
                 lane.inflight.discard(e.id)
@@ -277,7 +270,6 @@ class EventBuffer:
                 back.append(e)
         back.sort(key=_entry_id)
         self._pending.extendleft(reversed(back))
-        self.stats.requeued += n
 
     def unsent(self) -> dict[str, list[tuple[int, int]]]:
         """Every device event not yet confirmed, as per-device ``seq`` ranges (what a stop

@@ -63,7 +63,7 @@ def _note(text: str) -> None:
 
 # --------------------------------------------------------------------------- run
 def cmd_run(args) -> int:
-    from bridge.service import run_until_signalled
+    from bridge.main import run_until_signalled
 
     s = _settings(args)
     _setup_logging(s.log_level, s.secrets())

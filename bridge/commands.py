@@ -21,10 +21,11 @@ from msgspec import UNSET, Raw, Struct, UnsetType
 
 from bridge import ids, routing
 from bridge.events import SCHEMA_VERSION, AttachInfo
+from bridge.protocol import errors
 from bridge.protocol.errors import FrameError
 from bridge.protocol.signal import decode_sig
 
-VERBS = ("attach", "detach", "signaling")
+VERBS = routing.VERBS
 MAX_COMMAND_BYTES = 64 * 1024
 
 
@@ -99,13 +100,10 @@ def parse(routing_key: str, body: bytes) -> tuple[str, str, Command]:
     if verb != "signaling" and not body.strip():
         body = b"{}"
     try:
-        cmd = _decoders[verb].decode(body)
-    except msgspec.ValidationError as e:
-        raise CommandError(f"invalid {verb} command: {e}") from None
-    except msgspec.DecodeError as e:
-        raise CommandError(f"{verb} command body is not JSON: {e}") from None
-    except (UnicodeDecodeError, RecursionError) as e:
-        raise CommandError(f"{verb} command body is not usable JSON: {type(e).__name__}") from None
+        cmd = errors.decode(_decoders[verb], body)
+    except FrameError as e:
+        raise CommandError(f"{verb} command body is not JSON: {e.detail}" if e.kind == "not-json"
+                           else f"invalid {verb} command: {e.detail}") from None
     if cmd.v != SCHEMA_VERSION:
         raise CommandError(f"unsupported schema version v={cmd.v} (this bridge speaks v={SCHEMA_VERSION})")
     if isinstance(cmd, SignalingCommand):

@@ -27,14 +27,16 @@ from msgspec import Raw
 from bridge import commands as C
 from bridge import ids, routing
 from bridge import events as E
+from bridge.config import Settings
 from bridge.events import SCHEMA_VERSION as V
 from bridge.protocol.signal import Sig
 
 DIALECT = "https://json-schema.org/draft/2020-12/schema"
 VDIR = f"v{V}"
-EVENTS_EXCHANGE, COMMANDS_EXCHANGE, DEAD_EXCHANGE = ("epsignal.events", "epsignal.commands",
-                                                    "epsignal.dead")
-COMMANDS_QUEUE, DEAD_QUEUE = "epsignal.commands.bridge", "epsignal.commands.dead"
+DEFAULTS = Settings.from_env({})  # the names the contracts show are the settings' defaults
+EVENTS_EXCHANGE, COMMANDS_EXCHANGE, DEAD_EXCHANGE = (DEFAULTS.events_exchange, DEFAULTS.commands_exchange,
+                                                    DEFAULTS.dead_exchange)
+COMMANDS_QUEUE, DEAD_QUEUE = DEFAULTS.commands_queue, DEFAULTS.dead_queue
 AMQP_BINDING = "0.3.0"
 
 # ------------------------------------------------------------------------------------ words
@@ -220,21 +222,21 @@ R201 = msgspec.convert({"num": "201", "sip": "r201", "dn": "Remote 201"}, E.Remo
 BODIES = [
     Body("events", "attached", E.DeviceAttached, "DeviceAttached",
          "The bridge is in the device's signaling path (the PBX attached it).",
-         "device.{hw}.attached",
+         routing.EVENT_KEYS["attached"],
          [("attached", "Attached at start", _ev(E.DeviceAttached, 1, attach=ATTACH))]),
     Body("events", "detached", E.DeviceDetached, "DeviceDetached",
-         "The bridge is no longer in the device's signaling path.", "device.{hw}.detached",
+         "The bridge is no longer in the device's signaling path.", routing.EVENT_KEYS["detached"],
          [("by-command", "Detached by a detach command",
            _ev(E.DeviceDetached, 42, reason="command")),
           ("session-lost", "The PBX session broke; the bridge reconnects",
            _ev(E.DeviceDetached, 43, reason="session-lost"))]),
     Body("events", "attach.failed", E.AttachFailed, "AttachFailed",
-         "The PBX refused the Attach; the bridge does not retry.", "device.{hw}.attach.failed",
+         "The PBX refused the Attach; the bridge does not retry.", routing.EVENT_KEYS["attach.failed"],
          [("unknown-device", "The PBX does not know the device",
            _ev(E.AttachFailed, 1, hw="009033400099", error="unknown device"))]),
     Body("events", "call.state", E.CallStateChanged, "CallStateChanged",
          "A call's state changed, or a Sync at attach told it (`sync` true).",
-         "device.{hw}.call.{call}.state",
+         routing.EVENT_KEYS["call.state"],
          [("incoming-alert", "An incoming call rings",
            _ev(E.CallStateChanged, 7, call=17, state="alert", in_=True, remote=R201)),
           ("click-to-dial-connected", "A call placed by a signaling command is answered",
@@ -251,7 +253,7 @@ BODIES = [
                remote=E.Remote(num="0703173000"), held=True, sync=True))]),
     Body("events", "call.signaling", E.CallSignaling, "CallSignaling",
          "A Signaling message passed (`origin` pbx) or was sent for a command (`origin` command).",
-         "device.{hw}.call.{call}.signaling",
+         routing.EVENT_KEYS["call.signaling"],
          [("setup-to-device", "An incoming call's setup, forwarded to the device",
            _ev(E.CallSignaling, 6, call=17, to=True, origin="pbx", sig=_sig(
                {"type": "setup", "cg": {"num": "201", "sip": "r201"}, "cd": {"num": "101"},
@@ -262,22 +264,22 @@ BODIES = [
     Body("events", "gap", E.Gap, "Gap",
          "Events were dropped unsent during a long broker outage (buffer full or too old), per "
          "device as `seq` ranges. Published before the events that follow the gap.",
-         "bridge.{instance}.gap",
+         routing.EVENT_KEYS["gap"],
          [("buffer-full", "The buffer overflowed during a broker outage", _enc(E.Gap(
              instance=INSTANCE, time=T0, reason="buffer-full",
              dropped={HW: [E.SeqRange(120, 185)],
                       HW2: [E.SeqRange(88, 90), E.SeqRange(95, 95)]})))]),
     Body("commands", "attach", C.AttachCommand, "AttachCommand",
          "Attach the device: the bridge gets into its signaling path. Idempotent. The body may "
-         "also be empty.", "device.{hw}.attach",
+         "also be empty.", routing.COMMAND_KEYS["attach"],
          [("empty", "Attach (an empty object; an empty body works too)", {}),
           ("versioned", "Attach, stating the schema version", {"v": V})]),
     Body("commands", "detach", C.DetachCommand, "DetachCommand",
          "Detach the device (client mode only). Idempotent. The body may also be empty.",
-         "device.{hw}.detach", [("empty", "Detach", {})]),
+         routing.COMMAND_KEYS["detach"], [("empty", "Detach", {})]),
     Body("commands", "signaling", C.SignalingCommand, "SignalingCommand",
          "Send a Signaling message on the device's behalf, toward the PBX (`to` false) or the "
-         "device.", "device.{hw}.signaling",
+         "device.", routing.COMMAND_KEYS["signaling"],
          [("click-to-dial",
            "Place a call to 201 from the device (answers come as call.state of call -1)",
            {"v": V, "call": -1, "sig": {"type": "setup", "cd": {"num": "201"}}}),

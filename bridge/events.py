@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Union
+from typing import Any
 
 import msgspec
 from msgspec import UNSET, Raw, Struct, UnsetType, field
@@ -117,8 +117,6 @@ class Gap(Struct, kw_only=True, tag_field="type", tag="gap"):
     reason: str
     dropped: dict[ids.HwId, list[SeqRange]]
 
-
-DeviceEvent = Union[DeviceAttached, DeviceDetached, AttachFailed, CallStateChanged, CallSignaling]
 
 _encoder = msgspec.json.Encoder()
 

@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 import msgspec
 from aiohttp import web
@@ -17,15 +17,16 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from bridge import metrics
 
-if TYPE_CHECKING:
-    from bridge.service import Bridge
-
 
 class HttpServer:
-    def __init__(self, bridge: Bridge, host: str, port: int) -> None:
-        self.bridge = bridge
+    """The operators' endpoints. It knows two callables, not the bridge: ``not_ready`` (the
+    reasons the bridge is not ready; empty: ready) and ``snapshot`` (for the metrics)."""
+
+    def __init__(self, host: str, port: int, not_ready: Callable[[], list[str]],
+                 snapshot: Callable[[], metrics.Snapshot]) -> None:
         self.host, self.port = host, port
-        self.registry = metrics.registry_for(bridge)
+        self.not_ready = not_ready
+        self.registry = metrics.registry_for(snapshot)
         app = web.Application()
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
@@ -45,7 +46,7 @@ class HttpServer:
         return _json({"status": "ok"})
 
     async def readyz(self, request: web.Request) -> web.Response:
-        reasons = self.bridge.not_ready_reasons()
+        reasons = self.not_ready()
         return _json({"status": "ready" if not reasons else "not ready", "reasons": reasons},
                      status=200 if not reasons else 503)
 

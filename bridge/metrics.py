@@ -1,19 +1,18 @@
 """Prometheus metrics (prometheus-client). Labels never carry hw or call ids.
 
-Counters and gauges are read from the bridge's own plain counters at scrape time (a custom
-collector), so the hot path pays nothing for them; only the two latency histograms are observed
-as things happen.
+This module holds the instruments only and imports nothing of the bridge. Counters and gauges
+are read at scrape time from a :class:`Snapshot` the bridge makes of its plain counters (a
+custom collector), so the hot path pays nothing for them; only the two latency histograms and
+the frame counters are touched as things happen.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
+import msgspec
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
-if TYPE_CHECKING:
-    from bridge.service import Bridge
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -43,67 +42,87 @@ PUBLISH_SECONDS = Histogram(
 )
 
 
+class LeaseSnapshot(msgspec.Struct, frozen=True):
+    """The lease manager's figures (with EPSIGNAL_LEASES)."""
+
+    held: int
+    replicas: int
+    handed_on: int
+
+
+class Snapshot(msgspec.Struct, frozen=True):
+    """What the bridge's metrics read at a scrape, made by ``Bridge.snapshot()``: the collector
+    knows this Struct, not the bridge's parts."""
+
+    sessions: dict[str, int]
+    broker_connected: bool
+    broker_blocked: bool
+    broker_blocks: int
+    broker_reconnects: int
+    pbx_reconnects: int
+    login_failures: int
+    events: dict[str, int]
+    dropped: dict[str, int]
+    buffered: int
+    stalled_s: float
+    publish_timeouts: int
+    held_by_nacks: int
+    unflushed: int
+    commands: dict[tuple[str, str], int]
+    leases: LeaseSnapshot | None = None
+
+
 class BridgeCollector:
-    def __init__(self, bridge: Bridge) -> None:
-        self.bridge = bridge
+    """Turns a :class:`Snapshot` into metric families at each scrape."""
+
+    def __init__(self, snapshot: Callable[[], Snapshot]) -> None:
+        self.snapshot = snapshot
 
     def collect(self):
-        b = self.bridge
-        states = b.session_states()
+        b = self.snapshot()
         g = GaugeMetricFamily("epsignal_pbx_sessions", "PBX sessions by state", labels=["state"])
         for state in ("connecting", "waiting-registration", "attached"):
-            g.add_metric([state], states.get(state, 0))
+            g.add_metric([state], b.sessions.get(state, 0))
         yield g
         yield GaugeMetricFamily("epsignal_devices_attached", "Devices whose signaling path the bridge is in",
-                                value=states.get("attached", 0))
+                                value=b.sessions.get("attached", 0))
         yield GaugeMetricFamily("epsignal_broker_connected", "1 when the broker link is up",
-                                value=1 if b.link.ready else 0)
-
+                                value=int(b.broker_connected))
         yield GaugeMetricFamily("epsignal_broker_blocked",
                                 "1 while the broker blocks publishing (connection.blocked: memory or disk alarm)",
-                                value=1 if b.link.blocked is not None else 0)
+                                value=int(b.broker_blocked))
         yield CounterMetricFamily("epsignal_broker_blocks", "connection.blocked received from the broker",
-                                  value=b.link.blocks)
-
-        pub = b.publisher
-        ps, bs = pub.stats, pub.buffer.stats
+                                  value=b.broker_blocks)
         c = CounterMetricFamily("epsignal_events", "Events by outcome", labels=["outcome"])
-        for outcome, v in (("published", ps.published), ("confirmed", ps.confirmed),
-                           ("returned", ps.returned), ("failed", ps.failed), ("nacked", ps.nacked),
-                           ("made", bs.appended)):
+        for outcome, v in b.events.items():
             c.add_metric([outcome], v)
         yield c
         d = CounterMetricFamily("epsignal_events_dropped", "Events dropped unsent", labels=["reason"])
-        d.add_metric(["buffer-full"], bs.dropped_full)
-        d.add_metric(["too-old"], bs.dropped_age)
-        d.add_metric(["nacked"], bs.dropped_nacked)
-        d.add_metric(["unpublishable"], bs.dropped_invalid)
+        for reason, v in b.dropped.items():
+            d.add_metric([reason], v)
         yield d
         yield GaugeMetricFamily("epsignal_buffer_events", "Events buffered (waiting or in flight)",
-                                value=len(pub.buffer))
+                                value=b.buffered)
         yield GaugeMetricFamily("epsignal_publish_stalled_seconds",
                                 "Seconds events have waited without any publisher confirm (0: none waiting)",
-                                value=pub.stalled_s())
+                                value=b.stalled_s)
         yield CounterMetricFamily("epsignal_publish_timeouts",
                                   "Confirms that did not come in time (each replaced the connection)",
-                                  value=ps.timeouts)
+                                  value=b.publish_timeouts)
         yield GaugeMetricFamily("epsignal_devices_held_by_nacks",
                                 "Devices whose events wait behind an event the broker nacked",
-                                value=pub.buffer.held_devices)
+                                value=b.held_by_nacks)
         yield GaugeMetricFamily("epsignal_events_unflushed",
                                 "Events the last stop could not get confirmed within its grace (lost)",
-                                value=pub.unflushed)
-
+                                value=b.unflushed)
         cm = CounterMetricFamily("epsignal_commands", "Commands by kind and outcome", labels=["command", "outcome"])
-        for (verb, outcome), v in sorted(b.consumer.stats.by_outcome.items()):
+        for (verb, outcome), v in sorted(b.commands.items()):
             cm.add_metric([verb, outcome], v)
         yield cm
-
         r = CounterMetricFamily("epsignal_reconnects", "Reconnects by side", labels=["side"])
-        r.add_metric(["pbx"], b.pbx_reconnects())
-        r.add_metric(["broker"], b.link.reconnects)
+        r.add_metric(["pbx"], b.pbx_reconnects)
+        r.add_metric(["broker"], b.broker_reconnects)
         yield r
-
         st = FRAMES
         f = CounterMetricFamily("epsignal_frames", "Frames from the PBX", labels=["kind"])
         f.add_metric(["received"], st.frames_in)
@@ -111,21 +130,20 @@ class BridgeCollector:
         f.add_metric(["bad"], st.bad_frames)
         yield f
         yield CounterMetricFamily("epsignal_pbx_login_failures", "Refused AppWebsocket logins",
-                                  value=b.login_failures())
+                                  value=b.login_failures)
         if b.leases is not None:
             lm = b.leases
-            yield GaugeMetricFamily("epsignal_leases_held", "Device leases this replica holds",
-                                    value=len(lm.tokens))
+            yield GaugeMetricFamily("epsignal_leases_held", "Device leases this replica holds", value=lm.held)
             yield GaugeMetricFamily("epsignal_replicas", "Live replicas, as heard on the presence exchange",
-                                    value=len(lm.members.live))
+                                    value=lm.replicas)
             yield CounterMetricFamily("epsignal_leases_handed_on", "Idle devices handed on to another replica",
                                       value=lm.handed_on)
 
 
-def registry_for(bridge: Bridge) -> CollectorRegistry:
-    """A registry with the bridge's own collector (one per Bridge, so tests may run several)."""
+def registry_for(snapshot: Callable[[], Snapshot]) -> CollectorRegistry:
+    """A registry with a bridge's own collector (one per bridge, so tests may run several)."""
     reg = CollectorRegistry(auto_describe=True)
-    reg.register(BridgeCollector(bridge))
+    reg.register(BridgeCollector(snapshot))
     return reg
 
 

@@ -36,6 +36,35 @@ def unword(value: str) -> str:
     return unquote(value, errors="strict")
 
 
+#: the routing key of each event type, as a template whose ``{hw}``, ``{call}`` and ``{instance}``
+#: stand for words: the key grammar in one place (the event factory's keys follow it, a unit test
+#: holds them to it; span names and the contracts read it)
+EVENT_KEYS = {
+    "attached": "device.{hw}.attached",
+    "detached": "device.{hw}.detached",
+    "attach.failed": "device.{hw}.attach.failed",
+    "call.state": "device.{hw}.call.{call}.state",
+    "call.signaling": "device.{hw}.call.{call}.signaling",
+    "gap": "bridge.{instance}.gap",
+}
+#: the commands' verbs; a command's key is ``device.<hw>.<verb>``
+VERBS = ("attach", "detach", "signaling")
+COMMAND_KEYS = {verb: f"device.{{hw}}.{verb}" for verb in VERBS}
+#: what a grammar word matches in a key
+_WORD = "[^.]+"
+_TEMPLATES = [(re.compile("^" + re.sub(r"\\\{\w+\\\}", _WORD, re.escape(t)) + "$"), t)
+              for t in (*EVENT_KEYS.values(), *COMMAND_KEYS.values())]
+
+
+def template_of(key: str) -> str:
+    """The low-cardinality template a routing key follows (``{other}`` for none): span names
+    never carry ids."""
+    for rx, template in _TEMPLATES:
+        if rx.match(key):
+            return template
+    return "{other}"
+
+
 def device_key(hw: str, *rest: str) -> str:
     return ".".join(("device", word(hw), *rest))
 

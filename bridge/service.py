@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 
 from websockets.exceptions import ConnectionClosed
@@ -21,17 +20,17 @@ from bridge.amqp.leases import LeaseManager
 from bridge.amqp.link import BrokerLink
 from bridge.amqp.publisher import EventPublisher
 from bridge.config import Settings
-from bridge.device import Device, bounded_result
+from bridge.device import Device
 from bridge.events import AttachInfo, EventFactory, Outgoing
-from bridge.http import HttpServer
-from bridge.pbx.client import DeviceRunner
-from bridge.pbx.server import NoPbxSession, PbxServer
-from bridge.tls import client_context
+from bridge.metrics import LeaseSnapshot, Snapshot
+from bridge.pbx.client import ClientPbx
+from bridge.pbx.mode import AttachFailed, CannotDetach, Pbx
+from bridge.pbx.server import PbxServer
 
 log = logging.getLogger("bridge")
 
-#: how long (x 10 ms) an attach reply waits for the PBX's Attached after a good AttachResult
-ATTACHED_WAIT_STEPS = 50
+#: how long an attach reply waits for the PBX's Attached after a good AttachResult
+ATTACHED_WAIT_S = 0.5
 #: with leases: a held device whose runner ended (attach refused) is tried again after this
 RUNNER_RETRY_S = 1.0
 #: of a stop's grace, kept for closing the broker connection after the flush
@@ -41,6 +40,11 @@ UNFLUSHED_PER_LINE = 100
 
 
 class Bridge:
+    """One bridge: the PBX side (:class:`~bridge.pbx.mode.Pbx`, client or server mode), the
+    publisher of its events, the command consumer, and with EPSIGNAL_LEASES the lease manager
+    that says which devices this replica runs. It carries out commands; the protocol is in
+    :mod:`bridge.protocol` and :mod:`bridge.device`, the broker in :mod:`bridge.amqp`."""
+
     def __init__(self, settings: Settings) -> None:
         self.s = settings
         self.factory = EventFactory(settings.instance_id, settings.event_kind_list)
@@ -50,19 +54,16 @@ class Bridge:
             max_events=settings.buffer_max_events, max_age_s=settings.buffer_max_age_s,
             max_attempts=settings.publish_max_attempts, max_bytes=settings.buffer_max_mb * 2**20,
         )
-        self.server = PbxServer(settings, self.emit) if settings.pbx_mode == "server" else None
-        self.leases = None
-        if settings.leases and self.server is None:
-            self.leases = LeaseManager(self.link, self, settings.device_list, self._on_leased_command)
+        self._call_limits = settings.call_limits()
+        leases = settings.leases and settings.pbx_mode == "client"
+        self.pbx: Pbx = (PbxServer(settings, self._device, self.emit) if settings.pbx_mode == "server"
+                         else ClientPbx(settings, self._device, self.emit, refusals=3 if leases else 0,
+                                        autostart=not leases))
+        self.leases = (LeaseManager(self.link, self, settings.device_list, self._on_leased_command)
+                       if leases else None)
         self.consumer = CommandConsumer(self.link, self.handle_command,
                                         redirect=self._redirect if self.leases is not None else None)
-        self.runners: dict[str, DeviceRunner] = {}
-        self._gate = asyncio.Semaphore(settings.attach_concurrency)
-        self._pbx_ssl = (client_context(settings.pbx_ca_file, settings.pbx_tls_verify)
-                         if settings.pbx_url.startswith("wss:") else None)
         self._tasks: list[asyncio.Task] = []
-        self._call_limits = settings.call_limits()
-        self.http = HttpServer(self, settings.http_host, settings.http_port)
 
     def emit(self, event: Outgoing) -> None:
         """Hand an event to the publisher (never blocks); with tracing, its creation context."""
@@ -72,18 +73,11 @@ class Bridge:
 
     # ------------------------------------------------------------------ life cycle
     async def start(self) -> None:
-        await self.http.start()
         self._tasks = [
             asyncio.create_task(self.link.run(), name="broker link"),
             asyncio.create_task(self.publisher.run(), name="publisher"),
         ]
-        if self.server is not None:
-            for hw in self.s.device_list:
-                self.server.devices[hw] = self._device(hw)
-            await self.server.start()
-        elif self.leases is None:
-            for hw in self.s.device_list:
-                self._runner(hw)
+        await self.pbx.start()
         log.info("bridge %s started: %d devices configured, PBX mode %s",
                  self.s.instance_id, len(self.s.device_list), self.s.pbx_mode)
 
@@ -108,22 +102,16 @@ class Bridge:
             await asyncio.wait_for(self.consumer.stop_accepting(), left(0.25))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.consumer.drain(grace_s / 2), left(0.5))
-        await asyncio.gather(*(r.stop() for r in self.runners.values()), return_exceptions=True)
-        for r in self.runners.values():
-            for ev in r.device.on_lost("shutdown"):
-                self.emit(ev)
+        await self.pbx.stop()
         if self.leases is not None:  # detached first: the next holder's Attach is not refused
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.leases.stop(), left(0.5))
-        if self.server is not None:
-            await self.server.close()
         flushed = await self.publisher.flush(left() - CLOSE_MARGIN_S)
         await self.publisher.close()
         if not flushed:
             self._report_unflushed()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.link.close(), CLOSE_MARGIN_S)
-        await self.http.stop()
         for t in self._tasks:
             t.cancel()
         # bounded: a broker connect in progress may take its own time to give up
@@ -144,27 +132,33 @@ class Bridge:
             log.error("shutdown: events lost: %s", part)
 
     # ------------------------------------------------------------------ state, for health and metrics
-    def _devices(self) -> list[tuple[Device, bool]]:
-        """(device, its PBX session is up) for every device the bridge wants attached."""
-        if self.server is not None:
-            up = self.server.session is not None
-            return [(d, up and d.hw in self.server.session.devices) for d in self.server.devices.values()]
-        return [(r.device, r.session is not None and not r.session.closed.done()) for r in self.runners.values()]
-
     def session_states(self) -> dict[str, int]:
         out: dict[str, int] = {}
-        for d, up in self._devices():
+        for d, up in self.pbx.devices_up():
             state = "attached" if d.attached else "waiting-registration" if up and d.result else "connecting"
             out[state] = out.get(state, 0) + 1
         return out
 
-    def pbx_reconnects(self) -> int:
-        return sum(r.reconnects for r in self.runners.values())
-
-    def login_failures(self) -> int:
-        if self.server is not None:
-            return self.server.logins_failed
-        return sum(r.login_failures for r in self.runners.values())
+    def snapshot(self) -> Snapshot:
+        """The figures the metrics show, read at a scrape."""
+        pub, link = self.publisher, self.link
+        ps, bs = pub.stats, pub.buffer.stats
+        lm = self.leases
+        return Snapshot(
+            sessions=self.session_states(), broker_connected=link.ready,
+            broker_blocked=link.blocked is not None, broker_blocks=link.blocks,
+            broker_reconnects=link.reconnects, pbx_reconnects=self.pbx.reconnects,
+            login_failures=self.pbx.login_failures,
+            events={"published": ps.published, "confirmed": ps.confirmed, "returned": ps.returned,
+                    "failed": ps.failed, "nacked": ps.nacked, "made": bs.appended},
+            dropped={"buffer-full": bs.dropped_full, "too-old": bs.dropped_age,
+                     "nacked": bs.dropped_nacked, "unpublishable": bs.dropped_invalid},
+            buffered=len(pub.buffer), stalled_s=pub.stalled_s(), publish_timeouts=ps.timeouts,
+            held_by_nacks=pub.buffer.held_devices, unflushed=pub.unflushed,
+            commands=dict(self.consumer.stats.by_outcome),
+            leases=None if lm is None else LeaseSnapshot(
+                held=len(lm.tokens), replicas=len(lm.members.live), handed_on=lm.handed_on),
+        )
 
     def not_ready_reasons(self) -> list[str]:
         reasons = []
@@ -176,45 +170,22 @@ class Bridge:
         elif (stalled := self.publisher.stalled_s()) > self.s.publish_timeout_s:
             reasons.append(f"broker confirms nothing: {len(self.publisher.buffer)} events waiting "
                            f"for {stalled:.0f}s")
-        devices = self._devices()
-        if self.server is None and devices and not any(up for _, up in devices):
-            why: dict[str, int] = {}
-            for r in self.runners.values():
-                if r.last_error:
-                    why[r.last_error] = why.get(r.last_error, 0) + 1
-            reasons.append("PBX not reachable: no session is up" + "".join(
-                f"; {n} devices: {text}" for text, n in sorted(why.items(), key=lambda kv: -kv[1])[:3]))
-        return reasons
+        return reasons + self.pbx.problems()
 
     def _device(self, hw: str) -> Device:
         return Device(hw, self.factory, self._call_limits)
 
-    def _runner(self, hw: str) -> DeviceRunner:
-        r = self.runners.get(hw)
-        if r is None or (r.task is not None and r.task.done()):
-            r = DeviceRunner(self.s, self._device(hw), self.emit, self._gate, self._pbx_ssl,
-                             refusals=3 if self.leases is not None else 0)
-            self.runners[hw] = r
-            r.start()
-        return r
-
     # ------------------------------------------------------------------ leases (bridge.amqp.leases)
+    # (leases run in client mode only: self.pbx is a ClientPbx here)
     def acquired(self, hw: str) -> None:
-        r = self.runners.get(hw)
-        if r is not None and r.task is not None and r.task.done() and (
-                asyncio.get_running_loop().time() - r.ended_at < RUNNER_RETRY_S):
-            return
-        self._runner(hw)
+        if not self.pbx.ended_within(hw, RUNNER_RETRY_S):
+            self.pbx.run(hw)
 
     async def released(self, hw: str, reason: str) -> None:
-        r = self.runners.pop(hw, None)
-        if r is not None:
-            await r.stop()
-            for ev in r.device.on_lost(reason):
-                self.emit(ev)
+        await self.pbx.release(hw, reason)
 
     def idle(self, hw: str) -> bool:
-        r = self.runners.get(hw)
+        r = self.pbx.runners.get(hw)
         return (r is None or len(r.device.tracker) == 0) and not self.consumer.busy(hw)
 
     async def _on_leased_command(self, message) -> None:
@@ -234,110 +205,42 @@ class Bridge:
         return await self._signaling(hw, cmd)
 
     async def _attach(self, hw: str) -> cmds.Reply:
-        timeout = self.s.attach_timeout_s
+        leases = self.leases
+        if leases is not None and (not await leases.want(hw, True) or not leases.runs(hw)):
+            raise cmds.CommandError(f"the lease of {hw} moved to another replica while the "
+                                    "command was carried out; send it again")
         try:
-            if self.server is not None:
-                result = await asyncio.wait_for(self.server.attach(self._device(hw)), timeout)
-                device = self.server.devices[hw]
-            else:
-                if self.leases is not None:
-                    if not await self.leases.want(hw, True) or not self.leases.runs(hw):
-                        raise cmds.CommandError(f"the lease of {hw} moved to another replica while "
-                                                "the command was carried out; send it again")
-                r = self._runner(hw)  # (with leases: no await since runs() said so)
-                result = await asyncio.wait_for(asyncio.shield(r.first_result), timeout)
-                device = r.device
-        except TimeoutError:
-            last = self.runners[hw].last_error if hw in self.runners else None
-            raise cmds.CommandError(
-                f"no AttachResult for {hw} within {timeout:g}s ({last or 'PBX unreachable?'}); "
-                "the bridge keeps trying"
-            ) from None
-        except (NoPbxSession, ConnectionError, ConnectionClosed) as e:
+            result, _ = await self.pbx.attach(hw, self.s.attach_timeout_s)
+        except AttachFailed as e:
+            if e.refused and leases is not None and hw not in leases.configured:
+                await leases.want(hw, False)  # not wanted until attached by command again
             raise cmds.CommandError(str(e)) from None
-        if result is None or result.failed:
-            err = bounded_result(result).err if result is not None else "no answer"
-            if self.server is not None:
-                self.server.devices.pop(hw, None)
-                if self.server.session is not None:
-                    self.server.session.devices.pop(hw, None)
-            elif self.runners.get(hw) is r:
-                del self.runners[hw]
-                if self.leases is not None and hw not in self.leases.configured:
-                    await self.leases.want(hw, False)  # not wanted until attached by command again
-            raise cmds.CommandError(f"the PBX refused to attach {hw}: {err}")
         # a registered device's Attached follows the AttachResult at once: let it arrive, so that
         # `attached` tells registered (true) from waiting for registration (false)
-        for _ in range(ATTACHED_WAIT_STEPS):
-            if device.attached:
-                break
-            await asyncio.sleep(0.01)
+        attached = await self.pbx.attached(hw, ATTACHED_WAIT_S)
         return cmds.Reply(ok=True, command="attach", hw=hw, attach=AttachInfo.from_result(result),
-                          attached=device.attached)
+                          attached=attached)
 
     async def _detach(self, hw: str) -> cmds.Reply:
-        if self.server is not None:
-            raise cmds.CommandError(
-                "detach is not possible in server mode: EpSignal has no Detach message and the "
-                "PBX session carries every device"
-            )
-        if self.leases is not None:  # the lease's state machine stops the runner
-            r = self.runners.get(hw)
-            was = r is not None and r.device.attached
-            if not await self.leases.want(hw, False):
-                raise cmds.CommandError(f"the lease of {hw} moved to another replica")
-            return cmds.Reply(ok=True, command="detach", hw=hw, was_attached=was)
-        r = self.runners.pop(hw, None)
-        if r is None:
-            return cmds.Reply(ok=True, command="detach", hw=hw, was_attached=False)
-        was = r.device.attached
-        await r.stop()
-        for ev in r.device.on_lost("command"):
-            self.emit(ev)
+        try:
+            if self.leases is not None:  # the lease's state machine stops the runner
+                target = self.pbx.target(hw)
+                was = target is not None and target[0].attached
+                if not await self.leases.want(hw, False):
+                    raise cmds.CommandError(f"the lease of {hw} moved to another replica")
+            else:
+                was = await self.pbx.release(hw, "command")
+        except CannotDetach as e:
+            raise cmds.CommandError(str(e)) from None
         return cmds.Reply(ok=True, command="detach", hw=hw, was_attached=was)
 
     async def _signaling(self, hw: str, cmd: cmds.SignalingCommand) -> cmds.Reply:
-        if self.server is not None:
-            device = self.server.devices.get(hw)
-            session = self.server.session
-        else:
-            r = self.runners.get(hw)
-            device, session = (r.device, r.session) if r is not None else (None, None)
-        if device is None or session is None or session.closed.done() or not device.attached:
+        target = self.pbx.target(hw)
+        if target is None or target[1].closed.done() or not target[0].attached:
             raise cmds.CommandError(f"device {hw} is not attached")
+        device, session = target
         try:
             await session.send_signaling(device, cmd.call, cmd.to, cmd.sig)
         except (ConnectionError, ConnectionClosed) as e:
             raise cmds.CommandError(f"PBX session of {hw} closed while sending: {e}") from None
         return cmds.Reply(ok=True, command="signaling", hw=hw)
-
-
-#: the cyclic GC's first threshold while serving (CPython's default is 700). Every frame makes
-#: and drops small containers (and with tracing the SDK keeps spans queued until exported), so
-#: with 700 the collector ran ~100 times a second and its older generations kept re-walking the
-#: survivors: in the tracing benchmark GC took 2.7 s of 28.6 s CPU (tracing on) and 1.1 s of 20 s
-#: (off); with 10,000, 0.26 s and 0.21 s. Garbage in cycles waits a little longer, that is all.
-GC_THRESHOLD0 = 10_000
-
-
-def tune_gc() -> None:
-    gc.set_threshold(GC_THRESHOLD0, *gc.get_threshold()[1:])
-
-
-async def run_until_signalled(settings: Settings, grace_s: float = 10.0) -> int:
-    """``epsignal-bridge run``: start, serve until SIGTERM/SIGINT, stop gracefully."""
-    import signal
-
-    tracing.configure()
-    tune_gc()
-    bridge = Bridge(settings)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await bridge.start()
-    await stop.wait()
-    log.info("stopping (grace %.0fs)", grace_s)
-    flushed = await bridge.stop(grace_s)
-    return 0 if flushed else 1
-

@@ -273,6 +273,7 @@ async def demo(*, devices: int, call_rate: float, duration: float | None, amqp_u
     Isolated: its own exchange and queue names (``demo-<id>.*``, deleted at exit), its own
     ports. Reaches the broker first, so an unreachable one is a :class:`ToolError` within
     :data:`CONNECT_TIMEOUT_S`; ``duration`` ends it, so do SIGINT and SIGTERM."""
+    from bridge.main import http_for
     from bridge.service import Bridge
     from bridge.sim import PbxSimulator, SimConfig
 
@@ -298,6 +299,7 @@ async def demo(*, devices: int, call_rate: float, duration: float | None, amqp_u
         settings = demo_settings(name, amqp_url=amqp_url, pbx_url=sim.url, pbx_app=sim.config.app,
                                  password=password, devices=hws, http_port=http_port)
         bridge = Bridge(settings)
+        http = http_for(bridge)
         ready = asyncio.Event()
         viewer = asyncio.create_task(tail(
             settings, ["device.*.call.*.state", "device.*.attached", "device.*.detached",
@@ -310,15 +312,16 @@ async def demo(*, devices: int, call_rate: float, duration: float | None, amqp_u
         if viewer.done():
             viewer.result()  # its ToolError
         try:
-            await bridge.start()
+            await http.start()
         except OSError as e:
-            await bridge.http.stop()
+            await http.stop()
             what = f"--http-port {http_port}" if http_port else "a free port"
             raise ToolError(f"the demo's HTTP server cannot listen on 127.0.0.1 ({what}): "
                             f"{_reason(e)}") from None
+        await bridge.start()
         started = True
         print(f"demo {name}: PBX simulator {sim.url} (control {sim.control_url}), {devices} devices, "
-              f"{call_rate:g} calls/s; bridge HTTP http://127.0.0.1:{bridge.http.port} "
+              f"{call_rate:g} calls/s; bridge HTTP http://127.0.0.1:{http.port} "
               "(/healthz /readyz /metrics)", file=out, flush=True)
         # ready (its exchanges and queues declared, the devices' sessions up) before it says
         # how to send it a command; bounded, and a stop or the duration ends the wait too
@@ -343,6 +346,7 @@ async def demo(*, devices: int, call_rate: float, duration: float | None, amqp_u
             loop.remove_signal_handler(sig)
         if started:
             await bridge.stop(5)
+            await http.stop()
         if viewer is not None:
             viewer.cancel()
             await asyncio.gather(viewer, return_exceptions=True)

@@ -35,7 +35,6 @@ one module flag and does nothing else.
 from __future__ import annotations
 
 import os
-import re
 from contextlib import contextmanager
 
 from opentelemetry import baggage as _baggage
@@ -43,26 +42,13 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import Link, NonRecordingSpan, SpanKind, Status, StatusCode
 
+from bridge import routing
+
 _tracer = trace.get_tracer("epsignal-bridge")
 #: False: no span is made anywhere (checked on the hot path)
 ENABLED = False
 
 SYSTEM = "rabbitmq"
-_KEY_TEMPLATES = [
-    (re.compile(r"^device\.[^.]+\.call\.[^.]+\.(state|signaling)$"), r"device.{hw}.call.{call}.\1"),
-    (re.compile(r"^device\.[^.]+\.(attached|detached|attach\.failed)$"), r"device.{hw}.\1"),
-    (re.compile(r"^bridge\.[^.]+\.gap$"), "bridge.{instance}.gap"),
-]
-
-
-def key_template(key: str) -> str:
-    """The low-cardinality template of a routing key (span names never carry ids)."""
-    for rx, tpl in _KEY_TEMPLATES:
-        if rx.match(key):
-            return rx.sub(tpl, key)
-    return "{other}"
-
-
 def configure(provider=None) -> bool:
     """Turn tracing on with ``provider`` (tests), or from the ``OTEL_*`` environment."""
     global ENABLED, _tracer
@@ -153,17 +139,6 @@ def exit_frame(span, token, error: BaseException | None = None) -> None:
 
 
 # ------------------------------------------------------------------------------ broker side
-#: event type -> routing key template (what key_template gives for the keys of that type)
-_TYPE_TEMPLATES = {
-    "call.state": "device.{hw}.call.{call}.state",
-    "call.signaling": "device.{hw}.call.{call}.signaling",
-    "attached": "device.{hw}.attached",
-    "detached": "device.{hw}.detached",
-    "attach.failed": "device.{hw}.attach.failed",
-    "gap": "bridge.{instance}.gap",
-}
-
-
 def _traceparent_only() -> bool:
     """True when the global propagator is the default W3C one (tracecontext, baggage): then the
     producer writes ``traceparent``/``tracestate`` itself (the same text, without the composite
@@ -197,7 +172,7 @@ def inject(headers: dict, span) -> None:
 
 
 def _template(event) -> str:
-    return _TYPE_TEMPLATES.get(event.type) or key_template(event.key)
+    return routing.EVENT_KEYS.get(event.type) or routing.template_of(event.key)
 
 
 def creation(event, exchange: str) -> None:
@@ -257,7 +232,7 @@ def command_span(headers: dict | None, exchange: str, hw: str, verb: str, routin
     attrs = {
         "messaging.system": SYSTEM, "messaging.operation.name": "process",
         "messaging.operation.type": "process", "messaging.destination.name": exchange,
-        "messaging.destination.template": f"device.{{hw}}.{verb}",
+        "messaging.destination.template": routing.COMMAND_KEYS.get(verb, "{other}"),
         "messaging.rabbitmq.destination.routing_key": routing_key, "epsignal.hw": hw,
     }
     if message_id:

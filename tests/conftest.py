@@ -17,6 +17,7 @@ import pytest
 from bridge.amqp import topology
 from bridge.config import Settings
 from bridge.service import Bridge
+from tests.faults.helpers import serve_http, stop_http
 from bridge.sim import PbxSimulator, SimConfig
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
@@ -187,14 +188,16 @@ async def start_bridge(bus):  # after `bus`, so the bridge stops before bus dele
 
     async def start(settings: Settings) -> Bridge:
         b = Bridge(settings)
+        started.append(b)
+        await serve_http(b)
         await b.start()
         assert await b.link.wait_ready(10), "bridge did not connect to the broker"
-        started.append(b)
         return b
 
     yield start
     for b in started:
         await b.stop(2)
+        await stop_http(b)
     for b in started:  # the lease queues of every device a bridge knew (EPSIGNAL_LEASES)
         if b.leases is not None:
             await topology.delete(bus.conn, (), [topology.lease_queue(b.s, hw) for hw in b.leases.devices()])

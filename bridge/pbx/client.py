@@ -6,7 +6,8 @@ attaches again; the ``Sync`` that follows republishes the state of every call. A
 is not a network fault: it is retried after ``login_retry_s`` (60 s by default), never in a
 tight loop. An ``AttachResult`` with ``err`` ends the runner: the PBX does not know the device.
 
-Detach is ending the session (EpSignal has no Detach message).
+Detach is ending the session (EpSignal has no Detach message). :class:`ClientPbx` keeps the
+runners: the client mode's side of :class:`bridge.pbx.mode.Pbx`.
 """
 
 from __future__ import annotations
@@ -14,22 +15,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+from collections.abc import Callable
 
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from bridge.config import Settings
-from bridge.device import Device
-from bridge.pbx.session import Emit, PbxClientConnection, PbxSession, login_as_client, ws_max_size
+from bridge.device import Device, bounded_result
+from bridge.pbx.mode import AttachFailed
+from bridge.pbx.session import (SETTLE_S, Emit, PbxClientConnection, PbxSession, login_as_client,
+                                ws_max_size)
+from bridge.tls import client_context
 from bridge.protocol import messages as m
 from bridge.protocol.errors import FrameError
 from bridge.protocol.login import LoginFailed
 
 log = logging.getLogger("bridge.pbx")
 
-#: time after a (re-)attach for the PBX's Sync messages to arrive (EpSignal marks no end of Sync)
-SETTLE_S = 2.0
 #: ``DeviceRunner.stop`` waits at most this long for the runner's task to end
 STOP_TIMEOUT_S = 5.0
 
@@ -38,12 +41,14 @@ RETRYABLE = (OSError, TimeoutError, ConnectionError, ConnectionClosed, InvalidHa
 _RETRY = retry_if_exception_type(RETRYABLE)  # stateless: one for every runner
 
 
-
 class AttachRefused(Exception):
     """The PBX answered the Attach with ``err``."""
 
 
 class DeviceRunner:
+    """One device's AppWebsocket session in client mode: opened, attached, and opened again
+    with backoff whenever it drops, until :meth:`stop`."""
+
     def __init__(self, settings: Settings, device: Device, emit: Emit, gate: asyncio.Semaphore,
                  ssl_context: ssl.SSLContext | None = None, refusals: int = 0) -> None:
         """``ssl_context``: for wss:// (one shared by all runners; see bridge.tls). ``refusals``:
@@ -148,8 +153,7 @@ class DeviceRunner:
                 if self._stopping:
                     break
                 self.reconnects += 1
-                for ev in self.device.on_lost("session-lost"):
-                    self.emit(ev)
+                self._lost("session-lost")
                 # a session that dies soon after it was made must not make a tight loop
                 short = loop.time() - started < self.s.reconnect_max_s
                 short_lived = short_lived + 1 if short else 0
@@ -179,6 +183,10 @@ class DeviceRunner:
         for ev in self.device.settle():
             self.emit(ev)
 
+    def _lost(self, reason: str) -> None:
+        for ev in self.device.on_lost(reason):
+            self.emit(ev)
+
     def _log_retry(self, rs) -> None:
         exc = rs.outcome.exception()
         if isinstance(exc, LoginFailed):
@@ -193,9 +201,10 @@ class DeviceRunner:
             self.last_error = f"PBX unreachable ({type(exc).__name__}: {exc})"
             log.warning("device %s: %s, retry in %.1fs", self.hw, self.last_error, rs.next_action.sleep)
 
-    async def stop(self, timeout: float = STOP_TIMEOUT_S) -> bool:
+    async def stop(self, reason: str | None = None, timeout: float = STOP_TIMEOUT_S) -> bool:
         """End the attachment (close the session) and the runner, within ``timeout``: a lease
-        round or a hand-on waiting on it must not wait forever. True if the runner ended."""
+        round or a hand-on waiting on it must not wait forever; then, with a ``reason``, emit
+        the device's ``detached(reason)``. True if the runner ended."""
         self._stopping = True
         try:
             async with asyncio.timeout(timeout):
@@ -212,4 +221,107 @@ class DeviceRunner:
                             raise
         except TimeoutError:
             log.error("device %s: runner did not stop within %.0fs", self.hw, timeout)
+        if reason is not None:
+            self._lost(reason)
         return self.task is None or self.task.done()
+
+
+class ClientPbx:
+    """Client mode (:class:`bridge.pbx.mode.Pbx`): a :class:`DeviceRunner` per device."""
+
+    def __init__(self, settings: Settings, make_device: Callable[[str], Device], emit: Emit,
+                 refusals: int = 0, autostart: bool = True) -> None:
+        """``refusals``: see :class:`DeviceRunner`. ``autostart``: :meth:`start` runs every
+        configured device (without leases; with them, the lease manager says which)."""
+        self.s = settings
+        self.runners: dict[str, DeviceRunner] = {}
+        self._make_device = make_device
+        self._emit = emit
+        self._refusals = refusals
+        self._autostart = autostart
+        self._gate = asyncio.Semaphore(settings.attach_concurrency)
+        self._ssl = (client_context(settings.pbx_ca_file, settings.pbx_tls_verify)
+                     if settings.pbx_url.startswith("wss:") else None)
+
+    async def start(self) -> None:
+        if self._autostart:
+            for hw in self.s.device_list:
+                self.run(hw)
+
+    def run(self, hw: str) -> DeviceRunner:
+        """``hw``'s runner, started if there is none or it ended."""
+        r = self.runners.get(hw)
+        if r is None or (r.task is not None and r.task.done()):
+            r = DeviceRunner(self.s, self._make_device(hw), self._emit, self._gate, self._ssl,
+                             refusals=self._refusals)
+            self.runners[hw] = r
+            r.start()
+        return r
+
+    def ended_within(self, hw: str, seconds: float) -> bool:
+        """``hw``'s runner ended (attach refused) less than ``seconds`` ago."""
+        r = self.runners.get(hw)
+        return (r is not None and r.task is not None and r.task.done()
+                and asyncio.get_running_loop().time() - r.ended_at < seconds)
+
+    async def attach(self, hw: str, timeout: float) -> tuple[m.AttachResult, Device]:
+        r = self.run(hw)
+        try:
+            result = await asyncio.wait_for(asyncio.shield(r.first_result), timeout)
+        except TimeoutError:
+            raise AttachFailed(f"no AttachResult for {hw} within {timeout:g}s "
+                               f"({r.last_error or 'PBX unreachable?'}); the bridge keeps trying") from None
+        except (ConnectionError, ConnectionClosed, InvalidURI) as e:
+            raise AttachFailed(str(e)) from None
+        if result is None or result.failed:
+            if self.runners.get(hw) is r:
+                del self.runners[hw]
+            err = bounded_result(result).err if result is not None else "no answer"
+            raise AttachFailed(f"the PBX refused to attach {hw}: {err}", refused=True)
+        return result, r.device
+
+    async def attached(self, hw: str, timeout: float) -> bool:
+        r = self.runners.get(hw)
+        if r is None or r.session is None:
+            return False
+        return await r.session.wait_attached(r.device, timeout)
+
+    async def release(self, hw: str, reason: str) -> bool:
+        r = self.runners.pop(hw, None)
+        if r is None:
+            return False
+        was = r.device.attached
+        await r.stop(reason)
+        return was
+
+    def target(self, hw: str) -> tuple[Device, PbxSession] | None:
+        r = self.runners.get(hw)
+        if r is None or r.session is None:
+            return None
+        return r.device, r.session
+
+    def devices_up(self) -> list[tuple[Device, bool]]:
+        return [(r.device, r.session is not None and not r.session.closed.done())
+                for r in self.runners.values()]
+
+    def problems(self) -> list[str]:
+        runners = self.runners.values()
+        if not runners or any(r.session is not None and not r.session.closed.done() for r in runners):
+            return []
+        why: dict[str, int] = {}
+        for r in runners:
+            if r.last_error:
+                why[r.last_error] = why.get(r.last_error, 0) + 1
+        return ["PBX not reachable: no session is up" + "".join(
+            f"; {n} devices: {text}" for text, n in sorted(why.items(), key=lambda kv: -kv[1])[:3])]
+
+    @property
+    def reconnects(self) -> int:
+        return sum(r.reconnects for r in self.runners.values())
+
+    @property
+    def login_failures(self) -> int:
+        return sum(r.login_failures for r in self.runners.values())
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(r.stop("shutdown") for r in self.runners.values()), return_exceptions=True)

@@ -14,10 +14,13 @@ import ssl
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 
+from collections.abc import Callable
+
 from bridge.config import Settings
-from bridge.device import Device
-from bridge.pbx.client import SETTLE_S
-from bridge.pbx.session import Emit, PbxServerConnection, PbxSession, login_as_server, ws_max_size
+from bridge.device import Device, bounded_result
+from bridge.pbx.mode import AttachFailed, CannotDetach
+from bridge.pbx.session import (SETTLE_S, Emit, PbxServerConnection, PbxSession, login_as_server,
+                                ws_max_size)
 from bridge.protocol import messages as m
 from bridge.protocol.errors import FrameError
 from bridge.protocol.login import LoginFailed
@@ -25,14 +28,15 @@ from bridge.protocol.login import LoginFailed
 log = logging.getLogger("bridge.pbx")
 
 
-class NoPbxSession(Exception):
-    pass
-
-
 class PbxServer:
-    def __init__(self, settings: Settings, emit: Emit, ssl_context: ssl.SSLContext | None = None) -> None:
+    """Server mode (:class:`bridge.pbx.mode.Pbx`): listens for the PBX's App object and attaches
+    every device on the one session it opens."""
+
+    def __init__(self, settings: Settings, make_device: Callable[[str], Device], emit: Emit,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         self.s = settings
         self.emit = emit
+        self._make_device = make_device
         self._ssl = ssl_context
         #: the devices to attach on every PBX session
         self.devices: dict[str, Device] = {}
@@ -46,6 +50,8 @@ class PbxServer:
         return self._server.sockets[0].getsockname()[1]
 
     async def start(self) -> None:
+        for hw in self.s.device_list:
+            self.devices[hw] = self._make_device(hw)
         if not self.s.pbx_password:
             raise ValueError("server mode needs EPSIGNAL_PBX_PASSWORD: it verifies the PBX's login with it")
         host, _, port = self.s.pbx_listen.rpartition(":")
@@ -89,8 +95,7 @@ class PbxServer:
         newer = self.session.devices if self.session is not None else {}
         for d in list(session.devices.values()):
             if d.hw not in newer:  # a newer session holds it again: not lost
-                for ev in d.on_lost("session-lost"):
-                    self.emit(ev)
+                self._lost(d, "session-lost")
         log.warning("PBX session from %r ended", app)
 
     def _settle(self, session: PbxSession) -> None:
@@ -98,20 +103,68 @@ class PbxServer:
             for ev in d.settle():
                 self.emit(ev)
 
+    def _lost(self, device: Device, reason: str) -> None:
+        for ev in device.on_lost(reason):
+            self.emit(ev)
+
     async def _attach_on(self, session: PbxSession, device: Device) -> m.AttachResult:
         async with self._gate:
             return await session.attach(device, self.s.attach_timeout_s)
 
-    async def attach(self, device: Device) -> m.AttachResult:
-        self.devices.setdefault(device.hw, device)
-        device = self.devices[device.hw]
-        if self.session is None:
-            raise NoPbxSession("no PBX session: in server mode the bridge waits for the PBX to connect")
-        if device.result is not None and device.hw in self.session.devices:
-            return device.result
-        return await self._attach_on(self.session, device)
+    async def attach(self, hw: str, timeout: float) -> tuple[m.AttachResult, Device]:
+        device = self.devices.get(hw)
+        if device is None:
+            device = self.devices[hw] = self._make_device(hw)
+        session = self.session
+        if session is None:
+            raise AttachFailed("no PBX session: in server mode the bridge waits for the PBX to connect")
+        if device.result is not None and hw in session.devices:
+            return device.result, device
+        try:
+            result = await asyncio.wait_for(self._attach_on(session, device), timeout)
+        except TimeoutError:
+            raise AttachFailed(f"no AttachResult for {hw} within {timeout:g}s; the bridge keeps trying") from None
+        except ConnectionError as e:
+            raise AttachFailed(str(e)) from None
+        if result.failed:
+            self.devices.pop(hw, None)
+            session.devices.pop(hw, None)
+            raise AttachFailed(f"the PBX refused to attach {hw}: {bounded_result(result).err}", refused=True)
+        return result, device
 
-    async def close(self) -> None:
+    async def attached(self, hw: str, timeout: float) -> bool:
+        device, session = self.devices.get(hw), self.session
+        if device is None or session is None:
+            return False
+        return await session.wait_attached(device, timeout)
+
+    async def release(self, hw: str, reason: str) -> bool:
+        raise CannotDetach(
+            "detach is not possible in server mode: EpSignal has no Detach message and the "
+            "PBX session carries every device")
+
+    def target(self, hw: str) -> tuple[Device, PbxSession] | None:
+        device, session = self.devices.get(hw), self.session
+        if device is None or session is None:
+            return None
+        return device, session
+
+    def devices_up(self) -> list[tuple[Device, bool]]:
+        session = self.session
+        return [(d, session is not None and d.hw in session.devices) for d in self.devices.values()]
+
+    def problems(self) -> list[str]:
+        return []  # listening is ready: the PBX connects when it will
+
+    @property
+    def reconnects(self) -> int:
+        return 0  # the PBX reconnects; its logins are counted
+
+    @property
+    def login_failures(self) -> int:
+        return self.logins_failed
+
+    async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()

@@ -43,6 +43,9 @@ log = logging.getLogger("bridge.pbx")
 
 Emit = Callable[[Outgoing], None]
 
+#: time after a (re-)attach for the PBX's Sync messages to arrive (EpSignal marks no end of Sync)
+SETTLE_S = 2.0
+
 
 def ws_max_size(max_frame_bytes: int) -> int:
     """The WebSocket layer's limit: twice the frame limit. A frame a little over the limit is
@@ -156,6 +159,9 @@ def _forget_handshake(ws) -> None:
 
 
 class PbxSession:
+    """One AppWebsocket session carrying EpSignal for one device (client mode) or all of them
+    (server mode): reads, forwards, hands frames to their devices, sends on their behalf."""
+
     def __init__(self, ws: FrameKinds, emit: Emit, max_bytes: int) -> None:
         _forget_handshake(ws)
         self.ws = ws
@@ -164,6 +170,7 @@ class PbxSession:
         #: src -> device; the src of our Attach is the hw id
         self.devices: dict[str, Device] = {}
         self._results: dict[str, asyncio.Future] = {}
+        self._attached: dict[str, asyncio.Future] = {}  # hw -> resolved by its Attached
         self.closed = asyncio.get_running_loop().create_future()
         self.reader: asyncio.Task | None = None
 
@@ -182,6 +189,23 @@ class PbxSession:
             self._results.pop(device.hw, None)
             if not ok:
                 self.devices.pop(device.hw, None)
+
+    async def wait_attached(self, device: Device, timeout: float) -> bool:
+        """Whether ``device`` is attached, waiting up to ``timeout`` for the PBX's Attached (a
+        registered device's follows its AttachResult at once)."""
+        if not device.attached and not self.closed.done():
+            fut = self._attached.get(device.hw)
+            if fut is None:
+                fut = self._attached[device.hw] = asyncio.get_running_loop().create_future()
+            try:
+                async with asyncio.timeout(timeout):
+                    await asyncio.shield(fut)
+            except TimeoutError:
+                pass
+            finally:
+                if self._attached.get(device.hw) is fut and fut.done():
+                    del self._attached[device.hw]
+        return device.attached
 
     async def send_signaling(self, device: Device, call: int, to: bool, sig) -> None:
         frame = m.Signaling(call=call, sig=sig, to=True if to else m.UNSET, src=device.hw)
@@ -219,10 +243,8 @@ class PbxSession:
                 dev = self._device_for(msg)
                 if dev is None:
                     continue
-                if type(msg) is m.AttachResult:
-                    fut = self._results.get(dev.hw)
-                    if fut is not None and not fut.done():
-                        fut.set_result(msg)
+                if type(msg) is not m.Signaling:
+                    self._answer(dev.hw, msg)
                 if tracing.ENABLED:  # the span starts when the frame was read
                     wall0 = time.time_ns() - (time.perf_counter_ns() - t0)
                     self._traced(dev, msg, wall0, wall0 + took if forwarded else None)
@@ -239,8 +261,19 @@ class PbxSession:
             for fut in self._results.values():
                 if not fut.done():
                     fut.set_exception(err)
+            for fut in self._attached.values():
+                if not fut.done():
+                    fut.set_result(None)
             if not self.closed.done():
                 self.closed.set_result(None)
+
+    def _answer(self, hw: str, msg) -> None:
+        """An AttachResult or Attached someone awaits (resolved before the device sees the
+        frame; the waiter runs after it has)."""
+        waiting = self._results if type(msg) is m.AttachResult else self._attached if type(msg) is m.Attached else None
+        fut = waiting.get(hw) if waiting else None
+        if fut is not None and not fut.done():
+            fut.set_result(msg)
 
     def _traced(self, dev: Device, msg, start_ns: int, forwarded_ns: int | None) -> None:
         span, token = tracing.enter_frame(dev, msg, start_ns, forwarded_ns)

@@ -20,7 +20,7 @@ from typing import Any, Literal, Union
 import msgspec
 from msgspec import UNSET, Raw, Struct, UnsetType
 
-from bridge.protocol.errors import FrameError
+from bridge.protocol.errors import DECODE_ERRORS, FrameError, decode_error
 from bridge.protocol.signal import Sig, decode_sig
 
 API = "EpSignal"
@@ -144,10 +144,6 @@ class Signaling(EpSignalMessage, kw_only=True, dict=True):
     #: present and true: toward the device
     to: bool | UnsetType = UNSET
 
-    @property
-    def toward_device(self) -> bool:
-        return self.to is True
-
     @cached_property
     def signal(self) -> Sig:
         """The typed view of ``sig`` (decoded once, on first use). Raises FrameError."""
@@ -177,19 +173,14 @@ def decode(frame: bytes | str, max_bytes: int = MAX_FRAME_BYTES) -> Frame:
         raise FrameError("too-large", f"frame of {len(frame)} bytes exceeds the limit of {max_bytes}")
     try:
         msg = _decoder.decode(frame)
-    except msgspec.ValidationError as e:
-        text = str(e)
+    except DECODE_ERRORS as exc:
+        e = decode_error(exc)
+        text = e.detail  # two failures at the frame's top get a kind of their own
         if text.startswith("Expected `object`") and "- at `$" not in text:  # the frame itself
-            raise FrameError("not-object", f"a frame must be a JSON object ({text})") from None
-        if text.startswith("Invalid value") and text.endswith("`$.mt`"):
-            raise FrameError("unknown-mt", f"unknown message type ({text})") from None
-        raise FrameError("invalid", text) from None
-    except msgspec.DecodeError as e:
-        raise FrameError("not-json", str(e)) from None
-    except UnicodeDecodeError as e:  # invalid UTF-8 inside a string
-        raise FrameError("not-json", f"invalid UTF-8: {e}") from None
-    except RecursionError:
-        raise FrameError("invalid", "nested too deeply") from None
+            e = FrameError("not-object", f"a frame must be a JSON object ({text})")
+        elif text.startswith("Invalid value") and text.endswith("`$.mt`"):
+            e = FrameError("unknown-mt", f"unknown message type ({text})")
+        raise e from None
     if type(msg) is Signaling and bytes(memoryview(msg.sig)[:1]) != b"{":
         raise FrameError("invalid", "Expected `object` - at `$.sig`")
     return msg

@@ -13,7 +13,7 @@ from typing import Any
 import msgspec
 from msgspec import UNSET, Struct, UnsetType
 
-from bridge.protocol.errors import FrameError
+from bridge.protocol import errors
 
 
 class Party(Struct, kw_only=True):
@@ -60,15 +60,4 @@ _decoder = msgspec.json.Decoder(Sig)
 
 def decode_sig(raw: bytes | msgspec.Raw) -> Sig:
     """The typed view of a raw ``sig``; raises FrameError naming the bad field."""
-    try:
-        return _decoder.decode(raw)
-    except msgspec.ValidationError as e:
-        text = str(e)  # msgspec gives no path for an error at the root: name $.sig then
-        text = text.replace("`$", "`$.sig", 1) if "`$" in text else f"{text} - at `$.sig`"
-        raise FrameError("invalid", text) from None
-    except msgspec.DecodeError as e:
-        raise FrameError("not-json", f"sig: {e}") from None
-    except UnicodeDecodeError as e:  # invalid UTF-8 inside a string
-        raise FrameError("not-json", f"sig: invalid UTF-8: {e}") from None
-    except RecursionError:
-        raise FrameError("invalid", "sig nested too deeply") from None
+    return errors.decode(_decoder, raw, at="$.sig")

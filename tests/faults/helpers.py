@@ -239,6 +239,30 @@ async def delete_topology(names: dict, extra_queues: tuple[str, ...] = ()) -> No
         await conn.close()
 
 
+#: the HTTP server of each bridge a test started in-process (bridge.main builds it in a process)
+SERVED: dict = {}
+
+
+async def serve_http(bridge) -> int:
+    """Start ``bridge``'s HTTP server (as ``epsignal-bridge run`` does); its port. Stopped by
+    :func:`stop_http`."""
+    from bridge.main import http_for
+    http = SERVED[bridge] = http_for(bridge)
+    await http.start()
+    return http.port
+
+
+async def stop_http(bridge) -> None:
+    http = SERVED.pop(bridge, None)
+    if http is not None:
+        await http.stop()
+
+
+def http_port(bridge) -> int:
+    """The port of ``bridge``'s HTTP server (started by the ``start_bridge`` fixture)."""
+    return SERVED[bridge].port
+
+
 async def http_get(port: int, path: str) -> tuple[int, str]:
     """(status, text) of a GET on the bridge's HTTP server."""
     async with aiohttp.ClientSession() as http:

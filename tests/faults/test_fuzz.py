@@ -83,7 +83,7 @@ async def test_100k_malformed_frames_from_the_pbx_do_not_disturb_the_session(
 
     bridge = await start_bridge(settings_for(None, pbx_url=fake_pbx.url, pbx_password=PASSWORD, devices=HW))
     sess = await fake_pbx.wait_session()
-    runner = bridge.runners[HW]
+    runner = bridge.pbx.runners[HW]
     await eventually(lambda: runner.device.attached, 5, "the device attached")
     bad0, fwd0 = FRAMES.bad_frames, FRAMES.forwarded
     t0 = time.monotonic()
@@ -123,7 +123,7 @@ async def test_100k_malformed_frames_from_the_pbx_do_not_disturb_the_session(
 async def _session(fake_pbx, settings_for, start_bridge, **kw):
     bridge = await start_bridge(settings_for(None, pbx_url=fake_pbx.url, pbx_password=PASSWORD, devices=HW, **kw))
     sess = await fake_pbx.wait_session()
-    runner = bridge.runners[HW]
+    runner = bridge.pbx.runners[HW]
     await eventually(lambda: runner.device.attached, 5, "the device attached")
     return bridge, sess, runner
 

@@ -14,7 +14,7 @@ import pytest
 
 from bridge.metrics import FRAMES
 from bridge.protocol.messages import CallState
-from tests.faults.helpers import eventually
+from tests.faults.helpers import eventually, http_port
 from tests.tcpproxy import TcpProxy
 
 pytestmark = pytest.mark.broker
@@ -77,14 +77,14 @@ async def test_refused_logins_back_off_and_attach_once_allowed(sim, bus, setting
     attempts = sim.stats()["logins_failed"] - failed0
     # one attempt at once, then one every retry_s: no tight loop (a tight loop makes hundreds)
     assert 2 <= attempts <= window / retry_s + 1, (attempts, window)
-    assert bridge.runners[hw_new].login_failures >= attempts - 1
-    assert bridge.login_failures() >= attempts - 1
+    assert bridge.pbx.runners[hw_new].login_failures >= attempts - 1
+    assert bridge.pbx.login_failures >= attempts - 1
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR and r.name == "bridge.pbx"]
     assert errors and all(hw_new in r.getMessage() for r in errors)
     msg = errors[0].getMessage()
     assert "refused" in msg and "EPSIGNAL_PBX_PASSWORD" in msg and "retry in" in msg, msg
     assert sim.stats()["attached_devices"] == 1
-    assert bridge.runners[hw_ok].reconnects == 0
+    assert bridge.pbx.runners[hw_ok].reconnects == 0
 
     sim.faults.refuse_logins = False
     t1 = time.monotonic()
@@ -146,12 +146,12 @@ async def test_malformed_frames_during_calls_are_counted_and_sessions_stay(sim, 
     assert FRAMES.bad_frames - bad0 == sent
     st = sim.stats()
     assert st["calls_stalled"] == 0 and st["bad_frames"] == sim_bad0  # nothing bad was echoed
-    assert all(r.reconnects == 0 for r in bridge.runners.values())
+    assert all(r.reconnects == 0 for r in bridge.pbx.runners.values())
     assert not [e for e in evs if e.body["type"] in ("detached", "attached")]
     for hw in hws:
         assert_seq_contiguous(evs, hw)
     async with aiohttp.ClientSession() as http:
-        async with http.get(f"http://127.0.0.1:{bridge.http.port}/metrics") as r:
+        async with http.get(f"http://127.0.0.1:{http_port(bridge)}/metrics") as r:
             text = await r.text()
     line = next(ln for ln in text.splitlines() if ln.startswith('epsignal_frames_total{kind="bad"}'))
     assert float(line.split()[-1]) >= sent
@@ -190,11 +190,11 @@ async def test_session_cut_by_proxy_mid_call_reattaches_and_syncs_true_state(sim
         assert syncs[call2]["remote"]["num"] == "202"
         kinds = [e.body["type"] for e in evs]
         assert kinds.index("detached") < kinds.index("attached", kinds.index("detached"))
-        assert bridge.runners[hw].reconnects >= 1 and proxy.connections_total >= 2
+        assert bridge.pbx.runners[hw].reconnects >= 1 and proxy.connections_total >= 2
         evs += await released_all(q, {(hw, call1), (hw, call2)}, timeout=10)
         assert sim.stats()["calls_stalled"] == 0
         assert_seq_contiguous(evs, hw)
-        figures("pbx-cut", reconnects=bridge.runners[hw].reconnects, syncs=len(syncs),
+        figures("pbx-cut", reconnects=bridge.pbx.runners[hw].reconnects, syncs=len(syncs),
                                   stalled=sim.stats()["calls_stalled"])
     finally:
         await proxy.stop()
@@ -218,8 +218,8 @@ async def test_one_device_session_dying_does_not_affect_the_others(sim, bus, set
         evs += await q.until(back, timeout=10)
     assert [e.body["reason"] for e in evs if e.body["type"] == "detached"] == ["session-lost"]
     assert all(e.body["hw"] == victim for e in evs if e.body["type"] in ("detached", "attached"))
-    assert bridge.runners[victim].reconnects == 1
-    assert all(bridge.runners[hw].reconnects == 0 for hw in others)
+    assert bridge.pbx.runners[victim].reconnects == 1
+    assert all(bridge.pbx.runners[hw].reconnects == 0 for hw in others)
     await sim.wait_idle(10)
     assert sim.stats()["calls_stalled"] == 0
     for hw in others:
@@ -227,5 +227,5 @@ async def test_one_device_session_dying_does_not_affect_the_others(sim, bus, set
         assert got[-1] == "released" and "connected" in got
         assert_seq_contiguous(evs, hw)
     figures("one-session-dies", others=len(others), other_reconnects=0,
-                                       victim_reconnects=bridge.runners[victim].reconnects)
+                                       victim_reconnects=bridge.pbx.runners[victim].reconnects)
 

@@ -16,7 +16,7 @@ import pytest
 
 from bridge.service import Bridge
 from tests.conftest import PASSWORD
-from tests.faults.helpers import AMQP_URL, BridgeProcess, bridge_env, eventually, free_port, http_get, metric
+from tests.faults.helpers import AMQP_URL, BridgeProcess, bridge_env, eventually, free_port, http_get, http_port, metric
 from tests.tcpproxy import TcpProxy
 
 pytestmark = pytest.mark.broker
@@ -60,7 +60,7 @@ async def test_a_stalled_broker_link_never_wedges_the_publisher(sim, bus, proxy,
     bridge = await start_bridge(settings_for(
         sim, devices=",".join(hws), heartbeat_s=2, publish_window=64, publish_timeout_s=1.5,
         amqp_url=f"amqp://guest:guest@127.0.0.1:{proxy.port}/"))
-    port = bridge.http.port
+    port = http_port(bridge)
     await q.until(lambda e: e.body["type"] == "attached" and e.body["hw"] == hws[-1])
     assert (await http_get(port, "/readyz"))[0] == 200
 

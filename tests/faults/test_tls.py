@@ -187,7 +187,7 @@ async def test_wss_with_an_untrusted_certificate_is_refused_clearly(
     assert tls_pbx.handshakes_ok == 0
     text = pbx_log(caplog)
     assert "SSLCertVerificationError" in text and hw in text, text
-    assert bridge.runners[hw].session is None
+    assert bridge.pbx.runners[hw].session is None
     reasons = bridge.not_ready_reasons()  # readiness names the cause and the setting to fix
     assert len(reasons) == 1 and reasons[0].startswith("PBX not reachable: no session is up"), reasons
     assert "not trusted" in reasons[0] and "EPSIGNAL_PBX_CA_FILE" in reasons[0], reasons
@@ -199,7 +199,7 @@ async def test_wss_with_the_ca_configured_attaches_and_calls_complete(
     q = await bus.bind(f"device.{hw}.#")
     bridge = await start_bridge(settings_for(sim, pbx_url=wss(tls_pbx.port), pbx_ca_file=str(pki.ca), devices=hw))
     await q.until(lambda e: e.body["type"] == "attached")
-    assert bridge._pbx_ssl.verify_mode == ssl.CERT_REQUIRED and bridge._pbx_ssl.check_hostname
+    assert bridge.pbx._ssl.verify_mode == ssl.CERT_REQUIRED and bridge.pbx._ssl.check_hostname
     call = await sim.place_call(hw, direction="in", hold_s=0.1)
     await q.until(lambda e: e.body["type"] == "call.state" and e.body["call"] == call and e.body["state"] == "released")
     assert sim.stats()["calls_stalled"] == 0 and tls_pbx.handshakes_ok >= 1
@@ -222,8 +222,8 @@ async def test_wss_host_name_is_checked_against_the_certificate(sim, pki, bus, s
 async def test_wss_verification_can_be_turned_off_explicitly(sim, tls_pbx, bus, settings_for, start_bridge):
     hw = sim.hw(5)
     bridge = await start_bridge(settings_for(sim, pbx_url=wss(tls_pbx.port), pbx_tls_verify=False, devices=hw))
-    await eventually(lambda: bridge.runners[hw].device.attached, 10, "attached without verification")
-    assert bridge._pbx_ssl.verify_mode == ssl.CERT_NONE
+    await eventually(lambda: bridge.pbx.runners[hw].device.attached, 10, "attached without verification")
+    assert bridge.pbx._ssl.verify_mode == ssl.CERT_NONE
 
 
 # ------------------------------------------------------------------------------- amqps://

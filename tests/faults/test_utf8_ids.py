@@ -42,7 +42,7 @@ async def _attached(sim, bus, settings_for, start_bridge, n: int = 1):
 
 
 def _session_of(bridge, hw):
-    r = bridge.runners[hw]
+    r = bridge.pbx.runners[hw]
     return r.session, r.reconnects
 
 
@@ -111,7 +111,7 @@ async def test_bad_hw_and_call_ids_are_refused_with_the_reason(sim, bus, setting
     for key, body, needle in BAD_IDS:
         assert needle in by_key[(key.format(hw=hw), body)]
     # no Attach for any of them reached the PBX, and the attached device kept its session
-    assert set(bridge.runners) == {hw}
+    assert set(bridge.pbx.runners) == {hw}
     s = sim.stats()
     assert (s["attached_devices"], s["bad_signaling"], s["app_calls"], s["invalid_utf8"]) == (1, 0, 0, 0)
     assert _session_of(bridge, hw) == (session, reconnects) and not session.reader.done()
@@ -129,7 +129,7 @@ async def test_a_binary_frame_from_the_pbx_is_forwarded_as_binary(fake_pbx, bus,
     bridge = await start_bridge(settings_for(None, pbx_url=fake_pbx.url, pbx_password=FAKE_PASSWORD,
                                              devices=FAKE_HW))
     sess = await fake_pbx.wait_session()
-    runner = bridge.runners[FAKE_HW]
+    runner = bridge.pbx.runners[FAKE_HW]
     await eventually(lambda: runner.device.attached, 5, "the device attached")
 
     binary = _sig(6, b'{"type":"alert","dn":"caf\xe9 \xff"}')  # not UTF-8

@@ -68,7 +68,7 @@ async def test_attach_and_detach_by_command(sim, bus, settings_for, start_bridge
     assert sim.stats()["attached_devices"] == 0
     # detach of a detached device: ok too
     assert (await bus.command(hw, "detach"))["was_attached"] is False
-    assert hw not in bridge.runners
+    assert hw not in bridge.pbx.runners
 
 
 async def test_late_attach_and_detach_on_unregister(sim, bus, settings_for, start_bridge):
@@ -246,10 +246,10 @@ async def test_server_mode_verifies_the_pbx_login(sim, bus, settings_for, start_
     q = await bus.bind("device.#")
     bridge = await start_bridge(settings_for(sim, pbx_mode="server", pbx_listen="127.0.0.1:0",
                                              devices=",".join(hws)))
-    url = f"ws://127.0.0.1:{bridge.server.port}/"
+    url = f"ws://127.0.0.1:{bridge.pbx.port}/"
     await sim.connect(url, app="epsignal", password="not-the-password")
     await asyncio.sleep(1.0)
-    assert bridge.server.logins_failed >= 1 and q.drain() == []
+    assert bridge.pbx.logins_failed >= 1 and q.drain() == []
     await sim.connect(url, app="epsignal", password=bridge.s.pbx_password)
     got = set()
     async with asyncio.timeout(10):
@@ -295,7 +295,7 @@ async def test_many_commands_in_flight_at_once(sim, bus, settings_for, start_bri
     hws = [sim.hw(i) for i in range(1, 16)]
     replies = await asyncio.gather(*(bus.command(hw, "attach") for hw in hws))
     assert [r["hw"] for r in replies] == hws and all(r["ok"] for r in replies)
-    assert sim.stats()["attached_devices"] == 15 and len(bridge.runners) == 15
+    assert sim.stats()["attached_devices"] == 15 and len(bridge.pbx.runners) == 15
     # signaling commands for one device are carried out in the order they were sent
     hw = hws[0]
     q = await bus.bind(f"device.{hw}.call.*.signaling")
@@ -310,7 +310,7 @@ async def test_the_call_limits_set_reach_every_device(sim, settings_for, start_b
     from bridge.protocol.callstate import CallLimits
 
     b = await start_bridge(settings_for(sim, devices=sim.hw(1), max_calls_per_device=7, call_idle_s=60))
-    assert b.runners[sim.hw(1)].device.tracker.limits == CallLimits(7, 60.0, 86400.0)
+    assert b.pbx.runners[sim.hw(1)].device.tracker.limits == CallLimits(7, 60.0, 86400.0)
 
 
 async def test_a_deployment_can_publish_call_states_only(sim, bus, settings_for, start_bridge):

@@ -12,7 +12,7 @@ import pytest
 
 from bridge.amqp import topology
 from bridge.service import Bridge
-from tests.faults.helpers import eventually, http_get
+from tests.faults.helpers import eventually, http_get, http_port, serve_http, stop_http
 from tests.rabbitnode import RabbitNode
 
 pytestmark = pytest.mark.broker
@@ -40,6 +40,7 @@ async def test_a_memory_alarm_blocks_publishing_but_never_a_call(node, sim, sett
         await msg.ack()
     await q.consume(on)
     bridge = Bridge(s)
+    await serve_http(bridge)
     await bridge.start()
     try:
         assert await bridge.link.wait_ready(10)
@@ -58,9 +59,9 @@ async def test_a_memory_alarm_blocks_publishing_but_never_a_call(node, sim, sett
         assert sim.stats()["calls_stalled"] == 0  # forwarding never waited on the alarm
         # longer than the heartbeat and the confirm timeout: no reconnect cycle while blocked
         await asyncio.sleep(3)
-        status, body = await http_get(bridge.http.port, "/readyz")
+        status, body = await http_get(http_port(bridge), "/readyz")
         assert status == 503 and "broker blocks publishing" in body and "memory" in body, body
-        _, text = await http_get(bridge.http.port, "/metrics")
+        _, text = await http_get(http_port(bridge), "/metrics")
         assert "epsignal_broker_blocked 1.0" in text
         assert bridge.link.reconnects == 0 and bridge.publisher.stats.timeouts == 0
         waiting = len(bridge.publisher.buffer)
@@ -69,8 +70,8 @@ async def test_a_memory_alarm_blocks_publishing_but_never_a_call(node, sim, sett
         node.memory_alarm(False)
         assert await bridge.publisher.flush(20)
         assert bridge.link.blocked is None and bridge.link.reconnects == 0
-        assert (await http_get(bridge.http.port, "/readyz"))[0] == 200
-        _, text = await http_get(bridge.http.port, "/metrics")
+        assert (await http_get(http_port(bridge), "/readyz"))[0] == 200
+        _, text = await http_get(http_port(bridge), "/metrics")
         assert "epsignal_broker_blocked 0.0" in text and "epsignal_broker_blocks_total 1.0" in text
         await eventually(lambda: len(got) >= 3 + waiting, 10, "every event after the alarm")
         for hw in hws:
@@ -83,5 +84,6 @@ async def test_a_memory_alarm_blocks_publishing_but_never_a_call(node, sim, sett
     finally:
         node.memory_alarm(False)
         await bridge.stop(2)
+        await stop_http(bridge)
         await topology.delete_for(conn, s)
         await conn.close()

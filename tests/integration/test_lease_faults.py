@@ -111,7 +111,7 @@ async def test_a_lease_channel_error_stops_the_runners_and_the_replica_lines_up_
         await ch.basic_nack(999_999, requeue=True)  # PRECONDITION_FAILED - unknown delivery tag
         await until(lambda: a.leases.channels_lost == 1, 5, "the lease channel loss noticed")
         assert not a.leases.tokens and not any(a.leases.runs(hw) for hw in mine)
-        await until(lambda: not a.runners, 10, "the runners stopped")
+        await until(lambda: not a.pbx.runners, 10, "the runners stopped")
         await until(lambda: len(attached_by([a, b])) == N, 15, "every device attached again")
         print(f"\nlease channel error: {len(mine)} devices attached again in "
               f"{asyncio.get_running_loop().time() - t0:.2f}s")

@@ -26,7 +26,7 @@ def attached_by(bridges) -> dict[str, int]:
     """hw -> number of bridges with that device attached."""
     out: dict[str, int] = {}
     for b in bridges:
-        for hw, r in b.runners.items():
+        for hw, r in b.pbx.runners.items():
             if r.device.attached:
                 out[hw] = out.get(hw, 0) + 1
     return out
@@ -128,7 +128,7 @@ async def test_a_broker_outage_moves_the_cut_replicas_devices_and_they_come_back
         proxy.cut()
         await until(lambda: not a.link.ready, 15, "the broker link down")
         await until(lambda: held([b]) == [N] and not a.leases.tokens, 10, "the other replica given the leases")
-        await until(lambda: not a.runners, 10, "the cut replica stopped its runners")
+        await until(lambda: not a.pbx.runners, 10, "the cut replica stopped its runners")
         await until(lambda: len(attached_by([b])) == N, 15, "the other replica attached every device")
         print(f"\ncut from the broker (AMQP heartbeat 2 s): {len(mine)} devices on the other replica in "
               f"{asyncio.get_running_loop().time() - t0:.2f}s")
@@ -148,6 +148,6 @@ async def test_lease_metrics(sim, bus, start_bridge, lease_settings):
 
     a = await start_bridge(lease_settings(1))
     await until(lambda: held([a]) == [N], what="every lease held")
-    text = render(registry_for(a)).decode()
+    text = render(registry_for(a.snapshot)).decode()
     assert f"epsignal_leases_held {N}.0" in text
     assert "epsignal_replicas 1.0" in text and "epsignal_leases_handed_on_total 0.0" in text

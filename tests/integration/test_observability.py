@@ -16,6 +16,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 
 from bridge import tracing
+from tests.faults.helpers import http_port
 from tests.tcpproxy import TcpProxy
 
 pytestmark = pytest.mark.broker
@@ -180,7 +181,7 @@ async def test_metrics_after_a_scripted_run(sim, bus, settings_for, start_bridge
     await q.until(released(call))
     await bus.command("x", "signaling", b"{bad")
     await bridge.publisher.flush(5)
-    status, text = await _get(f"http://127.0.0.1:{bridge.http.port}/metrics")
+    status, text = await _get(f"http://127.0.0.1:{http_port(bridge)}/metrics")
     assert status == 200
 
     def value(name: str, **labels) -> float:
@@ -207,7 +208,7 @@ async def test_health_with_the_broker_up_down_and_back(sim, settings_for, start_
     try:
         bridge = await start_bridge(settings_for(sim, devices=sim.hw(6), heartbeat_s=1,
                                                  amqp_url=f"amqp://guest:guest@127.0.0.1:{proxy.port}/"))
-        base = f"http://127.0.0.1:{bridge.http.port}"
+        base = f"http://127.0.0.1:{http_port(bridge)}"
         async with asyncio.timeout(5):
             while (await _get(base + "/readyz"))[0] != 200:
                 await asyncio.sleep(0.05)
@@ -228,5 +229,5 @@ async def test_health_with_the_broker_up_down_and_back(sim, settings_for, start_
 
 async def test_readiness_reports_an_unreachable_pbx(settings_for, start_bridge):
     bridge = await start_bridge(settings_for(None, devices="009033400001", pbx_url="ws://127.0.0.1:1/PBX0/APPS/websocket"))
-    status, body = await _get(f"http://127.0.0.1:{bridge.http.port}/readyz")
+    status, body = await _get(f"http://127.0.0.1:{http_port(bridge)}/readyz")
     assert status == 503 and "PBX not reachable" in body and "broker" not in body

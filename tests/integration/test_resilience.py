@@ -49,7 +49,7 @@ async def test_session_cut_mid_call_reattaches_and_republishes_state(sim, bus, s
     assert [e.body["reason"] for e in evs if e.body["type"] == "detached"] == ["session-lost"]
     sync = evs[-1].body
     assert sync["call"] == call and sync["state"] == "connected" and sync["in"] is True
-    assert bridge.runners[hw].reconnects == 1
+    assert bridge.pbx.runners[hw].reconnects == 1
     seqs = [e.body["seq"] for e in evs]
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # no gap across the reconnect
 
@@ -157,7 +157,7 @@ async def test_connecting_leaves_no_reference_cycles_behind(sim, bus, settings_f
         await q.until(lambda e: seen.append(e.body["hw"]) or len(seen) == len(hws))
         assert await sim.drop_sessions() >= len(hws)  # and once more, through the reconnect path
         await q.until(lambda e: seen.append(e.body["hw"]) or len(seen) == 2 * len(hws))
-        assert all(bridge.runners[hw].reconnects == 1 for hw in hws)
+        assert all(bridge.pbx.runners[hw].reconnects == 1 for hw in hws)
         gc.set_debug(gc.DEBUG_SAVEALL)
         gc.collect()
         left = [type(o).__qualname__ for o in gc.garbage if type(o).__module__.startswith("tenacity")]

@@ -135,7 +135,7 @@ def test_doc_signaling() -> None:
     assert type(msg) is Signaling
     assert msg.src == "..."
     assert msg.call == 17
-    assert msg.to is True and msg.toward_device is True
+    assert msg.to is True
     assert bytes(msg.sig) == b'{"type":"alert"}'
     assert msg.signal.type == "alert"
     roundtrip(msg)
@@ -147,7 +147,7 @@ def test_signaling_direction(to: bytes, toward: bool) -> None:
     frame = b'{"api":"EpSignal","mt":"Signaling",' + to + b'"call":-2,"sig":{"type":"conn"}}'
     msg = decode(frame)
     assert type(msg) is Signaling
-    assert msg.toward_device is toward
+    assert (msg.to is True) is toward
     assert msg.call == -2
     again = roundtrip(msg)
     # forwarding: the message goes back with the same direction and call
@@ -169,7 +169,7 @@ def test_signaling_built_by_hand() -> None:
     assert json.loads(frame) == {"mt": "Signaling", "src": "cmd-1", "api": "EpSignal", "call": -1,
                                  "sig": {"type": "setup", "cd": {"num": "201"}}}
     assert "to" not in json.loads(frame)
-    assert msg.toward_device is False
+    assert msg.to is not True
     assert roundtrip(msg).signal.cd == Party(num="201")
 
 
@@ -459,7 +459,7 @@ def test_signaling_is_lossless(sig: dict, style: dict, call: int, to: bool | Non
     assert type(msg) is Signaling
     assert bytes(msg.sig) == sig_bytes  # byte for byte
     assert msg.call == call
-    assert msg.toward_device is (to is True)
+    assert (msg.to is True) is (to is True)
     assert msg.src == (src if src is not None else UNSET)
 
     out = encode(msg)

@@ -149,3 +149,33 @@ def test_parse_command_key_round_trip(hw: str, verb: str) -> None:
 def test_parse_command_key_never_raises(key: str) -> None:
     out = parse_command_key(key)
     assert out is None or (isinstance(out, tuple) and len(out) == 2 and out[0] != "")
+
+
+@given(ids, st.integers(min_value=-2**31, max_value=2**31 - 1))
+@settings(max_examples=200, deadline=None)
+def test_every_event_key_follows_its_type_s_template(hw: str, call: int) -> None:
+    """The grammar lives in routing.EVENT_KEYS: the factory's keys of each type match that
+    type's template and no other (span names and the contracts read the table)."""
+    from msgspec import Raw
+
+    from bridge.events import EventFactory
+    from bridge.protocol.callstate import CallStatus
+    from bridge.protocol.messages import AttachResult, CallState
+    from bridge.routing import EVENT_KEYS, template_of
+
+    f = EventFactory("inst.1")
+    made = [f.attached(hw, AttachResult()), f.detached(hw, "command"), f.attach_failed(hw, "no"),
+            f.call_state(hw, CallStatus(call=call, state=CallState.ALERT, in_=True)),
+            f.signaling(hw, call, True, Raw(b"{}"), "pbx"), f.gap("buffer-full", {hw: [(1, 2)]})]
+    assert {e.type for e in made} == set(EVENT_KEYS)
+    for e in made:
+        assert template_of(e.key) == EVENT_KEYS[e.type], (e.type, e.key)
+
+
+def test_command_keys_and_other_keys_have_templates() -> None:
+    from bridge.routing import COMMAND_KEYS, VERBS, template_of
+
+    for verb in VERBS:
+        assert template_of(device_key("00:90:33", verb)) == COMMAND_KEYS[verb]
+        assert parse_command_key(device_key("00:90:33", verb)) == ("00:90:33", verb)
+    assert template_of("device.x.call.1.other") == template_of("elsewhere") == "{other}"
