@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+from collections.abc import Callable
 
 from websockets.exceptions import ConnectionClosed
 
@@ -84,8 +85,9 @@ class Bridge:
         elif self.leases is None:
             for hw in self.s.device_list:
                 self._runner(hw)
-        log.info("bridge %s started: %d devices configured, PBX mode %s",
-                 self.s.instance_id, len(self.s.device_list), self.s.pbx_mode)
+        log.info("bridge %s started: %d devices configured, PBX mode %s, event loop %s",
+                 self.s.instance_id, len(self.s.device_list), self.s.pbx_mode,
+                 type(asyncio.get_running_loop()).__module__.split(".")[0])
 
     async def stop(self, grace_s: float = 10.0) -> bool:
         """Graceful stop: no new commands, finish those in progress, close the PBX sessions,
@@ -322,6 +324,17 @@ GC_THRESHOLD0 = 10_000
 
 def tune_gc() -> None:
     gc.set_threshold(GC_THRESHOLD0, *gc.get_threshold()[1:])
+
+
+def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The service's event loop: uvloop's (a dependency; asyncio's loop and its socket writes
+    were half of the bridge's CPU, docs/PERFORMANCE.md), asyncio's where uvloop is not installed
+    (a platform without its wheels). None: asyncio's default."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 async def run_until_signalled(settings: Settings, grace_s: float = 10.0) -> int:

@@ -25,8 +25,9 @@ but in *slices* of at most :data:`SLICE` events: the AMQP frames of a slice (``b
 + content header + body, encoded here, byte-identical to what aio-pika/pamqp send) are written
 to the aiormq channel's writer queue as one buffer (one ``send()``), and every event gets a
 confirmation future registered with the channel exactly as ``aiormq.Channel.basic_publish``
-registers it, so acks, nacks, returns (``mandatory``) and a channel or connection loss resolve
-it the same way. The task yields to the event loop after every slice, so the PBX sockets are
+registers it, so acks, nacks and returns (``mandatory``) resolve it the same way; a channel or
+connection loss fails it through the link's ``lost`` (the futures are plain asyncio ones, not
+the channel's future store's). The task yields to the event loop after every slice, so the PBX sockets are
 read between slices: calls come first also under load.
 """
 
@@ -274,6 +275,10 @@ class EventPublisher:
         parts: list[bytes] = []
         futs: list[asyncio.Future] = []
         sl = _Slice(futs, self, self.link.lost)
+        # plain futures, not the channel's (``raw.create_future``: two more done-callbacks per
+        # event, one call_soon each): a closed channel or connection fails them through
+        # ``link.lost`` (``run`` -> ``_fail_inflight``), not through aiormq's future store
+        new_future = asyncio.get_running_loop().create_future
         async with raw.lock:  # the channel's delivery tags are counted under its lock
             tag0 = raw.delivery_tag
             confirmations, ids = raw.confirmations, raw.message_id_delivery_tag
@@ -286,7 +291,7 @@ class EventPublisher:
                     continue
                 raw.delivery_tag += 1
                 tag = raw.delivery_tag
-                fut = raw.create_future()
+                fut = new_future()
                 confirmations[tag] = fut
                 ids[ev.message_id] = tag
                 parts.append(data)

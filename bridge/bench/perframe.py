@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import sys
 
+from aiormq.base import FutureStore
 from websockets.exceptions import ConnectionClosed
 
 from bridge.amqp.publisher import EventPublisher
@@ -78,9 +79,7 @@ class _Raw:
         self.write_queue = self
         self.bytes = 0
         self._loop = asyncio.get_running_loop()
-
-    def create_future(self):
-        return self._loop.create_future()
+        self.create_future = FutureStore(self._loop).create_future  # aiormq's, as the channel's
 
     async def put(self, frame) -> None:
         self.bytes += len(frame.payload)
