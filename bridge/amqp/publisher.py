@@ -100,6 +100,10 @@ class Wire:
         self.max_body = max_body
         self._ct = _shortstr(CONTENT_TYPE)
         self._app = _shortstr(APP_ID)
+        #: the method payload without the key: class, method, ticket, exchange; + key length, bits
+        self._publish_len = len(self._publish) + 2
+        #: the content header payload without headers, message id and type
+        self._fixed_props = 14 + len(self._ct) + 2 + 1 + 8 + len(self._app)
         self._types: dict[str, bytes] = {}
         self._headers: dict | None = None  # the last headers table encoded, and its bytes
         self._table = _EMPTY_TABLE
@@ -107,9 +111,12 @@ class Wire:
     def encode(self, ev: Outgoing) -> bytes:
         """Raises ValueError for what AMQP cannot carry (a key or id over 255 bytes)."""
         key = ev.key.encode()
-        if len(key) > 255:
+        kl = len(key)
+        if kl > 255:
             raise ValueError(f"routing key over 255 bytes: {ev.key[:40]!r}...")
-        method = self._publish + bytes((len(key),)) + key + b"\x01"  # mandatory, not immediate
+        mid = ev.message_id.encode()
+        if len(mid) > 255:
+            raise ValueError(f"{ev.message_id[:40]!r}...: longer than 255 bytes (AMQP short string)")
         typ = self._types.get(ev.type)
         if typ is None:
             typ = self._types[ev.type] = _shortstr(ev.type)
@@ -123,12 +130,14 @@ class Wire:
             self._table = headers
         body = ev.body
         n = len(body)
-        props = b"".join((
-            _pack_header(60, 0, n, _FLAGS), self._ct, headers, b"\x02\x00", _shortstr(ev.message_id),
-            _pack_ts(int(ev.timestamp.timestamp())), typ, self._app,
-        ))
-        parts = [self._method, _pack_len(len(method)), method, _FRAME_END,
-                 self._header, _pack_len(len(props)), props, _FRAME_END]
+        # content header payload: 14 bytes + content type + headers + 2 (delivery mode,
+        # priority) + message id + 8 (timestamp) + type + app id
+        plen = self._fixed_props + len(headers) + len(mid) + len(typ)
+        parts = [self._method, _pack_len(self._publish_len + kl), self._publish, bytes((kl,)), key,
+                 b"\x01\xce",  # mandatory, not immediate; frame end
+                 self._header, _pack_len(plen), _pack_header(60, 0, n, _FLAGS), self._ct, headers,
+                 b"\x02\x00", bytes((len(mid),)), mid, _pack_ts(int(ev.timestamp.timestamp())), typ,
+                 self._app, _FRAME_END]
         step = self.max_body
         if n < step:  # as aiormq splits
             parts += (self._body, _pack_len(n), body, _FRAME_END)
