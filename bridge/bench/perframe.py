@@ -18,7 +18,9 @@ interpreter's start and the imports cancel out::
     for n in 5000 10000; do valgrind --tool=callgrind --callgrind-out-file=/dev/null \\
         python -m bridge.bench.perframe $n 2>&1 | grep 'Collected'; done
 
-``--profile`` prints a cProfile of the run instead (top functions by own time).
+``--profile`` prints a cProfile of the run too (top functions by own time);
+``--service-loop`` runs it on the service's event loop (uvloop, :func:`bridge.service.loop_factory`)
+instead of asyncio's.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from bridge.bench.frames import FrameMaker, hw_id
 from bridge.device import Device
 from bridge.events import KINDS, EventFactory
 from bridge.pbx.session import PbxSession
+from bridge.service import loop_factory
 
 DEVICES = 100
 
@@ -126,20 +129,22 @@ async def run(frames: int, kinds: tuple[str, ...] = KINDS) -> dict:
 
 def main(argv: list[str]) -> None:
     profile = "--profile" in argv
-    args = [a for a in argv if a != "--profile"]
+    factory = loop_factory() if "--service-loop" in argv else None
+    args = [a for a in argv if not a.startswith("--")]
     frames = int(args[0]) if args else 10_000
     kinds = tuple(args[1].split(",")) if len(args) > 1 else KINDS
-    if profile:
-        import cProfile
-        import pstats
+    with asyncio.Runner(loop_factory=factory) as runner:
+        if profile:
+            import cProfile
+            import pstats
 
-        prof = cProfile.Profile()
-        prof.enable()
-        out = asyncio.run(run(frames, kinds))
-        prof.disable()
-        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
-    else:
-        out = asyncio.run(run(frames, kinds))
+            prof = cProfile.Profile()
+            prof.enable()
+            out = runner.run(run(frames, kinds))
+            prof.disable()
+            pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+        else:
+            out = runner.run(run(frames, kinds))
     print(out)
 
 
