@@ -40,7 +40,8 @@ class LatencyHistogram:
 
     __slots__ = ("name", "doc", "bounds", "counts", "sum")
 
-    def __init__(self, name: str, doc: str, buckets: tuple[float, ...], registry: CollectorRegistry) -> None:
+    def __init__(self, name: str, doc: str, buckets: tuple[float, ...],
+                 registry: CollectorRegistry) -> None:
         self.name, self.doc, self.bounds = name, doc, tuple(sorted(buckets))
         self.counts = [0] * (len(self.bounds) + 1)  # the last one: above every bound (+Inf)
         self.sum = 0.0

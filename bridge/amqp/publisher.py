@@ -27,7 +27,8 @@ to the aiormq channel's writer queue as one buffer (one ``send()``), and every e
 confirmation future registered with the channel exactly as ``aiormq.Channel.basic_publish``
 registers it, so acks, nacks and returns (``mandatory``) resolve it the same way; a channel or
 connection loss fails it through the link's ``lost`` (the futures are plain asyncio ones, not
-the channel's future store's). The task yields to the event loop after every slice, so the PBX sockets are
+the channel's future store's). The task yields to the event loop after every slice, so the PBX
+sockets are
 read between slices: calls come first also under load.
 """
 

@@ -15,7 +15,7 @@ real process's CPU seconds include them).
 Instructions per frame = (instructions of a run of 2N frames - those of a run of N) / N, so the
 interpreter's start and the imports cancel out::
 
-    for n in 5000 10000; do valgrind --tool=callgrind --callgrind-out-file=/dev/null \\
+    for n in 4000 8000; do valgrind --tool=callgrind --callgrind-out-file=/dev/null \\
         python -m bridge.bench.perframe $n 2>&1 | grep 'Collected'; done
 
 ``--profile`` prints a cProfile of the run too (top functions by own time);
