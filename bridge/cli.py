@@ -63,12 +63,13 @@ def _note(text: str) -> None:
 
 # --------------------------------------------------------------------------- run
 def cmd_run(args) -> int:
-    from bridge.main import run_until_signalled
+    from bridge.main import loop_factory, run_until_signalled
 
     s = _settings(args)
     _setup_logging(s.log_level, s.secrets())
     try:
-        return asyncio.run(run_until_signalled(s, grace_s=args.grace))
+        with asyncio.Runner(loop_factory=loop_factory()) as runner:
+            return runner.run(run_until_signalled(s, grace_s=args.grace))
     except ValueError as e:  # a configuration the bridge cannot start with
         raise Fail(str(e), EXIT_CONFIG) from None
     except OSError as e:  # a listening socket at start: the HTTP server, the PBX listener

@@ -119,6 +119,8 @@ class Gap(Struct, kw_only=True, tag_field="type", tag="gap"):
 
 
 _encoder = msgspec.json.Encoder()
+_word = routing.word
+_UTC = timezone.utc
 
 
 @dataclass(slots=True)
@@ -168,10 +170,9 @@ class EventFactory:
         return n
 
     def _out(self, key: str, ev: Event) -> Outgoing:
-        return Outgoing(
-            key=key, body=_encoder.encode(ev), type=ev.__struct_config__.tag,
-            message_id=f"{self.instance}/{routing.word(ev.hw)}/{ev.seq}", timestamp=ev.time, hw=ev.hw, seq=ev.seq,
-        )
+        hw, seq = ev.hw, ev.seq
+        return Outgoing(key, _encoder.encode(ev), ev.__struct_config__.tag,
+                        f"{self.instance}/{_word(hw)}/{seq}", ev.time, hw, seq)
 
     def _base(self, hw: str) -> dict:
         return dict(hw=hw, seq=self._next(hw), instance=self.instance, time=datetime.now(timezone.utc))
@@ -196,16 +197,19 @@ class EventFactory:
     def call_state(self, hw: str, s: CallStatus, *, sync: bool = False) -> Outgoing | None:
         if not self._state:
             return None
+        # keywords, not **self._base(hw): the two events of every frame are made here (hot path)
         ev = CallStateChanged(
             call=s.call, state=s.state, in_=s.in_, remote=s.remote, channel=s.channel, held=s.held,
-            app=s.app, cause=s.cause, sync=sync, evicted=s.evicted or UNSET, **self._base(hw),
+            app=s.app, cause=s.cause, sync=sync, evicted=s.evicted or UNSET,
+            hw=hw, seq=self._next(hw), instance=self.instance, time=datetime.now(_UTC),
         )
         return self._out(routing.call_key(hw, s.call, "state"), ev)
 
     def signaling(self, hw: str, call: int, to: bool, sig: Raw, origin: str) -> Outgoing | None:
         if not self.signaling_events:
             return None
-        ev = CallSignaling(call=call, to=to, sig=sig, origin=origin, **self._base(hw))
+        ev = CallSignaling(call=call, to=to, sig=sig, origin=origin,
+                           hw=hw, seq=self._next(hw), instance=self.instance, time=datetime.now(_UTC))
         return self._out(routing.call_key(hw, call, "signaling"), ev)
 
     def gap(self, reason: str, dropped: dict[str, list[tuple[int, int]]]) -> Outgoing:

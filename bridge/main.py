@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+from collections.abc import Callable
 
 from bridge import tracing
 from bridge.config import Settings
@@ -33,6 +34,17 @@ GC_THRESHOLD0 = 10_000
 
 def tune_gc() -> None:
     gc.set_threshold(GC_THRESHOLD0, *gc.get_threshold()[1:])
+
+
+def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The service's event loop: uvloop's (a dependency; asyncio's loop and its socket writes
+    were half of the bridge's CPU, docs/PERFORMANCE.md), asyncio's where uvloop is not installed
+    (a platform without its wheels). None: asyncio's default."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 async def run_until_signalled(settings: Settings, grace_s: float = 10.0) -> int:

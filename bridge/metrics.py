@@ -2,17 +2,21 @@
 
 This module holds the instruments only and imports nothing of the bridge. Counters and gauges
 are read at scrape time from a :class:`Snapshot` the bridge makes of its plain counters (a
-custom collector), so the hot path pays nothing for them; only the two latency histograms and
-the frame counters are touched as things happen.
+custom collector), so the hot path pays nothing for them. The two latency histograms are
+observed as things happen (one per forwarded frame, one per confirmed event), into plain bucket
+counts (:class:`LatencyHistogram`) that a collector turns into a Prometheus histogram at scrape
+time.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable
 
 import msgspec
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -28,17 +32,44 @@ class FrameCounters:
 
 FRAMES = FrameCounters()
 
-FORWARD_SECONDS = Histogram(
+
+class LatencyHistogram:
+    """A Prometheus histogram without labels, observed on the hot path: ``observe`` is a
+    bisect and two additions (0.1 us; prometheus-client's ``Histogram.observe``, with a lock
+    per bucket and sum, 0.6 us, three times per frame). Single-threaded, like the bridge."""
+
+    __slots__ = ("name", "doc", "bounds", "counts", "sum")
+
+    def __init__(self, name: str, doc: str, buckets: tuple[float, ...],
+                 registry: CollectorRegistry) -> None:
+        self.name, self.doc, self.bounds = name, doc, tuple(sorted(buckets))
+        self.counts = [0] * (len(self.bounds) + 1)  # the last one: above every bound (+Inf)
+        self.sum = 0.0
+        registry.register(self)
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1  # le: value <= bound
+        self.sum += value
+
+    def collect(self):
+        total, buckets = 0, []
+        for bound, n in zip((*self.bounds, float("inf")), self.counts):
+            total += n
+            buckets.append((floatToGoString(bound), total))
+        yield HistogramMetricFamily(self.name, self.doc, buckets=buckets, sum_value=self.sum)
+
+
+FORWARD_SECONDS = LatencyHistogram(
     "epsignal_forward_latency_seconds",
     "Frame read from the PBX until it was forwarded back (decode + send)",
-    buckets=(5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 1e-2, 0.1),
-    registry=REGISTRY,
+    (5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 1e-2, 0.1),
+    REGISTRY,
 )
-PUBLISH_SECONDS = Histogram(
+PUBLISH_SECONDS = LatencyHistogram(
     "epsignal_publish_latency_seconds",
     "Event made until the broker confirmed it (includes time buffered during outages)",
-    buckets=(1e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1, 1, 10, 60, 300),
-    registry=REGISTRY,
+    (1e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1, 1, 10, 60, 300),
+    REGISTRY,
 )
 
 

@@ -78,8 +78,9 @@ class Bridge:
             asyncio.create_task(self.publisher.run(), name="publisher"),
         ]
         await self.pbx.start()
-        log.info("bridge %s started: %d devices configured, PBX mode %s",
-                 self.s.instance_id, len(self.s.device_list), self.s.pbx_mode)
+        log.info("bridge %s started: %d devices configured, PBX mode %s, event loop %s",
+                 self.s.instance_id, len(self.s.device_list), self.s.pbx_mode,
+                 type(asyncio.get_running_loop()).__module__.split(".")[0])
 
     async def stop(self, grace_s: float = 10.0) -> bool:
         """Graceful stop: no new commands, finish those in progress, close the PBX sessions,

@@ -25,8 +25,10 @@ but in *slices* of at most :data:`SLICE` events: the AMQP frames of a slice (``b
 + content header + body, encoded here, byte-identical to what aio-pika/pamqp send) are written
 to the aiormq channel's writer queue as one buffer (one ``send()``), and every event gets a
 confirmation future registered with the channel exactly as ``aiormq.Channel.basic_publish``
-registers it, so acks, nacks, returns (``mandatory``) and a channel or connection loss resolve
-it the same way. The task yields to the event loop after every slice, so the PBX sockets are
+registers it, so acks, nacks and returns (``mandatory``) resolve it the same way; a channel or
+connection loss fails it through the link's ``lost`` (the futures are plain asyncio ones, not
+the channel's future store's). The task yields to the event loop after every slice, so the PBX
+sockets are
 read between slices: calls come first also under load.
 """
 
@@ -99,6 +101,10 @@ class Wire:
         self.max_body = max_body
         self._ct = _shortstr(CONTENT_TYPE)
         self._app = _shortstr(APP_ID)
+        #: the method payload without the key: class, method, ticket, exchange; + key length, bits
+        self._publish_len = len(self._publish) + 2
+        #: the content header payload without headers, message id and type
+        self._fixed_props = 14 + len(self._ct) + 2 + 1 + 8 + len(self._app)
         self._types: dict[str, bytes] = {}
         self._headers: dict | None = None  # the last headers table encoded, and its bytes
         self._table = _EMPTY_TABLE
@@ -106,9 +112,12 @@ class Wire:
     def encode(self, ev: Outgoing) -> bytes:
         """Raises ValueError for what AMQP cannot carry (a key or id over 255 bytes)."""
         key = ev.key.encode()
-        if len(key) > 255:
+        kl = len(key)
+        if kl > 255:
             raise ValueError(f"routing key over 255 bytes: {ev.key[:40]!r}...")
-        method = self._publish + bytes((len(key),)) + key + b"\x01"  # mandatory, not immediate
+        mid = ev.message_id.encode()
+        if len(mid) > 255:
+            raise ValueError(f"{ev.message_id[:40]!r}...: longer than 255 bytes (AMQP short string)")
         typ = self._types.get(ev.type)
         if typ is None:
             typ = self._types[ev.type] = _shortstr(ev.type)
@@ -122,12 +131,14 @@ class Wire:
             self._table = headers
         body = ev.body
         n = len(body)
-        props = b"".join((
-            _pack_header(60, 0, n, _FLAGS), self._ct, headers, b"\x02\x00", _shortstr(ev.message_id),
-            _pack_ts(int(ev.timestamp.timestamp())), typ, self._app,
-        ))
-        parts = [self._method, _pack_len(len(method)), method, _FRAME_END,
-                 self._header, _pack_len(len(props)), props, _FRAME_END]
+        # content header payload: 14 bytes + content type + headers + 2 (delivery mode,
+        # priority) + message id + 8 (timestamp) + type + app id
+        plen = self._fixed_props + len(headers) + len(mid) + len(typ)
+        parts = [self._method, _pack_len(self._publish_len + kl), self._publish, bytes((kl,)), key,
+                 b"\x01\xce",  # mandatory, not immediate; frame end
+                 self._header, _pack_len(plen), _pack_header(60, 0, n, _FLAGS), self._ct, headers,
+                 b"\x02\x00", bytes((len(mid),)), mid, _pack_ts(int(ev.timestamp.timestamp())), typ,
+                 self._app, _FRAME_END]
         step = self.max_body
         if n < step:  # as aiormq splits
             parts += (self._body, _pack_len(n), body, _FRAME_END)
@@ -274,6 +285,10 @@ class EventPublisher:
         parts: list[bytes] = []
         futs: list[asyncio.Future] = []
         sl = _Slice(futs, self, self.link.lost)
+        # plain futures, not the channel's (``raw.create_future``: two more done-callbacks per
+        # event, one call_soon each): a closed channel or connection fails them through
+        # ``link.lost`` (``run`` -> ``_fail_inflight``), not through aiormq's future store
+        new_future = asyncio.get_running_loop().create_future
         async with raw.lock:  # the channel's delivery tags are counted under its lock
             tag0 = raw.delivery_tag
             confirmations, ids = raw.confirmations, raw.message_id_delivery_tag
@@ -286,7 +301,7 @@ class EventPublisher:
                     continue
                 raw.delivery_tag += 1
                 tag = raw.delivery_tag
-                fut = raw.create_future()
+                fut = new_future()
                 confirmations[tag] = fut
                 ids[ev.message_id] = tag
                 parts.append(data)

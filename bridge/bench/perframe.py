@@ -1,0 +1,152 @@
+"""The bridge's per-frame path in one process, without sockets: a fixed workload to count
+instructions on (``valgrind --tool=callgrind``) or to profile (cProfile), where a busy machine
+cannot blur the figure as it blurs CPU seconds and rates.
+
+``python -m bridge.bench.perframe FRAMES [KINDS]`` runs the real code of everything between a
+frame's receive and its event's write to the broker: :meth:`PbxSession.run` (decode, forward,
+``Device.on_frame``: call state and the events encoded) with a stand-in WebSocket whose ``recv``
+returns the load generator's frames (:mod:`bridge.bench.frames`, 100 devices) and whose ``send``
+drops the forward, and :class:`EventPublisher` (buffer, slices, ``Wire`` frames, confirmation
+futures and their callbacks) on a stand-in aiormq channel that takes each written slice and
+acknowledges it at once (``basic.ack`` with ``multiple``, as RabbitMQ answers a burst). Not
+measured: the socket system calls, websockets' framing and aiormq's reading of the acks (the
+real process's CPU seconds include them).
+
+Instructions per frame = (instructions of a run of 2N frames - those of a run of N) / N, so the
+interpreter's start and the imports cancel out::
+
+    for n in 4000 8000; do valgrind --tool=callgrind --callgrind-out-file=/dev/null \\
+        python -m bridge.bench.perframe $n 2>&1 | grep 'Collected'; done
+
+``--profile`` prints a cProfile of the run too (top functions by own time);
+``--service-loop`` runs it on the service's event loop (uvloop, :func:`bridge.service.loop_factory`)
+instead of asyncio's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+from aiormq.base import FutureStore
+from websockets.exceptions import ConnectionClosed
+
+from bridge.amqp.publisher import EventPublisher
+from bridge.bench.frames import FrameMaker, hw_id
+from bridge.device import Device
+from bridge.events import KINDS, EventFactory
+from bridge.pbx.session import PbxSession
+from bridge.service import loop_factory
+
+DEVICES = 100
+
+
+class _Ws:
+    """The WebSocket side: frames from the load generator's makers, forwards dropped."""
+
+    def __init__(self, frames: int) -> None:
+        makers = [FrameMaker(hw_id(i), i) for i in range(DEVICES)]
+        self.frames = [makers[i % DEVICES].next(1_000_000_000 + i) for i in range(frames)]
+        self.frames.reverse()
+        self.forwarded = 0
+
+    async def recv(self, decode=None):
+        if not self.frames:
+            raise ConnectionClosed(None, None)
+        if len(self.frames) % 8 == 0:  # the socket has no more data every few frames: a real wait
+            await asyncio.sleep(0)
+        return self.frames.pop()
+
+    def took_binary(self) -> bool:
+        return False
+
+    async def send(self, data, text=None) -> None:
+        self.forwarded += 1
+
+    async def close(self, *a) -> None:
+        pass
+
+
+class _Raw:
+    """An aiormq channel as the publisher uses it; the broker acks every slice it is written."""
+
+    number = 1
+    max_content_size = 131_072 - 8
+    is_closed = False
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.delivery_tag = 0
+        self.confirmations: dict = {}
+        self.message_id_delivery_tag: dict = {}
+        self.write_queue = self
+        self.bytes = 0
+        self._loop = asyncio.get_running_loop()
+        self.create_future = FutureStore(self._loop).create_future  # aiormq's, as the channel's
+
+    async def put(self, frame) -> None:
+        self.bytes += len(frame.payload)
+        self._loop.call_soon(self._ack, self.delivery_tag)
+
+    def _ack(self, upto: int) -> None:
+        conf = self.confirmations
+        for tag in [t for t in conf if t <= upto]:
+            conf.pop(tag).set_result(True)
+
+
+class _Link:
+    ready = True
+    blocked = None
+    heard_at = 0.0
+
+    def __init__(self, raw: _Raw) -> None:
+        self.lost = asyncio.get_running_loop().create_future()
+        self.raw = raw
+        self.channel = self
+        self.topology = type("T", (), {"events": type("E", (), {"name": "epsignal.events"})})()
+
+    async def get_underlay_channel(self):
+        return self.raw
+
+
+async def run(frames: int, kinds: tuple[str, ...] = KINDS) -> dict:
+    raw = _Raw()
+    link = _Link(raw)
+    factory = EventFactory("bench-perframe", kinds)
+    pub = EventPublisher(link, factory, window=1024, timeout_s=30.0, max_events=1_000_000, max_age_s=3600.0)
+    drain = asyncio.create_task(pub.run())
+    ws = _Ws(frames)
+    session = PbxSession(ws, pub.publish_nowait, 256 * 1024)
+    for i in range(DEVICES):
+        dev = Device(hw_id(i), factory)
+        session.devices[dev.hw] = dev
+    await session.run()
+    await pub.flush(30.0)
+    drain.cancel()
+    await asyncio.gather(drain, return_exceptions=True)
+    return {"frames": frames, "forwarded": ws.forwarded, "events": pub.stats.confirmed, "bytes": raw.bytes}
+
+
+def main(argv: list[str]) -> None:
+    profile = "--profile" in argv
+    factory = loop_factory() if "--service-loop" in argv else None
+    args = [a for a in argv if not a.startswith("--")]
+    frames = int(args[0]) if args else 10_000
+    kinds = tuple(args[1].split(",")) if len(args) > 1 else KINDS
+    with asyncio.Runner(loop_factory=factory) as runner:
+        if profile:
+            import cProfile
+            import pstats
+
+            prof = cProfile.Profile()
+            prof.enable()
+            out = runner.run(run(frames, kinds))
+            prof.disable()
+            pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+        else:
+            out = runner.run(run(frames, kinds))
+    print(out)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
