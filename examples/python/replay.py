@@ -9,8 +9,10 @@ stream").
 
 --from is the stream offset to start at (the consumer argument `x-stream-offset`): `first`,
 `last` (the last chunk written), `next` (only new events; the default), a number (an offset in the
-stream), a time (ISO 8601; seconds are the unit, and the broker starts at the chunk holding that
-time, so a few earlier events may come first), or an interval back from now (`30m`, `6h`, `1D`).
+stream), a time (ISO 8601, UTC unless it has an offset; seconds are the unit, and the broker
+starts at the chunk holding that time, so a few earlier events may come first), or an interval
+back from now (`30m`, `6h`, `1D`).
+
 The stream `STREAM` (default `epsignal.events.replay`) keeps what the events exchange routes to
 `device.#` and `bridge.*.gap` for `MAX_AGE` (6h); the first run declares and binds it. A stream
 only holds events published while it exists. Every device event is printed once: a repeat
@@ -48,7 +50,7 @@ def offset(spec: str) -> str | int | datetime:
         return spec  # an interval is passed as a string, e.g. "1h"
     if spec.isdigit():
         return int(spec)
-    return datetime.fromisoformat(spec.replace("Z", "+00:00"))  # sent as an AMQP timestamp
+    return datetime.fromisoformat(spec)  # sent as an AMQP timestamp
 
 
 async def declare(ch: aio_pika.abc.AbstractChannel) -> aio_pika.abc.AbstractQueue:
@@ -73,12 +75,13 @@ async def replay(start: str | int | datetime, count: int | None, idle: float | N
         while count is None or seen < count:
             try:
                 msg = await asyncio.wait_for(inbox.get(), idle)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 break  # --idle seconds without an event: caught up
             ev = json.loads(msg.body)
             where = f"offset={msg.headers['x-stream-offset']} {msg.routing_key}"
             if ev["type"] == "gap":
-                print(f"{where} gap {ev['reason']} {json.dumps(ev['dropped'])}", flush=True)
+                print(f"{where} gap {ev['reason']} {json.dumps(ev['dropped'], separators=(',', ':'))}",
+                      flush=True)
             elif ev["seq"] <= last.get((ev["instance"], ev["hw"]), 0):
                 repeats += 1
             else:

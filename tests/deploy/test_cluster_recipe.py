@@ -62,7 +62,7 @@ RABBITMQ_CLUSTER_SCHEMA = {
 
 def block(first_line: str) -> str:
     """The one fenced block of DEPLOY.md whose first line starts with ``first_line``."""
-    blocks = re.findall(r"^```\w*\n(.*?)^```", DEPLOY.read_text(encoding="utf-8"), re.M | re.S)
+    blocks = re.findall(r"^```\w*\n(.*?)^```", DEPLOY.read_text(encoding="utf-8"), re.MULTILINE | re.DOTALL)
     found = [b for b in blocks if b.startswith(first_line)]
     assert len(found) == 1, f"docs/DEPLOY.md: {len(found)} blocks starting with {first_line!r}"
     return found[0]

@@ -1,7 +1,8 @@
 """A consumer that starts late replays the bridge's events from a RabbitMQ stream (issue 15,
-docs/CONSUMERS.md "Replaying events from a stream"): examples/python/replay.py, run as a process
-against a live bridge and the simulator, after the calls, on the local RabbitMQ (3.10.8: streams
-are a core queue type there, no plugin over AMQP 0-9-1).
+docs/CONSUMERS.md "Replaying events from a stream"): examples/python/replay.py and
+examples/node/replay.mjs, run as processes against a live bridge and the simulator, after the
+calls, on the local RabbitMQ (3.10.8: streams are a core queue type there, no plugin over AMQP
+0-9-1).
 
 Each test has its own exchange and stream names; the stream is deleted afterwards."""
 
@@ -13,17 +14,26 @@ import os
 import re
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import AMQP_URL, EventQueue, Received
+from tests.contracts.helpers import NODE_DIR, node_ready
 
 pytestmark = pytest.mark.broker
 
 ROOT = Path(__file__).resolve().parents[2]
 LINE = re.compile(r"offset=(\d+) (device\.([^.]+)\.\S+) seq=(\d+)( \S+)?")
+
+
+@pytest.fixture(params=["python", "node"])
+def example(request) -> list[str]:
+    """The command line of the example in one language (the same options and output)."""
+    if request.param == "node":
+        return [node_ready(), str(NODE_DIR / "replay.mjs")]
+    return [sys.executable, str(ROOT / "examples" / "python" / "replay.py")]
 
 
 @pytest.fixture
@@ -35,12 +45,14 @@ async def stream(names, amqp):
     await ch.close()
 
 
-async def replay(names: dict, stream: str, *args: str, timeout: float = 30) -> list[str]:
+async def replay(example: list[str], names: dict, stream: str, *args: str,
+                 timeout: float = 30) -> list[str]:
     """Run the example to its end; its stdout lines."""
-    env = {**os.environ, "EPSIGNAL_AMQP_URL": AMQP_URL, "STREAM": stream,
-           "EPSIGNAL_EVENTS_EXCHANGE": names["events_exchange"]}
+    env = {**os.environ, "STREAM": stream,  # the Python example's variables, and the Node one's
+           "EPSIGNAL_AMQP_URL": AMQP_URL, "EPSIGNAL_EVENTS_EXCHANGE": names["events_exchange"],
+           "AMQP_URL": AMQP_URL, "EVENTS_EXCHANGE": names["events_exchange"]}
     p = await asyncio.create_subprocess_exec(
-        sys.executable, "examples/python/replay.py", *args, cwd=ROOT, env=env,
+        *example, *args, cwd=ROOT, env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:
         out, err = await asyncio.wait_for(p.communicate(), timeout)
@@ -88,11 +100,11 @@ def observed(events: list[Received]) -> dict[str, list[tuple[str, int]]]:
     return by_device((e.body["hw"], e.key, e.body["seq"]) for e in events)
 
 
-async def test_a_late_consumer_replays_every_event_of_earlier_calls(sim, bus, settings_for,
-                                                                    start_bridge, names, stream):
+async def test_a_late_consumer_replays_every_event_of_earlier_calls(
+        sim, bus, settings_for, start_bridge, names, stream, example):
     hws = [sim.hw(i) for i in (1, 2, 3)]
     # the stream exists before the events (deployed with the bridge); nobody consumes it yet
-    assert await replay(names, stream, "--declare") == [
+    assert await replay(example, names, stream, "--declare") == [
         f"stream {stream} bound to device.#, bridge.*.gap of {names['events_exchange']}"]
     seen = await bus.bind("device.#")  # what the bridge published, as a live consumer sees it
     await start_bridge(settings_for(sim, devices=",".join(hws)))
@@ -104,22 +116,23 @@ async def test_a_late_consumer_replays_every_event_of_earlier_calls(sim, bus, se
         assert expected[hw][0] == (f"device.{hw}.attached", 1) and len(expected[hw]) > 10
 
     # a consumer that starts now replays all of it from the stream's start, in order per device
-    lines = await replay(names, stream, "--from", "first", "--count", str(len(events)))
+    lines = await replay(example, names, stream, "--from", "first", "--count", str(len(events)))
     assert printed(lines) == expected
     assert lines[-1] == f"end: {len(events)} events, 0 repeats skipped"
 
     # and resumes after the last offset it processed: the next call's events, nothing before
     last_offset = int(LINE.fullmatch(lines[-2])[1])
     more = await calls(sim, seen, hws[:1], per_device=1)
-    lines = await replay(names, stream, "--from", str(last_offset + 1), "--count", str(len(more)))
+    lines = await replay(example, names, stream, "--from", str(last_offset + 1),
+                         "--count", str(len(more)))
     assert printed(lines) == observed(more)
     assert observed(more)[hws[0]][0][1] == expected[hws[0]][-1][1] + 1
 
 
-async def test_replay_from_a_time_skips_older_events(sim, bus, settings_for, start_bridge,
-                                                     names, stream):
+async def test_replay_from_a_time_skips_older_events(
+        sim, bus, settings_for, start_bridge, names, stream, example):
     hws = [sim.hw(4), sim.hw(5)]
-    await replay(names, stream, "--declare")
+    await replay(example, names, stream, "--declare")
     seen = await bus.bind("device.#")
     await start_bridge(settings_for(sim, devices=",".join(hws)))
     older = await calls(sim, seen, hws, per_device=1)
@@ -129,8 +142,8 @@ async def test_replay_from_a_time_skips_older_events(sim, bus, settings_for, sta
     await asyncio.sleep(since + 0.2 - time.time())
     newer = await calls(sim, seen, hws, per_device=2)
 
-    start = datetime.fromtimestamp(since, timezone.utc).isoformat().replace("+00:00", "Z")
-    lines = await replay(names, stream, "--from", start, "--count", str(len(newer)))
+    start = datetime.fromtimestamp(since, UTC).isoformat().replace("+00:00", "Z")
+    lines = await replay(example, names, stream, "--from", start, "--count", str(len(newer)))
     got = printed(lines)  # an older event printed would have taken a newer one's place
     assert got == observed(newer), (start, lines)
     first_newer = {hw: observed(older)[hw][-1][1] + 1 for hw in hws}
