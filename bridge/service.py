@@ -17,7 +17,7 @@ from websockets.exceptions import ConnectionClosed
 from bridge import commands as cmds
 from bridge import tracing
 from bridge.amqp.consumer import CommandConsumer
-from bridge.amqp.leases import LeaseManager
+from bridge.amqp.leases import LeaseManager, LeaseRetirer
 from bridge.amqp.link import BrokerLink
 from bridge.amqp.publisher import EventPublisher
 from bridge.config import Settings
@@ -56,6 +56,9 @@ class Bridge:
             self.leases = LeaseManager(self.link, self, settings.device_list, self._on_leased_command)
         self.consumer = CommandConsumer(self.link, self.handle_command,
                                         redirect=self._redirect if self.leases is not None else None)
+        #: leases off: the lease queues of an earlier time with leases on are retired
+        self.retirer = (LeaseRetirer(self.link, settings.device_list, self.consumer.refuse)
+                        if self.leases is None else None)
         self.runners: dict[str, DeviceRunner] = {}
         self._gate = asyncio.Semaphore(settings.attach_concurrency)
         self._pbx_ssl = (client_context(settings.pbx_ca_file, settings.pbx_tls_verify)
@@ -104,6 +107,8 @@ class Bridge:
         self.link.hurry()
         if self.leases is not None:
             self.leases.pause()
+        if self.retirer is not None:
+            await self.retirer.stop()
         with contextlib.suppress(TimeoutError):  # a stalled broker link must not hold the stop
             await asyncio.wait_for(self.consumer.stop_accepting(), left(0.25))
         with contextlib.suppress(TimeoutError):
@@ -212,6 +217,12 @@ class Bridge:
             await r.stop()
             for ev in r.device.on_lost(reason):
                 self.emit(ev)
+
+    def not_attached(self, hw: str, reason: str) -> None:
+        """A device held here stays detached (``wanted-detached``: the lease says so)."""
+        ev = self.factory.detached(hw, reason)
+        if ev is not None:
+            self.emit(ev)
 
     def idle(self, hw: str) -> bool:
         r = self.runners.get(hw)
