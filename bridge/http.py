@@ -2,6 +2,9 @@
 
 - ``/healthz`` answers 200 as long as the event loop runs: it never depends on the broker or
   the PBX (a restart would not fix those).
+- ``/leases`` (with leases): what this replica knows of each device's lease: its state here
+  (holding, in line, ...), the wanted state, since when and by whom (JSON; docs/SCALING.md);
+  404 with leases off.
 - ``/readyz`` answers 200 when the broker link is up and the PBX is reachable (client mode: at
   least one PBX session is up, or no device is wanted; server mode: listening), 503 otherwise,
   with the reasons in the JSON body.
@@ -30,6 +33,7 @@ class HttpServer:
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/metrics", self.metrics)
+        app.router.add_get("/leases", self.leases)
         self._runner = web.AppRunner(app, access_log=None)
 
     async def start(self) -> None:
@@ -51,6 +55,13 @@ class HttpServer:
 
     async def metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=metrics.render(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+    async def leases(self, request: web.Request) -> web.Response:
+        lm = self.bridge.leases
+        if lm is None:
+            return _json({"error": "leases are off (EPSIGNAL_LEASES=false)"}, status=404)
+        return _json(lm.view())
 
 
 def _json(obj, status: int = 200) -> web.Response:
