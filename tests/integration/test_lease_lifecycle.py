@@ -240,3 +240,54 @@ async def test_leases_view_over_http(sim, bus, start_bridge, lease_settings, cle
     assert set(rows) == set(ALL)
     assert rows[ALL[0]]["state"] == "holding" and rows[ALL[0]]["wanted"] == "detached"
     assert rows[ALL[1]]["wanted"] == "attached" and rows[ALL[1]]["runner"] is True
+
+
+async def test_leases_list_and_reset_as_an_operator_would(sim, bus, start_bridge, lease_settings, cleanup, names):
+    """`epsignal-bridge leases list|reset` as processes: two replicas answer; a detached device
+    shows its holder, wanted state, since when and by whom; reset forgets it (the device is
+    attached again from the configuration); an orphan queue's waiting command is dead-lettered."""
+    from tests.conftest import AMQP_URL
+    from tests.integration.test_cli_bus import cli
+
+    env = {f"EPSIGNAL_{k.upper()}": v for k, v in names.items() if k != "instance_id"}
+    env["EPSIGNAL_DEVICES"] = ",".join(ALL)
+    a = await start_bridge(lease_settings(1))
+    b = await start_bridge(lease_settings(2))
+    await until(lambda: len(attached_by([a, b])) == N, what="every device attached")
+    await until(lambda: sum(held([a, b])) == N and min(held([a, b])) > 0, what="both hold devices")
+    assert (await bus.command(ALL[0], "detach"))["ok"]
+    await until(lambda: all(br.leases.leases[ALL[0]].pending is None for br in (a, b)), 5, "the detach's token")
+    await until(lambda: all(lease.state.value in ("holding", "in line") for br in (a, b)
+                            for lease in br.leases.leases.values()), 10, "both in line for every device")
+    code, out, err = await cli("leases", "list", "--json", "--amqp-url", AMQP_URL, **env)
+    assert code == 0, err
+    rows = {r["hw"]: r for r in json.loads(out)}
+    assert set(rows) == set(ALL)
+    holders = {hw: ("replica-1" if hw in a.leases.tokens else "replica-2") for hw in ALL}
+    assert {hw: r["holder"] for hw, r in rows.items()} == holders
+    r0 = rows[ALL[0]]
+    assert r0["wanted"] == "detached" and r0["by"] == holders[ALL[0]] and r0["since"]
+    assert r0["configuration"] == "current" and r0["queue"] == {"ready": 0, "consumers": 2}
+    assert r0["in_line"] == [m for m in ("replica-1", "replica-2") if m != holders[ALL[0]]]
+    assert rows[ALL[1]]["wanted"] == "attached"
+    code, out, err = await cli("leases", "list", "--amqp-url", AMQP_URL, **env)
+    assert code == 0 and f"{ALL[0]}  held by {holders[ALL[0]]}" in out and "wanted detached since" in out
+    # reset: the detach is forgotten, the device attached again from the configuration
+    code, out, err = await cli("leases", "reset", ALL[0], "--amqp-url", AMQP_URL, **env)
+    assert code == 0 and out.startswith(f"{ALL[0]}: lease queue deleted"), (out, err)
+    await until(lambda: ALL[0] in attached_by([a, b]), 15, "the reset device attached again")
+    assert set(attached_by([a, b]).values()) == {1}
+    # an orphan (no replica): its waiting command is dead-lettered by the reset, not dropped
+    dead = await dead_letters(bus)
+    await a.stop(2)
+    await b.stop(2)
+    await bus.command(ALL[1], "detach", reply=False)
+    await until(lambda: True)
+    code, out, err = await cli("leases", "list", ALL[1], "--amqp-url", AMQP_URL, **{**env, "EPSIGNAL_DEVICES": ""})
+    assert code == 0 and out.strip() == f"{ALL[1]}  not held; wanted ?; no holder: 2 message(s) in the queue (the token among them), 0 consumer(s)", out
+    code, out, err = await cli("leases", "reset", ALL[1], "--amqp-url", AMQP_URL, **env)
+    assert code == 0 and "1 waiting command(s) dead-lettered" in out, out
+    msg = await dead.get(timeout=5)
+    assert msg.routing_key == f"device.{ALL[1]}.detach" and "reset by an operator" in msg.headers["x-epsignal-error"]
+    code, out, err = await cli("leases", "reset", "--amqp-url", AMQP_URL, **{**env, "EPSIGNAL_DEVICES": ""})
+    assert code == 2 and "name the devices" in err
