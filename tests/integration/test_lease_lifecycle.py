@@ -291,3 +291,22 @@ async def test_leases_list_and_reset_as_an_operator_would(sim, bus, start_bridge
     assert msg.routing_key == f"device.{ALL[1]}.detach" and "reset by an operator" in msg.headers["x-epsignal-error"]
     code, out, err = await cli("leases", "reset", "--amqp-url", AMQP_URL, **{**env, "EPSIGNAL_DEVICES": ""})
     assert code == 2 and "name the devices" in err
+
+
+async def test_a_lease_queue_made_with_other_arguments_is_used_and_named(
+        sim, bus, start_bridge, lease_settings, cleanup, caplog):
+    """An upgrade: lease queues made by a bridge before issue 20 (no TTLs) or of another queue
+    type. Their declare is refused; the bridge uses them as they are (on a declare channel of its
+    own: the lease channel is never closed by it) and names the fix once per device."""
+    ch = await bus.conn.channel()
+    old = topology.lease_queue(bus.s, ALL[0])
+    await ch.declare_queue(old, durable=True, arguments={
+        "x-single-active-consumer": True, "x-dead-letter-exchange": bus.s.dead_exchange})
+    await ch.close()
+    a = await start_bridge(lease_settings(1))
+    await until(lambda: len(attached_by([a])) == N, 15, "every device attached, the old queue's too")
+    assert a.leases.channels_lost == 0
+    warned = [r.getMessage() for r in caplog.records if "exists with other arguments" in r.getMessage()]
+    assert len(warned) == 1 and ALL[0] in warned[0] and "leases reset" in warned[0]
+    r = await bus.command(ALL[0], "attach")  # bound: its commands reach the holder
+    assert r["ok"] and r["attached"]
