@@ -116,6 +116,9 @@ class BridgeCollector:
             lm = b.leases
             yield GaugeMetricFamily("epsignal_leases_held", "Device leases this replica holds",
                                     value=len(lm.tokens))
+            yield GaugeMetricFamily("epsignal_leases_wanted_detached",
+                                    "Device leases held here that say detached (a detach command; docs/SCALING.md)",
+                                    value=sum(1 for lease in lm.tokens.values() if not lease.wanted()))
             yield GaugeMetricFamily("epsignal_replicas", "Live replicas, as heard on the presence exchange",
                                     value=len(lm.members.live))
             yield CounterMetricFamily("epsignal_leases_handed_on", "Idle devices handed on to another replica",
