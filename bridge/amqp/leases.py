@@ -192,7 +192,6 @@ class LeaseManager:
         self.epoch += 1
         epoch = self.epoch
         self._declared.clear()
-        self._decl = None
         self._by_ctag.clear()
         self._ch = ch
         ch.closing.add_done_callback(lambda _f: self._on_channel_closed(epoch))
@@ -685,7 +684,9 @@ class LeaseRetirer:
         link.on_ready(self._start)
 
     async def _start(self, conn: AbstractConnection, topo: t.Topology) -> None:
-        if self.pending and (self._task is None or self._task.done()):
+        if self._task is not None:  # a pass on the previous connection: this one takes over
+            self._task.cancel()
+        if self.pending:
             self._task = asyncio.create_task(self._run(conn), name="lease retirer")
 
     async def _channel(self, conn: AbstractConnection) -> aio_pika.abc.AbstractChannel:
