@@ -5,6 +5,7 @@
     demo       simulator + bridge + a live view of the events, isolated (its own names, ports)
     tail       print the events matching a binding pattern
     send       send a command (attach, detach, signaling) and print the reply
+    leases     list the device leases (holder, wanted state, waiting commands); reset one
     config     list every EPSIGNAL_* setting with its default; --check, --effective
     contracts  write (or --check) the JSON Schemas and the AsyncAPI document in contracts/
     bench      the benchmark (docs/PERFORMANCE.md)
@@ -191,6 +192,29 @@ def cmd_send(args) -> int:
     return 0 if '"ok":true' in reply else 1
 
 
+def cmd_leases(args) -> int:
+    from bridge import tools
+
+    s = _tool_settings(args)
+    if args.action == "list":
+        rows = _run_tool(tools.leases_list(s, args.hw))
+        if args.json:
+            import msgspec
+
+            print(msgspec.json.encode(rows).decode())
+        else:
+            for row in rows:
+                print(tools.format_lease(row))
+        return 0
+    hws = list(args.hw) + (s.device_list if args.configured else [])
+    if not hws:
+        raise Fail("leases reset: name the devices (HW ...) or --configured (every EPSIGNAL_DEVICES one)",
+                   EXIT_CONFIG)
+    for line in _run_tool(tools.leases_reset(s, hws)):
+        print(line)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from bridge.tools import amqp_url_from, demo
 
@@ -292,6 +316,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for the reply")
     s.add_argument("--amqp-url", default=None, help="broker URL (default: EPSIGNAL_AMQP_URL, else amqp://guest:guest@localhost/)")
     s.set_defaults(func=cmd_send)
+
+    ls = sub.add_parser("leases", help="device leases (several replicas): list them, or reset a device's",
+                        description="list: every device's holder replica, the replicas in line, the "
+                        "wanted state (since when, by whom) and the commands waiting, asking every "
+                        "replica running with leases; the devices are theirs, EPSIGNAL_DEVICES and "
+                        "any HW named. reset: forget a device's lease state (wanted state, waiting "
+                        "commands: dead-lettered) by deleting its lease queue; the replicas make it "
+                        "anew from their configuration (calls on the device are cut). Broker: "
+                        "--amqp-url, else EPSIGNAL_AMQP_URL; names: EPSIGNAL_COMMANDS_*. See "
+                        "docs/SCALING.md.")
+    ls.add_argument("action", choices=["list", "reset"])
+    ls.add_argument("hw", nargs="*", help="hardware ids of devices")
+    ls.add_argument("--configured", action="store_true", help="reset: every device of EPSIGNAL_DEVICES")
+    ls.add_argument("--json", action="store_true", help="list: one JSON array")
+    ls.add_argument("--amqp-url", default=None, help="broker URL (default: EPSIGNAL_AMQP_URL, else amqp://guest:guest@localhost/)")
+    ls.set_defaults(func=cmd_leases)
 
     d = sub.add_parser("demo", help="simulator + bridge + live events, isolated from other bridges",
                        description="A PBX simulator with call traffic, a bridge for its devices and "

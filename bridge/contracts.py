@@ -74,7 +74,10 @@ FIELDS: dict[str, dict[str, str]] = {
         "reason": "Why: `unregistered` (the PBX said Detached), `command` (a detach command), "
                   "`session-lost` (the PBX session broke; the bridge reconnects), `shutdown` "
                   "(the bridge stops), `lease-moved` (handed on to another replica, which "
-                  "attaches it next), `lease-lost` (another replica holds the device's lease now).",
+                  "attaches it next), `lease-lost` (another replica holds the device's lease now), "
+                  "`wanted-detached` (the replica that now holds the device's lease keeps it "
+                  "detached: a detach command made under the current configuration; "
+                  "docs/SCALING.md).",
     },
     "AttachFailed": {"error": "The PBX's `err`, as text (e.g. `unknown device`)."},
     "CallStateChanged": {

@@ -67,7 +67,7 @@ class DeviceAttached(Event, tag="attached", kw_only=True):
 
 class DeviceDetached(Event, tag="detached", kw_only=True):
     #: "unregistered" (the PBX said Detached), "command", "session-lost", "shutdown",
-    #: "lease-moved", "lease-lost" (several replicas, docs/SCALING.md)
+    #: "lease-moved", "lease-lost", "wanted-detached" (several replicas, docs/SCALING.md)
     reason: str
 
 

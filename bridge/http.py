@@ -2,6 +2,9 @@
 
 - ``/healthz`` answers 200 as long as the event loop runs: it never depends on the broker or
   the PBX (a restart would not fix those).
+- ``/leases`` (with leases): what this replica knows of each device's lease: its state here
+  (holding, in line, ...), the wanted state, since when and by whom (JSON; docs/SCALING.md);
+  404 with leases off.
 - ``/readyz`` answers 200 when the broker link is up and the PBX is reachable (client mode: at
   least one PBX session is up, or no device is wanted; server mode: listening), 503 otherwise,
   with the reasons in the JSON body.
@@ -19,18 +22,21 @@ from bridge import metrics
 
 
 class HttpServer:
-    """The operators' endpoints. It knows two callables, not the bridge: ``not_ready`` (the
-    reasons the bridge is not ready; empty: ready) and ``snapshot`` (for the metrics)."""
+    """The operators' endpoints. It knows callables, not the bridge: ``not_ready`` (the reasons
+    the bridge is not ready; empty: ready), ``snapshot`` (for the metrics) and ``leases`` (the
+    lease view; None: leases are off)."""
 
     def __init__(self, host: str, port: int, not_ready: Callable[[], list[str]],
-                 snapshot: Callable[[], metrics.Snapshot]) -> None:
+                 snapshot: Callable[[], metrics.Snapshot], leases: Callable[[], object | None]) -> None:
         self.host, self.port = host, port
         self.not_ready = not_ready
+        self.lease_view = leases
         self.registry = metrics.registry_for(snapshot)
         app = web.Application()
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/metrics", self.metrics)
+        app.router.add_get("/leases", self.leases)
         self._runner = web.AppRunner(app, access_log=None)
 
     async def start(self) -> None:
@@ -52,6 +58,12 @@ class HttpServer:
 
     async def metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=metrics.render(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def leases(self, request: web.Request) -> web.Response:
+        view = self.lease_view()
+        if view is None:
+            return _json({"error": "leases are off (EPSIGNAL_LEASES=false)"}, status=404)
+        return _json(view)
 
 
 def _json(obj, status: int = 200) -> web.Response:

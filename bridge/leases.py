@@ -34,6 +34,12 @@ def weight(member: str, hw: str) -> int:
     return int.from_bytes(hashlib.blake2b(f"{member}\0{hw}".encode(), digest_size=8).digest(), "big")
 
 
+def config_id(devices: Iterable[str]) -> str:
+    """The configuration a token's wanted state was made under: a short hash of the configured
+    device list (order and duplicates do not matter). See THE RULE below."""
+    return hashlib.blake2b("\0".join(sorted(set(devices))).encode(), digest_size=6).hexdigest()
+
+
 def rank(hw: str, members: Iterable[str]) -> list[str]:
     """The members ordered by preference for holding ``hw`` (stable across processes)."""
     return sorted(members, key=lambda m: weight(m, hw), reverse=True)
@@ -179,6 +185,23 @@ class LeasePlan:
 #   any        -          -            -             channel_lost, broker_cancel -> OUT (runner
 #                                                    stopped; the broker already took the token)
 #
+# THE RULE: configuration versus commands (issue 20; docs/SCALING.md). The token carries the
+# device's wanted state (attach or not), the configuration it was made under (``cfg``: a hash of
+# EPSIGNAL_DEVICES, :func:`config_id`), since when and by whom. For a configured device a
+# command's effect lasts until the configured device list changes:
+#
+#   - a token saying "detached" made under this replica's configuration is obeyed: the device
+#     stays detached across restarts, failovers and rolling restarts (same configuration), and
+#     the holder says so (Wanted: a log line and a `detached` event, reason `wanted-detached`);
+#   - one made under another configuration (a changed EPSIGNAL_DEVICES, or a token older than
+#     this rule) is void: the device is attached as configured, and the token is replaced at once
+#     by one saying so under this configuration (Wanted, reason `stale-detach`), so a replica
+#     still on the old configuration cannot bring the old detach back;
+#   - a device not in the configuration (attached by command) follows the commands only.
+#
+# How long waiting commands and the wanted state last without any replica (queue TTLs) is the
+# adapter's topology: bridge.amqp.topology.declare_lease_queue.
+#
 # A command delivered IN_LINE (the token is on its way: a hand-on requeues it after commands
 # that went straight to the new active consumer) waits for it (Defer), and is requeued if it does
 # not come; RELEASING or LEAVING, it is requeued for the next holder. Tokens are minted only
@@ -266,10 +289,14 @@ class Nack:
 
 @dataclass(frozen=True)
 class Publish:
-    """Publish a token of generation ``gen`` to the lease queue (confirmed)."""
+    """Publish a token of generation ``gen`` to the lease queue (confirmed), made under
+    configuration ``cfg``; ``since``/``by`` None: now, by this replica (a new wanted state)."""
     hw: str
     gen: int
     attach: bool
+    cfg: str = ""
+    since: float | None = None
+    by: str | None = None
 
 
 @dataclass(frozen=True)
@@ -300,7 +327,20 @@ class Defer:
     dtag: int
 
 
-Action = Consume | Cancel | Ack | Nack | Publish | StartRunner | StopRunner | Process | Defer
+@dataclass(frozen=True)
+class Wanted:
+    """Say (log, event) why a held device is not attached as configured, or why a command's
+    detach no longer holds: ``reason`` is ``wanted-detached`` (a detach made under this
+    configuration is obeyed) or ``stale-detach`` (one made under another configuration is void:
+    attaching as configured)."""
+    hw: str
+    reason: str
+    cfg: str
+    since: float
+    by: str
+
+
+Action = Consume | Cancel | Ack | Nack | Publish | StartRunner | StopRunner | Process | Defer | Wanted
 
 
 @dataclass
@@ -309,8 +349,13 @@ class Held:
     epoch: int
     dtag: int
     gen: int
+    #: the wanted state in effect (THE RULE applied: a void detach reads as attach)
     attach: bool
     at: float = 0.0
+    #: the configuration the wanted state was made under, since when (Unix time), by whom
+    cfg: str = ""
+    since: float = 0.0
+    by: str = ""
 
 
 @dataclass
@@ -318,6 +363,9 @@ class Lease:
     """One device's ownership, as seen by one replica. Every method is an event; it returns the
     actions to carry out, in order."""
     hw: str
+    #: this replica's configuration (config_id) and whether ``hw`` is in it (THE RULE)
+    cfg: str = ""
+    configured: bool = True
     state: State = State.OUT
     #: lease channel epoch and consumer tag of the current consumer (None when OUT)
     epoch: int | None = None
@@ -329,8 +377,10 @@ class Lease:
     #: (a runner stopped by a detach may still be stopping when the release begins)
     stop_seq: int = 0
     stopping: set[int] = field(default_factory=set)
-    #: a renewal token is on its way (not asked for again until it arrives)
-    renewing: bool = False
+    #: the token this replica published last and has not received yet (a renewal, a want, a
+    #: void detach replaced): tokens older than it are held but not obeyed, they say what was
+    #: wanted before; a renewal is not asked for again until it arrives
+    pending: Publish | None = None
     history: list[State] = field(default_factory=list, repr=False)
 
     # -------------------------------------------------------------- the table
@@ -345,7 +395,7 @@ class Lease:
         if state is State.OUT:
             self.epoch = self.ctag = None
             self.token = None
-            self.renewing = False
+            self.pending = None
         self.check()
 
     def _stop(self) -> list[Action]:
@@ -367,30 +417,54 @@ class Lease:
         return [Consume(self.hw, epoch, ctag)]
 
     def token_delivered(self, epoch: int, ctag: str, dtag: int, gen: int, attach: bool,
-                        redelivered: bool = False, now: float = 0.0) -> list[Action]:
-        """A token arrived on consumer ``ctag`` of channel ``epoch``."""
+                        redelivered: bool = False, now: float = 0.0, cfg: str = "",
+                        since: float = 0.0, by: str = "") -> list[Action]:
+        """A token arrived on consumer ``ctag`` of channel ``epoch``; ``attach``/``cfg``/
+        ``since``/``by``: the wanted state it carries (THE RULE decides what it means here)."""
         if not self._mine(epoch, ctag):
             # a delivery to a consumer given up (its cancel-ok overtook it) or an old channel's:
             # not ours to hold; back to the queue if its channel still lives (the caller knows)
             return [Nack(self.hw, epoch, dtag)]
         nxt = self._go(Ev.TOKEN)
-        new = Held(epoch, dtag, gen, attach, now)
         out: list[Action] = []
         if self.token is not None:  # two tokens: keep the newer generation, destroy the other
             if gen <= self.token.gen:
                 self._enter(nxt)
                 return [Ack(self.hw, epoch, dtag)]
             out.append(Ack(self.hw, self.token.epoch, self.token.dtag))
-            self.renewing = False
-        self.token = new
+        p = self.pending
+        if p is not None and gen < p.gen:
+            # older than what this replica wants now (its own token is on the way): hold it, obey
+            # the newer wish (already carried out when it was made)
+            self.token = Held(epoch, dtag, gen, p.attach, now, p.cfg, p.since or 0.0, p.by or "")
+            self._enter(nxt)
+            return out
+        self.pending = None
+        entering = self.state is State.IN_LINE and nxt is State.HOLDING
+        if not attach and self.configured and cfg != self.cfg:
+            # made under another configuration: void; attach as configured, and say so for good
+            self.token = Held(epoch, dtag, gen, True, now, self.cfg)
+            if nxt is State.HOLDING:
+                out += [Wanted(self.hw, "stale-detach", cfg, since, by), self._publish(True, self.cfg)]
+        else:
+            self.token = Held(epoch, dtag, gen, attach, now, cfg, since, by)
         if nxt is State.HOLDING:
-            if attach and not self.runner:
+            if self.token.attach and not self.runner:
                 self.runner = True
                 out.append(StartRunner(self.hw, takeover=redelivered))
-            elif not attach:
+            elif not self.token.attach:
                 out += self._stop()
+                if entering:
+                    out.append(Wanted(self.hw, "wanted-detached", cfg, since, by))
         self._enter(nxt)
         return out
+
+    def _publish(self, attach: bool, cfg: str, since: float | None = None, by: str | None = None) -> Publish:
+        """The next token (newer than the held one and any on its way)."""
+        assert self.token is not None
+        gen = max(self.token.gen, self.pending.gen if self.pending else 0) + 1
+        self.pending = Publish(self.hw, gen, attach, cfg, since, by)
+        return self.pending
 
     def command(self, epoch: int, ctag: str, dtag: int, retry: bool = False) -> list[Action]:
         if not self._mine(epoch, ctag):
@@ -415,9 +489,8 @@ class Lease:
             out.append(StartRunner(self.hw))
         elif not attach:
             out += self._stop()
-        if self.token.attach != attach:
-            out.append(Publish(self.hw, self.token.gen + 1, attach))
-            self.renewing = True
+        if self.wanted() != attach:
+            out.append(self._publish(attach, self.cfg))
         self._enter(nxt)
         return out
 
@@ -427,10 +500,15 @@ class Lease:
         nxt = self._go(Ev.RENEW)
         assert self.token is not None
         self._enter(nxt)
-        if self.renewing:
+        if self.pending is not None:
             return []
-        self.renewing = True
-        return [Publish(self.hw, self.token.gen + 1, self.token.attach)]
+        t = self.token
+        return [self._publish(t.attach, t.cfg, t.since, t.by)]
+
+    def wanted(self) -> bool:
+        """The wanted state in effect (HOLDING): the last one asked for, else the token's."""
+        assert self.token is not None
+        return self.pending.attach if self.pending is not None else self.token.attach
 
     def release(self) -> list[Action]:
         """Give the lease up (hand on, step out of line): stop the runner, then cancel, then

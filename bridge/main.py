@@ -1,7 +1,7 @@
 """The process: builds the bridge and its HTTP server, runs until SIGTERM or SIGINT.
 
 ``epsignal-bridge run`` (bridge.cli) comes here. The bridge (bridge.service) knows nothing of
-HTTP; the HTTP server (bridge.http) knows two callables of the bridge, not the bridge.
+HTTP; the HTTP server (bridge.http) knows callables of the bridge, not the bridge.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ log = logging.getLogger("bridge")
 
 
 def http_for(bridge: Bridge) -> HttpServer:
-    """The bridge's /healthz, /readyz and /metrics on EPSIGNAL_HTTP_HOST:EPSIGNAL_HTTP_PORT."""
-    return HttpServer(bridge.s.http_host, bridge.s.http_port, bridge.not_ready_reasons, bridge.snapshot)
+    """The bridge's /healthz, /readyz, /metrics and /leases on EPSIGNAL_HTTP_HOST:EPSIGNAL_HTTP_PORT."""
+    return HttpServer(bridge.s.http_host, bridge.s.http_port, bridge.not_ready_reasons, bridge.snapshot,
+                      lambda: bridge.leases.view() if bridge.leases is not None else None)
 
 
 #: the cyclic GC's first threshold while serving (CPython's default is 700). Every frame makes

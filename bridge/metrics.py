@@ -79,6 +79,7 @@ class LeaseSnapshot(msgspec.Struct, frozen=True):
     held: int
     replicas: int
     handed_on: int
+    wanted_detached: int
 
 
 class Snapshot(msgspec.Struct, frozen=True):
@@ -165,6 +166,9 @@ class BridgeCollector:
         if b.leases is not None:
             lm = b.leases
             yield GaugeMetricFamily("epsignal_leases_held", "Device leases this replica holds", value=lm.held)
+            yield GaugeMetricFamily("epsignal_leases_wanted_detached",
+                                    "Device leases held here that say detached (a detach command; docs/SCALING.md)",
+                                    value=lm.wanted_detached)
             yield GaugeMetricFamily("epsignal_replicas", "Live replicas, as heard on the presence exchange",
                                     value=lm.replicas)
             yield CounterMetricFamily("epsignal_leases_handed_on", "Idle devices handed on to another replica",

@@ -16,7 +16,7 @@ from websockets.exceptions import ConnectionClosed
 from bridge import commands as cmds
 from bridge import tracing
 from bridge.amqp.consumer import CommandConsumer
-from bridge.amqp.leases import LeaseManager
+from bridge.amqp.leases import LeaseManager, LeaseRetirer
 from bridge.amqp.link import BrokerLink
 from bridge.amqp.publisher import EventPublisher
 from bridge.config import Settings
@@ -63,6 +63,9 @@ class Bridge:
                        if leases else None)
         self.consumer = CommandConsumer(self.link, self.handle_command,
                                         redirect=self._redirect if self.leases is not None else None)
+        #: leases off: the lease queues of an earlier time with leases on are retired
+        self.retirer = (LeaseRetirer(self.link, settings.device_list, self.consumer.refuse)
+                        if self.leases is None else None)
         self._tasks: list[asyncio.Task] = []
 
     def emit(self, event: Outgoing) -> None:
@@ -99,6 +102,8 @@ class Bridge:
         self.link.hurry()
         if self.leases is not None:
             self.leases.pause()
+        if self.retirer is not None:
+            await self.retirer.stop()
         with contextlib.suppress(TimeoutError):  # a stalled broker link must not hold the stop
             await asyncio.wait_for(self.consumer.stop_accepting(), left(0.25))
         with contextlib.suppress(TimeoutError):
@@ -158,7 +163,8 @@ class Bridge:
             held_by_nacks=pub.buffer.held_devices, unflushed=pub.unflushed,
             commands=dict(self.consumer.stats.by_outcome),
             leases=None if lm is None else LeaseSnapshot(
-                held=len(lm.tokens), replicas=len(lm.members.live), handed_on=lm.handed_on),
+                held=len(lm.tokens), replicas=len(lm.members.live), handed_on=lm.handed_on,
+                wanted_detached=sum(1 for lease in lm.tokens.values() if not lease.wanted())),
         )
 
     def not_ready_reasons(self) -> list[str]:
@@ -184,6 +190,12 @@ class Bridge:
 
     async def released(self, hw: str, reason: str) -> None:
         await self.pbx.release(hw, reason)
+
+    def not_attached(self, hw: str, reason: str) -> None:
+        """A device held here stays detached (``wanted-detached``: the lease says so)."""
+        ev = self.factory.detached(hw, reason)
+        if ev is not None:
+            self.emit(ev)
 
     def idle(self, hw: str) -> bool:
         r = self.pbx.runners.get(hw)

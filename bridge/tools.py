@@ -360,3 +360,123 @@ async def demo(*, devices: int, call_rate: float, duration: float | None, amqp_u
             print(f"calls started {st['calls_started']}, completed {st['calls_completed']}, "
                   f"stalled {st['calls_stalled']}; forwarded {st['messages_forwarded']}", file=out, flush=True)
         await sim.stop()
+
+
+# --------------------------------------------------------------------------- leases (issue 20)
+#: how long `leases list` waits for the replicas' answers (they answer at once)
+LEASES_WAIT_S = 1.5
+
+
+async def _lease_queue_state(conn, ch, s: Settings, hw: str):
+    """(channel, (messages ready, consumers) or None when ``hw`` has no lease queue)."""
+    if ch is None or ch.is_closed:
+        ch = await conn.channel()
+    try:
+        q = await ch.declare_queue(topology.lease_queue(s, hw), passive=True)
+    except aiormq.exceptions.ChannelNotFoundEntity:
+        return None, None  # the channel closed with the 404: the caller opens another
+    return ch, (q.declaration_result.message_count, q.declaration_result.consumer_count)
+
+
+async def leases_list(settings: Settings, hws: list[str], *, wait: float = LEASES_WAIT_S) -> list[dict]:
+    """Per device: its holder, the replicas in line, the wanted state (since when, by whom,
+    under which configuration) as the holder reads it, and what its lease queue holds. Every
+    replica with leases on is asked (on the presence exchange; each answers with its view); the
+    devices are the ones they know, the configured ones (EPSIGNAL_DEVICES) and ``hws``."""
+    from bridge.amqp.leases import LEASE_QUERY
+
+    url = str(settings.amqp_url)
+    conn = await connect(url)
+    async with conn:
+        ch = await conn.channel()
+        name = topology.presence_exchange(settings)
+        views: list[dict] = []
+        try:
+            ex = await ch.get_exchange(name, ensure=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            ch = None  # no replica with leases ever ran here: only the queues can tell
+        else:
+            reply_q = await ch.get_queue("amq.rabbitmq.reply-to", ensure=False)
+            cid = uuid.uuid4().hex
+
+            async def on_reply(msg: aio_pika.abc.AbstractIncomingMessage) -> None:
+                if msg.correlation_id == cid:
+                    views.append(msgspec.json.decode(msg.body))
+            await reply_q.consume(on_reply, no_ack=True)
+            await ex.publish(aio_pika.Message(b"{}", type=LEASE_QUERY, reply_to="amq.rabbitmq.reply-to",
+                                              correlation_id=cid, expiration=wait), "")
+            await asyncio.sleep(wait)
+        rows: dict[str, dict] = {hw: {"hw": hw, "holder": None, "in_line": []}
+                                 for hw in (*settings.device_list, *hws)}
+        for view in sorted(views, key=lambda v: v["instance"]):
+            for d in view["devices"]:
+                row = rows.setdefault(d["hw"], {"hw": d["hw"], "holder": None, "in_line": []})
+                if d["state"] == "holding":
+                    row["holder"] = view["instance"]
+                    row.update({k: d[k] for k in ("wanted", "since", "by", "gen") if k in d})
+                    row["configuration"] = "current" if d.get("cfg") == view["cfg"] else "other"
+                elif d["state"] != "out":
+                    row["in_line"].append(view["instance"])
+        qch = None
+        for hw, row in sorted(rows.items()):
+            qch, state = await _lease_queue_state(conn, qch, settings, hw)
+            row["queue"] = None if state is None else {"ready": state[0], "consumers": state[1]}
+        return [rows[hw] for hw in sorted(rows)]
+
+
+def format_lease(row: dict) -> str:
+    q = row["queue"]
+    if q is None:
+        where = "no lease queue"
+    elif row["holder"]:
+        where = f"{q['ready']} command(s) waiting"
+    else:
+        where = f"no holder: {q['ready']} message(s) in the queue (the token among them), {q['consumers']} consumer(s)"
+    if row["holder"]:
+        wanted = f"wanted {row.get('wanted', '?')} since {row.get('since') or '?'} by {row.get('by') or '?'}"
+        if row.get("configuration") == "other":
+            wanted += " (under another configuration)"
+        who = f"held by {row['holder']}" + (f", in line {','.join(row['in_line'])}" if row["in_line"] else "")
+    else:
+        wanted = "wanted ?"
+        who = f"in line {','.join(row['in_line'])}" if row["in_line"] else "not held"
+    return f"{row['hw']}  {who}; {wanted}; {where}"
+
+
+async def leases_reset(settings: Settings, hws: list[str]) -> list[str]:
+    """Forget each device's lease state: its wanted state and what waits in its lease queue
+    (commands are refused to the dead-letter exchange with the reason, when nobody consumes the
+    queue). The queue is deleted; the replicas with leases on make it anew, with a token from
+    their configuration, within a lease round (the holder's PBX session ends meanwhile: calls
+    on the device are cut). One line per device."""
+    url = str(settings.amqp_url)
+    conn = await connect(url)
+    out = []
+    async with conn:
+        ch = None
+        for hw in hws:
+            ch, state = await _lease_queue_state(conn, ch, settings, hw)
+            if state is None:
+                out.append(f"{hw}: no lease queue (nothing to reset)")
+                continue
+            name = topology.lease_queue(settings, hw)
+            q = await ch.get_queue(name, ensure=False)
+            await q.unbind(settings.commands_exchange, topology.lease_key(hw))
+            refused = 0
+            if state[1] == 0:  # nobody consumes it: what waits can be taken and refused
+                dead = await ch.get_exchange(settings.dead_exchange, ensure=False)
+                while (msg := await q.get(no_ack=False, fail=False)) is not None:
+                    if msg.type != topology.LEASE_TOKEN:
+                        headers = dict(msg.headers or {})
+                        headers["x-epsignal-error"] = f"lease of {hw} reset by an operator; not carried out"
+                        await dead.publish(aio_pika.Message(
+                            msg.body, headers=headers, content_type=msg.content_type,
+                            correlation_id=msg.correlation_id, message_id=msg.message_id,
+                            reply_to=msg.reply_to, type=msg.type), msg.routing_key or "")
+                        refused += 1
+                    await msg.ack()
+            ok = await ch.channel.queue_delete(name)
+            out.append(f"{hw}: lease queue deleted ({state[1]} consumer(s); {refused} waiting command(s) "
+                       f"dead-lettered, {ok.message_count} message(s) dropped with it); the replicas "
+                       "make it anew from their configuration")
+    return out

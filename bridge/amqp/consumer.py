@@ -165,6 +165,13 @@ class CommandConsumer:
             return
         await message.ack()
 
+    async def refuse(self, message: AbstractIncomingMessage, error: str) -> None:
+        """Refuse a command taken elsewhere (a retired lease queue): answered, dead-lettered."""
+        parsed = routing.parse_command_key(message.routing_key or "")
+        verb = parsed[1] if parsed is not None and parsed[1] in cmds.VERBS else "invalid"
+        hw = parsed[0] if parsed is not None and ids.valid_hw(parsed[0]) else None
+        await self._refuse(message, verb, hw, error)
+
     async def _refuse(self, message: AbstractIncomingMessage, verb: str, hw: str | None, error: str) -> None:
         log.info("command refused: key=%s: %s", message.routing_key, error)
         self.stats.count(verb, "refused")

@@ -31,8 +31,10 @@ this module only carries out its actions and feeds the broker's answers back.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
@@ -46,14 +48,16 @@ from bridge.amqp import topology as t
 from bridge.amqp.link import BrokerLink
 from bridge.leases import (
     PRESENCE_DECODER, PRESENCE_ENCODER, Ack, Action, Cancel, Consume, Defer, Lease, LeasePlan, Membership,
-    Nack, Presence, Process, Publish, StartRunner, State, StopRunner,
+    Nack, Presence, Process, Publish, StartRunner, State, StopRunner, Wanted, config_id,
 )
 
 log = logging.getLogger("bridge.leases")
 
 #: a held token is renewed (a new delivery) this often: RabbitMQ's consumer_timeout (30 min by
-#: default) closes a channel over a delivery older than that, which would move every device
-RENEW_S = 600.0
+#: default) closes a channel over a delivery older than that, which would move every device; and
+#: the lease queue's message TTL counts from the publish, so a token handed on must be young
+#: (bridge.amqp.topology.LEASE_COMMAND_TTL_S; never more than a fifth of it)
+RENEW_S = t.LEASE_COMMAND_TTL_S / 5
 #: a command that arrives before its device's token waits this long for it, then is requeued
 TOKEN_WAIT_S = 2.0
 #: a token that was someone else's (redelivered: handed on, or its holder died) starts the
@@ -71,6 +75,19 @@ class Token(msgspec.Struct, kw_only=True, omit_defaults=True):
     attach: bool = True
     #: newer tokens win over older ones
     gen: int = 0
+    #: the configuration the wanted state was made under (bridge.leases.config_id; THE RULE)
+    cfg: str = ""
+    #: since when (Unix time) and by whom (an instance id, or "reset") it is wanted
+    since: float = 0.0
+    by: str = ""
+
+
+#: the message type of an operator's query on the presence exchange (every replica answers)
+LEASE_QUERY = "lease.query"
+
+
+def _iso(t: float) -> str | None:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t)) if t else None
 
 
 TOKEN_ENCODER = msgspec.json.Encoder()
@@ -83,6 +100,7 @@ class Owner(Protocol):
     def acquired(self, hw: str) -> None: ...            # start the device's runner
     async def released(self, hw: str, reason: str) -> None: ...  # stop it (detached event)
     def idle(self, hw: str) -> bool: ...               # no call, no command in progress
+    def not_attached(self, hw: str, reason: str) -> None: ...  # held, wanted detached (event)
 
 
 class LeaseManager:
@@ -92,6 +110,8 @@ class LeaseManager:
         self.s = link.s
         self.owner = owner
         self.configured = set(configured)
+        #: the configuration tokens are made under (THE RULE in bridge.leases)
+        self.cfg = config_id(configured)
         #: devices not configured that a command made known (here, or to another replica, learned
         #: from its heartbeats: every replica announces all it knows, so a device outlives the
         #: replica that adopted it)
@@ -109,6 +129,10 @@ class LeaseManager:
         self._ctags = itertools.count(1)
         self._by_ctag: dict[str, str] = {}  # consumer tag -> hw
         self._declared: set[str] = set()    # declared on the current channel
+        #: lease queues are declared on a channel of their own: a declare the broker refuses
+        #: (a queue made with other arguments) closes only that one, never the lease channel
+        self._decl: aiormq.abc.AbstractChannel | None = None
+        self._mismatch: set[str] = set()    # lease queues with other arguments (warned once)
         self._token_arrived: dict[str, asyncio.Event] = {}
         #: runner stops and starts in progress (never awaited by the lease round)
         self._stopping_runner: dict[str, asyncio.Task] = {}
@@ -141,7 +165,7 @@ class LeaseManager:
     def _lease(self, hw: str) -> Lease:
         lease = self.leases.get(hw)
         if lease is None:
-            lease = self.leases[hw] = Lease(hw)
+            lease = self.leases[hw] = Lease(hw, cfg=self.cfg, configured=hw in self.configured)
         return lease
 
     def devices(self) -> set[str]:
@@ -221,6 +245,11 @@ class LeaseManager:
             content_type="application/json", expiration=ttl, message_type="presence"))
 
     def _on_presence(self, msg: aiormq.abc.DeliveredMessage) -> None:
+        props = msg.header.properties
+        if props.message_type == LEASE_QUERY:
+            if props.reply_to:
+                self._spawn(self._answer(props.reply_to, props.correlation_id))
+            return
         try:
             p = PRESENCE_DECODER.decode(msg.body)
         except msgspec.DecodeError as e:
@@ -232,6 +261,29 @@ class LeaseManager:
             self._wake.set()
         if p.hello and p.instance != self.s.instance_id:
             self._spawn(self._announce())
+
+    async def _answer(self, reply_to: str, cid: str | None) -> None:
+        """An operator's `leases list` asked every replica: answer with this one's view."""
+        ch = self._usable()
+        if ch is None:
+            return
+        await ch.basic_publish(msgspec.json.encode(self.view()), routing_key=reply_to, properties=Basic.Properties(
+            content_type="application/json", correlation_id=cid, message_type="lease.view"))
+
+    def view(self) -> dict:
+        """What this replica knows of each device's lease (``/leases``, `leases list`)."""
+        rows = []
+        for hw in sorted(self.devices()):
+            lease = self.leases.get(hw)
+            row: dict = {"hw": hw, "state": lease.state.value if lease else State.OUT.value,
+                         "configured": hw in self.configured}
+            tok = lease.token if lease is not None else None
+            if tok is not None:
+                row.update(wanted="attached" if lease.wanted() else "detached", gen=tok.gen,
+                           since=_iso(tok.since), by=tok.by, cfg=tok.cfg, runner=lease.runner)
+            rows.append(row)
+        return {"instance": self.s.instance_id, "cfg": self.cfg, "replicas": list(self.members.live),
+                "devices": rows}
 
     async def _heartbeat(self) -> None:
         """On a task of its own: a long lease round must not make the others think us gone."""
@@ -279,16 +331,33 @@ class LeaseManager:
                     await ch.basic_nack(a.dtag, requeue=True)
             elif isinstance(a, Publish):
                 try:
-                    await self._publish_token(Token(hw=a.hw, attach=a.attach, gen=a.gen))
+                    await self._publish_token(Token(
+                        hw=a.hw, attach=a.attach, gen=a.gen, cfg=a.cfg,
+                        since=time.time() if a.since is None else a.since,
+                        by=self.s.instance_id if a.by is None else a.by))
                 except Exception:
-                    lease.renewing = False
+                    lease.pending = None
                     raise
+            elif isinstance(a, Wanted):
+                self._say(a)
             elif isinstance(a, Consume):
                 await self._consume(lease, a)
             elif isinstance(a, Cancel):
                 await self._cancel(lease, a)
             else:  # Process and Defer are the delivery's to handle
                 raise AssertionError(f"unexpected action {a}")
+
+    def _say(self, a: Wanted) -> None:
+        when = _iso(a.since) or "an unknown time"
+        if a.reason == "wanted-detached":
+            log.warning("device %s: not attached: wanted detached since %s (by %s, under this "
+                        "configuration); `send attach %s` or `leases reset %s` attaches it",
+                        a.hw, when, a.by or "?", a.hw, a.hw)
+            self.owner.not_attached(a.hw, a.reason)
+        else:
+            log.warning("device %s: a detach of %s (by %s) was made under another configuration "
+                        "(%s, now %s): void, attaching as configured", a.hw, when, a.by or "?",
+                        a.cfg or "none", self.cfg)
 
     def _start_runner(self, a: StartRunner) -> None:
         hw = a.hw
@@ -337,14 +406,43 @@ class LeaseManager:
         hw = a.hw
         self._by_ctag[a.ctag] = hw
         if hw not in self._declared:
-            ready, consumers = await t.declare_lease_queue(ch, self.s, hw)
-            self._declared.add(hw)
+            ready, consumers = await self._declare(hw)
             if ready == 0 and consumers == 0:
                 # nothing ready and nobody consuming: nobody can hold a token (a holder is always
                 # a consumer, its token unacked); a race of two declares makes two tokens, which
                 # meet at the active consumer (the older is acked)
-                await self._publish_token(Token(hw=hw))
+                await self._publish_token(Token(hw=hw, cfg=self.cfg, since=time.time(),
+                                                by=self.s.instance_id))
         await ch.basic_consume(t.lease_queue(self.s, hw), self._on_deliver, consumer_tag=a.ctag)
+
+    async def _declare(self, hw: str) -> tuple[int, int]:
+        """Declare ``hw``'s lease queue and bind it (on the declare channel); (ready, consumers).
+        A queue made with other arguments (by an older bridge, or another queue type) is used
+        as it is, with a warning: it works, but without this version's lifetimes."""
+        conn = self._conn
+        if conn is None:
+            raise ConnectionError("no broker connection")
+        for attempt in (1, 2):
+            ch = self._decl
+            if ch is None or ch.is_closed:
+                ch = self._decl = await (await conn.channel(publisher_confirms=False)).get_underlay_channel()
+            try:
+                if hw in self._mismatch or attempt == 2:
+                    ok = await ch.queue_declare(t.lease_queue(self.s, hw), passive=True)
+                    await ch.queue_bind(t.lease_queue(self.s, hw), self.s.commands_exchange, t.lease_key(hw))
+                    ready, consumers = ok.message_count, ok.consumer_count
+                else:
+                    ready, consumers = await t.declare_lease_queue(ch, self.s, hw)
+                self._declared.add(hw)
+                return ready, consumers
+            except aiormq.exceptions.ChannelPreconditionFailed as e:
+                if hw not in self._mismatch:
+                    self._mismatch.add(hw)
+                    log.warning("device %s: lease queue %s exists with other arguments (%s); used as "
+                                "it is, without expiry: delete it when the device is idle (`leases "
+                                "reset %s`) and the bridge makes it anew", hw, t.lease_queue(self.s, hw),
+                                e, hw)
+        raise AssertionError("unreachable")
 
     async def _cancel(self, lease: Lease, a: Cancel) -> None:
         ch = self._usable()
@@ -429,7 +527,7 @@ class LeaseManager:
                     if ok.consumer_count >= 2 and lease.holding and self.owner.idle(hw) and self.epoch == epoch:
                         moving += 1  # a few at a time: a misjudged member set moves little
                         await self._do(lease, lease.release(), "lease-moved")
-                elif lease.token is not None and now - lease.token.at > RENEW_S:
+                elif lease.token is not None and now - lease.token.at > min(RENEW_S, t.LEASE_COMMAND_TTL_S / 5):
                     await self._do(lease, lease.renew())
 
     # ------------------------------------------------------------------ deliveries
@@ -453,7 +551,8 @@ class LeaseManager:
                 await ch.basic_ack(msg.delivery_tag)
                 return
             acts = lease.token_delivered(epoch, ctag, msg.delivery_tag, token.gen, token.attach,
-                                         bool(msg.delivery.redelivered), asyncio.get_running_loop().time())
+                                         bool(msg.delivery.redelivered), asyncio.get_running_loop().time(),
+                                         token.cfg, token.since, token.by)
             await self._do(lease, acts, "command")
             if lease.holding:
                 ev = self._token_arrived.pop(hw, None)
@@ -516,11 +615,13 @@ class LeaseManager:
         if ch is None:
             raise ConnectionError("no lease channel")
         lease = self._lease(hw)
+        # declared (and bound) again even if declared before: the command came here because no
+        # binding took it (a bridge with leases off retired the queue, or it expired)
+        self._declared.discard(hw)
         if lease.state is State.OUT:
             await self._do(lease, lease.line_up(self.epoch, f"lease:{self.s.instance_id}:{hw}:{next(self._ctags)}"))
-        elif hw not in self._declared:
-            ready, consumers = await t.declare_lease_queue(ch, self.s, hw)
-            self._declared.add(hw)
+        else:
+            await self._declare(hw)
         return t.lease_queue(self.s, hw)
 
     def pause(self) -> None:
@@ -540,12 +641,109 @@ class LeaseManager:
             await self._announce(bye=True)
         except Exception:
             pass
-        ch, self._ch = self._usable(), None
-        if ch is not None:
-            try:
-                await ch.close()
-            except Exception:
-                pass
+        for ch in (self._usable(), self._decl):
+            if ch is not None and not ch.is_closed:
+                with contextlib.suppress(Exception):
+                    await ch.close()
+        self._ch = self._decl = None
         for task in list(self._bg):
             task.cancel()
         await asyncio.gather(*self._bg, return_exceptions=True)
+
+
+# ====================================================================== leases off: retire the queues
+#: with leases off, lease queues a replica with leases on still consumes (a rolling change) are
+#: looked at again this often, until none is left
+RETIRE_EVERY_S = 10.0
+
+
+class LeaseRetirer:
+    """With leases off (EPSIGNAL_LEASES=false) the shared commands queue takes every command
+    (bound with ``#``), but a lease queue left from a time with leases on would still be bound and
+    take a copy nobody consumes, for a holder to carry out, stale, when leases are turned on again
+    (issue 20). So, for each configured device whose lease queue exists and has **no consumer**:
+    unbind it (no more copies), refuse what waits in it (answered, dead-lettered with the reason:
+    never carried out, it may be stale or a copy of one this bridge took), drop the token (with
+    leases off no wanted state is kept) and delete the queue. A queue with a consumer belongs to
+    a replica still running with leases on (a rolling change): it is left to it and looked at
+    again every RETIRE_EVERY_S until it is gone. Queues of devices not configured here expire by
+    themselves (x-expires). Nothing is done on a broker where leases were never used (no
+    presence exchange)."""
+
+    def __init__(self, link: BrokerLink, devices: list[str],
+                 refuse: Callable[[AbstractIncomingMessage, str], Awaitable[None]]) -> None:
+        self.link = link
+        self.s = link.s
+        self.pending = set(devices)
+        self._refuse = refuse
+        self._task: asyncio.Task | None = None
+        self._ch: aio_pika.abc.AbstractChannel | None = None
+        self._left: set[str] = set()  # in use by a replica with leases on (said once)
+        self.retired = 0
+        self.refused = 0
+        link.on_ready(self._start)
+
+    async def _start(self, conn: AbstractConnection, topo: t.Topology) -> None:
+        if self._task is not None:  # a pass on the previous connection: this one takes over
+            self._task.cancel()
+        if self.pending:
+            self._task = asyncio.create_task(self._run(conn), name="lease retirer")
+
+    async def _channel(self, conn: AbstractConnection) -> aio_pika.abc.AbstractChannel:
+        if self._ch is None or self._ch.is_closed:
+            self._ch = await conn.channel()
+        return self._ch
+
+    async def _run(self, conn: AbstractConnection) -> None:
+        try:
+            try:
+                await (await self._channel(conn)).declare_exchange(t.presence_exchange(self.s), passive=True)
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                self.pending.clear()  # leases never ran against this broker and vhost
+                return
+            while self.pending and not conn.is_closed:
+                for hw in sorted(self.pending):
+                    if await self._retire(conn, hw):
+                        self.pending.discard(hw)
+                if self.pending:
+                    await asyncio.sleep(RETIRE_EVERY_S)
+        except (aiormq.exceptions.AMQPError, ConnectionError) as e:
+            log.debug("retiring lease queues interrupted (%s); again at the next connection", e)
+        finally:
+            if self._ch is not None and not self._ch.is_closed:
+                with contextlib.suppress(Exception):
+                    await self._ch.close()
+
+    async def _retire(self, conn: AbstractConnection, hw: str) -> bool:
+        """True when ``hw`` has no lease queue any more."""
+        name = t.lease_queue(self.s, hw)
+        ch = await self._channel(conn)
+        try:
+            q = await ch.declare_queue(name, passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return True
+        if q.declaration_result.consumer_count:
+            if hw not in self._left:
+                self._left.add(hw)
+                log.info("device %s: its lease queue is consumed by a replica with leases on; "
+                         "left to it (looked at again every %gs)", hw, RETIRE_EVERY_S)
+            return False
+        await q.unbind(self.s.commands_exchange, t.lease_key(hw))
+        while (msg := await q.get(no_ack=False, fail=False)) is not None:
+            if msg.type == t.LEASE_TOKEN:
+                await msg.ack()
+                continue
+            self.refused += 1
+            await self._refuse(msg, f"leases are off (EPSIGNAL_LEASES=false): the command waited in "
+                                    f"the lease queue of {hw} and was not carried out; send it again")
+        # no if-unused (quorum queues refuse it): a replica lining up in this instant has its
+        # consumer cancelled by the broker and declares the queue again (broker_cancel)
+        await q.delete(if_unused=False, if_empty=False)
+        self.retired += 1
+        log.info("device %s: lease queue %s removed (leases are off)", hw, name)
+        return True
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)

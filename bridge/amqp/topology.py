@@ -11,7 +11,10 @@
                                    alternate exchange instead: it takes what no lease queue takes
       -> epsignal.commands.bridge.<hw>   with leases (EPSIGNAL_LEASES), one per device: durable,
                                    x-single-active-consumer, bound with device.<hw>.*; holds the
-                                   device's lease token and its commands (docs/SCALING.md)
+                                   device's lease token and its commands (docs/SCALING.md);
+                                   x-message-ttl: a command waits at most LEASE_COMMAND_TTL_S
+                                   for a holder, then is dead-lettered (x-death reason expired);
+                                   x-expires: gone LEASE_QUEUE_EXPIRES_S after its last consumer
     epsignal.commands.unrouted  fanout, durable   commands no binding matched
     epsignal.commands.presence  fanout, durable   with leases: the replicas' heartbeats, each
                                    replica reads them on an exclusive queue of its own
@@ -93,11 +96,25 @@ async def declare_commands_queue(ch: AbstractChannel, s: Settings, topo: Topolog
     return q
 
 
+#: a command waits this long in a lease queue for a holder, then is dead-lettered (reason
+#: ``expired``). The token is a message of the queue too and the TTL counts from its publish
+#: (a requeue keeps it): holders renew it every RENEW_S (bridge.amqp.leases, <= a fifth of this),
+#: so a token is never older than that when it goes back to the queue, and survives at least
+#: 4/5 of this with no replica consuming (then the wanted state is forgotten: the next replica
+#: mints a token from its configuration). docs/SCALING.md, "Queue lifetimes".
+LEASE_COMMAND_TTL_S = 300
+#: a lease queue nobody consumes (leases turned off, device no longer configured, every replica
+#: gone) is deleted this long after its last consumer left; longer than the command TTL, so
+#: every waiting command has been dead-lettered first (an expiring queue drops its messages)
+LEASE_QUEUE_EXPIRES_S = 900
+
+
 async def declare_lease_queue(ch: aiormq.abc.AbstractChannel, s: Settings, hw: str) -> tuple[int, int]:
     """Declare ``hw``'s lease queue and its binding; (messages ready, consumers) in it.""" 
     name = lease_queue(s, hw)
     ok = await ch.queue_declare(name, durable=True, arguments={
-        "x-single-active-consumer": True, "x-dead-letter-exchange": s.dead_exchange})
+        "x-single-active-consumer": True, "x-dead-letter-exchange": s.dead_exchange,
+        "x-message-ttl": int(LEASE_COMMAND_TTL_S * 1000), "x-expires": int(LEASE_QUEUE_EXPIRES_S * 1000)})
     await ch.queue_bind(name, s.commands_exchange, lease_key(hw), nowait=True)
     return ok.message_count, ok.consumer_count
 

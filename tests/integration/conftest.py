@@ -16,5 +16,6 @@ def lease_settings(sim, settings_for):
 
     def make(n: int, **kw):
         kw.setdefault("devices", devices)
-        return settings_for(sim, leases=True, lease_heartbeat_s=0.3, instance_id=f"replica-{n}", **kw)
+        kw.setdefault("leases", True)
+        return settings_for(sim, lease_heartbeat_s=0.3, instance_id=f"replica-{n}", **kw)
     return make

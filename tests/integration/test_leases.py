@@ -151,3 +151,7 @@ async def test_lease_metrics(sim, bus, start_bridge, lease_settings):
     text = render(registry_for(a.snapshot)).decode()
     assert f"epsignal_leases_held {N}.0" in text
     assert "epsignal_replicas 1.0" in text and "epsignal_leases_handed_on_total 0.0" in text
+    assert "epsignal_leases_wanted_detached 0.0" in text
+    assert (await bus.command(hw_id(1), "detach"))["ok"]
+    await until(lambda: a.leases.leases[hw_id(1)].pending is None, 5, "the detach's token")
+    assert "epsignal_leases_wanted_detached 1.0" in render(registry_for(a.snapshot)).decode()

@@ -12,10 +12,15 @@ single-active-consumer queue per device, as RabbitMQ 3.10 behaves:
   closes the channel;
 - deliveries and cancel-oks reach the replica later (its inbox), and runner stops end later.
 
+Replicas restart (a rolling restart) with the same configuration or another one (a changed
+EPSIGNAL_DEVICES); tokens carry the configuration their wanted state was made under.
+
 After every step: the invariant holds for every replica (a runner on only in HOLDING, with a
 token delivered on its current open channel, which the broker model agrees is unacked there),
 and at most one replica runs each device, a runner counting as running until its stop has
-ended. The one exception is a runner stopping because its channel closed: the broker hands the
+ended; and THE RULE (configuration versus commands, issue 20): a holder whose own newest wish
+has arrived runs the device exactly when the token it holds says "attached", or says
+"detached" under another configuration. The one exception is a runner stopping because its channel closed: the broker hands the
 token on at the close, before any client can stop anything (the PBX's "already attached"
 refusal covers that window; docs/SCALING.md). A replica learns of its channel's close at once.
 """
@@ -34,11 +39,12 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 from bridge.leases import (
     TRANSITIONS, Ack, Cancel, Consume, Defer, Lease, LeaseError, Nack, Process, Publish, StartRunner,
-    State, StopRunner,
+    State, StopRunner, Wanted,
 )
 
 DEVICES = ("d1", "d2")
 REPLICAS = ("r1", "r2", "r3")
+CONFIGS = ("A", "B")
 PREFETCH = 3
 #: disruptive steps happen on one draw in four (else little gets to HOLDING)
 RARE = st.integers(0, 3)
@@ -50,6 +56,7 @@ class Msg:
     gen: int = 0
     attach: bool = True
     redelivered: bool = False
+    cfg: str = "A"
 
 
 @dataclass
@@ -69,14 +76,16 @@ class Channel:
 @dataclass
 class Replica:
     name: str
+    cfg: str = "A"
     ch: Channel | None = None
     leases: dict = field(default_factory=dict)
     inbox: deque = field(default_factory=deque)
     stops: list = field(default_factory=list)       # (hw, seq) still stopping
     deferred: list = field(default_factory=list)    # (hw, epoch, ctag, dtag)
+    wished: dict = field(default_factory=dict)      # hw -> the last token published (this channel)
 
     def lease(self, hw: str) -> Lease:
-        return self.leases.setdefault(hw, Lease(hw))
+        return self.leases.setdefault(hw, Lease(hw, cfg=self.cfg))
 
 
 class LeaseModel(RuleBasedStateMachine):
@@ -109,6 +118,7 @@ class LeaseModel(RuleBasedStateMachine):
         # the broker hands the tokens on at the close: runners still stopping (for whatever
         # reason) and the ones stopped now are in the unavoidable window
         r.stops = [(hw, seq, True) for hw, seq, _lost in r.stops]
+        r.wished.clear()
         self._losing = True
         try:
             for lease in list(r.leases.values()):
@@ -135,7 +145,7 @@ class LeaseModel(RuleBasedStateMachine):
                 if a.hw not in ch.declared:
                     ch.declared.add(a.hw)
                     if not q.ready and not q.consumers:  # the minting rule of bridge.amqp.leases
-                        q.ready.append(Msg(token=True))
+                        q.ready.append(Msg(token=True, cfg=r.cfg))
                 q.consumers.append((r.name, a.epoch, a.ctag))
             elif isinstance(a, Cancel):
                 if r.ch is not None and r.ch.epoch == a.epoch:
@@ -151,7 +161,8 @@ class LeaseModel(RuleBasedStateMachine):
                     self.queues[entry[0]].ready.appendleft(entry[2])
             elif isinstance(a, Publish):
                 if r.ch is not None:
-                    self.queues[a.hw].ready.append(Msg(token=True, gen=a.gen, attach=a.attach))
+                    self.queues[a.hw].ready.append(Msg(token=True, gen=a.gen, attach=a.attach, cfg=a.cfg))
+                    r.wished[a.hw] = a
             elif isinstance(a, StartRunner):
                 pass  # the runner is lease.runner; checked by the invariants
             elif isinstance(a, StopRunner):
@@ -159,6 +170,8 @@ class LeaseModel(RuleBasedStateMachine):
             elif isinstance(a, Process):
                 lease = r.leases[a.hw]
                 self._settle_tag(r, lease.epoch, a.dtag)
+            elif isinstance(a, Wanted):
+                pass  # said (log, event) by the I/O side
             elif isinstance(a, Defer):
                 r.deferred.append((a.hw, r.leases[a.hw].epoch, r.leases[a.hw].ctag, a.dtag))
             else:  # pragma: no cover
@@ -185,10 +198,12 @@ class LeaseModel(RuleBasedStateMachine):
     def a_command_arrives(self, hw):
         self.queues[hw].ready.append(Msg(token=False))
 
-    @rule(hw=st.sampled_from(DEVICES))
-    def an_extra_token(self, hw):
-        """A token minted by a race (two replicas declaring an empty queue at once)."""
-        self.queues[hw].ready.append(Msg(token=True))
+    @rule(hw=st.sampled_from(DEVICES), cfg=st.sampled_from(CONFIGS), attach=st.booleans(),
+          gen=st.integers(0, 3))
+    def an_extra_token(self, hw, cfg, attach, gen):
+        """A token minted by a race (two replicas declaring an empty queue at once), or left
+        from an earlier time (a detach under configuration A or B)."""
+        self.queues[hw].ready.append(Msg(token=True, cfg=cfg, attach=attach, gen=gen))
 
     @rule(name=st.sampled_from(REPLICAS), rare=RARE)
     def channel_closed(self, name, rare):
@@ -204,8 +219,16 @@ class LeaseModel(RuleBasedStateMachine):
             return
         r = self.replicas[name]
         self._close(r)
-        self.replicas[name] = Replica(name)
+        self.replicas[name] = Replica(name, r.cfg)
 
+    @rule(name=st.sampled_from(REPLICAS), cfg=st.sampled_from(CONFIGS), rare=RARE)
+    def restart(self, name, cfg, rare):
+        """A rolling restart (a graceful stop: the channel closes), with the same configuration
+        or a new EPSIGNAL_DEVICES."""
+        if rare:
+            return
+        self._close(self.replicas[name])
+        self.replicas[name] = Replica(name, cfg)
     @rule(name=st.sampled_from(REPLICAS))
     def reconnect(self, name):
         r = self.replicas[name]
@@ -226,7 +249,8 @@ class LeaseModel(RuleBasedStateMachine):
             _, hw, epoch, ctag, dtag, msg = item
             lease = r.lease(hw)
             if msg.token:
-                acts = lease.token_delivered(epoch, ctag, dtag, msg.gen, msg.attach, msg.redelivered)
+                acts = lease.token_delivered(epoch, ctag, dtag, msg.gen, msg.attach, msg.redelivered,
+                                             cfg=msg.cfg)
             else:
                 acts = lease.command(epoch, ctag, dtag)
         else:
@@ -306,6 +330,26 @@ class LeaseModel(RuleBasedStateMachine):
                     running.append(r.name + " (stopping)")
             assert len(running) <= 1, f"{hw} run by {running}"
 
+    @invariant()
+    def the_runner_follows_the_rule(self):
+        """THE RULE, from the token the broker sees held (not the machine's reading of it)."""
+        for r in self.replicas.values():
+            for hw, lease in r.leases.items():
+                if lease.state is not State.HOLDING or r.ch is None:
+                    continue
+                held = r.ch.unacked[lease.token.dtag][2]
+                wish = r.wished.get(hw)
+                if wish is not None and held.gen < wish.gen:
+                    # its newest wish is on its way: an older token held meanwhile never undoes it
+                    assert lease.runner == (wish.attach or wish.cfg != r.cfg), (
+                        f"{r.name} runs {hw}: {lease.runner}, against its wish {wish} (holding {held})")
+                    continue
+                if lease.pending is not None:
+                    continue
+                wanted = held.attach or held.cfg != r.cfg
+                assert lease.runner == wanted, (
+                    f"{r.name} (configuration {r.cfg}) holds {hw} under {held}: runner {lease.runner}")
+
 
 TestLeaseModel = LeaseModel.TestCase
 TestLeaseModel.settings = settings(max_examples=int(os.environ.get("LEASE_MODEL_EXAMPLES", "1500")), stateful_step_count=80, deadline=None,
@@ -364,3 +408,47 @@ def test_a_reconnect_during_a_hand_on_never_nacks_a_stale_tag():
     lease.line_up(2, "c2")
     assert lease.cancel_ok(1, "c1") == []  # the old consumer's cancel-ok: nothing to give back
     assert lease.state is State.IN_LINE
+
+
+def held_under(cfg: str, token_cfg: str, attach: bool, configured: bool = True) -> tuple[Lease, list]:
+    lease = Lease("d", cfg=cfg, configured=configured)
+    lease.line_up(1, "c1")
+    return lease, lease.token_delivered(1, "c1", 1, 5, attach, cfg=token_cfg, since=100.0, by="r9")
+
+
+def test_a_detach_under_the_same_configuration_is_kept_and_said():
+    """A restart, a failover, a rolling restart: the next holder keeps the device detached and
+    says why (the I/O side logs it and publishes `detached` with reason wanted-detached)."""
+    lease, acts = held_under("A", "A", attach=False)
+    assert acts == [Wanted("d", "wanted-detached", "A", 100.0, "r9")]
+    assert lease.holding and not lease.runner and lease.wanted() is False
+
+
+def test_a_detach_under_another_configuration_is_void_and_replaced_for_good():
+    """A new EPSIGNAL_DEVICES: the old detach is void; the token is replaced by one saying
+    "attached" under the new configuration, so an old-configuration replica cannot revive it."""
+    lease, acts = held_under("B", "A", attach=False)
+    assert acts == [Wanted("d", "stale-detach", "A", 100.0, "r9"), Publish("d", 6, True, "B"),
+                    StartRunner("d")]
+    assert lease.runner and lease.wanted() is True
+    old, acts = held_under("A", "B", attach=True)  # the replacement reaches an old replica
+    assert acts == [StartRunner("d")] and old.runner
+
+
+def test_a_device_not_configured_follows_commands_only():
+    lease, acts = held_under("B", "A", attach=False, configured=False)
+    assert acts == [Wanted("d", "wanted-detached", "A", 100.0, "r9")] and not lease.runner
+
+
+def test_an_older_token_in_flight_never_undoes_a_newer_wish():
+    """A renewal (attach) on its way when a detach is carried out: the renewal arrives first;
+    it is held (the invariant needs a token) but the detach stands, and its token wins."""
+    lease = Lease("d", cfg="A")
+    lease.line_up(1, "c1")
+    lease.token_delivered(1, "c1", 1, 0, True, cfg="A")
+    assert lease.renew() == [Publish("d", 1, True, "A", 0.0, "")]
+    assert lease.want(False) == [StopRunner("d", 1), Publish("d", 2, False, "A")]
+    assert lease.token_delivered(1, "c1", 2, 1, True, cfg="A") == [Ack("d", 1, 1)]  # the renewal
+    assert not lease.runner and lease.wanted() is False
+    assert lease.token_delivered(1, "c1", 3, 2, False, cfg="A") == [Ack("d", 1, 2)]
+    assert not lease.runner and lease.pending is None and lease.token.attach is False
