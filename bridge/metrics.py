@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from bridge.brokers import endpoint
+
 if TYPE_CHECKING:
     from bridge.service import Bridge
 
@@ -58,6 +60,15 @@ class BridgeCollector:
                                 value=states.get("attached", 0))
         yield GaugeMetricFamily("epsignal_broker_connected", "1 when the broker link is up",
                                 value=1 if b.link.ready else 0)
+        info = GaugeMetricFamily("epsignal_broker_info", "1 for the broker address the link is connected "
+                                 "to, with the cluster name and version the broker reports",
+                                 labels=["address", "cluster", "version"])
+        if b.link.ready and b.link.address:
+            info.add_metric([endpoint(b.link.address), str(b.link.server.get("cluster_name", "")),
+                             str(b.link.server.get("version", ""))], 1)
+        yield info
+        yield CounterMetricFamily("epsignal_broker_failovers", "Connections made to another broker "
+                                  "address than the previous connection's", value=b.link.failovers)
 
         yield GaugeMetricFamily("epsignal_broker_blocked",
                                 "1 while the broker blocks publishing (connection.blocked: memory or disk alarm)",

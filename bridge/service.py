@@ -169,13 +169,16 @@ class Bridge:
     def not_ready_reasons(self) -> list[str]:
         reasons = []
         if not self.link.ready:
-            reasons.append("broker not connected")
+            err = self.link.last_error
+            reasons.append(f"broker not connected: {err}" if err else "broker not connected")
         elif self.link.blocked is not None:
             reasons.append(f"broker blocks publishing ({self.link.blocked}): "
                            f"{len(self.publisher.buffer)} events buffered")
         elif (stalled := self.publisher.stalled_s()) > self.s.publish_timeout_s:
             reasons.append(f"broker confirms nothing: {len(self.publisher.buffer)} events waiting "
                            f"for {stalled:.0f}s")
+        if self.leases is not None and self.leases.problem:
+            reasons.append(self.leases.problem)
         devices = self._devices()
         if self.server is None and devices and not any(up for _, up in devices):
             why: dict[str, int] = {}
