@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import subprocess
 
 import aio_pika
 import pytest
@@ -30,17 +29,27 @@ from tests.integration.test_leases import N, attached_by, held, until
 pytestmark = pytest.mark.asyncio
 
 
-def queue_types(vhost_names: set[str]) -> dict[str, str]:
-    out = subprocess.run(["rabbitmqctl", "list_queues", "-q", "--no-table-headers", "name", "type"],
-                         capture_output=True, text=True, timeout=60, check=True).stdout
-    return {p[0]: p[1] for p in (line.split() for line in out.splitlines()) if len(p) == 2 and p[0] in vhost_names}
+@pytest.mark.skipif(not rabbitnode.available(), reason="no rabbitmq-server on this machine")
+async def test_a_queue_of_the_other_type_is_one_clear_error_and_its_deletion_the_fix(settings_for, caplog):
+    node = rabbitnode.RabbitNode()
+    await asyncio.to_thread(node.start)
+    try:
+        conn = await aio_pika.connect(node.url)
+        for existing, wanted in (("classic", "quorum"), ("quorum", "classic")):
+            caplog.clear()
+            s = settings_for(amqp_url=node.url, queue_type=wanted)  # queues of this round's own
+            s = settings_for(amqp_url=node.url, queue_type=wanted, commands_queue=f"{s.commands_queue}.{wanted}",
+                             dead_queue=f"{s.dead_queue}.{wanted}")
+            await _mismatch_then_fix(node, conn, s, existing, wanted, caplog)
+        await conn.close()
+    finally:
+        await asyncio.to_thread(node.stop)
 
 
-@pytest.mark.parametrize("existing,wanted", [("classic", "quorum"), ("quorum", "classic")])
-async def test_a_queue_of_the_other_type_is_one_clear_error_and_its_deletion_the_fix(
-        existing, wanted, bus, settings_for, caplog):
-    s = settings_for(queue_type=wanted)
-    await bus.channel.declare_queue(s.commands_queue, durable=True, arguments={"x-queue-type": existing})
+async def _mismatch_then_fix(node, conn, s, existing: str, wanted: str, caplog) -> None:
+    ch = await conn.channel()
+    await ch.declare_queue(s.commands_queue, durable=True, arguments={  # as an older bridge did
+        "x-queue-type": existing, "x-dead-letter-exchange": s.dead_exchange})
     caplog.set_level(logging.INFO)
     b = Bridge(s)
     await b.start()
@@ -52,20 +61,21 @@ async def test_a_queue_of_the_other_type_is_one_clear_error_and_its_deletion_the
         text = errors[0].getMessage()
         assert (f"queue '{s.commands_queue}' is a {existing} queue, EPSIGNAL_QUEUE_TYPE wants {wanted}: "
                 f"set EPSIGNAL_QUEUE_TYPE={existing} to keep it, or migrate") in text
-        assert "guest:guest" not in text and errors[0].exc_info is None
+        assert "guest:guest" not in text
         assert not any(r.exc_info for r in caplog.records), "a traceback in the log"
         reasons = b.not_ready_reasons()
         assert any(f"is a {existing} queue, EPSIGNAL_QUEUE_TYPE wants {wanted}" in r for r in reasons), reasons
         assert not b.link.ready
         # the documented fix: delete the queue; the bridge declares it again by itself
-        ch = await bus.conn.channel()
         await ch.queue_delete(s.commands_queue)
-        await ch.close()
         assert await b.link.wait_ready(10), "the bridge did not connect once the queue was gone"
         assert not [r for r in b.not_ready_reasons() if r.startswith("broker")]
-        assert queue_types({s.commands_queue, s.dead_queue}) == {s.commands_queue: wanted, s.dead_queue: wanted}
+        types = dict(line.split() for line in node.ctl("list_queues", "-q", "--no-table-headers", "name",
+                                                       "type").splitlines() if len(line.split()) == 2)
+        assert types[s.commands_queue] == wanted and types[s.dead_queue] == wanted
     finally:
         await b.stop(2)
+        await ch.close()
 
 
 async def _lease_channel_errors(b: Bridge, n: int, all_back: bool = True) -> None:
@@ -120,8 +130,10 @@ async def test_a_lease_token_given_back_again_and_again_is_never_dead_lettered(s
         await b.start()
         await until(lambda: held([b]) == [N], 20, "every device held")
         await _lease_channel_errors(b, 5, all_back=False)
+        # dead-lettered (a lone replica mints a new token when it finds its queue empty and
+        # unconsumed; with a stand-in consuming, the device would be left without one)
         tokens, dead = await _tokens(conn, b)
-        assert dead > 0 and tokens < N, (tokens, dead)
+        assert dead > 0, (tokens, dead)
         await conn.close()
     finally:
         if b is not None:
