@@ -30,11 +30,10 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from types import SimpleNamespace
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection
-from types import SimpleNamespace
-
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter, wait_fixed, wait_random
 from yarl import URL
 

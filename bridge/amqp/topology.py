@@ -75,10 +75,10 @@ class QueueMismatch(ConnectionError):
         if arg == "x-queue-type":
             todo = (f"set EPSIGNAL_QUEUE_TYPE={current} to keep it, or migrate: stop the bridges, "
                     f"let the queue drain, delete it (rabbitmqctl delete_queue {queue}) and start "
-                    "them again (docs/SCALING.md, queue type)")
+                    "them again (docs/SCALING.md: changing the type of existing queues)")
             what = f"is a {current} queue, EPSIGNAL_QUEUE_TYPE wants {wanted}"
         else:
-            todo = f"delete the queue (after draining it) for the bridge to declare it again"
+            todo = "delete the queue (after draining it) for the bridge to declare it again"
             what = f"has {arg} {current}, the bridge declares {wanted}"
         super().__init__(f"queue {queue!r} {what}: {todo}")
 
