@@ -123,12 +123,15 @@ def _summary(s: Settings) -> str:
     pbx = (f"PBX {masked_url(s.pbx_url)} (client mode)" if s.pbx_mode == "client"
            else f"PBX connects in on {s.pbx_listen} (server mode)")
     n = len(s.device_list)
-    return (f"{describe_broker(str(s.amqp_url))}, {pbx}, {n} device{'s' if n != 1 else ''}, "
+    first, *more = s.broker_addresses()
+    broker = describe_broker(first) + (f" (+{len(more)} more addresses)" if more else "")
+    return (f"{broker}, {pbx}, {n} device{'s' if n != 1 else ''}, "
             f"HTTP {s.http_host}:{s.http_port}")
 
 
 def _print_effective() -> int:
     """Every setting as the bridge would use it (environment over defaults), secrets masked."""
+    from bridge.brokers import split
     from bridge.config import PREFIX
     from bridge.tools import masked_url
 
@@ -138,7 +141,9 @@ def _print_effective() -> int:
         value = str(getattr(s, field))
         if field == "pbx_password":
             value = "***" if value else ""
-        elif field in ("amqp_url", "pbx_url"):
+        elif field == "amqp_url":
+            value = ",".join(masked_url(u) for u in split(value))
+        elif field == "pbx_url":
             value = masked_url(value)
         origin = "environment" if name in os.environ else "default"
         if field == "instance_id" and name not in os.environ:
@@ -153,7 +158,7 @@ def _tool_settings(args) -> Settings:
     from bridge.tools import amqp_url_from, describe_broker
 
     s = _settings(args, amqp_url=amqp_url_from(args.amqp_url))
-    _note(f"{args.command}: {describe_broker(str(s.amqp_url))}")
+    _note(f"{args.command}: {describe_broker(s.broker_addresses()[0])}")
     return s
 
 
@@ -220,7 +225,7 @@ def cmd_demo(args) -> int:
 
     _setup_logging("WARNING")
     url = amqp_url_from(args.amqp_url)
-    _settings(args, amqp_url=url)  # the URL as `run` would take it, or the sentence why not
+    url = _settings(args, amqp_url=url).broker_addresses()[0]  # as `run` would take it, or why not
     _run_tool(demo(devices=args.devices, call_rate=args.call_rate, duration=args.duration,
                    amqp_url=url, http_port=args.http_port))
     return 0

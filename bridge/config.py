@@ -17,7 +17,7 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta, Struct
 
-from bridge import ids
+from bridge import brokers, ids
 from bridge.events import KINDS
 from bridge.protocol.callstate import CallLimits
 
@@ -75,9 +75,17 @@ class Settings(Struct, kw_only=True):
         "The same for a connected, held or parked call, or one first seen mid-call (such calls "
         "may be silent for hours; 0: never)", ge=0)] = 86400.0
     # ------------------------------------------------------------------ broker side
-    amqp_url: Annotated[str, _doc("RabbitMQ URL, amqp:// or amqps:// (credentials are secret)")] = (
-        "amqp://guest:guest@localhost/"
-    )
+    amqp_url: Annotated[str, _doc(
+        "RabbitMQ URL, amqp:// or amqps://, or a comma-separated list of them, one per node of a "
+        "cluster (tried in turn; credentials are secret)")] = "amqp://guest:guest@localhost/"
+    amqp_hosts: Annotated[str, _doc(
+        "Comma-separated host[:port] of the broker's nodes: when set, the bridge connects to each "
+        "with the scheme, credentials, vhost and options of EPSIGNAL_AMQP_URL (then one URL), so "
+        "the hosts need not be in the secret")] = ""
+    queue_type: Annotated[Literal["quorum", "classic"], _doc(
+        "Type of the durable queues the bridge declares (commands, dead letters, device leases): "
+        "quorum (replicated; for a cluster) or classic. An existing queue keeps its type: see "
+        "docs/SCALING.md to change it")] = "quorum"
     events_exchange: Annotated[str, _doc("Topic exchange for events")] = "epsignal.events"
     commands_exchange: Annotated[str, _doc("Topic exchange for commands")] = "epsignal.commands"
     commands_queue: Annotated[str, _doc("Durable queue the bridge consumes commands from")] = (
@@ -137,10 +145,17 @@ class Settings(Struct, kw_only=True):
         pbx = URL(self.pbx_url)
         if pbx.password or pbx.query_string:  # credentials or a token in the PBX URL
             out.append(self.pbx_url)
-        pw = URL(str(self.amqp_url)).password
-        if pw:
-            out += [pw, URL(str(self.amqp_url)).raw_password or pw]
-        return [s for s in out if s]
+        for text in brokers.split(self.amqp_url):
+            try:
+                u = URL(text)
+            except ValueError:
+                continue
+            out += [text, u.password or "", u.raw_password or ""]
+        return list(dict.fromkeys(s for s in out if s))
+
+    def broker_addresses(self) -> list[str]:
+        """The broker's addresses, tried in turn (EPSIGNAL_AMQP_URL, EPSIGNAL_AMQP_HOSTS)."""
+        return brokers.addresses(str(self.amqp_url), self.amqp_hosts)
 
     def reconnect_pause(self, n: int) -> float:
         """Pause before reconnecting after the n-th connection in a row that died young (the
@@ -187,12 +202,9 @@ def _problems(s: Settings) -> list[str]:
     if s.pbx_mode == "client":
         pbx = URL(s.pbx_url)
         if pbx.scheme not in ("ws", "wss") or not pbx.host:
-            out.append(f"EPSIGNAL_PBX_URL {_shown(pbx)!r} is not a ws:// or wss:// URL with a host "
+            out.append(f"EPSIGNAL_PBX_URL {brokers.shown(s.pbx_url)!r} is not a ws:// or wss:// URL with a host "
                        "(the PBX's AppWebsocket, e.g. wss://pbx.example.com/PBX0/APPS/websocket)")
-    amqp = URL(str(s.amqp_url))
-    if amqp.scheme not in ("amqp", "amqps") or not amqp.host:
-        out.append(f"EPSIGNAL_AMQP_URL {_shown(amqp)!r} is not an amqp:// or amqps:// URL with a host "
-                   "(e.g. amqp://user:password@rabbitmq:5672/vhost)")
+    out += brokers.problems(str(s.amqp_url), s.amqp_hosts)
     kinds = s.event_kind_list
     if not kinds or set(kinds) - set(KINDS):
         out.append(f"EPSIGNAL_EVENT_KINDS {s.event_kinds!r}: each kind must be one of {', '.join(KINDS)}")
@@ -205,13 +217,6 @@ def _problems(s: Settings) -> list[str]:
         if not host or not port.isdigit() or int(port) > 65535:
             out.append(f"EPSIGNAL_PBX_LISTEN {s.pbx_listen!r} is not host:port (e.g. 0.0.0.0:8090)")
     return out
-
-
-def _shown(url) -> str:
-    """A URL for an error message: credentials masked, everything else as given."""
-    if url.user or url.password:
-        url = url.with_user("***").with_password("***" if url.password else None)
-    return str(url)
 
 
 def _env_name(text: str) -> str:

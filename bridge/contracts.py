@@ -622,7 +622,7 @@ def asyncapi(schemas: dict[str, dict]) -> dict:
         else:
             channels[ch_id]["x-epsignal-queue"] = {
                 "name": COMMANDS_QUEUE, "durable": True, "bindingKey": "#",
-                "arguments": {"x-dead-letter-exchange": DEAD_EXCHANGE}}
+                "arguments": {"x-queue-type": DEFAULTS.queue_type, "x-dead-letter-exchange": DEAD_EXCHANGE}}
             operations["receive" + mid[0].upper() + mid[1:]] = {
                 "action": "receive", "channel": {"$ref": f"#/channels/{ch_id}"},
                 "summary": f"The bridge carries out {b.name} commands, one at a time per device, "
@@ -647,7 +647,8 @@ def asyncapi(schemas: dict[str, dict]) -> dict:
         "messages": {"deadLetter": {"$ref": "#/components/messages/deadLetter"}},
         "parameters": {"key": {"$ref": "#/components/parameters/key"}},
         "bindings": _exchange(DEAD_EXCHANGE),
-        "x-epsignal-queue": {"name": DEAD_QUEUE, "durable": True, "bindingKey": "#"},
+        "x-epsignal-queue": {"name": DEAD_QUEUE, "durable": True, "bindingKey": "#",
+                             "arguments": {"x-queue-type": DEFAULTS.queue_type}},
     }
     operations["publishDeadLetter"] = {
         "action": "send", "channel": {"$ref": "#/channels/deadLetter"},

@@ -82,6 +82,15 @@ class LeaseSnapshot(msgspec.Struct, frozen=True):
     wanted_detached: int
 
 
+class BrokerSnapshot(msgspec.Struct, frozen=True):
+    """The broker the link is connected to: its address (``host:port``), and the cluster name
+    and version it reports."""
+
+    address: str
+    cluster: str
+    version: str
+
+
 class Snapshot(msgspec.Struct, frozen=True):
     """What the bridge's metrics read at a scrape, made by ``Bridge.snapshot()``: the collector
     knows this Struct, not the bridge's parts."""
@@ -91,6 +100,7 @@ class Snapshot(msgspec.Struct, frozen=True):
     broker_blocked: bool
     broker_blocks: int
     broker_reconnects: int
+    broker_failovers: int
     pbx_reconnects: int
     login_failures: int
     events: dict[str, int]
@@ -101,6 +111,7 @@ class Snapshot(msgspec.Struct, frozen=True):
     held_by_nacks: int
     unflushed: int
     commands: dict[tuple[str, str], int]
+    broker: BrokerSnapshot | None = None
     leases: LeaseSnapshot | None = None
 
 
@@ -120,6 +131,15 @@ class BridgeCollector:
                                 value=b.sessions.get("attached", 0))
         yield GaugeMetricFamily("epsignal_broker_connected", "1 when the broker link is up",
                                 value=int(b.broker_connected))
+        info = GaugeMetricFamily("epsignal_broker_info", "1 for the broker address the link is connected "
+                                 "to, with the cluster name and version the broker reports",
+                                 labels=["address", "cluster", "version"])
+        if b.broker is not None:
+            info.add_metric([b.broker.address, b.broker.cluster, b.broker.version], 1)
+        yield info
+        yield CounterMetricFamily("epsignal_broker_failovers", "Connections made to another broker "
+                                  "address than the previous connection's", value=b.broker_failovers)
+
         yield GaugeMetricFamily("epsignal_broker_blocked",
                                 "1 while the broker blocks publishing (connection.blocked: memory or disk alarm)",
                                 value=int(b.broker_blocked))

@@ -22,7 +22,8 @@ from bridge.amqp.publisher import EventPublisher
 from bridge.config import Settings
 from bridge.device import Device
 from bridge.events import AttachInfo, EventFactory, Outgoing
-from bridge.metrics import LeaseSnapshot, Snapshot
+from bridge.brokers import endpoint
+from bridge.metrics import BrokerSnapshot, LeaseSnapshot, Snapshot
 from bridge.pbx.client import ClientPbx
 from bridge.pbx.mode import AttachFailed, CannotDetach, Pbx
 from bridge.pbx.server import PbxServer
@@ -153,7 +154,10 @@ class Bridge:
         return Snapshot(
             sessions=self.session_states(), broker_connected=link.ready,
             broker_blocked=link.blocked is not None, broker_blocks=link.blocks,
-            broker_reconnects=link.reconnects, pbx_reconnects=self.pbx.reconnects,
+            broker_reconnects=link.reconnects, broker_failovers=link.failovers,
+            broker=BrokerSnapshot(endpoint(link.address), str(link.server.get("cluster_name", "")),
+                                  str(link.server.get("version", "")))
+            if link.ready and link.address else None, pbx_reconnects=self.pbx.reconnects,
             login_failures=self.pbx.login_failures,
             events={"published": ps.published, "confirmed": ps.confirmed, "returned": ps.returned,
                     "failed": ps.failed, "nacked": ps.nacked, "made": bs.appended},
@@ -170,13 +174,16 @@ class Bridge:
     def not_ready_reasons(self) -> list[str]:
         reasons = []
         if not self.link.ready:
-            reasons.append("broker not connected")
+            err = self.link.last_error
+            reasons.append(f"broker not connected: {err}" if err else "broker not connected")
         elif self.link.blocked is not None:
             reasons.append(f"broker blocks publishing ({self.link.blocked}): "
                            f"{len(self.publisher.buffer)} events buffered")
         elif (stalled := self.publisher.stalled_s()) > self.s.publish_timeout_s:
             reasons.append(f"broker confirms nothing: {len(self.publisher.buffer)} events waiting "
                            f"for {stalled:.0f}s")
+        if self.leases is not None and self.leases.problem:
+            reasons.append(self.leases.problem)
         return reasons + self.pbx.problems()
 
     def _device(self, hw: str) -> Device:
@@ -196,6 +203,9 @@ class Bridge:
         ev = self.factory.detached(hw, reason)
         if ev is not None:
             self.emit(ev)
+
+    def running(self) -> list[str]:
+        return list(self.pbx.runners)
 
     def idle(self, hw: str) -> bool:
         r = self.pbx.runners.get(hw)

@@ -179,7 +179,7 @@ async def tail(settings: Settings, patterns: list[str], *, raw: bool = False, li
     colour = hasattr(out, "isatty") and out.isatty() and not os.environ.get("NO_COLOR")
     own = conn is None
     if own:
-        conn = await connect(str(settings.amqp_url))
+        conn = await connect(settings.broker_addresses()[0])
     try:
         ch = await conn.channel()
         ex = await ch.declare_exchange(settings.events_exchange, aio_pika.ExchangeType.TOPIC, durable=True)
@@ -197,9 +197,9 @@ async def tail(settings: Settings, patterns: list[str], *, raw: bool = False, li
                 if limit is not None and n >= limit:
                     return
         if conn.is_closed:
-            raise ToolError(f"lost the {describe_broker(str(settings.amqp_url))}")
+            raise ToolError(f"lost the {describe_broker(settings.broker_addresses()[0])}")
     except (aiormq.exceptions.AMQPError, ConnectionError) as e:
-        raise ToolError(f"lost the {describe_broker(str(settings.amqp_url))}: "
+        raise ToolError(f"lost the {describe_broker(settings.broker_addresses()[0])}: "
                         f"{type(e).__name__}") from None
     finally:
         if own:
@@ -212,7 +212,7 @@ async def send(settings: Settings, hw: str, verb: str, body: str | bytes, *, tim
 
     Never declares anything: a missing commands exchange (no bridge ever ran against this
     broker and vhost) and a command no queue takes are :class:`ToolError` at once."""
-    url = str(settings.amqp_url)
+    url = settings.broker_addresses()[0]
     conn = await connect(url)
     async with conn:
         ch = await conn.channel(on_return_raises=True)

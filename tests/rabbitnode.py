@@ -83,6 +83,11 @@ class RabbitNode:
         """Raise (or clear) the memory alarm: the node blocks publishing connections."""
         self.ctl("set_vm_memory_high_watermark", "0.000001" if on else "0.4")
 
+    def kill(self) -> None:
+        """SIGKILL the node (a node that dies); :meth:`stop` still cleans up."""
+        pid = (self.dir / "pid").read_text().strip()
+        subprocess.run(["kill", "-9", pid], check=False)
+
     def stop(self) -> None:
         try:
             self.ctl("stop", str(self.dir / "pid"), timeout=60)

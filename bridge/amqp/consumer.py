@@ -68,8 +68,8 @@ class CommandConsumer:
         await ch.set_qos(prefetch_count=self.s.prefetch)
         self._channel = ch
         (await ch.get_underlay_channel()).on_consumer_cancel_callbacks.add(self._on_cancelled)
+        await self._consume(topo)  # a failed declare fails the connect: the link retries, says why
         ch.close_callbacks.add(lambda _c, exc: self._channel_closed(conn, exc))
-        await self._consume(topo)
 
     async def _consume(self, topo: Topology) -> None:
         q = await declare_commands_queue(self._channel, self.s, topo)

@@ -23,6 +23,11 @@ and wait in the queue while nobody holds it.
   channel is opened again (on the same connection if it lives) and the replica lines up again.
 - Consumer timeout: a held token is replaced by a new delivery (``renew``) every ``RENEW_S``,
   well within RabbitMQ's ``consumer_timeout`` (30 min by default), so the timeout never fires.
+- Delivery limit (quorum queues): every hand-on and lost channel gives the token back, and the
+  queue counts it (``x-delivery-count``); RabbitMQ 4 dead-letters a message given back 20 times.
+  A token given back ``RENEW_RETURNS`` times is renewed at once (the fresh copy counts from 0),
+  so the limit never takes it. (``x-delivery-limit: -1``, "no limit" on RabbitMQ 4, drops a
+  message at its first return on 3.10, so no argument does it on every version.)
 
 Who owns what is decided by :class:`bridge.leases.Lease` (the state machine, with the invariant);
 this module only carries out its actions and feeds the broker's answers back.
@@ -58,6 +63,14 @@ log = logging.getLogger("bridge.leases")
 #: the lease queue's message TTL counts from the publish, so a token handed on must be young
 #: (bridge.amqp.topology.LEASE_COMMAND_TTL_S; never more than a fifth of it)
 RENEW_S = t.LEASE_COMMAND_TTL_S / 5
+#: a token given back this often (hand-ons, lost channels: the broker counts them in a quorum
+#: queue's x-delivery-count) is replaced by a fresh one at once: RabbitMQ 4 dead-letters a message
+#: returned 20 times (its default delivery limit; a policy may set less), and a lease queue
+#: without its token would be a device nobody can hold
+RENEW_RETURNS = 2
+#: with quorum queues: a token held for fewer heartbeats than this is not handed on (see
+#: LeaseManager._successor_in_line; a replica unheard for 2 beats is no longer preferred)
+HAND_ON_HELD_BEATS = 3
 #: a command that arrives before its device's token waits this long for it, then is requeued
 TOKEN_WAIT_S = 2.0
 #: a token that was someone else's (redelivered: handed on, or its holder died) starts the
@@ -101,6 +114,7 @@ class Owner(Protocol):
     async def released(self, hw: str, reason: str) -> None: ...  # stop it (detached event)
     def idle(self, hw: str) -> bool: ...               # no call, no command in progress
     def not_attached(self, hw: str, reason: str) -> None: ...  # held, wanted detached (event)
+    def running(self) -> list[str]: ...                # the devices whose runner runs here
 
 
 class LeaseManager:
@@ -145,6 +159,8 @@ class LeaseManager:
         self._stopping = False
         self.handed_on = 0
         self.channels_lost = 0
+        #: a lease queue the broker refused to declare (other arguments), for readiness
+        self.problem: str | None = None
         link.on_ready(self._start)
 
     # ------------------------------------------------------------------ views
@@ -186,7 +202,8 @@ class LeaseManager:
         ch.on_consumer_cancel_callbacks.add(self._on_cancel)
         presence = t.presence_exchange(self.s)
         await ch.exchange_declare(presence, exchange_type="fanout", durable=True)
-        q = (await ch.queue_declare("", exclusive=True, auto_delete=True)).queue
+        q = (await ch.queue_declare("", exclusive=True, auto_delete=True,  # never quorum: exclusive
+                                    arguments={"x-queue-type": "classic"})).queue
         await ch.queue_bind(q, presence)
         await ch.basic_consume(q, self._on_presence, no_ack=True)
         self.epoch += 1
@@ -435,13 +452,13 @@ class LeaseManager:
                     ready, consumers = await t.declare_lease_queue(ch, self.s, hw)
                 self._declared.add(hw)
                 return ready, consumers
-            except aiormq.exceptions.ChannelPreconditionFailed as e:
+            except (aiormq.exceptions.ChannelPreconditionFailed, t.QueueMismatch) as e:
                 if hw not in self._mismatch:
                     self._mismatch.add(hw)
                     log.warning("device %s: lease queue %s exists with other arguments (%s); used as "
-                                "it is, without expiry: delete it when the device is idle (`leases "
-                                "reset %s`) and the bridge makes it anew", hw, t.lease_queue(self.s, hw),
-                                e, hw)
+                                "it is, without this version's expiry or queue type: delete it when "
+                                "the device is idle (`leases reset %s`) and the bridge makes it anew",
+                                hw, t.lease_queue(self.s, hw), e, hw)
         raise AssertionError("unreachable")
 
     async def _cancel(self, lease: Lease, a: Cancel) -> None:
@@ -477,6 +494,11 @@ class LeaseManager:
             self._wake.clear()
             try:
                 await self._reconcile()
+                self.problem = None
+            except t.QueueMismatch as e:  # said once; the round is tried again (a fix takes effect)
+                if str(e) != self.problem:
+                    log.error("%s", e)
+                self.problem = str(e)
             except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as e:
                 log.debug("lease round interrupted: %s", e)  # the channel comes back; redone then
             except Exception:
@@ -490,7 +512,7 @@ class LeaseManager:
         if self.members.expire(now):
             log.info("replicas: %s", ", ".join(self.members.live))
         # the safety net of the invariant: a runner the state machine does not allow is stopped
-        for hw in list(getattr(self.owner, "runners", {})):
+        for hw in self.owner.running():
             if not self.runs(hw) and hw not in self._stopping_runner and hw not in self._starting:
                 log.warning("device %s: runner without its lease; detaching", hw)
                 self._spawn(self.owner.released(hw, "lease-lost"))
@@ -523,12 +545,25 @@ class LeaseManager:
                     # only to a replica in line: a second consumer on the queue (a replica just
                     # SIGKILLed may still be "heard lately", but its consumers are gone at once)
                     checked += 1
-                    ok = await ch.queue_declare(t.lease_queue(self.s, hw), passive=True)
-                    if ok.consumer_count >= 2 and lease.holding and self.owner.idle(hw) and self.epoch == epoch:
+                    if (await self._successor_in_line(ch, hw, lease, now) and lease.holding
+                            and self.owner.idle(hw) and self.epoch == epoch):
                         moving += 1  # a few at a time: a misjudged member set moves little
                         await self._do(lease, lease.release(), "lease-moved")
-                elif lease.token is not None and now - lease.token.at > min(RENEW_S, t.LEASE_COMMAND_TTL_S / 5):
+                elif lease.token is not None and now - lease.token.at > RENEW_S:
                     await self._do(lease, lease.renew())
+
+    async def _successor_in_line(self, ch: aiormq.abc.AbstractChannel, hw: str, lease: Lease,
+                                 now: float) -> bool:
+        """A hand-on goes only to a replica standing in line: a replica SIGKILLed a moment ago
+        may still count as heard lately, but its consumers are gone at once. A classic queue
+        counts the consumers in line (a passive declare shows a second one); a quorum queue
+        counts only its active consumer, so there a token held for less than
+        ``HAND_ON_HELD_BEATS`` heartbeats (just taken over from a replica that died, which by
+        then is no longer heard lately) is not handed on."""
+        if self.s.queue_type == "classic":
+            ok = await ch.queue_declare(t.lease_queue(self.s, hw), passive=True)
+            return ok.consumer_count >= 2
+        return lease.token is not None and now - lease.token.at >= HAND_ON_HELD_BEATS * self.s.lease_heartbeat_s
 
     # ------------------------------------------------------------------ deliveries
     async def _on_deliver(self, msg: aiormq.abc.DeliveredMessage) -> None:
@@ -558,6 +593,8 @@ class LeaseManager:
                 ev = self._token_arrived.pop(hw, None)
                 if ev is not None:
                     ev.set()
+                if _returns(msg) >= RENEW_RETURNS:  # before a delivery limit can take it
+                    await self._do(lease, lease.renew())
             return
         for retry in (False, True):
             acts = lease.command(epoch, ctag, msg.delivery_tag, retry=retry)
@@ -747,3 +784,10 @@ class LeaseRetirer:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+
+
+def _returns(msg: aiormq.abc.DeliveredMessage) -> int:
+    """How often the broker says this message was given back (quorum queues; 0 elsewhere)."""
+    headers = msg.header.properties.headers or {}
+    count = headers.get("x-delivery-count", 0)
+    return count if isinstance(count, int) else 0

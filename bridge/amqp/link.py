@@ -11,6 +11,17 @@ waits against it, so nothing waits on a connection that is gone (the publisher c
 drain). RabbitMQ's ``connection.blocked`` / ``unblocked`` (a memory or disk alarm) are followed
 in :attr:`blocked`: the broker is there but takes no publishes; nothing is written meanwhile and
 the watchdog does not mistake the silence for a dead broker.
+
+The broker may have several addresses (the nodes of a cluster: EPSIGNAL_AMQP_URL as a list, or
+EPSIGNAL_AMQP_HOSTS; :mod:`bridge.brokers`). The link tries them in turn: a failed attempt moves
+on to the next address after a short random pause, and only a whole round of failures backs off
+exponentially (tenacity, with jitter), so a dead node is not retried while another one may
+answer; a connection lost moves on to the next address too (its node may be the one that died).
+Which address it is on, and the cluster and version the broker reports, are logged and in
+:attr:`address` / :attr:`server` (metric ``epsignal_broker_info``); moves to another address are
+counted in :attr:`failovers`. A queue that exists with other arguments (:class:`QueueMismatch`)
+is logged once as an ERROR saying what to do, and stays in :attr:`last_error` (readiness) while
+the link retries.
 """
 
 from __future__ import annotations
@@ -19,13 +30,15 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from types import SimpleNamespace
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection
-from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter, wait_fixed
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter, wait_fixed, wait_random
 from yarl import URL
 
-from bridge.amqp.topology import Topology, declare_exchanges
+from bridge import brokers
+from bridge.amqp.topology import QueueMismatch, Topology, declare_exchanges
 from bridge.config import Settings
 from bridge.tls import client_context
 
@@ -35,9 +48,11 @@ ReadyHook = Callable[[AbstractConnection, Topology], Awaitable[None]]
 
 #: while hurrying (a stop with events to flush): the broker is tried again this often
 HURRY_RETRY_S = 0.25
+#: the longest pause before trying the next address of a round (random, from 0)
+NEXT_ADDRESS_S = 0.25
 
 
-def redact(url: str) -> str:
+def redact(url: str | None) -> str:
     """The URL without its password, for log lines."""
     u = URL(str(url))
     return str(u.with_password("***")) if u.password else str(u)
@@ -46,7 +61,18 @@ def redact(url: str) -> str:
 class BrokerLink:
     def __init__(self, settings: Settings) -> None:
         self.s = settings
-        self._ssl = client_context(settings.amqp_ca_file) if str(settings.amqp_url).startswith("amqps:") else None
+        #: the broker's addresses, tried in turn from :attr:`_next`
+        self.addresses = settings.broker_addresses()
+        self._next = 0
+        #: the address of the current connection, and what the broker said of itself
+        self.address: str | None = None
+        self.server: dict = {}
+        self.failovers = 0
+        self._last_address: str | None = None
+        #: why the last attempt failed (None once connected)
+        self.last_error: str | None = None
+        self._ssl = (client_context(settings.amqp_ca_file)
+                     if any(a.startswith("amqps:") for a in self.addresses) else None)
         self.connection: AbstractConnection | None = None
         self.channel: AbstractChannel | None = None  # publisher confirms on
         self.topology: Topology | None = None
@@ -104,9 +130,18 @@ class BrokerLink:
             pass
 
     def _wait(self, base):
-        hurry = self._hurry
-        fixed = wait_fixed(HURRY_RETRY_S)
-        return lambda rs: fixed(rs) if hurry.is_set() else base(rs)
+        """Within a round of the addresses a short random pause, after a round ``base`` (by round
+        number); while hurrying, :data:`HURRY_RETRY_S`."""
+        hurry, n = self._hurry, len(self.addresses)
+        fixed, between = wait_fixed(HURRY_RETRY_S), wait_random(0, NEXT_ADDRESS_S)
+
+        def wait(rs) -> float:
+            if hurry.is_set():
+                return fixed(rs)
+            if rs.attempt_number % n:
+                return between(rs)
+            return base(SimpleNamespace(attempt_number=rs.attempt_number // n))
+        return wait
 
     def _on_blocked(self, reason) -> None:
         if isinstance(reason, bytes):
@@ -124,11 +159,17 @@ class BrokerLink:
         self._unblocked.set()
 
     async def _connect_once(self) -> asyncio.Future:
+        """Connect to the next address (the one after it next time, should this fail)."""
+        url = self.addresses[self._next % len(self.addresses)]
         kw = dict(heartbeat=self.s.heartbeat_s, timeout=10, client_properties={
             "connection_name": f"epsignal-bridge {self.s.instance_id}"})
-        if self._ssl is not None:
+        if url.startswith("amqps:"):
             kw["ssl_context"] = self._ssl
-        conn = await aio_pika.connect(str(self.s.amqp_url), **kw)
+        try:
+            conn = await aio_pika.connect(url, **kw)
+        except BaseException:
+            self._next += 1
+            raise
         try:
             lost: asyncio.Future = asyncio.get_running_loop().create_future()
             lost.add_done_callback(lambda _f: self._ready.clear())  # not ready the same moment
@@ -141,9 +182,13 @@ class BrokerLink:
             topo = await declare_exchanges(ch, self.s)
             for hook in self._hooks:
                 await hook(conn, topo)
-        except BaseException:
+        except BaseException as e:
+            self._next += 1
+            self._failed(e)
             await conn.close()
             raise
+        self.address, self.last_error = url, None
+        self.server = dict(conn.transport.connection.server_properties or {})
         self.connection, self.channel, self.topology = conn, ch, topo
         self.lost = lost
         self.heard_at = time.monotonic()
@@ -160,9 +205,7 @@ class BrokerLink:
                 sleep=self._sleep,
                 retry=retry_if_exception_type(Exception),
                 stop=lambda _rs: self._closing,
-                before_sleep=lambda rs: log.warning(
-                    "broker %s unreachable (%s), retry in %.1fs", redact(self.s.amqp_url),
-                    _reason(rs.outcome.exception()), rs.next_action.sleep),
+                before_sleep=self._before_sleep,
                 reraise=True,
             )
             try:
@@ -179,7 +222,11 @@ class BrokerLink:
             if not first:
                 self.reconnects += 1
             first = False
-            log.info("broker connected: %s", redact(self.s.amqp_url))
+            if self._last_address is not None and self.address != self._last_address:
+                self.failovers += 1
+            self._last_address = self.address
+            log.info("broker connected: %s (cluster %s, RabbitMQ %s)", redact(self.address),
+                     self.server.get("cluster_name", "?"), self.server.get("version", "?"))
             if not lost.done():
                 self._ready.set()
             watchdog = asyncio.create_task(self._watchdog(lost))
@@ -193,9 +240,32 @@ class BrokerLink:
             if not self._closing:
                 short_lived = short_lived + 1 if loop.time() - started < self.s.reconnect_max_s else 0
                 pause = HURRY_RETRY_S if self._hurry.is_set() else self.s.reconnect_pause(short_lived)
-                log.warning("broker connection lost: %s; reconnecting in %.1fs", _reason(exc), pause)
+                log.warning("broker connection lost (%s): %s; reconnecting in %.1fs",
+                            brokers.endpoint(self.address), _reason(exc), pause)
+                self.last_error = f"connection to {brokers.endpoint(self.address)} lost: {_reason(exc)}"
+                self.address = None
+                self._next += 1  # its node may be the one that died: another one first
                 await self._close_conn()
                 await self._sleep(pause)
+
+    def _failed(self, e: BaseException) -> None:
+        """A connected attempt failed after the connection opened (declaring the topology): a
+        queue with other arguments is an ERROR, once for each new reason."""
+        if isinstance(e, QueueMismatch):
+            if str(e) != self.last_error:
+                log.error("broker %s: %s", redact(self.addresses[(self._next - 1) % len(self.addresses)]), e)
+            self.last_error = str(e)
+
+    def _before_sleep(self, rs) -> None:
+        e = rs.outcome.exception()
+        failed = self.addresses[(self._next - 1) % len(self.addresses)]
+        nxt = self.addresses[self._next % len(self.addresses)]
+        if isinstance(e, QueueMismatch):  # said once, as an ERROR (_failed)
+            log.debug("broker %s: %s; retry in %.1fs", redact(failed), e, rs.next_action.sleep)
+            return
+        self.last_error = f"{brokers.endpoint(failed)}: {_reason(e)}"
+        log.warning("broker %s unreachable (%s), %s in %.1fs", redact(failed), _reason(e),
+                    "retry" if nxt == failed else f"trying {brokers.endpoint(nxt)}", rs.next_action.sleep)
 
     async def _watchdog(self, lost: asyncio.Future) -> None:
         """A broker that stops answering is noticed within the heartbeat interval: every half

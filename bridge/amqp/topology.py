@@ -22,13 +22,20 @@
       -> epsignal.commands.dead    durable queue, bound with "#"
 
 Names are settings (``EPSIGNAL_*_EXCHANGE`` / ``_QUEUE``); the unrouted and presence exchanges
-and the lease queues are named after them. Declaring is idempotent and runs on every
+and the lease queues are named after them. Every durable queue the bridge owns (commands, dead
+letters, lease queues) is of the type ``EPSIGNAL_QUEUE_TYPE`` (quorum by default: replicated over
+a cluster's nodes), its arguments made by :func:`queue_arguments` alone. The presence queues stay
+classic, exclusive and auto-delete (a replica's own, gone with its connection; a quorum queue
+cannot be exclusive). A queue that exists with other arguments (a classic queue from before, now
+quorum wanted) is refused by the broker (PRECONDITION_FAILED): :class:`QueueMismatch` says which
+queue, what it is, what is wanted and what to do. Declaring is idempotent and runs on every
 (re)connect, so a deleted queue or a restarted broker gets the topology back. Declare the
 commands exchange only through :func:`declare_commands_exchange` (its arguments must match).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -61,6 +68,59 @@ def lease_key(hw: str) -> str:
     return f"device.{word(hw)}.*"
 
 
+class QueueMismatch(ConnectionError):
+    """A queue exists with arguments other than the bridge's (RabbitMQ: PRECONDITION_FAILED,
+    inequivalent arg). The bridge keeps retrying, so a fix (the queue deleted, the setting
+    changed and the bridge restarted) takes effect by itself."""
+
+    def __init__(self, queue: str, arg: str, current: str, wanted: str) -> None:
+        self.queue, self.arg, self.current, self.wanted = queue, arg, current, wanted
+        if arg == "x-queue-type":
+            todo = (f"set EPSIGNAL_QUEUE_TYPE={current} to keep it, or migrate: stop the bridges, "
+                    f"let the queue drain, delete it (rabbitmqctl delete_queue {queue}) and start "
+                    "them again (docs/SCALING.md: changing the type of existing queues)")
+            what = f"is a {current} queue, EPSIGNAL_QUEUE_TYPE wants {wanted}"
+        else:
+            todo = "delete the queue (after draining it) for the bridge to declare it again"
+            what = f"has {arg} {current}, the bridge declares {wanted}"
+        super().__init__(f"queue {queue!r} {what}: {todo}")
+
+
+_INEQUIVALENT = re.compile(r"inequivalent arg '([^']+)' for queue '([^']*)'.*: received (.*) but current is (.*)$")
+
+
+def _value(text: str) -> str:
+    """``the value 'quorum' of type 'longstr'`` / ``'classic'`` / ``none`` -> quorum / classic / none."""
+    m = re.search(r"'([^']*)'", text)
+    return m.group(1) if m else text.strip().strip('"')
+
+
+def mismatch(exc: BaseException) -> QueueMismatch | None:
+    """The :class:`QueueMismatch` a PRECONDITION_FAILED of a queue declare means, else None."""
+    if not isinstance(exc, aiormq.exceptions.ChannelPreconditionFailed):
+        return None
+    m = _INEQUIVALENT.search(str(exc).rstrip('"'))
+    if m is None:
+        return None
+    arg, queue, received, current = m.groups()
+    current, wanted = _value(current), _value(received)
+    if arg == "x-queue-type" and current == "none":
+        current = "classic"  # declared without the argument: RabbitMQ's default type
+    return QueueMismatch(queue, arg, current, wanted)
+
+
+def queue_arguments(s: Settings, **extra) -> dict:
+    """The arguments of every durable queue the bridge owns: its type, and ``extra``."""
+    return {"x-queue-type": s.queue_type, **extra}
+
+
+async def _declare(ch: AbstractChannel, name: str, arguments: dict) -> AbstractQueue:
+    try:
+        return await ch.declare_queue(name, durable=True, arguments=arguments)
+    except aiormq.exceptions.ChannelPreconditionFailed as e:
+        raise (mismatch(e) or e) from None
+
+
 @dataclass
 class Topology:
     events: AbstractExchange
@@ -79,15 +139,13 @@ async def declare_exchanges(ch: AbstractChannel, s: Settings) -> Topology:
     events = await ch.declare_exchange(s.events_exchange, TOPIC, durable=True)
     commands = await declare_commands_exchange(ch, s)
     dead = await ch.declare_exchange(s.dead_exchange, TOPIC, durable=True)
-    dead_q = await ch.declare_queue(s.dead_queue, durable=True)
+    dead_q = await _declare(ch, s.dead_queue, queue_arguments(s))
     await dead_q.bind(dead, "#")
     return Topology(events=events, commands=commands, dead=dead)
 
 
 async def declare_commands_queue(ch: AbstractChannel, s: Settings, topo: Topology) -> AbstractQueue:
-    q = await ch.declare_queue(
-        s.commands_queue, durable=True, arguments={"x-dead-letter-exchange": s.dead_exchange}
-    )
+    q = await _declare(ch, s.commands_queue, queue_arguments(s, **{"x-dead-letter-exchange": s.dead_exchange}))
     if s.leases:  # what a lease queue takes must not come here too
         await q.unbind(topo.commands, "#")
         await q.bind(unrouted_exchange(s))
@@ -112,9 +170,12 @@ LEASE_QUEUE_EXPIRES_S = 900
 async def declare_lease_queue(ch: aiormq.abc.AbstractChannel, s: Settings, hw: str) -> tuple[int, int]:
     """Declare ``hw``'s lease queue and its binding; (messages ready, consumers) in it.""" 
     name = lease_queue(s, hw)
-    ok = await ch.queue_declare(name, durable=True, arguments={
-        "x-single-active-consumer": True, "x-dead-letter-exchange": s.dead_exchange,
-        "x-message-ttl": int(LEASE_COMMAND_TTL_S * 1000), "x-expires": int(LEASE_QUEUE_EXPIRES_S * 1000)})
+    try:
+        ok = await ch.queue_declare(name, durable=True, arguments=queue_arguments(s, **{
+            "x-single-active-consumer": True, "x-dead-letter-exchange": s.dead_exchange,
+            "x-message-ttl": int(LEASE_COMMAND_TTL_S * 1000), "x-expires": int(LEASE_QUEUE_EXPIRES_S * 1000)}))
+    except aiormq.exceptions.ChannelPreconditionFailed as e:
+        raise (mismatch(e) or e) from None
     await ch.queue_bind(name, s.commands_exchange, lease_key(hw), nowait=True)
     return ok.message_count, ok.consumer_count
 

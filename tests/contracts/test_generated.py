@@ -271,7 +271,7 @@ def test_asyncapi_describes_every_key_exchange_and_parameter():
             )
     assert len([o for o in ops.values() if o["action"] == "receive"]) == 3
     queue = doc["channels"]["signalingCommand"]["x-epsignal-queue"]
-    assert queue["arguments"] == {"x-dead-letter-exchange": "epsignal.dead"}
+    assert queue["arguments"] == {"x-queue-type": "quorum", "x-dead-letter-exchange": "epsignal.dead"}
     headers = doc["components"]["schemas"]
     for h in ("traceparent", "tracestate"):
         assert (
