@@ -465,7 +465,7 @@ async def leases_reset(settings: Settings, hws: list[str]) -> list[str]:
             refused = 0
             if state[1] == 0:  # nobody consumes it: what waits can be taken and refused
                 dead = await ch.get_exchange(settings.dead_exchange, ensure=False)
-                while (msg := await q.get(no_ack=False, fail=False)) is not None:
+                async for msg in topology.take_waiting(q, state[0]):
                     if msg.type != topology.LEASE_TOKEN:
                         headers = dict(msg.headers or {})
                         headers["x-epsignal-error"] = f"lease of {hw} reset by an operator; not carried out"

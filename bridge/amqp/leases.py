@@ -714,47 +714,48 @@ class LeaseRetirer:
         self.pending = set(devices)
         self._refuse = refuse
         self._task: asyncio.Task | None = None
-        self._ch: aio_pika.abc.AbstractChannel | None = None
         self._left: set[str] = set()  # in use by a replica with leases on (said once)
         self.retired = 0
         self.refused = 0
         link.on_ready(self._start)
 
     async def _start(self, conn: AbstractConnection, topo: t.Topology) -> None:
-        if self._task is not None:  # a pass on the previous connection: this one takes over
-            self._task.cancel()
+        old, self._task = self._task, None
+        if old is not None:  # a pass on the previous connection: ended before this one begins
+            old.cancel()
+            await asyncio.gather(old, return_exceptions=True)
         if self.pending:
             self._task = asyncio.create_task(self._run(conn), name="lease retirer")
 
-    async def _channel(self, conn: AbstractConnection) -> aio_pika.abc.AbstractChannel:
-        if self._ch is None or self._ch.is_closed:
-            self._ch = await conn.channel()
-        return self._ch
-
     async def _run(self, conn: AbstractConnection) -> None:
+        """One pass, on a channel of its own (a passive declare of a missing queue closes it:
+        opened again, never shared with a pass that may be ending)."""
+        ch = None
         try:
+            ch = await conn.channel()
             try:
-                await (await self._channel(conn)).declare_exchange(t.presence_exchange(self.s), passive=True)
+                await ch.declare_exchange(t.presence_exchange(self.s), passive=True)
             except aiormq.exceptions.ChannelNotFoundEntity:
                 self.pending.clear()  # leases never ran against this broker and vhost
                 return
             while self.pending and not conn.is_closed:
                 for hw in sorted(self.pending):
-                    if await self._retire(conn, hw):
+                    if ch.is_closed:
+                        ch = await conn.channel()
+                    if await self._retire(ch, hw):
                         self.pending.discard(hw)
                 if self.pending:
                     await asyncio.sleep(RETIRE_EVERY_S)
         except (aiormq.exceptions.AMQPError, ConnectionError) as e:
             log.debug("retiring lease queues interrupted (%s); again at the next connection", e)
         finally:
-            if self._ch is not None and not self._ch.is_closed:
+            if ch is not None and not ch.is_closed:
                 with contextlib.suppress(Exception):
-                    await self._ch.close()
+                    await ch.close()
 
-    async def _retire(self, conn: AbstractConnection, hw: str) -> bool:
+    async def _retire(self, ch: aio_pika.abc.AbstractChannel, hw: str) -> bool:
         """True when ``hw`` has no lease queue any more."""
         name = t.lease_queue(self.s, hw)
-        ch = await self._channel(conn)
         try:
             q = await ch.declare_queue(name, passive=True)
         except aiormq.exceptions.ChannelNotFoundEntity:
@@ -766,7 +767,7 @@ class LeaseRetirer:
                          "left to it (looked at again every %gs)", hw, RETIRE_EVERY_S)
             return False
         await q.unbind(self.s.commands_exchange, t.lease_key(hw))
-        while (msg := await q.get(no_ack=False, fail=False)) is not None:
+        async for msg in t.take_waiting(q, q.declaration_result.message_count):
             if msg.type == t.LEASE_TOKEN:
                 await msg.ack()
                 continue

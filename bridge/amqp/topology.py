@@ -35,6 +35,7 @@ commands exchange only through :func:`declare_commands_exchange` (its arguments 
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -178,6 +179,23 @@ async def declare_lease_queue(ch: aiormq.abc.AbstractChannel, s: Settings, hw: s
         raise (mismatch(e) or e) from None
     await ch.queue_bind(name, s.commands_exchange, lease_key(hw), nowait=True)
     return ok.message_count, ok.consumer_count
+
+
+async def take_waiting(queue: AbstractQueue, count: int, wait_s: float = 2.0):
+    """The ``count`` messages waiting in ``queue`` (a passive declare's count), one by one, for
+    the caller to ack. Consumed, not fetched: a quorum queue with a single active consumer (a
+    lease queue) refuses basic.get. Ends early when one does not come within ``wait_s`` (it
+    expired meanwhile)."""
+    if count <= 0:
+        return
+    async with queue.iterator() as messages:
+        for _ in range(count):
+            try:
+                async with asyncio.timeout(wait_s):
+                    msg = await anext(messages)
+            except TimeoutError:
+                return
+            yield msg
 
 
 async def delete(conn: AbstractConnection, exchanges: Iterable[str], queues: Iterable[str]) -> None:

@@ -84,8 +84,12 @@ async def test_sigterm_finishes_commands_flushes_events_and_closes_sessions(sim,
             assert r["ok"] is True and r["hw"] == hw, r
         await asyncio.sleep(0.5)
         assert not any(c in replies.by_id for c in late)
-        left = rabbitmq_queue(names["commands_queue"])
-        assert left == {"ready": 3, "unacked": 0, "consumers": 0}, left
+        # rabbitmqctl shows a quorum queue's counts as its leader last reported them (every few
+        # seconds): wait for the report after the stop, then it must be exactly this
+        want = {"ready": 3, "unacked": 0, "consumers": 0}
+        left = await eventually(lambda: (lambda c: c if c == want else None)(
+            rabbitmq_queue(names["commands_queue"])), 15, "the late commands waiting", interval=0.5)
+        assert left == want, left
 
         # the PBX sessions were closed: nothing attached, nothing logged in
         await eventually(lambda: sim.stats()["attached_devices"] == 0 and sim.stats()["sessions"] == 0, 5,

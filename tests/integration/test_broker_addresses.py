@@ -49,7 +49,7 @@ async def test_the_bridge_moves_on_from_a_dead_address_and_from_a_node_that_dies
         short = a.name.split("@")[0]  # the cluster name is node@host (the machine's name)
         assert any(f"broker connected: amqp://guest:***@127.0.0.1:{a.port}/ (cluster {short}@"
                    in r.getMessage() for r in caplog.records)
-        page = render(registry_for(bridge)).decode()
+        page = render(registry_for(bridge.snapshot)).decode()
         assert f'epsignal_broker_info{{address="127.0.0.1:{a.port}",cluster="{short}@' in page
 
         before = len(attempts)
@@ -62,7 +62,7 @@ async def test_the_bridge_moves_on_from_a_dead_address_and_from_a_node_that_dies
               "attempts at the dead address meanwhile")
         assert bridge.link.address == b.url and bridge.link.failovers == 1
         assert len(attempts) - before <= 1, "the dead address was hammered"
-        assert "epsignal_broker_failovers_total 1.0" in render(registry_for(bridge)).decode()
+        assert "epsignal_broker_failovers_total 1.0" in render(registry_for(bridge.snapshot)).decode()
         assert not any("guest:guest" in r.getMessage() for r in caplog.records), "a password in the log"
         assert brokers.endpoint(b.url) in bridge.link.address
     finally:
