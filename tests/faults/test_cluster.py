@@ -36,6 +36,7 @@ import aio_pika
 import aiormq
 import pytest
 
+from bridge.amqp import topology
 from bridge.config import Settings
 from bridge.sim import PbxSimulator, SimConfig, hw_id
 from bridge.sim.traffic import random_scenario
@@ -212,25 +213,31 @@ async def test_two_replicas_on_a_cluster_whose_nodes_die(cluster, names, tmp_pat
         tasks += [asyncio.create_task(f()) for f in (calls, commands, collect)]
         await asyncio.sleep(3)
 
-        async def failover(tag: str, dead: rabbitnode.RabbitNode, t0: float) -> tuple[float, float]:
-            """Seconds from ``t0`` until replica ``tag`` says it is on another node, and until it
-            confirms events again."""
-            async def moved():
-                p = await page(tag)
-                port = broker_port(p)
-                return p if port is not None and port != dead.port else None
-            p = await eventually(moved, 30, f"replica {tag} on a surviving node", interval=0.02)
-            on = time.monotonic() - t0
-            confirmed = metric(p, "epsignal_events_total", outcome="confirmed")
-            await eventually(lambda: sim.stats()["calls_active"] > 0, 10, "a call")
-            await eventually(lambda: _more(page(tag), confirmed), 30, f"replica {tag} confirming again",
-                             interval=0.02)
-            return on, time.monotonic() - t0
+        def confirmed_in(p: str) -> float:
+            return metric(p, "epsignal_events_total", outcome="confirmed")
+
+        async def failover(tag: str, dead: rabbitnode.RabbitNode, t0: float, before: float) -> tuple[float, float]:
+            """Seconds from ``t0`` (the kill) until replica ``tag`` says it is on another node, and
+            until it has an event confirmed there (``before``: its confirmed count at the kill;
+            a page still naming the dead node raises it)."""
+            on = None
+            async with asyncio.timeout(30):
+                while True:
+                    p = await page(tag)
+                    port = broker_port(p)
+                    if port == dead.port:
+                        before = confirmed_in(p)
+                    elif port is not None:
+                        on = on or time.monotonic() - t0
+                        if confirmed_in(p) > before:
+                            return on, time.monotonic() - t0
+                    await asyncio.sleep(0.02)
 
         # 1. the node replica a is on dies
+        before = confirmed_in(await page("a"))
         t0 = time.monotonic()
         n1.kill()
-        first = await failover("a", n1, t0)
+        first = await failover("a", n1, t0, before)
         print(f"\nnode 1 SIGKILLed: replica a on port {broker_port(await page('a'))} after {first[0]:.2f}s, "
               f"confirming events again after {first[1]:.2f}s")
         assert broker_port(await page("b")) == n2.port, "replica b left a node that lives"
@@ -249,19 +256,32 @@ async def test_two_replicas_on_a_cluster_whose_nodes_die(cluster, names, tmp_pat
         # 3. the node leading the commands queue dies
         lead = await asyncio.to_thread(leader, n2, s.commands_queue)
         victim = next(n for n in cluster.nodes if n.name == lead)
-        on_victim = [tag for tag in ("a", "b") if broker_port(await page(tag)) == victim.port]
+        on_victim = {tag: confirmed_in(p) for tag in ("a", "b")
+                     if broker_port(p := await page(tag)) == victim.port}
         t2 = time.monotonic()
         victim.kill()
+        moving = asyncio.gather(*(failover(tag, victim, t2, c) for tag, c in on_victim.items()))
+        tasks.append(moving)
         await eventually(lambda: any(c in replies for c, at in list(sent.items()) if at > t2), 30,
                          "a reply to a command sent after the leader died")
         answered = time.monotonic() - t2
-        moved = {tag: await failover(tag, victim, t2) for tag in on_victim}
+        moved = dict(zip(on_victim, await moving))
         print(f"commands queue leader {lead} (node {cluster.nodes.index(victim) + 1}) SIGKILLed: a command "
               f"sent after it answered after {answered:.2f}s; replicas on it: "
               + (", ".join(f"{t} on another node after {v[0]:.2f}s, confirming after {v[1]:.2f}s"
                            for t, v in moved.items()) or "none"))
         await asyncio.sleep(3)
-        await eventually(lambda: sim.stats()["attached_devices"] == DEVICES, 30, "every device attached again")
+        try:
+            await eventually(lambda: sim.stats()["attached_devices"] == DEVICES, 30, "every device attached again")
+        except AssertionError as e:  # say what the unattached devices' lease queues hold
+            alive = next(n for n in cluster.nodes if n is not victim)
+            left = [hw for hw in devices if sim.devices[hw].session is None]
+            lease_qs = {topology.lease_queue(s, hw) for hw in left}
+            rows = [line for line in alive.ctl("list_queues", "-q", "--no-table-headers", "name", "leader",
+                                               "messages_ready", "messages_unacknowledged", "consumers").splitlines()
+                    if line.split()[0] in lease_qs]
+            raise AssertionError(f"{e}: unattached {left}; their lease queues (name leader ready unacked "
+                                 f"consumers): {rows}") from None
         second_gap = gap(t2, time.monotonic())
 
         # the end: no more traffic or commands; every reply, every event confirmed
@@ -330,6 +350,3 @@ async def test_two_replicas_on_a_cluster_whose_nodes_die(cluster, names, tmp_pat
         await client.close()
         await sim.stop()
 
-
-async def _more(page, than: float) -> bool:
-    return metric(await page, "epsignal_events_total", outcome="confirmed") > than
