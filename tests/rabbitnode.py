@@ -121,9 +121,6 @@ class RabbitCluster:
             raise RuntimeError(f"{running} of {len(self.nodes)} nodes running in the cluster")
         return self
 
-    def by_port(self, port: int) -> RabbitNode:
-        return next(node for node in self.nodes if node.port == port)
-
     def stop(self) -> None:
         with ThreadPoolExecutor(len(self.nodes)) as pool:
             list(pool.map(RabbitNode.stop, self.nodes))
