@@ -280,8 +280,15 @@ async def test_two_replicas_on_a_cluster_whose_nodes_die(cluster, names, tmp_pat
             rows = [line for line in alive.ctl("list_queues", "-q", "--no-table-headers", "name", "leader",
                                                "messages_ready", "messages_unacknowledged", "consumers").splitlines()
                     if line.split()[0] in lease_qs]
+            consumers = [line for line in alive.ctl("list_consumers", "-q", "--no-table-headers", "queue_name",
+                                                    "channel_pid", "active", "activity_status").splitlines()
+                         if line.split()[0] in lease_qs]
+            await asyncio.to_thread(victim.start)  # does the dead node's return free them?
+            await asyncio.sleep(15)
+            still = [hw for hw in left if sim.devices[hw].session is None]
             raise AssertionError(f"{e}: unattached {left}; their lease queues (name leader ready unacked "
-                                 f"consumers): {rows}") from None
+                                 f"consumers): {rows}; consumers (queue channel active status): {consumers}; "
+                                 f"15 s after the killed node was started again, unattached: {still}") from None
         second_gap = gap(t2, time.monotonic())
 
         # the end: no more traffic or commands; every reply, every event confirmed
