@@ -272,7 +272,7 @@ async def test_two_replicas_on_a_cluster_whose_nodes_die(cluster, names, tmp_pat
                            for t, v in moved.items()) or "none"))
         await asyncio.sleep(3)
         try:
-            await eventually(lambda: sim.stats()["attached_devices"] == DEVICES, 30, "every device attached again")
+            await eventually(lambda: sim.stats()["attached_devices"] == DEVICES, 20, "every device attached again")
         except AssertionError as e:  # say what the unattached devices' lease queues hold
             alive = next(n for n in cluster.nodes if n is not victim)
             left = [hw for hw in devices if sim.devices[hw].session is None]
@@ -284,11 +284,11 @@ async def test_two_replicas_on_a_cluster_whose_nodes_die(cluster, names, tmp_pat
                                                     "channel_pid", "active", "activity_status").splitlines()
                          if line.split()[0] in lease_qs]
             await asyncio.to_thread(victim.start)  # does the dead node's return free them?
-            await asyncio.sleep(15)
+            await asyncio.sleep(10)
             still = [hw for hw in left if sim.devices[hw].session is None]
             raise AssertionError(f"{e}: unattached {left}; their lease queues (name leader ready unacked "
                                  f"consumers): {rows}; consumers (queue channel active status): {consumers}; "
-                                 f"15 s after the killed node was started again, unattached: {still}") from None
+                                 f"10 s after the killed node was started again, unattached: {still}") from None
         second_gap = gap(t2, time.monotonic())
 
         # the end: no more traffic or commands; every reply, every event confirmed
