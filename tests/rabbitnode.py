@@ -3,7 +3,8 @@
 For what a TCP proxy cannot fake: a memory alarm (``connection.blocked``), a node that dies, a
 cluster. The node gets its own name, AMQP and distribution ports, and a temp dir for its config,
 data and logs, writable by the ``rabbitmq`` user the server script runs as. It starts in about
-10 s; ``stop()`` stops it and removes the dir.
+10 s; ``stop()`` stops it and removes the dir. :class:`RabbitCluster` joins several such nodes
+(they share the Erlang cookie of the ``rabbitmq`` user, /var/lib/rabbitmq/.erlang.cookie).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import socket
 import subprocess
 import tempfile
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 
@@ -64,6 +66,7 @@ class RabbitNode:
         adv = self.dir / "advanced.config"
         adv.write_text(f"[{{rabbit, [{self.advanced}]}}].\n")
         (self.dir / "enabled_plugins").write_text("[].\n")
+        (self.dir / "pid").unlink(missing_ok=True)  # a killed node's: ``wait`` must see the new one
         for f in (conf, adv, self.dir / "enabled_plugins"):
             os.chmod(f, 0o644)
         subprocess.run(["rabbitmq-server", "-detached"], env=self._env(), check=True,
@@ -96,3 +99,28 @@ class RabbitNode:
             if pid.isdigit():
                 subprocess.run(["kill", "-9", pid], check=False)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class RabbitCluster:
+    """``n`` nodes started in parallel, nodes 2.. joined to node 1; :meth:`stop` stops them all."""
+
+    def __init__(self, n: int = 3) -> None:
+        self.nodes = [RabbitNode() for _ in range(n)]
+
+    def start(self) -> RabbitCluster:
+        with ThreadPoolExecutor(len(self.nodes)) as pool:
+            for f in [pool.submit(node.start) for node in self.nodes]:
+                f.result()
+        first = self.nodes[0]
+        for node in self.nodes[1:]:
+            node.ctl("stop_app")
+            node.ctl("join_cluster", first.name)
+            node.ctl("start_app", timeout=60)
+        running = first.ctl("eval", "length(rabbit_nodes:all_running()).").strip()
+        if running != str(len(self.nodes)):
+            raise RuntimeError(f"{running} of {len(self.nodes)} nodes running in the cluster")
+        return self
+
+    def stop(self) -> None:
+        with ThreadPoolExecutor(len(self.nodes)) as pool:
+            list(pool.map(RabbitNode.stop, self.nodes))
