@@ -324,6 +324,7 @@ async def _broker(names: dict, check: bool) -> bool:
         await conn.close()
 
 
+@pytest.mark.broker
 def test_run_starts_serves_and_stops_on_sigterm(image):
     tag = uuid.uuid4().hex[:8]
     names = {"EPSIGNAL_EVENTS_EXCHANGE": f"img{tag}.events",

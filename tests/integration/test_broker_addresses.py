@@ -20,7 +20,7 @@ from bridge.metrics import registry_for, render
 from bridge.service import Bridge
 from tests import rabbitnode
 
-pytestmark = [pytest.mark.asyncio,
+pytestmark = [pytest.mark.asyncio, pytest.mark.broker,
               pytest.mark.skipif(not rabbitnode.available(), reason="no rabbitmq-server on this machine")]
 
 

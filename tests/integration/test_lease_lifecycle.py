@@ -20,7 +20,7 @@ from tests.faults.helpers import http_port
 from tests.integration.conftest import N
 from tests.integration.test_leases import attached_by, held, until
 
-pytestmark = pytest.mark.asyncio
+pytestmark = [pytest.mark.asyncio, pytest.mark.broker]
 
 ALL = [hw_id(i) for i in range(1, N + 1)]
 

@@ -14,7 +14,7 @@ import pytest
 from bridge.sim import hw_id
 from tests.integration.conftest import N
 
-pytestmark = pytest.mark.asyncio
+pytestmark = [pytest.mark.asyncio, pytest.mark.broker]
 
 
 

@@ -26,7 +26,7 @@ from bridge.sim import hw_id
 from tests import rabbitnode
 from tests.integration.test_leases import N, attached_by, held, until
 
-pytestmark = pytest.mark.asyncio
+pytestmark = [pytest.mark.asyncio, pytest.mark.broker]
 
 
 @pytest.mark.skipif(not rabbitnode.available(), reason="no rabbitmq-server on this machine")
