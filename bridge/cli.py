@@ -23,6 +23,9 @@ import traceback
 from bridge.config import Settings, describe
 
 
+#: the --amqp-url help of every command that talks to the broker
+AMQP_URL_HELP = "broker URL (default: EPSIGNAL_AMQP_URL, else amqp://guest:guest@localhost/)"
+
 def _setup_logging(level: str, secrets: list[str] | None = None) -> None:
     from bridge import logs
 
@@ -307,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("patterns", nargs="*", metavar="PATTERN", help="e.g. 'device.*.call.*.state' (default '#')")
     t.add_argument("--json", action="store_true", help="print the raw JSON bodies")
     t.add_argument("--count", type=int, default=None, help="stop after N events")
-    t.add_argument("--amqp-url", default=None, help="broker URL (default: EPSIGNAL_AMQP_URL, else amqp://guest:guest@localhost/)")
+    t.add_argument("--amqp-url", default=None, help=AMQP_URL_HELP)
     t.set_defaults(func=cmd_tail)
 
     s = sub.add_parser("send", help="send a command and print the reply",
@@ -319,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("hw", help="hardware id of the device")
     s.add_argument("body", nargs="?", default=None, help="JSON body (signaling: {\"call\":..,\"to\":..,\"sig\":{..}})")
     s.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for the reply")
-    s.add_argument("--amqp-url", default=None, help="broker URL (default: EPSIGNAL_AMQP_URL, else amqp://guest:guest@localhost/)")
+    s.add_argument("--amqp-url", default=None, help=AMQP_URL_HELP)
     s.set_defaults(func=cmd_send)
 
     ls = sub.add_parser("leases", help="device leases (several replicas): list them, or reset a device's",
@@ -335,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("hw", nargs="*", help="hardware ids of devices")
     ls.add_argument("--configured", action="store_true", help="reset: every device of EPSIGNAL_DEVICES")
     ls.add_argument("--json", action="store_true", help="list: one JSON array")
-    ls.add_argument("--amqp-url", default=None, help="broker URL (default: EPSIGNAL_AMQP_URL, else amqp://guest:guest@localhost/)")
+    ls.add_argument("--amqp-url", default=None, help=AMQP_URL_HELP)
     ls.set_defaults(func=cmd_leases)
 
     d = sub.add_parser("demo", help="simulator + bridge + live events, isolated from other bridges",
@@ -346,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--devices", type=int, default=5)
     d.add_argument("--call-rate", type=float, default=0.5, help="calls per second across all devices")
     d.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
-    d.add_argument("--amqp-url", default=None, help="broker URL (default: EPSIGNAL_AMQP_URL, else amqp://guest:guest@localhost/)")
+    d.add_argument("--amqp-url", default=None, help=AMQP_URL_HELP)
     d.add_argument("--http-port", type=int, default=0,
                    help="port of the bridge's /healthz, /readyz, /metrics (default: a free one)")
     d.set_defaults(func=cmd_demo)

@@ -270,8 +270,10 @@ class PbxSession:
     def _answer(self, hw: str, msg) -> None:
         """An AttachResult or Attached someone awaits (resolved before the device sees the
         frame; the waiter runs after it has)."""
-        waiting = self._results if type(msg) is m.AttachResult else self._attached if type(msg) is m.Attached else None
-        fut = waiting.get(hw) if waiting else None
+        kind = type(msg)
+        waiting = (self._results if kind is m.AttachResult else
+                   self._attached if kind is m.Attached else None)
+        fut = waiting.get(hw) if waiting is not None else None
         if fut is not None and not fut.done():
             fut.set_result(msg)
 
