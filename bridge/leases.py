@@ -13,12 +13,15 @@ heard of the others:
   first ``STANDBY`` in rank: the preferred holder and its stand-in), and hand the lease on (held
   here, another replica is preferred, the device is idle, and the member set has been stable long
   enough for the others to line up behind the lease).
+- :class:`Orphans` answers, for a device this replica stands in line for: has no replica said it
+  holds it for a while (then the adapter looks at its lease queue, and lines up again if the
+  queue has no active consumer: RabbitMQ 3.10 can leave a quorum queue so).
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 
 import msgspec
 
@@ -28,6 +31,10 @@ STANDBY = 2
 #: a member unheard for this many heartbeats is gone (for balance only: failover does not wait
 #: for it, the broker hands a dead replica's leases on at once)
 MISSED_HEARTBEATS = 5
+#: a device this replica stands in line for that every other live replica has said, for this many
+#: heartbeats, it does not hold is an orphan (:class:`Orphans`); twice as many where this replica
+#: is not the preferred holder, so that one replica repairs it, not two at once
+ORPHAN_BEATS = 4
 
 
 def weight(member: str, hw: str) -> int:
@@ -59,6 +66,12 @@ class Presence(msgspec.Struct, kw_only=True, omit_defaults=True):
     hello: bool = False
     #: stopping: forget me now rather than after the timeout
     bye: bool = False
+    #: which devices are held now (:meth:`Orphans.announce`): the configuration ``held_map`` is
+    #: made over (config_id), a bitmap over its sorted devices (bit i of byte i // 8: the i-th is
+    #: held; 10,000 devices in 1,250 bytes), and the held devices not in it by name
+    cfg: str = ""
+    held_map: bytes = b""
+    held_other: list[str] = []
 
 
 PRESENCE_ENCODER = msgspec.json.Encoder()
@@ -75,6 +88,8 @@ class Membership:
         #: when the member set last changed
         self.changed_at = now
         self._live: tuple[str, ...] = (me,)
+        #: each live member's last heartbeat
+        self.said: dict[str, Presence] = {}
 
     @property
     def live(self) -> tuple[str, ...]:
@@ -88,6 +103,7 @@ class Membership:
             return self._forget([p.instance], now)
         new = p.instance not in self._last
         self._last[p.instance] = now
+        self.said[p.instance] = p
         if new:
             self._update(now)
         return new
@@ -111,6 +127,7 @@ class Membership:
         changed = False
         for m in members:
             changed |= self._last.pop(m, None) is not None
+            self.said.pop(m, None)
         if changed:
             self._update(now)
         return changed
@@ -154,6 +171,72 @@ class LeasePlan:
             return False
         p = self.preferred(hw)
         return p != self.m.me and self.m.fresh(p, now)
+
+
+class Orphans:
+    """Devices nobody holds: what the live replicas' heartbeats say they hold, and since when none
+    of them has said so of a device this replica stands in line for.
+
+    RabbitMQ 3.10.8 can leave a single-active-consumer quorum queue with its token ready and no
+    active consumer after the node of its consumers died (docs/SCALING.md, "A lease queue nobody
+    is given"): the replicas stand in line and the token is never delivered. Only devices lined up
+    for here (IN_LINE) are watched, each replica says what it holds in every heartbeat, and a
+    replica whose heartbeat does not say it for this configuration (not heard yet, another
+    EPSIGNAL_DEVICES, an older version) counts as holding everything: no repair on a guess."""
+
+    def __init__(self, membership: Membership, configured: Iterable[str], heartbeat_s: float) -> None:
+        self.m = membership
+        self.order = sorted(set(configured))
+        self.cfg = config_id(self.order)
+        self._index = {hw: i for i, hw in enumerate(self.order)}
+        self.after_s = ORPHAN_BEATS * heartbeat_s
+        #: device -> since when no other replica has said it holds it (watched devices only)
+        self._since: dict[str, float] = {}
+
+    def announce(self, held: Collection[str]) -> tuple[bytes, list[str]]:
+        """``held`` (the devices held here) for this replica's heartbeat: (held_map, held_other)."""
+        bits = bytearray((len(self.order) + 7) // 8)
+        other = []
+        for hw in held:
+            i = self._index.get(hw)
+            if i is None:
+                other.append(hw)
+            else:
+                bits[i >> 3] |= 1 << (i & 7)
+        return bytes(bits), sorted(other)
+
+    def held_by(self, member: str, hw: str) -> bool | None:
+        """What ``member``'s last heartbeat says of ``hw``: held, not held, or None (it does not
+        say: not heard yet, or made under another configuration or by an older version)."""
+        p = self.m.said.get(member)
+        if p is None:
+            return None
+        if hw in p.held_other:
+            return True
+        if p.cfg != self.cfg:
+            return None
+        i = self._index.get(hw)
+        if i is None:  # not configured: held_other names every such device held there
+            return False
+        return i >> 3 < len(p.held_map) and bool(p.held_map[i >> 3] >> (i & 7) & 1)
+
+    def orphaned(self, hw: str, preferred: bool, now: float) -> bool:
+        """``hw`` stands in line here, not held here: True once every other live replica has said
+        it does not hold it for ORPHAN_BEATS heartbeats (twice that unless this replica is the
+        preferred holder). Then the adapter looks at the queue, and calls :meth:`watch` again."""
+        if any(self.held_by(m, hw) is not False for m in self.m.live if m != self.m.me):
+            self._since.pop(hw, None)
+            return False
+        since = self._since.setdefault(hw, now)
+        return now - since >= self.after_s * (1 if preferred else 2)
+
+    def watch(self, hw: str, now: float | None = None) -> None:
+        """Start counting ``hw``'s time anew (from ``now``: just looked at or repaired), or stop
+        watching it (None: held here, or not in line here)."""
+        if now is None:
+            self._since.pop(hw, None)
+        else:
+            self._since[hw] = now
 
 
 # ====================================================================== ownership: the state machine

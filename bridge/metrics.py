@@ -80,6 +80,8 @@ class LeaseSnapshot(msgspec.Struct, frozen=True):
     replicas: int
     handed_on: int
     wanted_detached: int
+    #: lease queues found without an active consumer and lined up for again (bridge.leases.Orphans)
+    repaired: int = 0
 
 
 class BrokerSnapshot(msgspec.Struct, frozen=True):
@@ -193,6 +195,9 @@ class BridgeCollector:
                                     value=lm.replicas)
             yield CounterMetricFamily("epsignal_leases_handed_on", "Idle devices handed on to another replica",
                                       value=lm.handed_on)
+            yield CounterMetricFamily("epsignal_lease_repairs",
+                                      "Lease queues nobody held, found without an active consumer and lined "
+                                      "up for again (docs/SCALING.md)", value=lm.repaired)
 
 
 def registry_for(snapshot: Callable[[], Snapshot]) -> CollectorRegistry:

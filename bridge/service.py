@@ -168,7 +168,8 @@ class Bridge:
             commands=dict(self.consumer.stats.by_outcome),
             leases=None if lm is None else LeaseSnapshot(
                 held=len(lm.tokens), replicas=len(lm.members.live), handed_on=lm.handed_on,
-                wanted_detached=sum(1 for lease in lm.tokens.values() if not lease.wanted())),
+                wanted_detached=sum(1 for lease in lm.tokens.values() if not lease.wanted()),
+                repaired=lm.repaired),
         )
 
     def not_ready_reasons(self) -> list[str]:

@@ -23,6 +23,12 @@ and wait in the queue while nobody holds it.
   channel is opened again (on the same connection if it lives) and the replica lines up again.
 - Consumer timeout: a held token is replaced by a new delivery (``renew``) every ``RENEW_S``,
   well within RabbitMQ's ``consumer_timeout`` (30 min by default), so the timeout never fires.
+- Orphans: RabbitMQ 3.10.8 can leave a quorum lease queue with its token ready and no active
+  consumer after its consumers' node died, every replica waiting in line for good. A replica in
+  line for a device that no replica has said it holds for ``ORPHAN_BEATS`` heartbeats (every
+  heartbeat says which devices its replica holds) looks at the queue; with no active consumer it
+  steps out of line and lines up again, and the broker makes a consumer active
+  (``_repair``; docs/SCALING.md).
 - Delivery limit (quorum queues): every hand-on and lost channel gives the token back, and the
   queue counts it (``x-delivery-count``); RabbitMQ 4 dead-letters a message given back 20 times.
   A token given back ``RENEW_RETURNS`` times is renewed at once (the fresh copy counts from 0),
@@ -53,7 +59,7 @@ from bridge.amqp import topology as t
 from bridge.amqp.link import BrokerLink
 from bridge.leases import (
     PRESENCE_DECODER, PRESENCE_ENCODER, Ack, Action, Cancel, Consume, Defer, Lease, LeasePlan, Membership,
-    Nack, Presence, Process, Publish, StartRunner, State, StopRunner, Wanted, config_id,
+    ORPHAN_BEATS, Nack, Orphans, Presence, Process, Publish, StartRunner, State, StopRunner, Wanted, config_id,
 )
 
 log = logging.getLogger("bridge.leases")
@@ -134,6 +140,7 @@ class LeaseManager:
         loop = asyncio.get_running_loop()
         self.members = Membership(self.s.instance_id, self.s.lease_heartbeat_s, loop.time())
         self.plan = LeasePlan(self.members, self.s.lease_heartbeat_s)
+        self.orphans = Orphans(self.members, configured, self.s.lease_heartbeat_s)
         #: hw -> its ownership state machine (bridge.leases.Lease): the only judge of ownership
         self.leases: dict[str, Lease] = {}
         #: the current lease channel and its epoch (every channel opened gets the next one)
@@ -159,6 +166,8 @@ class LeaseManager:
         self._stopping = False
         self.handed_on = 0
         self.channels_lost = 0
+        #: lease queues found with no active consumer and lined up for again (Orphans)
+        self.repaired = 0
         #: a lease queue the broker refused to declare (other arguments), for readiness
         self.problem: str | None = None
         link.on_ready(self._start)
@@ -255,8 +264,11 @@ class LeaseManager:
         if ch is None:
             return
         dynamic = sorted(self.dynamic)
+        held = self.tokens
+        held_map, held_other = self.orphans.announce(held)
         body = PRESENCE_ENCODER.encode(Presence(
-            instance=self.s.instance_id, held=len(self.tokens), dynamic=dynamic, hello=hello, bye=bye))
+            instance=self.s.instance_id, held=len(held), dynamic=dynamic, hello=hello, bye=bye,
+            cfg=self.orphans.cfg, held_map=held_map, held_other=held_other))
         ttl = str(int(self.s.lease_heartbeat_s * 3000))
         await ch.basic_publish(body, exchange=t.presence_exchange(self.s), properties=Basic.Properties(
             content_type="application/json", expiration=ttl, message_type="presence"))
@@ -436,13 +448,8 @@ class LeaseManager:
         """Declare ``hw``'s lease queue and bind it (on the declare channel); (ready, consumers).
         A queue made with other arguments (by an older bridge, or another queue type) is used
         as it is, with a warning: it works, but without this version's lifetimes."""
-        conn = self._conn
-        if conn is None:
-            raise ConnectionError("no broker connection")
         for attempt in (1, 2):
-            ch = self._decl
-            if ch is None or ch.is_closed:
-                ch = self._decl = await (await conn.channel(publisher_confirms=False)).get_underlay_channel()
+            ch = await self._decl_channel()
             try:
                 if hw in self._mismatch or attempt == 2:
                     ok = await ch.queue_declare(t.lease_queue(self.s, hw), passive=True)
@@ -460,6 +467,16 @@ class LeaseManager:
                                 "the device is idle (`leases reset %s`) and the bridge makes it anew",
                                 hw, t.lease_queue(self.s, hw), e, hw)
         raise AssertionError("unreachable")
+
+    async def _decl_channel(self) -> aiormq.abc.AbstractChannel:
+        """The channel lease queues are declared and looked at on (opened again if it closed)."""
+        conn = self._conn
+        if conn is None:
+            raise ConnectionError("no broker connection")
+        ch = self._decl
+        if ch is None or ch.is_closed:
+            ch = self._decl = await (await conn.channel(publisher_confirms=False)).get_underlay_channel()
+        return ch
 
     async def _cancel(self, lease: Lease, a: Cancel) -> None:
         ch = self._usable()
@@ -526,17 +543,23 @@ class LeaseManager:
         stable = lined_up and self.plan.settled(now)
         me = self.members.me
         moving = sum(1 for lease in self.leases.values() if lease.state in (State.RELEASING, State.LEAVING))
-        checked = 0
+        checked = repairs = 0
         for hw in sorted(self.devices()):
             if self.epoch != epoch:
                 return
             lease = self._lease(hw)
             ranking = self.plan.ranking(hw)
+            if lease.state is not State.IN_LINE:
+                self.orphans.watch(hw)
             if lease.state is State.OUT:
                 if (lined_up and ranking[0] == me) or (stable and me in ranking):
                     await self._do(lease, lease.line_up(epoch, f"lease:{self.s.instance_id}:{hw}:{next(self._ctags)}"))
-            elif lease.state is State.IN_LINE and me not in ranking:
-                await self._do(lease, lease.release())
+            elif lease.state is State.IN_LINE:
+                if me not in ranking:
+                    await self._do(lease, lease.release())
+                elif self.orphans.orphaned(hw, ranking[0] == me, now) and repairs < self.s.attach_concurrency:
+                    repairs += 1  # a few queues looked at a round
+                    await self._repair(hw, lease, epoch, now)
             elif lease.state is State.HOLDING:
                 if (lease.runner and hw not in self._starting and hw not in self._stopping_runner):
                     self.owner.acquired(hw)  # a runner that ended (attach refused) is tried again
@@ -551,6 +574,31 @@ class LeaseManager:
                         await self._do(lease, lease.release(), "lease-moved")
                 elif lease.token is not None and now - lease.token.at > RENEW_S:
                     await self._do(lease, lease.renew())
+
+    async def _repair(self, hw: str, lease: Lease, epoch: int, now: float) -> None:
+        """``hw`` is an orphan (bridge.leases.Orphans): in line here, and no replica has said it
+        holds it for a while. If its lease queue has no active consumer (a declare-ok counts a
+        quorum queue's active consumer only, never the ones waiting in line), step out of line
+        and line up again: a consumer added to a single-active-consumer queue without an active
+        one is made active. RabbitMQ 3.10.8 leaves a quorum queue so after its consumers' node
+        died, the token ready and every replica waiting (docs/SCALING.md)."""
+        self.orphans.watch(hw, now)  # looked at: again only after another ORPHAN_BEATS
+        try:
+            ch = await self._decl_channel()
+            ok = await ch.queue_declare(t.lease_queue(self.s, hw), passive=True)
+        except aiormq.exceptions.AMQPError as e:  # gone (the consumer is cancelled) or no leader now
+            log.debug("device %s: lease queue not looked at: %s", hw, e)
+            return
+        if ok.consumer_count or lease.state is not State.IN_LINE or self.epoch != epoch:
+            return
+        self.repaired += 1
+        log.warning("device %s: its lease queue has no active consumer (%d ready) and no replica has "
+                    "said it holds the device for %d heartbeats: lining up again (a RabbitMQ quorum "
+                    "queue left without its single active consumer, docs/SCALING.md)",
+                    hw, ok.message_count, ORPHAN_BEATS)
+        self._declared.discard(hw)  # declared again at the line-up: a token is made if none is left
+        await self._do(lease, lease.release())
+        self._wake.set()  # line up again at once
 
     async def _successor_in_line(self, ch: aiormq.abc.AbstractChannel, hw: str, lease: Lease,
                                  now: float) -> bool:

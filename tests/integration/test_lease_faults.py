@@ -21,7 +21,7 @@ from bridge.sim import hw_id
 from tests import rabbitnode
 from tests.integration.test_leases import N, attached_by, held, until
 
-pytestmark = pytest.mark.asyncio
+pytestmark = [pytest.mark.asyncio, pytest.mark.broker]
 
 
 @contextlib.asynccontextmanager

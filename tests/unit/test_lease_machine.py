@@ -10,7 +10,11 @@ single-active-consumer queue per device, as RabbitMQ 3.10 behaves:
   unacked messages at the head of the queue, marked redelivered;
 - an ack/nack of a delivery tag the channel does not know (a stale tag) is a channel error that
   closes the channel;
-- deliveries and cancel-oks reach the replica later (its inbox), and runner stops end later.
+- deliveries and cancel-oks reach the replica later (its inbox), and runner stops end later;
+- RabbitMQ 3.10.8's quorum-queue defect (docs/SCALING.md): a queue left with no active consumer,
+  its consumers waiting for good, until a consumer is added (it is made active). A replica in line
+  repairs such a queue (bridge.leases.Orphans: nobody holds the device, no active consumer) by
+  stepping out of line; it lines up again later.
 
 Replicas restart (a rolling restart) with the same configuration or another one (a changed
 EPSIGNAL_DEVICES); tokens carry the configuration their wanted state was made under.
@@ -63,6 +67,8 @@ class Msg:
 class Queue:
     ready: deque = field(default_factory=deque)
     consumers: list = field(default_factory=list)  # (replica, epoch, ctag), in consume order
+    #: no active consumer: nothing is delivered until a consumer is added (made active)
+    stuck: bool = False
 
 
 @dataclass
@@ -146,7 +152,11 @@ class LeaseModel(RuleBasedStateMachine):
                     ch.declared.add(a.hw)
                     if not q.ready and not q.consumers:  # the minting rule of bridge.amqp.leases
                         q.ready.append(Msg(token=True, cfg=r.cfg))
-                q.consumers.append((r.name, a.epoch, a.ctag))
+                if q.stuck:  # a consumer added to a queue without an active one is made active
+                    q.stuck = False
+                    q.consumers.insert(0, (r.name, a.epoch, a.ctag))
+                else:
+                    q.consumers.append((r.name, a.epoch, a.ctag))
             elif isinstance(a, Cancel):
                 if r.ch is not None and r.ch.epoch == a.epoch:
                     q = self.queues[a.hw]
@@ -181,7 +191,7 @@ class LeaseModel(RuleBasedStateMachine):
     @rule(hw=st.sampled_from(DEVICES))
     def deliver(self, hw):
         q = self.queues[hw]
-        if not q.consumers or not q.ready:
+        if not q.consumers or not q.ready or q.stuck:
             return
         name, epoch, ctag = q.consumers[0]  # single active consumer: the first in line
         r = self.replicas[name]
@@ -204,6 +214,12 @@ class LeaseModel(RuleBasedStateMachine):
         """A token minted by a race (two replicas declaring an empty queue at once), or left
         from an earlier time (a detach under configuration A or B)."""
         self.queues[hw].ready.append(Msg(token=True, cfg=cfg, attach=attach, gen=gen))
+
+    @rule(hw=st.sampled_from(DEVICES), rare=RARE)
+    def the_queue_is_left_without_an_active_consumer(self, hw, rare):
+        """RabbitMQ 3.10.8 after its consumers' node died (docs/SCALING.md)."""
+        if not rare:
+            self.queues[hw].stuck = True
 
     @rule(name=st.sampled_from(REPLICAS), rare=RARE)
     def channel_closed(self, name, rare):
@@ -276,6 +292,16 @@ class LeaseModel(RuleBasedStateMachine):
         """The plan: hand on (the holder) or step out of line (anyone)."""
         r = self._holder(hw) if holder else self.replicas[name]
         if r is not None and r.lease(hw).state in (State.IN_LINE, State.HOLDING):
+            self._run(r, r.lease(hw).release())
+
+    @rule(name=st.sampled_from(REPLICAS), hw=st.sampled_from(DEVICES))
+    def an_orphan_is_repaired(self, name, hw):
+        """bridge.amqp.leases._repair: in line here, nobody holds the device, and its queue has
+        no active consumer: step out of line (the plan lines up again)."""
+        r = self.replicas[name]
+        q = self.queues[hw]
+        if (r.lease(hw).state is State.IN_LINE and self._holder(hw) is None
+                and (q.stuck or not q.consumers)):
             self._run(r, r.lease(hw).release())
 
     @rule(hw=st.sampled_from(DEVICES), attach=st.booleans())
@@ -452,3 +478,26 @@ def test_an_older_token_in_flight_never_undoes_a_newer_wish():
     assert not lease.runner and lease.wanted() is False
     assert lease.token_delivered(1, "c1", 3, 2, False, cfg="A") == [Ack("d", 1, 2)]
     assert not lease.runner and lease.pending is None and lease.token.attach is False
+
+
+def test_a_queue_left_without_an_active_consumer_gets_one_when_the_orphan_is_repaired():
+    """The defect, then the repair, step by step in the model: the holder's node dies, the queue
+    delivers to nobody; a replica in line steps out and lines up again, and gets the token."""
+    m = LeaseModel()
+    m.every_replica_connected_and_in_line()
+    hw = "d1"
+    m.deliver(hw)
+    m.replica_reads("r1", 1)
+    assert m._holder(hw) is m.replicas["r1"]
+    m.crash("r1", 0)  # the token is back in the queue ...
+    m.the_queue_is_left_without_an_active_consumer(hw, 0)  # ... and nobody is given it
+    m.deliver(hw)
+    assert m._holder(hw) is None and not m.replicas["r2"].inbox
+    m.an_orphan_is_repaired("r2", hw)
+    m.replica_reads("r2", 1)  # cancel-ok: out of line
+    assert m.replicas["r2"].lease(hw).state is State.OUT
+    m.line_up("r2", hw)
+    m.deliver(hw)
+    m.replica_reads("r2", 1)
+    assert m._holder(hw) is m.replicas["r2"] and m.replicas["r2"].lease(hw).runner
+    m.exactly_one_runner_and_only_under_a_held_token()

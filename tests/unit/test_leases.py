@@ -8,7 +8,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bridge.leases import (
-    MISSED_HEARTBEATS, PRESENCE_DECODER, PRESENCE_ENCODER, LeasePlan, Membership, Presence, rank,
+    MISSED_HEARTBEATS, ORPHAN_BEATS, PRESENCE_DECODER, PRESENCE_ENCODER, LeasePlan, Membership, Orphans,
+    Presence, rank,
 )
 
 DEVICES = [f"0090334{i:05d}" for i in range(1, 3001)]
@@ -82,3 +83,70 @@ def test_presence_round_trips_and_omits_defaults():
     raw = PRESENCE_ENCODER.encode(p)
     assert PRESENCE_DECODER.decode(raw) == p
     assert b"bye" not in raw
+
+
+def heartbeat(orphans: Orphans, instance: str, held: set[str], **kw) -> Presence:
+    held_map, held_other = orphans.announce(held)
+    return PRESENCE_DECODER.decode(PRESENCE_ENCODER.encode(Presence(
+        instance=instance, held=len(held), cfg=orphans.cfg, held_map=held_map, held_other=held_other, **kw)))
+
+
+def test_a_heartbeat_says_which_devices_are_held_in_a_bitmap_of_the_configuration():
+    m = Membership("me", heartbeat_s=1.0, now=0.0)
+    big = [f"0090334{i:05d}" for i in range(1, 10_001)]
+    o = Orphans(m, big, heartbeat_s=1.0)
+    held = set(big[::3]) | {"adopted-1"}
+    raw = PRESENCE_ENCODER.encode(heartbeat(o, "a", held))
+    assert len(raw) < 2_000, "10,000 devices: 1,250 bytes of bitmap (base64 in JSON)"
+    m.heard(PRESENCE_DECODER.decode(raw), 0.0)
+    assert all(o.held_by("a", hw) is (hw in held) for hw in big)
+    assert o.held_by("a", "adopted-1") is True and o.held_by("a", "adopted-2") is False
+    assert o.held_by("b", big[0]) is None, "not heard: it does not say"
+    other = Orphans(Membership("x", 1.0, 0.0), big[:-1], heartbeat_s=1.0)
+    m.heard(heartbeat(other, "c", set()), 0.0)  # another configuration: its bitmap means nothing here
+    assert o.held_by("c", big[1]) is None and o.held_by("c", "adopted-1") is None
+    m.heard(Presence(instance="d", held=5), 0.0)  # an older version: says nothing of which
+    assert o.held_by("d", big[1]) is None
+
+
+def test_an_orphan_is_a_device_in_line_here_that_no_replica_has_said_it_holds_for_some_beats():
+    hb = 0.5
+    m = Membership("me", heartbeat_s=hb, now=0.0)
+    o = Orphans(m, DEVICES[:10], heartbeat_s=hb)
+    hw, busy = DEVICES[0], DEVICES[1]
+    after = ORPHAN_BEATS * hb
+    m.heard(heartbeat(o, "a", {hw, busy}), 0.0)
+    assert not o.orphaned(hw, preferred=True, now=0.0)
+    m.heard(heartbeat(o, "a", {busy}), 1.0)  # a no longer holds it (its node died with its queue's consumer)
+    assert not o.orphaned(hw, preferred=True, now=1.0)
+    assert not o.orphaned(hw, preferred=True, now=1.0 + after - 0.1)
+    assert o.orphaned(hw, preferred=True, now=1.0 + after)
+    assert not o.orphaned(busy, preferred=True, now=1.0 + after), "held by a"
+    # the stand-in waits twice as long: one replica repairs, not two at once
+    assert not o.orphaned(DEVICES[2], preferred=False, now=1.0)
+    assert not o.orphaned(DEVICES[2], preferred=False, now=1.0 + 2 * after - 0.1)
+    assert o.orphaned(DEVICES[2], preferred=False, now=1.0 + 2 * after)
+    # looked at (the queue had an active consumer, or repaired): counted again from then
+    o.watch(hw, 1.0 + after)
+    assert not o.orphaned(hw, preferred=True, now=1.0 + 2 * after - 0.1)
+    assert o.orphaned(hw, preferred=True, now=1.0 + 2 * after)
+    # a heartbeat saying it is held again stops the count; not watched any more: starts anew
+    m.heard(heartbeat(o, "a", {hw}), 5.0)
+    assert not o.orphaned(hw, preferred=True, now=5.0)
+    m.heard(heartbeat(o, "a", set()), 6.0)
+    assert not o.orphaned(hw, preferred=True, now=6.0 + after - 0.1)
+    o.watch(hw)
+    assert not o.orphaned(hw, preferred=True, now=6.0 + after)
+    # a new replica, not heard yet: nothing is an orphan until it says what it holds
+    m.heard(Presence(instance="b"), 7.0)
+    assert not o.orphaned(DEVICES[3], preferred=True, now=7.0)
+    assert not o.orphaned(DEVICES[3], preferred=True, now=7.0 + 3 * after)
+    m.heard(heartbeat(o, "b", set()), 8.0)
+    assert not o.orphaned(DEVICES[3], preferred=True, now=8.0)
+    assert o.orphaned(DEVICES[3], preferred=True, now=8.0 + after)
+    # a replica gone (expired, or said bye) says nothing any more; alone, in line and unheld: orphan
+    m.heard(Presence(instance="a", bye=True), 9.0)
+    m.heard(Presence(instance="b", bye=True), 9.0)
+    assert m.said == {}
+    assert o.orphaned(DEVICES[4], preferred=True, now=9.0) is False
+    assert o.orphaned(DEVICES[4], preferred=True, now=9.0 + after)
