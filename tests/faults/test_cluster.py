@@ -88,8 +88,9 @@ class Client:
                 self._next()
                 url = self.urls[self.i % len(self.urls)]
                 try:
-                    self.conn = await aio_pika.connect(url, timeout=3)
-                    self.channel = await self.conn.channel()  # publisher confirms on
+                    async with asyncio.timeout(5):  # a node that accepts but does not answer
+                        self.conn = await aio_pika.connect(url, timeout=3)
+                        self.channel = await self.conn.channel()  # publisher confirms on
                 except Exception as e:
                     if not self._down(e, self.conn):
                         raise
@@ -317,7 +318,8 @@ async def test_two_replicas_on_a_cluster_whose_nodes_die(cluster, names, tmp_pat
 
         # the end: no more traffic or commands; every reply, every event confirmed
         running = False
-        await asyncio.gather(tasks[1], tasks[2])
+        async with asyncio.timeout(30):
+            await asyncio.gather(tasks[1], tasks[2])
         await eventually(lambda: set(sent) <= set(replies), 30, "a reply to every command")
         await eventually(lambda: sim.stats()["calls_active"] == 0, 15, "calls ended")
         await asyncio.sleep(3.5)  # a call broken by a kill stalls within the stall timeout
