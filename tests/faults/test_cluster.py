@@ -79,7 +79,10 @@ class Client:
     def _down(e: BaseException, *used) -> bool:
         """``e`` is the node dying: one of its errors, or any error while the connection or
         channel ``used`` went down (aiormq fails an RPC cut short by a closing connection with a
-        bare Exception)."""
+        bare Exception). Never while the task is being cancelled: aiormq turns the cancellation
+        of an RPC into such an error too, and trying again would never let the task end."""
+        if asyncio.current_task().cancelling():
+            return False
         return isinstance(e, BROKER_DOWN) or any(x is not None and x.is_closed for x in used)
 
     async def ch(self) -> aio_pika.abc.AbstractChannel:
