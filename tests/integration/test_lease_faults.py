@@ -17,6 +17,7 @@ import pytest
 from bridge.amqp import leases as amqp_leases
 from bridge.amqp import topology
 from bridge.amqp.leases import TOKEN_ENCODER, Token
+from bridge.metrics import registry_for, render
 from bridge.sim import hw_id
 from tests import rabbitnode
 from tests.integration.test_leases import N, attached_by, held, until
@@ -186,3 +187,38 @@ async def test_the_consumer_timeout_never_moves_a_device(sim, bus, start_bridge,
         await until(lambda: c.leases.channels_lost > 0, 15, "the consumer timeout closed the channel")
     finally:
         await asyncio.to_thread(node.stop)
+
+
+async def test_a_lease_queue_nobody_is_given_is_lined_up_for_again(sim, bus, start_bridge, lease_settings,
+                                                                   monkeypatch, caplog):
+    """Issue 15: RabbitMQ 3.10.8 left a quorum lease queue with its token ready and no active
+    consumer after its consumers' node died: the replicas' new consumers were not in it, every
+    replica stood in line for good (docs/SCALING.md). Here both replicas' consume of one device
+    is lost the same way (the queue declared, its token made, basic.consume never sent): nobody
+    holds it, every heartbeat says so, and the repair consumes again."""
+    lost = hw_id(1)
+    dropped: list[str] = []
+    consume = amqp_leases.LeaseManager._consume
+
+    async def consume_but_lose_one(self, lease, a):
+        if a.hw != lost or self.s.instance_id in dropped:
+            return await consume(self, lease, a)
+        dropped.append(self.s.instance_id)
+        self._by_ctag[a.ctag] = a.hw  # in line, as far as the replica knows
+        if await self._declare(a.hw) == (0, 0):
+            await self._publish_token(Token(hw=a.hw, cfg=self.cfg))
+    monkeypatch.setattr(amqp_leases.LeaseManager, "_consume", consume_but_lose_one)
+    a = await start_bridge(lease_settings(1))
+    b = await start_bridge(lease_settings(2))
+    async with one_owner_at_a_time([a, b]):
+        await until(lambda: len(dropped) == 2, what="both consumes of the device lost")
+        t0 = asyncio.get_running_loop().time()
+        await until(lambda: len(attached_by([a, b])) == N, 20, "every device attached, the lost one too")
+        print(f"\nlease queue without a consumer: attached {asyncio.get_running_loop().time() - t0:.2f}s "
+              f"after its second consume was lost (heartbeat 0.3 s, {amqp_leases.ORPHAN_BEATS} beats)")
+    assert a.leases.repaired + b.leases.repaired == 1, "one replica repairs it, not both"
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "no active consumer" in r.getMessage()]
+    assert len(said) == 1 and lost in said[0], said
+    assert sim.stats()["attach_conflicts"] == 0
+    pages = [render(registry_for(br.snapshot)).decode() for br in (a, b)]
+    assert sum("epsignal_lease_repairs_total 1.0" in p for p in pages) == 1
