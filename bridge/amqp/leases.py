@@ -577,11 +577,13 @@ class LeaseManager:
 
     async def _repair(self, hw: str, lease: Lease, epoch: int, now: float) -> None:
         """``hw`` is an orphan (bridge.leases.Orphans): in line here, and no replica has said it
-        holds it for a while. If its lease queue has no active consumer (a declare-ok counts a
-        quorum queue's active consumer only, never the ones waiting in line), step out of line
-        and line up again: a consumer added to a single-active-consumer queue without an active
-        one is made active. RabbitMQ 3.10.8 leaves a quorum queue so after its consumers' node
-        died, the token ready and every replica waiting (docs/SCALING.md)."""
+        holds it for a while. If its lease queue has messages ready (the token) and no active
+        consumer (a declare-ok counts a quorum queue's active consumer only, never the ones
+        waiting in line), step out of line and line up again: a consumer added to a
+        single-active-consumer queue without an active one is made active. RabbitMQ 3.10.8 leaves
+        a quorum queue so after its consumers' node died, the token ready and every replica
+        waiting (docs/SCALING.md). Nothing ready and no consumer is no such queue: what 3.10.8
+        answers for a quorum queue whose leader is slow to answer (an election)."""
         self.orphans.watch(hw, now)  # looked at: again only after another ORPHAN_BEATS
         try:
             ch = await self._decl_channel()
@@ -589,14 +591,14 @@ class LeaseManager:
         except aiormq.exceptions.AMQPError as e:  # gone (the consumer is cancelled) or no leader now
             log.debug("device %s: lease queue not looked at: %s", hw, e)
             return
-        if ok.consumer_count or lease.state is not State.IN_LINE or self.epoch != epoch:
+        if (not ok.message_count or ok.consumer_count or lease.state is not State.IN_LINE
+                or self.epoch != epoch):
             return
         self.repaired += 1
         log.warning("device %s: its lease queue has no active consumer (%d ready) and no replica has "
                     "said it holds the device for %d heartbeats: lining up again (a RabbitMQ quorum "
                     "queue left without its single active consumer, docs/SCALING.md)",
                     hw, ok.message_count, ORPHAN_BEATS)
-        self._declared.discard(hw)  # declared again at the line-up: a token is made if none is left
         await self._do(lease, lease.release())
         self._wake.set()  # line up again at once
 

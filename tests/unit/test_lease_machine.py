@@ -297,10 +297,10 @@ class LeaseModel(RuleBasedStateMachine):
     @rule(name=st.sampled_from(REPLICAS), hw=st.sampled_from(DEVICES))
     def an_orphan_is_repaired(self, name, hw):
         """bridge.amqp.leases._repair: in line here, nobody holds the device, and its queue has
-        no active consumer: step out of line (the plan lines up again)."""
+        messages ready and no active consumer: step out of line (the plan lines up again)."""
         r = self.replicas[name]
         q = self.queues[hw]
-        if (r.lease(hw).state is State.IN_LINE and self._holder(hw) is None
+        if (r.lease(hw).state is State.IN_LINE and self._holder(hw) is None and q.ready
                 and (q.stuck or not q.consumers)):
             self._run(r, r.lease(hw).release())
 
