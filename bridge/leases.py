@@ -71,7 +71,7 @@ class Presence(msgspec.Struct, kw_only=True, omit_defaults=True):
     #: held; 10,000 devices in 1,250 bytes), and the held devices not in it by name
     cfg: str = ""
     held_map: bytes = b""
-    held_other: list[str] = []
+    held_other: frozenset[str] = frozenset()
 
 
 PRESENCE_ENCODER = msgspec.json.Encoder()
@@ -193,7 +193,7 @@ class Orphans:
         #: device -> since when no other replica has said it holds it (watched devices only)
         self._since: dict[str, float] = {}
 
-    def announce(self, held: Collection[str]) -> tuple[bytes, list[str]]:
+    def announce(self, held: Collection[str]) -> tuple[bytes, frozenset[str]]:
         """``held`` (the devices held here) for this replica's heartbeat: (held_map, held_other)."""
         bits = bytearray((len(self.order) + 7) // 8)
         other = []
@@ -203,7 +203,7 @@ class Orphans:
                 other.append(hw)
             else:
                 bits[i >> 3] |= 1 << (i & 7)
-        return bytes(bits), sorted(other)
+        return bytes(bits), frozenset(other)
 
     def held_by(self, member: str, hw: str) -> bool | None:
         """What ``member``'s last heartbeat says of ``hw``: held, not held, or None (it does not
