@@ -29,7 +29,9 @@ registers it, so acks, nacks and returns (``mandatory``) resolve it the same way
 connection loss fails it through the link's ``lost`` (the futures are plain asyncio ones, not
 the channel's future store's). The task yields to the event loop after every slice, so the PBX
 sockets are
-read between slices: calls come first also under load.
+read between slices: calls come first also under load. In a quiet moment (nothing in flight,
+nothing waiting) ``publish_nowait`` writes the event itself, as a slice of one, without the
+hand-off to the drain task (``_send_now``; the hop latency at low rates, issue 19).
 """
 
 from __future__ import annotations
@@ -322,7 +324,7 @@ class EventPublisher:
         """The fast path of an event that comes while nothing is in flight and nothing waits
         (a quiet moment; under load there is always something in flight, and events go in
         slices): written at once by the caller, without waiting for the drain task to come
-        round (one event-loop iteration less between the frame and the broker). False when
+        round (one task hand-off less between the frame and the broker). False when
         this is not such a moment; then the drain task takes it."""
         parked, buffer = self._parked, self.buffer
         if (parked is None or self._inflight or len(buffer) != 1 or buffer.held_devices or buffer.has_gaps
