@@ -19,7 +19,7 @@ interpreter's start and the imports cancel out::
         python -m bridge.bench.perframe $n 2>&1 | grep 'Collected'; done
 
 ``--profile`` prints a cProfile of the run too (top functions by own time);
-``--service-loop`` runs it on the service's event loop (uvloop, :func:`bridge.service.loop_factory`)
+``--service-loop`` runs it on the service's event loop (uvloop, :func:`bridge.main.loop_factory`)
 instead of asyncio's.
 """
 
@@ -36,7 +36,7 @@ from bridge.bench.frames import FrameMaker, hw_id
 from bridge.device import Device
 from bridge.events import KINDS, EventFactory
 from bridge.pbx.session import PbxSession
-from bridge.service import loop_factory
+from bridge.main import loop_factory
 
 DEVICES = 100
 
@@ -75,7 +75,7 @@ class _Raw:
     is_closed = False
 
     def __init__(self) -> None:
-        self.lock = asyncio.Lock()
+        self.lock = self._Channel__lock = asyncio.Lock()
         self.delivery_tag = 0
         self.confirmations: dict = {}
         self.message_id_delivery_tag: dict = {}
@@ -85,8 +85,14 @@ class _Raw:
         self.create_future = FutureStore(self._loop).create_future  # aiormq's, as the channel's
 
     async def put(self, frame) -> None:
+        self.put_nowait(frame)
+
+    def put_nowait(self, frame) -> None:
         self.bytes += len(frame.payload)
         self._loop.call_soon(self._ack, self.delivery_tag)
+
+    def full(self) -> bool:
+        return False
 
     def _ack(self, upto: int) -> None:
         conf = self.confirmations

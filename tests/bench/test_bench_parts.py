@@ -153,3 +153,13 @@ def test_the_hand_written_peer_stays_an_afternoon_s_work():
     doc_end = next(i for i, ln in enumerate(code) if ln.startswith("import"))
     assert len(code) - doc_end <= 50  # about 40 lines of code
 
+
+
+async def test_the_per_frame_workload_runs_the_real_path():
+    """bench/perframe (callgrind's workload): every frame forwarded and its event confirmed,
+    on the fast path and in slices alike."""
+    from bridge.bench import perframe
+
+    for kinds, epf in ((("call.state",), 1), (perframe.KINDS, 2)):
+        out = await perframe.run(400, kinds)
+        assert out["forwarded"] == 400 and out["events"] == 400 * epf
