@@ -141,7 +141,8 @@ async def main(args: argparse.Namespace) -> int:
         ch = await conn.channel()
         events = await ch.declare_exchange(args.exchange, "topic", durable=True)
         q = await ch.declare_queue(exclusive=True, auto_delete=True)
-        keys = [f"device.{word(hw)}.call.*.intercept" for hw in args.hw or ["*"]]
+        keys = [f"device.{'*' if hw == '*' else word(hw)}.call.*.intercept"
+                for hw in args.hw or ["*"]]
         for key in keys:
             await q.bind(events, key)
         if args.enable:
