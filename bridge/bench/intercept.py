@@ -1,0 +1,187 @@
+"""Scenario 9, ``intercept`` (issue 18, docs/INTERCEPT.md): what holding messages for a verdict
+costs.
+
+Two bridges one after the other under the same open-loop load (``--latency-rate`` events/s for
+``--latency-duration`` s, the first ``--warmup`` s left out): ``off`` without intercept rules,
+``on`` with ``EPSIGNAL_INTERCEPT`` holding the ``setup`` toward the device of the first half of
+the devices, and a local decider in the harness (:class:`Decider`: an exclusive auto-delete
+queue bound to ``device.*.call.*.intercept``, answering ``forward`` at once). The load
+generator sorts every forwarded frame by device half and kind (setup or other), so that:
+
+- ``verdict_round_trip_ms``: the bridge's own round trip (request published -> verdict in), the
+  ``waited_ms`` of its ``call.intercepted`` events;
+- ``extra_forward_us``: what intercepted setups take more than the same devices' setups in
+  the ``off`` run (p50, p99), and the same for the other messages of those devices (a message
+  that comes while its call's setup is held waits behind it);
+- ``other_devices``: the devices without rules in the ``on`` run against the same devices in
+  the ``off`` run (p50, p99 ratios): the traffic that is not intercepted is not slowed down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter, defaultdict
+from typing import TYPE_CHECKING
+
+import aio_pika
+import msgspec
+
+from bridge.bench import stats
+from bridge.bench.frames import hw_id
+
+if TYPE_CHECKING:
+    from bridge.bench.runner import Bench
+
+SETUP = b'"type":"setup"'
+#: generous: a verdict of the local decider never misses it, a miss would show as a timeout
+DEADLINE_MS = 1000
+GROUPS = ("ruled", "other")  # the devices with rules in the `on` run, the others
+KINDS = ("setup", "other")
+
+
+class Decider:
+    """Answers every intercept request ``forward`` (to its reply_to, with its correlation_id),
+    and collects the outcomes and round trips of the bridge's ``call.intercepted`` events."""
+
+    def __init__(self, url: str, exchange: str) -> None:
+        self.url = url
+        self.exchange = exchange
+        self.conn: aio_pika.abc.AbstractConnection | None = None
+        self.answered = 0
+        self.outcomes: Counter = Counter()
+        self.waited_ns: list[int] = []
+
+    async def start(self) -> None:
+        self.conn = await aio_pika.connect(self.url)
+        ch = await self.conn.channel(publisher_confirms=False)
+        self._reply = ch.default_exchange
+        ex = await ch.get_exchange(self.exchange, ensure=False)
+        requests = await ch.declare_queue(exclusive=True, auto_delete=True)
+        await requests.bind(ex, "device.*.call.*.intercept")
+        await requests.consume(self._on_request, no_ack=True)
+        outcomes = await ch.declare_queue(exclusive=True, auto_delete=True)
+        await outcomes.bind(ex, "device.*.call.*.intercepted")
+        await outcomes.consume(self._on_outcome, no_ack=True)
+
+    async def _on_request(self, msg: aio_pika.abc.AbstractIncomingMessage) -> None:
+        body = b'{"v":1,"id":%s,"verdict":"forward"}' % msgspec.json.encode(msg.correlation_id)
+        await self._reply.publish(aio_pika.Message(body, correlation_id=msg.correlation_id),
+                                  routing_key=msg.reply_to)
+        self.answered += 1
+
+    async def _on_outcome(self, msg: aio_pika.abc.AbstractIncomingMessage) -> None:
+        ev = msgspec.json.decode(msg.body)
+        self.outcomes[ev["outcome"]] += 1
+        self.waited_ns.append(int(ev["waited_ms"] * 1e6))
+
+    async def wait_outcomes(self, n: int, timeout: float) -> bool:
+        try:
+            async with asyncio.timeout(timeout):
+                while sum(self.outcomes.values()) < n:
+                    await asyncio.sleep(0.05)
+            return True
+        except TimeoutError:
+            return False
+
+    async def close(self) -> None:
+        if self.conn is not None:
+            await self.conn.close()
+
+
+async def run(bench: Bench) -> None:
+    """The scenario; results in ``bench.results["intercept"]``, checks in ``bench.checks``."""
+    from bridge.bench.runner import Env, _r
+
+    o = bench.o
+    n = o.devices
+    ruled = {hw_id(i) for i in range(n // 2)}
+    rules = ";".join(f"{hw}=setup:device" for hw in sorted(ruled))
+    out: dict = {"devices": n, "intercepted_devices": len(ruled), "rule": "setup:device",
+                 "deadline_ms": DEADLINE_MS, "offered_events_per_s": o.latency_rate,
+                 "duration_s": o.latency_duration, "warmup_s": o.warmup}
+    fwd: dict[str, dict[tuple[str, str], list[int]]] = {}
+    for name, extra in (("off", {}), ("on", {"EPSIGNAL_INTERCEPT": rules,
+                                             "EPSIGNAL_INTERCEPT_DEADLINE_MS": str(DEADLINE_MS)})):
+        env = Env(bench, f"intercept-{name}", n, extra_env=extra)
+        decider = None
+        samples: dict[tuple[str, str], list[int]] = defaultdict(list)
+        try:
+            await env.start()
+            if name == "on":
+                decider = Decider(bench.amqp, env.names.events)
+                await decider.start()
+
+            def tap(s, data: bytes, rtt: int, samples=samples) -> None:
+                samples[("ruled" if s.hw in ruled else "other",
+                         "setup" if SETUP in data else "other")].append(rtt)
+
+            env.lg.tap = tap
+            r = await bench.paced_run(env, o.latency_rate, o.latency_duration, o.warmup)
+            r.pop("_hop", None), r.pop("_fwd", None)
+            part = {"achieved_events_per_s": r["achieved_events_per_s"],
+                    "all_forwards_back": r["all_forwards_back"],
+                    "all_events_received": r.get("all_events_received"),
+                    "bridge_cpu_pct": r["bridge_cpu_pct"],
+                    "machine_busy_pct": r["cpu_window"].get("machine_busy_pct"),
+                    "forward_us": {f"{g}.{k}": stats.summary(samples[(g, k)], "us")
+                                   for g in GROUPS for k in KINDS}}
+            if decider is not None:
+                # every setup sent to a ruled device was held: one outcome each (a device's
+                # frame maker is at call `call`, step `step` of the cycle; step 0 is the setup)
+                held = sum(s.maker.call - 1 + (s.maker.step > 0) for s in env.lg.order
+                           if s.hw in ruled)
+                part["outcomes_complete"] = await decider.wait_outcomes(held, 30)
+                part["requests_answered"] = decider.answered
+                out["outcomes"] = dict(decider.outcomes)
+                out["verdict_round_trip_ms"] = stats.summary(decider.waited_ns, "ms")
+            out[name] = part
+            fwd[name] = samples
+        finally:
+            if decider is not None:
+                await decider.close()
+            await env.stop()
+
+    def delta(group: str, kind: str) -> dict:
+        a = out["on"]["forward_us"][f"{group}.{kind}"]
+        b = out["off"]["forward_us"][f"{group}.{kind}"]
+        return {q: _r(a[q] - b[q], 1) if a[q] is not None and b[q] is not None else None
+                for q in ("p50", "p99")}
+
+    out["extra_forward_us"] = {"intercepted_setup": delta("ruled", "setup"),
+                               "same_devices_other_messages": delta("ruled", "other")}
+    on_other = stats.summary(fwd["on"][("other", "setup")] + fwd["on"][("other", "other")], "us")
+    off_other = stats.summary(fwd["off"][("other", "setup")] + fwd["off"][("other", "other")], "us")
+    out["other_devices"] = {
+        "forward_us_on": on_other, "forward_us_off": off_other,
+        **{f"{q}_on_over_off": _r(on_other[q] / off_other[q], 2) if on_other[q] and off_other[q] else None
+           for q in ("p50", "p99")}}
+    bench.results["intercept"] = out
+    outcomes = out.get("outcomes", {})
+    bench.checks["intercept_all_forwarded"] = (
+        all(out[k]["all_forwards_back"] and out[k]["all_events_received"] for k in ("off", "on"))
+        and out["on"].get("outcomes_complete", False) and set(outcomes) == {"forward"})
+
+
+def table_lines(R: dict) -> list[str]:
+    """The scenario's lines of the results table (none when it did not run)."""
+    x = R.get("intercept")
+    if not x:
+        return []
+
+    def pq(s: dict) -> str:
+        return f"{s['p50']} / {s['p99']} {s['unit']} (n={s['count']})" if s.get("count") else "n/a"
+
+    rt = x.get("verdict_round_trip_ms", {})
+    ex, od = x["extra_forward_us"], x["other_devices"]
+    return [
+        f"\n[9] intercept: {x['intercepted_devices']} of {x['devices']} devices hold their setup "
+        f"for a local decider, @ {x['offered_events_per_s']:g} ev/s (p50 / p99)",
+        f"  verdict round trip (the bridge's waited_ms): {pq(rt)}; outcomes {x.get('outcomes')}",
+        f"  forwarding, intercepted setups: {pq(x['on']['forward_us']['ruled.setup'])} "
+        f"(off: {pq(x['off']['forward_us']['ruled.setup'])}); extra {ex['intercepted_setup']['p50']} / "
+        f"{ex['intercepted_setup']['p99']} us",
+        f"  forwarding, later messages of those devices: extra {ex['same_devices_other_messages']['p50']}"
+        f" / {ex['same_devices_other_messages']['p99']} us",
+        f"  forwarding, devices without rules: {pq(od['forward_us_on'])} (off: "
+        f"{pq(od['forward_us_off'])}); on/off x{od['p50_on_over_off']} / x{od['p99_on_over_off']}",
+    ]
