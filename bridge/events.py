@@ -97,7 +97,8 @@ class CallSignaling(Event, tag="call.signaling", kw_only=True):
     call: int
     #: true: toward the device
     to: bool
-    #: "pbx": received from the PBX side and forwarded; "command": sent for a command
+    #: "pbx": received from the PBX side and forwarded; "command": sent for a command;
+    #: "intercept": the release the bridge sent for a rejected message (docs/INTERCEPT.md)
     origin: str
     #: the Signal object exactly as it passed
     sig: Raw

@@ -365,26 +365,27 @@ class Gate:
         self.rules = rules
         self.instance = instance
         self._counter = counter
-        self._calls: dict[tuple[str, int], _Call] = {}
+        #: (hw, call) -> what is held and queued on it (busy calls; read on the hot path)
+        self.calls: dict[tuple[str, int], _Call] = {}
         #: id -> hold
         self.held: dict[str, Hold] = {}
         #: the session is stopping: a message a rule matches gets the fail policy at once
         self.stopping = False
 
     def busy(self, hw: str, call: int) -> bool:
-        return (hw, call) in self._calls
+        return (hw, call) in self.calls
 
     def offer(self, hw: str, call: int, to: bool, sig_type: str | None, sig: Raw, item: Any,
               now: float) -> Any:
         """A message about to be forwarded: :data:`PASS`, :data:`QUEUED` or a list of steps."""
-        c = self._calls.get((hw, call))
+        c = self.calls.get((hw, call))
         if c is not None:
             c.queue.append((to, sig_type, sig, item))
             return QUEUED
         rule = self.rules.match(hw, sig_type, to) if call >= 0 else None
         if rule is None:
             return PASS
-        c = self._calls[(hw, call)] = _Call()
+        c = self.calls[(hw, call)] = _Call()
         return self._hold(c, hw, call, to, sig_type, sig, item, rule, now)  # type: ignore[arg-type]
 
     def _hold(self, c: _Call, hw: str, call: int, to: bool, sig_type: str, sig: Raw, item: Any,
@@ -403,18 +404,18 @@ class Gate:
         h = self.held.pop(id, None)
         if h is None:
             return None
-        c = self._calls[(h.hw, h.call)]
+        c = self.calls[(h.hw, h.call)]
         c.holding = None
         return [_ended(h, decision, now), *self._advance(c, h.hw, h.call, now)]
 
     def settle(self, hw: str, call: int, now: float) -> list[Step]:
         """The session has sent a call's releases: what queued meanwhile (empty: the call is free
         again)."""
-        c = self._calls.get((hw, call))
+        c = self.calls.get((hw, call))
         if c is None or c.holding is not None:
             return []
         if not c.queue:
-            del self._calls[(hw, call)]
+            del self.calls[(hw, call)]
             return []
         return self._advance(c, hw, call, now)
 
@@ -457,7 +458,7 @@ class Gate:
         it. The releases (action dropped) are for the events and counts."""
         out = [_ended(h, Decision(SESSION_LOST), now) for h in self.held.values()]
         self.held.clear()
-        self._calls.clear()
+        self.calls.clear()
         return out
 
 
