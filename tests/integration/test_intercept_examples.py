@@ -184,3 +184,56 @@ async def test_only_its_devices(decider, amqp, names):
     await ch.close()
     v, _ = await ask(amqp, names, SETUP_IN, hw="009033400002")
     assert v["verdict"] == "forward" and "sig" in v
+
+
+# ------------------------------------------------------------------ against the real bridge and simulator
+async def call_ended(sim, hw: str, call: int) -> dict:
+    """The simulator's record of the call once it has ended: what each end received."""
+    async with asyncio.timeout(15):
+        while (rec := sim.call_record(hw, call))["active"]:
+            await asyncio.sleep(0.02)
+    return rec
+
+
+@pytest.mark.parametrize("how", ["config", "command"])
+async def test_renames_and_screens_calls(how, decider, sim, bus, settings_for, start_bridge):
+    """The phone shows the CRM name; a blocked caller never rings the phone and gets cause 21;
+    an unknown caller's setup reaches the phone as it came. Rules from the configuration, or
+    from the decider's own intercept command (--enable)."""
+    hw = sim.hw(3)
+    seen = await bus.bind(f"device.{hw}.attached", f"device.{hw}.call.*.intercepted")
+    rules = {"intercept": "*=setup:device"} if how == "config" else {}
+    await start_bridge(settings_for(sim, devices=hw, intercept_deadline_ms=2000, **rules))
+    await seen.until(lambda e: e.key.endswith(".attached"))
+    d = await decider(*(("--enable", hw) if how == "command" else ()))
+    if how == "command":
+        assert d.lines[0] == f"intercept {hw}: ok", d.lines
+
+    renamed = await sim.place_call(hw, direction="in", remote="202", hold_s=0.05)
+    rec = await call_ended(sim, hw, renamed)
+    assert rec["device"][0]["fty"] == [{"type": "name_identification", "name": "Müller, Hans"}]
+    assert {k: v for k, v in rec["device"][0].items() if k != "fty"} == {
+        k: v for k, v in sigs.setup(sigs.party("202", "r202"), sigs.party("1003", "user0003"),
+                                    "x", 5006).items() if k != "fty"}
+    assert rec["order"] == [">setup", "<alert", "<conn", ">disc", "<rel"]
+    assert await d.line() == f"{hw} call {renamed} setup: rename 202 Müller, Hans"
+
+    blocked = await sim.place_call(hw, direction="in", remote="666", hold_s=0.05)
+    rec = await call_ended(sim, hw, blocked)
+    assert rec["device"] == []  # the phone never rang
+    assert rec["pbx"] == [{"type": "rel", "cau": {"num": 21}}]  # the caller got cause 21
+    assert await d.line() == f"{hw} call {blocked} setup: reject 666 cause 21"
+
+    unknown = await sim.place_call(hw, direction="in", remote="299", hold_s=0.05)
+    rec = await call_ended(sim, hw, unknown)
+    assert rec["device"][0] == sigs.setup(sigs.party("299", "r299"), sigs.party("1003", "user0003"),
+                                          "Remote 299", 5006)
+    assert await d.line() == f"{hw} call {unknown} setup: forward 299"
+
+    outcomes = [e.body for e in await seen.until(lambda e: e.body.get("call") == unknown)
+                if e.body["type"] == "call.intercepted"]
+    assert [(o["call"], o["outcome"], o["action"]) for o in outcomes] == [
+        (renamed, "replace", "replaced"), (blocked, "reject", "rejected"),
+        (unknown, "forward", "forwarded")]
+    assert outcomes[1]["cause"] == 21
+    assert sim.stats()["calls_stalled"] == 0
