@@ -230,7 +230,7 @@ def cmd_demo(args) -> int:
     url = amqp_url_from(args.amqp_url)
     url = _settings(args, amqp_url=url).broker_addresses()[0]  # as `run` would take it, or why not
     _run_tool(demo(devices=args.devices, call_rate=args.call_rate, duration=args.duration,
-                   amqp_url=url, http_port=args.http_port))
+                   amqp_url=url, http_port=args.http_port, intercept=args.intercept))
     return 0
 
 
@@ -352,6 +352,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--amqp-url", default=None, help=AMQP_URL_HELP)
     d.add_argument("--http-port", type=int, default=0,
                    help="port of the bridge's /healthz, /readyz, /metrics (default: a free one)")
+    d.add_argument("--intercept", action="append", choices=("crm", "screen"), default=None,
+                   help="intercept mode live (docs/INTERCEPT.md): every setup toward a device "
+                   "waits for the example decider (examples/python/intercept.py); crm: the "
+                   "caller's name from examples/crm.csv on the phone; screen: the numbers of "
+                   "examples/blocked.txt rejected (cause 21). Repeat for both; the demo calls "
+                   "from those numbers every few seconds")
     d.set_defaults(func=cmd_demo)
 
     k = sub.add_parser("contracts", help="generate the JSON Schemas and the AsyncAPI document",
