@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter, defaultdict
+import re
+import time
 from typing import TYPE_CHECKING
 
 import aio_pika
@@ -33,10 +35,17 @@ if TYPE_CHECKING:
     from bridge.bench.runner import Bench
 
 SETUP = b'"type":"setup"'
+CALL = re.compile(rb'"call":(\d+)')
+now_ns = time.monotonic_ns
 #: generous: a verdict of the local decider never misses it, a miss would show as a timeout
 DEADLINE_MS = 1000
 GROUPS = ("ruled", "other")  # the devices with rules in the `on` run, the others
 KINDS = ("setup", "other")
+
+
+class _Request(msgspec.Struct):
+    hw: str
+    call: int
 
 
 class Decider:
@@ -50,6 +59,9 @@ class Decider:
         self.answered = 0
         self.outcomes: Counter = Counter()
         self.waited_ns: list[int] = []
+        #: (hw, call) -> when its request came in, when its verdict went out (monotonic ns: the
+        #: load generator's clock, for the legs of an intercepted setup's way)
+        self.seen: dict[tuple[str, int], tuple[int, int]] = {}
 
     async def start(self) -> None:
         self.conn = await aio_pika.connect(self.url)
@@ -64,9 +76,14 @@ class Decider:
         await outcomes.consume(self._on_outcome, no_ack=True)
 
     async def _on_request(self, msg: aio_pika.abc.AbstractIncomingMessage) -> None:
+        t_in = now_ns()
+        req = msgspec.json.decode(msg.body, type=_Request)
         body = b'{"v":1,"id":%s,"verdict":"forward"}' % msgspec.json.encode(msg.correlation_id)
+        # not mandatory: RabbitMQ 3.10 returns a mandatory message to a direct reply-to
+        # pseudo-queue (NO_ROUTE) even when it delivered it
         await self._reply.publish(aio_pika.Message(body, correlation_id=msg.correlation_id),
-                                  routing_key=msg.reply_to)
+                                  routing_key=msg.reply_to, mandatory=False)
+        self.seen[(req.hw, req.call)] = (t_in, now_ns())
         self.answered += 1
 
     async def _on_outcome(self, msg: aio_pika.abc.AbstractIncomingMessage) -> None:
@@ -100,6 +117,7 @@ async def run(bench: Bench) -> None:
                  "deadline_ms": DEADLINE_MS, "offered_events_per_s": o.latency_rate,
                  "duration_s": o.latency_duration, "warmup_s": o.warmup}
     fwd: dict[str, dict[tuple[str, str], list[int]]] = {}
+    legs: dict[str, list[int]] = defaultdict(list)
     for name, extra in (("off", {}), ("on", {"EPSIGNAL_INTERCEPT": rules,
                                              "EPSIGNAL_INTERCEPT_DEADLINE_MS": str(DEADLINE_MS)})):
         env = Env(bench, f"intercept-{name}", n, extra_env=extra)
@@ -111,9 +129,16 @@ async def run(bench: Bench) -> None:
                 decider = Decider(bench.amqp, env.names.events)
                 await decider.start()
 
-            def tap(s, data: bytes, rtt: int, samples=samples) -> None:
+            def tap(s, data: bytes, stamp: int, t: int, samples=samples, decider=decider) -> None:
+                setup = SETUP in data
                 samples[("ruled" if s.hw in ruled else "other",
-                         "setup" if SETUP in data else "other")].append(rtt)
+                         "setup" if setup else "other")].append(t - stamp)
+                if decider is not None and setup and s.hw in ruled:
+                    t_in, t_out = decider.seen.pop((s.hw, int(CALL.search(data)[1])), (0, 0))
+                    if t_in:  # the legs: frame sent -> request at the decider, verdict -> frame back
+                        legs["to_decider"].append(t_in - stamp)
+                        legs["at_decider"].append(t_out - t_in)
+                        legs["from_decider"].append(t - t_out)
 
             env.lg.tap = tap
             r = await bench.paced_run(env, o.latency_rate, o.latency_duration, o.warmup)
@@ -134,6 +159,7 @@ async def run(bench: Bench) -> None:
                 part["requests_answered"] = decider.answered
                 out["outcomes"] = dict(decider.outcomes)
                 out["verdict_round_trip_ms"] = stats.summary(decider.waited_ns, "ms")
+                out["intercepted_setup_legs_ms"] = {k: stats.summary(v, "ms") for k, v in legs.items()}
             out[name] = part
             fwd[name] = samples
         finally:
@@ -177,6 +203,8 @@ def table_lines(R: dict) -> list[str]:
         f"\n[9] intercept: {x['intercepted_devices']} of {x['devices']} devices hold their setup "
         f"for a local decider, @ {x['offered_events_per_s']:g} ev/s (p50 / p99)",
         f"  verdict round trip (the bridge's waited_ms): {pq(rt)}; outcomes {x.get('outcomes')}",
+        *(f"  intercepted setup, {k.replace('_', ' ')}: {pq(v)}"
+          for k, v in x.get("intercepted_setup_legs_ms", {}).items()),
         f"  forwarding, intercepted setups: {pq(x['on']['forward_us']['ruled.setup'])} "
         f"(off: {pq(x['off']['forward_us']['ruled.setup'])}); extra {ex['intercepted_setup']['p50']} / "
         f"{ex['intercepted_setup']['p99']} us",

@@ -78,9 +78,9 @@ class LoadGen:
         #: forwarding round trips (ns) of frames stamped at or after ``record_from``
         self.fwd_rtt: list[int] = []
         self.record_from = 1 << 62
-        #: called with (session, forwarded frame, round trip ns) for each one recorded, to sort
-        #: them (the intercept scenario: by device and message kind)
-        self.tap: Callable[[LgSession, bytes, int], None] | None = None
+        #: called with (session, forwarded frame, send stamp, time back) for each one recorded,
+        #: to sort them (the intercept scenario: by device and message kind)
+        self.tap: Callable[[LgSession, bytes, int, int], None] | None = None
         self.cmd_latency: list[int] = []
         self._fwd_target = 1 << 62
         self._fwd_ev = asyncio.Event()
@@ -188,7 +188,7 @@ class LoadGen:
         if stamp >= self.record_from:
             self.fwd_rtt.append(t - stamp)
             if self.tap is not None:
-                self.tap(s, data, t - stamp)
+                self.tap(s, data, stamp, t)
         if self.forwards >= self._fwd_target:
             self._fwd_ev.set()
         ready = self._ready

@@ -167,7 +167,8 @@ async def main(args: argparse.Namespace) -> int:
                 await ch.default_exchange.publish(aio_pika.Message(
                     json.dumps(verdict, ensure_ascii=False).encode(),
                     correlation_id=msg.correlation_id, content_type="application/json",
-                    headers=carrier), routing_key=msg.reply_to)
+                    headers=carrier), routing_key=msg.reply_to,
+                    mandatory=False)  # RabbitMQ 3.10 returns a mandatory reply it delivered
                 print(f"{req['hw']} call {req['call']} {req['sig'].get('type')}: {what}",
                       flush=True)
                 answered += 1
