@@ -4,12 +4,15 @@ costs.
 Two bridges one after the other under the same open-loop load (``--latency-rate`` events/s for
 ``--latency-duration`` s, the first ``--warmup`` s left out): ``off`` without intercept rules,
 ``on`` with ``EPSIGNAL_INTERCEPT`` holding the ``setup`` toward the device of the first half of
-the devices, and a local decider in the harness (:class:`Decider`: an exclusive auto-delete
-queue bound to ``device.*.call.*.intercept``, answering ``forward`` at once). The load
-generator sorts every forwarded frame by device half and kind (setup or other), so that:
+the devices, and a local decider in a process of its own (:class:`Decider`: an exclusive
+auto-delete queue bound to ``device.*.call.*.intercept``, answering ``forward`` at once). The
+load generator sorts every forwarded frame by device half and kind (setup or other), so that:
 
-- ``verdict_round_trip_ms``: the bridge's own round trip (request published -> verdict in), the
-  ``waited_ms`` of its ``call.intercepted`` events;
+- ``verdict_round_trip_ms``: the bridge's own round trip (hold -> verdict in), the
+  ``waited_ms`` of its ``call.intercepted`` events (the bridge's loop clock: 1 ms steps under
+  uvloop);
+- ``intercepted_setup_legs_ms``: an intercepted setup's way in three legs on the machine's
+  monotonic clock: frame sent -> request at the decider, at the decider, verdict -> frame back;
 - ``extra_forward_us``: what intercepted setups take more than the same devices' setups in
   the ``off`` run (p50, p99), and the same for the other messages of those devices (a message
   that comes while its call's setup is held waits behind it);
@@ -20,9 +23,11 @@ generator sorts every forwarded frame by device half and kind (setup or other), 
 from __future__ import annotations
 
 import asyncio
-from collections import Counter, defaultdict
+import json
 import re
+import sys
 import time
+from collections import Counter, defaultdict
 from typing import TYPE_CHECKING
 
 import aio_pika
@@ -49,31 +54,30 @@ class _Request(msgspec.Struct):
 
 
 class Decider:
-    """Answers every intercept request ``forward`` (to its reply_to, with its correlation_id),
-    and collects the outcomes and round trips of the bridge's ``call.intercepted`` events."""
+    """The local decider, its own process (``python -m bridge.bench.intercept URL EXCHANGE``, as
+    a consumer of the bus would run): answers every intercept request ``forward`` at once (to
+    its reply_to, with its correlation_id). Prints ``ready`` once bound; on ``report`` from stdin
+    prints what it saw as JSON and ends."""
 
     def __init__(self, url: str, exchange: str) -> None:
         self.url = url
         self.exchange = exchange
-        self.conn: aio_pika.abc.AbstractConnection | None = None
         self.answered = 0
-        self.outcomes: Counter = Counter()
-        self.waited_ns: list[int] = []
-        #: (hw, call) -> when its request came in, when its verdict went out (monotonic ns: the
-        #: load generator's clock, for the legs of an intercepted setup's way)
-        self.seen: dict[tuple[str, int], tuple[int, int]] = {}
+        #: [hw, call, request in, verdict out] (monotonic ns: the load generator's clock)
+        self.seen: list[tuple[str, int, int, int]] = []
 
-    async def start(self) -> None:
-        self.conn = await aio_pika.connect(self.url)
-        ch = await self.conn.channel(publisher_confirms=False)
-        self._reply = ch.default_exchange
-        ex = await ch.get_exchange(self.exchange, ensure=False)
-        requests = await ch.declare_queue(exclusive=True, auto_delete=True)
-        await requests.bind(ex, "device.*.call.*.intercept")
-        await requests.consume(self._on_request, no_ack=True)
-        outcomes = await ch.declare_queue(exclusive=True, auto_delete=True)
-        await outcomes.bind(ex, "device.*.call.*.intercepted")
-        await outcomes.consume(self._on_outcome, no_ack=True)
+    async def run(self) -> None:
+        async with await aio_pika.connect(self.url) as conn:
+            ch = await conn.channel(publisher_confirms=False)
+            self._reply = ch.default_exchange
+            ex = await ch.get_exchange(self.exchange, ensure=False)
+            requests = await ch.declare_queue(exclusive=True, auto_delete=True)
+            await requests.bind(ex, "device.*.call.*.intercept")
+            await requests.consume(self._on_request, no_ack=True)
+            loop = asyncio.get_running_loop()
+            print("ready", flush=True)
+            await loop.run_in_executor(None, sys.stdin.readline)
+            print(json.dumps({"answered": self.answered, "seen": self.seen}), flush=True)
 
     async def _on_request(self, msg: aio_pika.abc.AbstractIncomingMessage) -> None:
         t_in = now_ns()
@@ -83,18 +87,34 @@ class Decider:
         # pseudo-queue (NO_ROUTE) even when it delivered it
         await self._reply.publish(aio_pika.Message(body, correlation_id=msg.correlation_id),
                                   routing_key=msg.reply_to, mandatory=False)
-        self.seen[(req.hw, req.call)] = (t_in, now_ns())
+        self.seen.append((req.hw, req.call, t_in, now_ns()))
         self.answered += 1
 
-    async def _on_outcome(self, msg: aio_pika.abc.AbstractIncomingMessage) -> None:
+
+class Outcomes:
+    """The bridge's ``call.intercepted`` events: outcomes and round trips (``waited_ms``)."""
+
+    def __init__(self) -> None:
+        self.conn: aio_pika.abc.AbstractConnection | None = None
+        self.counts: Counter = Counter()
+        self.waited_ns: list[int] = []
+
+    async def open(self, url: str, exchange: str) -> None:
+        self.conn = await aio_pika.connect(url)
+        ch = await self.conn.channel()
+        q = await ch.declare_queue(exclusive=True, auto_delete=True)
+        await q.bind(await ch.get_exchange(exchange, ensure=False), "device.*.call.*.intercepted")
+        await q.consume(self._on_event, no_ack=True)
+
+    async def _on_event(self, msg: aio_pika.abc.AbstractIncomingMessage) -> None:
         ev = msgspec.json.decode(msg.body)
-        self.outcomes[ev["outcome"]] += 1
+        self.counts[ev["outcome"]] += 1
         self.waited_ns.append(int(ev["waited_ms"] * 1e6))
 
-    async def wait_outcomes(self, n: int, timeout: float) -> bool:
+    async def wait(self, n: int, timeout: float) -> bool:
         try:
             async with asyncio.timeout(timeout):
-                while sum(self.outcomes.values()) < n:
+                while sum(self.counts.values()) < n:
                     await asyncio.sleep(0.05)
             return True
         except TimeoutError:
@@ -103,6 +123,26 @@ class Decider:
     async def close(self) -> None:
         if self.conn is not None:
             await self.conn.close()
+
+
+async def start_decider(bench: Bench, exchange: str) -> asyncio.subprocess.Process:
+    with open(bench.out / "intercept-decider.log", "ab") as log:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bridge.bench.intercept", bench.amqp, exchange,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=log)
+    line = await asyncio.wait_for(proc.stdout.readline(), 30)
+    if line.strip() != b"ready":
+        raise RuntimeError(f"the decider did not start: {line!r} (see "
+                           f"{bench.out / 'intercept-decider.log'})")
+    return proc
+
+
+async def decider_report(proc: asyncio.subprocess.Process) -> dict:
+    proc.stdin.write(b"report\n")
+    await proc.stdin.drain()
+    line = await asyncio.wait_for(proc.stdout.readline(), 30)
+    await asyncio.wait_for(proc.wait(), 10)
+    return json.loads(line)
 
 
 async def run(bench: Bench) -> None:
@@ -117,28 +157,26 @@ async def run(bench: Bench) -> None:
                  "deadline_ms": DEADLINE_MS, "offered_events_per_s": o.latency_rate,
                  "duration_s": o.latency_duration, "warmup_s": o.warmup}
     fwd: dict[str, dict[tuple[str, str], list[int]]] = {}
-    legs: dict[str, list[int]] = defaultdict(list)
     for name, extra in (("off", {}), ("on", {"EPSIGNAL_INTERCEPT": rules,
                                              "EPSIGNAL_INTERCEPT_DEADLINE_MS": str(DEADLINE_MS)})):
         env = Env(bench, f"intercept-{name}", n, extra_env=extra)
-        decider = None
+        decider = outcomes = None
         samples: dict[tuple[str, str], list[int]] = defaultdict(list)
+        #: (hw, call) of an intercepted setup -> its send stamp and the time it came back
+        back: dict[tuple[str, int], tuple[int, int]] = {}
         try:
             await env.start()
             if name == "on":
-                decider = Decider(bench.amqp, env.names.events)
-                await decider.start()
+                outcomes = Outcomes()
+                await outcomes.open(bench.amqp, env.names.events)
+                decider = await start_decider(bench, env.names.events)
 
-            def tap(s, data: bytes, stamp: int, t: int, samples=samples, decider=decider) -> None:
+            def tap(s, data: bytes, stamp: int, t: int, samples=samples, back=back) -> None:
                 setup = SETUP in data
                 samples[("ruled" if s.hw in ruled else "other",
                          "setup" if setup else "other")].append(t - stamp)
-                if decider is not None and setup and s.hw in ruled:
-                    t_in, t_out = decider.seen.pop((s.hw, int(CALL.search(data)[1])), (0, 0))
-                    if t_in:  # the legs: frame sent -> request at the decider, verdict -> frame back
-                        legs["to_decider"].append(t_in - stamp)
-                        legs["at_decider"].append(t_out - t_in)
-                        legs["from_decider"].append(t - t_out)
+                if setup and s.hw in ruled:
+                    back[(s.hw, int(CALL.search(data)[1]))] = (stamp, t)
 
             env.lg.tap = tap
             r = await bench.paced_run(env, o.latency_rate, o.latency_duration, o.warmup)
@@ -150,21 +188,32 @@ async def run(bench: Bench) -> None:
                     "machine_busy_pct": r["cpu_window"].get("machine_busy_pct"),
                     "forward_us": {f"{g}.{k}": stats.summary(samples[(g, k)], "us")
                                    for g in GROUPS for k in KINDS}}
-            if decider is not None:
+            if outcomes is not None:
                 # every setup sent to a ruled device was held: one outcome each (a device's
                 # frame maker is at call `call`, step `step` of the cycle; step 0 is the setup)
                 held = sum(s.maker.call - 1 + (s.maker.step > 0) for s in env.lg.order
                            if s.hw in ruled)
-                part["outcomes_complete"] = await decider.wait_outcomes(held, 30)
-                part["requests_answered"] = decider.answered
-                out["outcomes"] = dict(decider.outcomes)
-                out["verdict_round_trip_ms"] = stats.summary(decider.waited_ns, "ms")
+                part["outcomes_complete"] = await outcomes.wait(held, 30)
+                report = await decider_report(decider)
+                part["requests_answered"] = report["answered"]
+                legs: dict[str, list[int]] = defaultdict(list)
+                for hw, call, t_in, t_out in report["seen"]:
+                    if (hw, call) in back:  # the legs: frame sent -> request at the decider,
+                        stamp, t = back[(hw, call)]  # at the decider, verdict -> frame back
+                        legs["to_decider"].append(t_in - stamp)
+                        legs["at_decider"].append(t_out - t_in)
+                        legs["from_decider"].append(t - t_out)
+                out["outcomes"] = dict(outcomes.counts)
+                out["verdict_round_trip_ms"] = stats.summary(outcomes.waited_ns, "ms")
                 out["intercepted_setup_legs_ms"] = {k: stats.summary(v, "ms") for k, v in legs.items()}
             out[name] = part
             fwd[name] = samples
         finally:
-            if decider is not None:
-                await decider.close()
+            if decider is not None and decider.returncode is None:
+                decider.kill()
+                await decider.wait()
+            if outcomes is not None:
+                await outcomes.close()
             await env.stop()
 
     def delta(group: str, kind: str) -> dict:
@@ -213,3 +262,7 @@ def table_lines(R: dict) -> list[str]:
         f"  forwarding, devices without rules: {pq(od['forward_us_on'])} (off: "
         f"{pq(od['forward_us_off'])}); on/off x{od['p50_on_over_off']} / x{od['p99_on_over_off']}",
     ]
+
+
+if __name__ == "__main__":
+    asyncio.run(Decider(sys.argv[1], sys.argv[2]).run())
