@@ -1,10 +1,11 @@
 """Scenario 9, ``intercept`` (issue 18, docs/INTERCEPT.md): what holding messages for a verdict
 costs.
 
-Two bridges one after the other under the same open-loop load (``--latency-rate`` events/s for
-``--latency-duration`` s, the first ``--warmup`` s left out): ``off`` without intercept rules,
-``on`` with ``EPSIGNAL_INTERCEPT`` holding the ``setup`` toward the device of the first half of
-the devices, and a local decider in a process of its own (:class:`Decider`: an exclusive
+Two bridges side by side, the same open-loop load (``--latency-rate`` events/s for
+``--latency-duration`` s, the first ``--warmup`` s left out) on each in turn, ``--rounds``
+times (samples pooled; alternating, so that the machine's drift hits both alike): ``off``
+without intercept rules, ``on`` with ``EPSIGNAL_INTERCEPT`` holding the ``setup`` toward the
+device of the first half of the devices, and a local decider in a process of its own (:class:`Decider`: an exclusive
 auto-delete queue bound to ``device.*.call.*.intercept``, answering ``forward`` at once). The
 load generator sorts every forwarded frame by device half and kind (setup or other), so that:
 
@@ -13,11 +14,11 @@ load generator sorts every forwarded frame by device half and kind (setup or oth
   uvloop);
 - ``intercepted_setup_legs_ms``: an intercepted setup's way in three legs on the machine's
   monotonic clock: frame sent -> request at the decider, at the decider, verdict -> frame back;
-- ``extra_forward_us``: what intercepted setups take more than the same devices' setups in
-  the ``off`` run (p50, p99), and the same for the other messages of those devices (a message
+- ``extra_forward_us``: what intercepted setups take more than the same devices' setups on
+  the ``off`` bridge (p50, p99), and the same for the other messages of those devices (a message
   that comes while its call's setup is held waits behind it);
-- ``other_devices``: the devices without rules in the ``on`` run against the same devices in
-  the ``off`` run (p50, p99 ratios): the traffic that is not intercepted is not slowed down.
+- ``other_devices``: the devices without rules on the ``on`` bridge against the same devices
+  on the ``off`` one (p50, p99 ratios): the traffic that is not intercepted is not slowed down.
 """
 
 from __future__ import annotations
@@ -155,65 +156,68 @@ async def run(bench: Bench) -> None:
     rules = ";".join(f"{hw}=setup:device" for hw in sorted(ruled))
     out: dict = {"devices": n, "intercepted_devices": len(ruled), "rule": "setup:device",
                  "deadline_ms": DEADLINE_MS, "offered_events_per_s": o.latency_rate,
-                 "duration_s": o.latency_duration, "warmup_s": o.warmup}
-    fwd: dict[str, dict[tuple[str, str], list[int]]] = {}
-    for name, extra in (("off", {}), ("on", {"EPSIGNAL_INTERCEPT": rules,
-                                             "EPSIGNAL_INTERCEPT_DEADLINE_MS": str(DEADLINE_MS)})):
-        env = Env(bench, f"intercept-{name}", n, extra_env=extra)
-        decider = outcomes = None
-        samples: dict[tuple[str, str], list[int]] = defaultdict(list)
-        #: (hw, call) of an intercepted setup -> its send stamp and the time it came back
-        back: dict[tuple[str, int], tuple[int, int]] = {}
-        try:
+                 "duration_s": o.latency_duration, "warmup_s": o.warmup, "rounds": o.rounds}
+    names = ("off", "on")
+    envs = {name: Env(bench, f"intercept-{name}", n, extra_env=extra) for name, extra in (
+        ("off", {}), ("on", {"EPSIGNAL_INTERCEPT": rules,
+                             "EPSIGNAL_INTERCEPT_DEADLINE_MS": str(DEADLINE_MS)}))}
+    samples: dict[str, dict[tuple[str, str], list[int]]] = {k: defaultdict(list) for k in names}
+    #: (hw, call) of an intercepted setup -> its send stamp and the time it came back
+    back: dict[tuple[str, int], tuple[int, int]] = {}
+    decider = outcomes = None
+    try:
+        for name, env in envs.items():
             await env.start()
-            if name == "on":
-                outcomes = Outcomes()
-                await outcomes.open(bench.amqp, env.names.events)
-                decider = await start_decider(bench, env.names.events)
 
-            def tap(s, data: bytes, stamp: int, t: int, samples=samples, back=back) -> None:
+            def tap(s, data: bytes, stamp: int, t: int, mine=samples[name], on=name == "on") -> None:
                 setup = SETUP in data
-                samples[("ruled" if s.hw in ruled else "other",
-                         "setup" if setup else "other")].append(t - stamp)
-                if setup and s.hw in ruled:
+                mine[("ruled" if s.hw in ruled else "other",
+                      "setup" if setup else "other")].append(t - stamp)
+                if on and setup and s.hw in ruled:
                     back[(s.hw, int(CALL.search(data)[1]))] = (stamp, t)
 
             env.lg.tap = tap
-            r = await bench.paced_run(env, o.latency_rate, o.latency_duration, o.warmup)
-            r.pop("_hop", None), r.pop("_fwd", None)
-            part = {"achieved_events_per_s": r["achieved_events_per_s"],
-                    "all_forwards_back": r["all_forwards_back"],
-                    "all_events_received": r.get("all_events_received"),
-                    "bridge_cpu_pct": r["bridge_cpu_pct"],
-                    "machine_busy_pct": r["cpu_window"].get("machine_busy_pct"),
-                    "forward_us": {f"{g}.{k}": stats.summary(samples[(g, k)], "us")
-                                   for g in GROUPS for k in KINDS}}
-            if outcomes is not None:
-                # every setup sent to a ruled device was held: one outcome each (a device's
-                # frame maker is at call `call`, step `step` of the cycle; step 0 is the setup)
-                held = sum(s.maker.call - 1 + (s.maker.step > 0) for s in env.lg.order
-                           if s.hw in ruled)
-                part["outcomes_complete"] = await outcomes.wait(held, 30)
-                report = await decider_report(decider)
-                part["requests_answered"] = report["answered"]
-                legs: dict[str, list[int]] = defaultdict(list)
-                for hw, call, t_in, t_out in report["seen"]:
-                    if (hw, call) in back:  # the legs: frame sent -> request at the decider,
-                        stamp, t = back[(hw, call)]  # at the decider, verdict -> frame back
-                        legs["to_decider"].append(t_in - stamp)
-                        legs["at_decider"].append(t_out - t_in)
-                        legs["from_decider"].append(t - t_out)
-                out["outcomes"] = dict(outcomes.counts)
-                out["verdict_round_trip_ms"] = stats.summary(outcomes.waited_ns, "ms")
-                out["intercepted_setup_legs_ms"] = {k: stats.summary(v, "ms") for k, v in legs.items()}
-            out[name] = part
-            fwd[name] = samples
-        finally:
-            if decider is not None and decider.returncode is None:
-                decider.kill()
-                await decider.wait()
-            if outcomes is not None:
-                await outcomes.close()
+        outcomes = Outcomes()
+        await outcomes.open(bench.amqp, envs["on"].names.events)
+        decider = await start_decider(bench, envs["on"].names.events)
+        runs: dict[str, list[dict]] = {k: [] for k in names}
+        for _ in range(o.rounds):  # alternating, so that the machine's drift hits both alike
+            for name in names:
+                r = await bench.paced_run(envs[name], o.latency_rate, o.latency_duration, o.warmup)
+                runs[name].append(r)
+        for name in names:
+            out[name] = {
+                "achieved_events_per_s": [r["achieved_events_per_s"] for r in runs[name]],
+                "all_forwards_back": all(r["all_forwards_back"] for r in runs[name]),
+                "all_events_received": all(r.get("all_events_received") for r in runs[name]),
+                "bridge_cpu_pct": [r["bridge_cpu_pct"] for r in runs[name]],
+                "machine_busy_pct": [r["cpu_window"].get("machine_busy_pct") for r in runs[name]],
+                "forward_us": {f"{g}.{k}": stats.summary(samples[name][(g, k)], "us")
+                               for g in GROUPS for k in KINDS}}
+        # every setup sent to a ruled device was held: one outcome each (a device's frame maker
+        # is at call `call`, step `step` of the cycle; step 0 is the setup)
+        held = sum(s.maker.call - 1 + (s.maker.step > 0) for s in envs["on"].lg.order
+                   if s.hw in ruled)
+        out["on"]["outcomes_complete"] = await outcomes.wait(held, 30)
+        report = await decider_report(decider)
+        out["on"]["requests_answered"] = report["answered"]
+        legs: dict[str, list[int]] = defaultdict(list)
+        for hw, call, t_in, t_out in report["seen"]:
+            if (hw, call) in back:  # the legs: frame sent -> request at the decider, at the
+                stamp, t = back[(hw, call)]  # decider, verdict -> frame back
+                legs["to_decider"].append(t_in - stamp)
+                legs["at_decider"].append(t_out - t_in)
+                legs["from_decider"].append(t - t_out)
+        out["outcomes"] = dict(outcomes.counts)
+        out["verdict_round_trip_ms"] = stats.summary(outcomes.waited_ns, "ms")
+        out["intercepted_setup_legs_ms"] = {k: stats.summary(v, "ms") for k, v in legs.items()}
+    finally:
+        if decider is not None and decider.returncode is None:
+            decider.kill()
+            await decider.wait()
+        if outcomes is not None:
+            await outcomes.close()
+        for env in envs.values():
             await env.stop()
 
     def delta(group: str, kind: str) -> dict:
@@ -224,8 +228,8 @@ async def run(bench: Bench) -> None:
 
     out["extra_forward_us"] = {"intercepted_setup": delta("ruled", "setup"),
                                "same_devices_other_messages": delta("ruled", "other")}
-    on_other = stats.summary(fwd["on"][("other", "setup")] + fwd["on"][("other", "other")], "us")
-    off_other = stats.summary(fwd["off"][("other", "setup")] + fwd["off"][("other", "other")], "us")
+    on_other = stats.summary(samples["on"][("other", "setup")] + samples["on"][("other", "other")], "us")
+    off_other = stats.summary(samples["off"][("other", "setup")] + samples["off"][("other", "other")], "us")
     out["other_devices"] = {
         "forward_us_on": on_other, "forward_us_off": off_other,
         **{f"{q}_on_over_off": _r(on_other[q] / off_other[q], 2) if on_other[q] and off_other[q] else None
@@ -250,7 +254,8 @@ def table_lines(R: dict) -> list[str]:
     ex, od = x["extra_forward_us"], x["other_devices"]
     return [
         f"\n[9] intercept: {x['intercepted_devices']} of {x['devices']} devices hold their setup "
-        f"for a local decider, @ {x['offered_events_per_s']:g} ev/s (p50 / p99)",
+        f"for a local decider, @ {x['offered_events_per_s']:g} ev/s, {x['rounds']} round(s) "
+        f"off/on (p50 / p99)",
         f"  verdict round trip (the bridge's waited_ms): {pq(rt)}; outcomes {x.get('outcomes')}",
         *(f"  intercepted setup, {k.replace('_', ' ')}: {pq(v)}"
           for k, v in x.get("intercepted_setup_legs_ms", {}).items()),

@@ -90,6 +90,18 @@ def test_bench_smoke(tmp_path):
         ratios = pe["ratios"][name]
         assert all(v is not None and v > 0 for v in ratios.values()), (name, ratios)
         assert 0.1 < ratios["frames_per_s"] < 20, report
+    # 9: intercept (issue 18): every setup of the ruled half was held and forwarded on the
+    # local decider's verdict, every frame of both runs came back, every event arrived
+    x = r["intercept"]
+    assert x["outcomes"] == {"forward": x["on"]["requests_answered"]} and x["outcomes"]["forward"] > 10
+    for run in ("off", "on"):
+        assert x[run]["all_forwards_back"] and x[run]["all_events_received"], (run, x[run])
+        assert all(v["count"] > 5 for v in x[run]["forward_us"].values()), (run, x[run])
+    assert x["verdict_round_trip_ms"]["count"] == x["outcomes"]["forward"]
+    legs = x["intercepted_setup_legs_ms"]
+    assert set(legs) == {"to_decider", "at_decider", "from_decider"}
+    assert legs["to_decider"]["count"] == x["on"]["forward_us"]["ruled.setup"]["count"]
+    assert all(v["p50"] >= 0 for v in legs.values()), legs
     # plots
     for name in ("latency_cdf", "rss_vs_devices"):
         if "skipped" not in r["plots"]:
