@@ -119,6 +119,7 @@ def on_signaling(pbx: PbxSimulator, s: Session, msg: Signaling) -> None:
         if call.device.session is not s:
             counters.bad_signaling += 1
             return
+        pbx.record_received(cid, to, msg.sig)
         if call.forwarded(to, msg.sig):
             counters.messages_forwarded += 1
         else:

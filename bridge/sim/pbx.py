@@ -11,6 +11,7 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 from msgspec import UNSET
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
@@ -25,6 +26,8 @@ from bridge.sim.session import Session
 from bridge.sim.stats import Counters, RttWindow
 
 PATH = "/PBX0/APPS/websocket"
+#: calls whose received sigs are kept (PbxSimulator.received)
+RECEIVED_CALLS = 1000
 
 
 @dataclass
@@ -62,6 +65,8 @@ class PbxSimulator:
         self._reg_pos: dict[str, int] = {d.hw: i for i, d in enumerate(self._registered)}
         #: positive-id calls by id (negative ids live only in their device's calls)
         self._calls: dict[int, Call] = {}
+        #: call id -> (to, sig) the application sent on it, in order (record_received)
+        self._received: dict[int, list[tuple[bool, bytes]]] = {}
         self._last_id = 0
         self._active = 0
         self._idle = asyncio.Event()
@@ -298,6 +303,23 @@ class PbxSimulator:
         call.task = asyncio.create_task(call.run(script))
         # a task cancelled before it ran never reaches run()'s own accounting
         call.task.add_done_callback(lambda _t: self._call_finished(call, "aborted"))
+
+    def record_received(self, call: int, to: bool, sig) -> None:
+        """What the application sent on a call (forwarded or its own), in order: the device end
+        gets ``to`` true, the PBX end the rest. Kept for the last RECEIVED_CALLS calls."""
+        got = self._received.get(call)
+        if got is None:
+            if len(self._received) >= RECEIVED_CALLS:
+                del self._received[next(iter(self._received))]
+            got = self._received[call] = []
+        got.append((to, bytes(sig)))
+
+    def received(self, call: int) -> dict[str, list[dict]]:
+        """The sigs each end of ``call`` received through the application, in order."""
+        out: dict[str, list[dict]] = {"device": [], "pbx": []}
+        for to, raw in self._received.get(call, ()):
+            out["device" if to else "pbx"].append(msgspec.json.decode(raw))
+        return out
 
     def _call_finished(self, call: Call, outcome: str) -> None:
         d = call.device
