@@ -337,11 +337,15 @@ class PbxSession:
                         self.intercept.request(self, step, dev)
                     else:
                         await self._release(step)
+                # a call is settled (free again) only when none of its releases waits here: a
+                # hold decided meanwhile (a lost broker, a stop) queued its release behind
+                waiting = {(s.item[3].hw, s.item[0].call) for later in queue for s in later}
                 now = asyncio.get_running_loop().time()
-                for hw, call in calls:
-                    more = gate.settle(hw, call, now)
-                    if more:
-                        queue.appendleft(more)
+                for key in calls:
+                    if key not in waiting:
+                        more = gate.settle(*key, now)
+                        if more:
+                            queue.appendleft(more)
         except ConnectionClosed:
             queue.clear()  # the reader ends too: the gate's holds are dropped there
         except Exception:

@@ -298,3 +298,54 @@ async def test_command_rules_survive_failover_with_leases(sim, bus, start_bridge
     call = await sim.place_call(hw, direction="in", hold_s=0.1)
     await eventually(lambda: any(r["call"] == call for r in decider.requests), 10, "the setup was intercepted")
     assert b.intercept.outcomes["forward"] >= 1 or b.intercept.held
+
+
+# ------------------------------------------------------------------------------- tracing, metrics
+async def test_the_round_trip_is_in_the_call_s_trace_and_counted(sim, bus, settings_for, start_bridge):
+    from opentelemetry import propagate
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from bridge import tracing
+    from tests.integration.test_observability import _get, http_port
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing.configure(provider)
+    try:
+        hw = sim.hw(7)
+        decided = []
+
+        class Continuing(Decider):  # continues the request's trace, its verdict carries its own
+            async def _on(self, msg):
+                req = json.loads(msg.body)
+                ctx = propagate.extract({k: v for k, v in msg.headers.items() if isinstance(v, str)})
+                with provider.get_tracer("decider").start_as_current_span("decide", context=ctx) as span:
+                    headers: dict = {}
+                    propagate.inject(headers)
+                    decided.append(span.get_span_context())
+                await self.ch.default_exchange.publish(aio_pika.Message(
+                    json.dumps({"id": req["id"], "verdict": "forward"}).encode(),
+                    correlation_id=msg.correlation_id, headers=headers), routing_key=msg.reply_to)
+
+        await Continuing(bus, None).start()
+        bridge, q = await bridge_with(sim, bus, settings_for, start_bridge, hw)
+        call = await sim.place_call(hw, direction="in", hold_s=0.05)
+        evs = await released(q, call)
+        [span] = [s for s in exporter.get_finished_spans() if s.name.startswith("intercept ")]
+        assert span.name == "intercept device.{hw}.call.{call}.intercept"
+        assert span.attributes["epsignal.intercept.outcome"] == "forward"
+        assert span.attributes["epsignal.call"] == call and span.attributes["epsignal.sig.type"] == "setup"
+        [d] = decided
+        assert d.trace_id == span.context.trace_id  # the decider continued the call's trace
+        assert [link.context.span_id for link in span.links] == [d.span_id]
+        [ev] = [e for e in evs if e.body["type"] == "call.intercepted"]
+        assert int(ev.message.headers["traceparent"].split("-")[2], 16) == span.context.span_id
+        status, text = await _get(f"http://127.0.0.1:{http_port(bridge)}/metrics")
+        assert status == 200
+        assert 'epsignal_intercept_outcomes_total{outcome="forward"} 1.0' in text
+        assert "epsignal_intercept_held 0.0" in text and "epsignal_intercept_wait_seconds_count" in text
+    finally:
+        tracing.disable()
