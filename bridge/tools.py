@@ -56,6 +56,10 @@ def format_event(key: str, body: bytes, colour: bool = False) -> str:
         sig = ev.get("sig") or {}
         arrow = "->dev" if ev.get("to") else "->pbx"
         return f"{clock} {hw} call {ev.get('call'):>5} {arrow} {sig.get('type', '?'):<10} ({ev.get('origin')})"
+    if t == "call.intercepted":
+        extra = (f" cause {ev['cause']}" if "cause" in ev else "") + (f" ({ev['error']})" if "error" in ev else "")
+        return (f"{clock} {hw} call {ev.get('call'):>5} intercepted {ev.get('sig_type')}: {ev.get('outcome')}"
+                f" -> {ev.get('action')} after {ev.get('waited_ms')} ms{extra}")
     if t in ("attached", "detached", "attach.failed"):
         detail = ev.get("reason") or ev.get("error") or ""
         code = {"attached": "32", "detached": "35", "attach.failed": "31"}[t]
