@@ -59,19 +59,14 @@ def format_event(key: str, body: bytes, colour: bool = False) -> str:
         sig = ev.get("sig") or {}
         arrow = "->dev" if ev.get("to") else "->pbx"
         return f"{clock} {hw} call {ev.get('call'):>5} {arrow} {sig.get('type', '?'):<10} ({ev.get('origin')})"
+    if t == "call.intercepted":
+        extra = (f" cause {ev['cause']}" if "cause" in ev else "") + (f" ({ev['error']})" if "error" in ev else "")
+        return (f"{clock} {hw} call {ev.get('call'):>5} intercepted {ev.get('sig_type')}: {ev.get('outcome')}"
+                f" -> {ev.get('action')} after {ev.get('waited_ms')} ms{extra}")
     if t in ("attached", "detached", "attach.failed"):
         detail = ev.get("reason") or ev.get("error") or ""
         code = {"attached": "32", "detached": "35", "attach.failed": "31"}[t]
         return f"{clock} {hw} {_paint(t, code, colour)} {detail}".rstrip()
-    if t == "call.intercepted":
-        arrow = "->dev" if ev.get("to") else "->pbx"
-        cause = f" cause {ev['cause']}" if ev.get("cause") is not None else ""
-        error = f": {ev['error']}" if ev.get("error") else ""
-        outcome = ev.get("outcome", "?")
-        code = {"replace": "36", "reject": "31"}.get(outcome, "90")
-        return (f"{clock} {hw} call {ev.get('call'):>5} {arrow} {ev.get('sig_type', '?'):<10} "
-                f"intercepted: {_paint(outcome, code, colour)}{cause} after "
-                f"{ev.get('waited_ms', 0):.1f} ms{error}")
     if t == "gap":
         return f"{clock} {_paint('gap', '31', colour)} {ev.get('reason')}: {ev.get('dropped')}"
     return f"{clock} {key} {body.decode(errors='replace')}"

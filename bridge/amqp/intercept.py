@@ -2,9 +2,11 @@
 takes the verdicts. The decisions are :mod:`bridge.intercept`'s; the PBX sessions carry them out.
 
 - Its own channel on the link's connection (not the event publisher's: a request must not wait
-  behind buffered events), without publisher confirms: a request is published with
-  ``mandatory`` and not persistent; a ``basic.return`` (nobody bound to its key) is the outcome
-  ``unroutable`` at once, so a dead decider with an auto-delete queue costs a call nothing.
+  behind buffered events). A request is published with ``mandatory``, not persistent, with
+  publisher confirms (aiormq hands a ``basic.return`` to nobody without them): a return (nobody
+  bound to its key) is the outcome ``unroutable`` at once, so a dead decider with an
+  auto-delete queue costs a call nothing; a nack is ``broker-down``. Nothing waits for the
+  confirm but the request's own task.
 - Verdicts arrive by RabbitMQ's direct reply-to (``amq.rabbitmq.reply-to``, consumed no-ack on
   that channel): no queue to declare, and nothing left behind by a bridge that is gone.
 - The channel or the connection lost: every pending request is ``broker-down`` at once; while
@@ -92,8 +94,7 @@ class Interceptor:
 
     # ------------------------------------------------------------------ channel
     async def _start(self, conn: AbstractConnection, topo: Topology) -> None:
-        ch = await (await conn.channel(publisher_confirms=False)).get_underlay_channel()
-        ch.on_return_callbacks.add(self._on_return)
+        ch = await (await conn.channel(publisher_confirms=True, on_return_raises=False)).get_underlay_channel()
         await ch.basic_consume(REPLY_TO, self._on_verdict, no_ack=True)
         ch.closing.add_done_callback(lambda _f: self._channel_lost(ch))
         self._ch = ch
@@ -145,18 +146,16 @@ class Interceptor:
 
     async def _publish(self, ch, session: Session, hold: ic.Hold, body: bytes, props) -> None:
         try:
-            await ch.basic_publish(body, exchange=self.s.events_exchange,
-                                   routing_key=routing.call_key(hold.hw, hold.call, "intercept"),
-                                   properties=props, mandatory=True)
+            result = await ch.basic_publish(body, exchange=self.s.events_exchange,
+                                            routing_key=routing.call_key(hold.hw, hold.call, "intercept"),
+                                            properties=props, mandatory=True)
         except Exception as e:
             log.warning("intercept request %s not published (%s): broker-down", hold.id, e)
+            result = None
+        if isinstance(result, aiormq.abc.DeliveredMessage):  # returned: nobody bound
+            self._decide(session, hold.id, ic.Decision(ic.UNROUTABLE))
+        elif not isinstance(result, Basic.Ack):
             self._decide(session, hold.id, ic.Decision(ic.BROKER_DOWN))
-
-    def _on_return(self, msg: aiormq.abc.DeliveredMessage) -> None:
-        id_ = msg.header.properties.correlation_id
-        session = self.pending.get(id_ or "")
-        if session is not None:
-            self._decide(session, id_, ic.Decision(ic.UNROUTABLE))
 
     # ------------------------------------------------------------------ verdicts
     def _on_verdict(self, msg: aiormq.abc.DeliveredMessage) -> None:

@@ -43,7 +43,7 @@ import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import aio_pika
 import aiormq
@@ -96,9 +96,10 @@ class Token(msgspec.Struct, kw_only=True, omit_defaults=True):
     #: since when (Unix time) and by whom (an instance id, or "reset") it is wanted
     since: float = 0.0
     by: str = ""
-    #: the device's intercept rules set by command (a list of bridge.intercept.Rule; absent:
-    #: none). Kept as raw JSON: a token is never dropped for rules this version cannot read
-    intercept: msgspec.Raw | None = None
+    #: the device's intercept rules set by command (bridge.intercept.Rule objects; absent: none).
+    #: Read leniently here and converted apart: a token is never dropped for rules this version
+    #: cannot read
+    intercept: list[Any] = msgspec.field(default_factory=list)
 
 
 #: the message type of an operator's query on the presence exchange (every replica answers)
@@ -111,8 +112,6 @@ def _iso(t: float) -> str | None:
 
 TOKEN_ENCODER = msgspec.json.Encoder()
 TOKEN_DECODER = msgspec.json.Decoder(Token)
-RULES_ENCODER = msgspec.json.Encoder()
-RULES_DECODER = msgspec.json.Decoder(list[Rule])
 
 
 class Owner(Protocol):
@@ -654,9 +653,8 @@ class LeaseManager:
                 await asyncio.shield(task)
         return True
 
-    def _rules_of(self, hw: str) -> msgspec.Raw | None:
-        rules = self.rules.command.get(hw) if self.rules is not None else None
-        return msgspec.Raw(RULES_ENCODER.encode(rules)) if rules else None
+    def _rules_of(self, hw: str) -> list[Any]:
+        return list(self.rules.command.get(hw, ())) if self.rules is not None else []
 
     def _take_rules(self, lease: Lease, token: Token) -> None:
         """The token held now says the device's intercept rules, unless a newer token of this
@@ -665,10 +663,10 @@ class LeaseManager:
                 or lease.token.gen != token.gen):
             return
         rules: list[Rule] = []
-        if token.intercept is not None:
+        if token.intercept:
             try:
-                rules = RULES_DECODER.decode(token.intercept)
-            except msgspec.DecodeError as e:
+                rules = msgspec.convert(token.intercept, list[Rule])
+            except msgspec.ValidationError as e:
                 log.warning("device %s: the lease token's intercept rules are not readable (%s); "
                             "none set by command", lease.hw, e)
         self.rules.set_command(lease.hw, rules)

@@ -337,11 +337,15 @@ class PbxSession:
                         self.intercept.request(self, step, dev)
                     else:
                         await self._release(step)
+                # a call is settled (free again) only when none of its releases waits here: a
+                # hold decided meanwhile (a lost broker, a stop) queued its release behind
+                waiting = {(s.item[3].hw, s.item[0].call) for later in queue for s in later}
                 now = asyncio.get_running_loop().time()
-                for hw, call in calls:
-                    more = gate.settle(hw, call, now)
-                    if more:
-                        queue.appendleft(more)
+                for key in calls:
+                    if key not in waiting:
+                        more = gate.settle(*key, now)
+                        if more:
+                            queue.appendleft(more)
         except ConnectionClosed:
             queue.clear()  # the reader ends too: the gate's holds are dropped there
         except Exception:
@@ -353,16 +357,7 @@ class PbxSession:
 
     async def _release(self, r: ic.Release) -> None:
         msg, data, binary, dev = r.item
-        token = None
-        if r.hold is not None:
-            span = self.intercept.ended(r)  # type: ignore[union-attr]
-            if span is not None:
-                token = tracing.current(span)
-            h = r.hold
-            ev = dev.factory.intercepted(dev.hw, h.call, h.to, h.id, h.sig_type, r.outcome, r.action,
-                                         r.waited * 1000, r.error, r.cause)
-            if ev is not None:
-                self.emit(ev)
+        token = self._ended(r, dev) if r.hold is not None else None
         try:
             action = r.action
             if action == ic.DROPPED:
@@ -393,13 +388,22 @@ class PbxSession:
         ix.sessions.discard(self)
         self._steps.clear()
         for r in gate.lost(asyncio.get_running_loop().time()):
-            ix.ended(r)
-            msg, _data, _binary, dev = r.item
-            h = r.hold
-            ev = dev.factory.intercepted(dev.hw, h.call, h.to, h.id, h.sig_type, r.outcome, r.action,
-                                         r.waited * 1000)
-            if ev is not None:
-                self.emit(ev)
+            token = self._ended(r, r.item[3])
+            if token is not None:
+                tracing.detach(token)
+
+    def _ended(self, r: ic.Release, dev: Device):
+        """A hold ended: counted, its ``call.intercepted`` event made (under its span, with
+        tracing: the context token the caller detaches when the message's own events are made)."""
+        h = r.hold
+        assert h is not None and self.intercept is not None
+        span = self.intercept.ended(r)
+        token = tracing.current(span) if span is not None else None
+        ev = dev.factory.intercepted(dev.hw, h.call, h.to, h.id, h.sig_type, r.outcome, r.action,  # type: ignore[arg-type]
+                                     r.waited * 1000, r.error, r.cause)
+        if ev is not None:
+            self.emit(ev)
+        return token
 
     async def stop_intercepting(self, timeout: float) -> None:
         """A stop: every held message gets the fail policy now, and is sent (bounded wait)."""

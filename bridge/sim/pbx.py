@@ -231,6 +231,17 @@ class PbxSimulator:
                            f"{CALL_HISTORY} ended)")
         return c.record(d.hw)
 
+    def received(self, call_id: int) -> dict[str, list]:
+        """The sigs each end of call ``call_id`` (started by the PBX) received, in order:
+        ``{"device": [...], "pbx": [...]}`` (running, or among the last CALL_HISTORY ended;
+        empty lists for another id)."""
+        c = self._calls.get(call_id) or next(
+            (c for c in reversed(self._ended) if c.id == call_id), None)
+        if c is None:
+            return {"device": [], "pbx": []}
+        rec = c.record(c.device.hw)
+        return {"device": rec["device"], "pbx": rec["pbx"]}
+
     def call(self, call_id: int) -> Call | None:
         """A running call started by the PBX (positive id)."""
         return self._calls.get(call_id)

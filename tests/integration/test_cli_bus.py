@@ -171,10 +171,11 @@ async def test_demo_intercept_shows_renamed_and_screened_calls(amqp):
         text = "".join(lines) + out.decode()
         assert "an incoming call every 3 s from 201, 0900123456, 202, 666, 203, 299" in text
         assert f"decider: {hw} call 1 setup: rename 201 ACME Corp - Jane Doe" in text
-        assert re.search(rf"{hw} call +1 ->dev setup +intercepted: replace after", text), text
+        assert re.search(rf"{hw} call +1 intercepted setup: replace -> replaced after", text), text
         assert re.search(rf'{hw} call +1 alert +in  201 "ACME Corp - Jane Doe"', text), text
         assert f"decider: {hw} call 2 setup: reject 0900123456 cause 21" in text
-        assert re.search(rf"{hw} call +2 ->dev setup +intercepted: reject cause 21 after", text)
+        assert re.search(rf"{hw} call +2 intercepted setup: reject -> rejected after [\d.]+ ms cause 21",
+                         text), text
         assert re.search(rf"{hw} call +2 released +in  0900123456 .* cause 21", text), text
         assert not await exists(amqp, "exchange", f"{name}.events")
     finally:

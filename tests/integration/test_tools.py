@@ -41,19 +41,6 @@ def test_format_event_lines_are_readable():
     assert "not JSON" in format_event("k", b"\xff")
 
 
-def test_format_intercepted_event_lines():
-    ev = {"type": "call.intercepted", "hw": "h1", "call": 4, "to": True, "sig_type": "setup",
-          "time": "2026-11-26T10:00:00.123Z", "waited_ms": 3.21}
-    line = format_event("k", json.dumps({**ev, "outcome": "reject", "action": "rejected",
-                                         "cause": 21}).encode())
-    assert line == "10:00:00.123 h1 call     4 ->dev setup      intercepted: reject cause 21 after 3.2 ms"
-    bad = {**ev, "to": False, "outcome": "bad-verdict", "action": "forwarded", "error": "no id"}
-    assert format_event("k", json.dumps(bad).encode()).endswith(
-        "->pbx setup      intercepted: bad-verdict after 3.2 ms: no id")
-    assert "\x1b[36mreplace" in format_event("k", json.dumps({**ev, "outcome": "replace"}).encode(),
-                                             colour=True)
-
-
 def test_demo_intercept_needs_the_example_decider(monkeypatch, tmp_path):
     monkeypatch.setattr(tools, "EXAMPLES", tmp_path)
     with pytest.raises(ToolError, match="not there .*checkout of the repository"):

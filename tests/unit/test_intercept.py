@@ -284,3 +284,12 @@ class GateModel(RuleBasedStateMachine):
 
 GateModel.TestCase.settings = settings(max_examples=200, stateful_step_count=40, deadline=None)
 TestGateModel = GateModel.TestCase
+
+
+def test_tail_shows_an_intercepted_event_on_one_line():
+    from bridge.events import EventFactory
+    from bridge.tools import format_event
+
+    ev = EventFactory("i").intercepted("hw1", 7, True, "i/hw1/i1", "setup", "reject", "rejected", 3.25, cause=21)
+    line = format_event(ev.key, ev.body)
+    assert line.endswith("hw1 call     7 intercepted setup: reject -> rejected after 3.25 ms cause 21")
