@@ -31,6 +31,11 @@ import { randomUUID } from "node:crypto";
 import { parseArgs } from "node:util";
 import amqp from "amqplib";
 
+/** @typedef {import("../../contracts/ts/index.js").InterceptRequest} InterceptRequest */
+/** @typedef {import("../../contracts/ts/index.js").Verdict} Verdict */
+/** @typedef {import("../../contracts/ts/index.js").InterceptCommand} InterceptCommand */
+/** @typedef {import("../../contracts/ts/index.js").Reply} Reply */
+
 const REJECTED = 21; // Q.931 cause 21: call rejected
 const env = process.env;
 const { values: opt } = parseArgs({
@@ -77,25 +82,26 @@ function loadBlocked(path) {
 }
 
 /** The setup with its name_identification facility naming `name`; the rest as it came.
- * @param {Record<string, any>} sig @param {string} name */
+ * @param {InterceptRequest["sig"]} sig @param {string} name @returns {NonNullable<Verdict["sig"]>} */
 function renamed(sig, name) {
-  const fty = (sig.fty ?? []).map((/** @type {object} */ f) => ({ ...f }));
-  const ni = fty.find((/** @type {any} */ f) => f.type === "name_identification");
+  const fty = (sig.fty ?? []).map((f) => ({ ...f }));
+  const ni = fty.find((f) => f.type === "name_identification");
   if (ni) ni.name = name;
   else fty.push({ type: "name_identification", name });
   return { ...sig, fty };
 }
 
 /** The verdict for one request, and what to print.
- * @param {any} req @param {Map<string, string>} crm @param {Set<string>} blocked @param {number} cause */
+ * @param {InterceptRequest} req @param {Map<string, string>} crm @param {Set<string>} blocked @param {number} cause
+ * @returns {[Verdict, string]} */
 function decide(req, crm, blocked, cause) {
   const { sig, to } = req;
-  /** @type {Record<string, unknown>} */
+  /** @type {Verdict} */
   const verdict = { v: 1, id: req.id, verdict: "forward" };
   if (sig.type !== "setup") return [verdict, "forward"];
   const number = (to ? sig.cg : sig.cd)?.num;
-  if (blocked.has(number)) return [{ ...verdict, verdict: "reject", cause }, `reject ${number} cause ${cause}`];
-  const name = to ? crm.get(number) : undefined;
+  if (number !== undefined && blocked.has(number)) return [{ ...verdict, verdict: "reject", cause }, `reject ${number} cause ${cause}`];
+  const name = to && number !== undefined ? crm.get(number) : undefined;
   if (name === undefined) return [verdict, `forward ${number}`];
   return [{ ...verdict, sig: renamed(sig, name) }, `rename ${number} ${name}`];
 }
@@ -103,14 +109,17 @@ function decide(req, crm, blocked, cause) {
 /** Ask the bridge to hold the setups toward these devices (an intercept command each).
  * @param {import("amqplib").Channel} ch @param {string[]} hws */
 async function enable(ch, hws) {
-  /** @type {Map<string, (reply: any) => void>} */
+  /** @type {Map<string, (reply: Reply) => void>} */
   const waiting = new Map();
   const { consumerTag } = await ch.consume("amq.rabbitmq.reply-to", (msg) => {
     if (msg) waiting.get(msg.properties.correlationId)?.(JSON.parse(msg.content.toString()));
   }, { noAck: true });
-  const body = Buffer.from(JSON.stringify({ v: 1, rules: [{ type: "setup", to: true }] }));
+  /** @type {InterceptCommand} */
+  const command = { v: 1, rules: [{ type: "setup", to: true }] };
+  const body = Buffer.from(JSON.stringify(command));
   for (const hw of hws) {
     const cid = randomUUID();
+    /** @type {Reply} */
     const reply = await new Promise((resolve, reject) => {
       const timer = setTimeout(() => reject(new Error(`no reply to the intercept command for ${hw}`)), 10_000);
       waiting.set(cid, (r) => { clearTimeout(timer); resolve(r); });
@@ -140,6 +149,7 @@ process.on("SIGINT", stop);
 process.on("SIGTERM", stop);
 await ch.consume(queue, (msg) => {
   if (!msg) return;
+  /** @type {InterceptRequest} */
   const req = JSON.parse(msg.content.toString());
   const [verdict, what] = decide(req, crm, blocked, cause);
   const trace = msg.properties.headers?.traceparent;
