@@ -14,6 +14,9 @@ load generator sorts every forwarded frame by device half and kind (setup or oth
   uvloop);
 - ``intercepted_setup_legs_ms``: an intercepted setup's way in three legs on the machine's
   monotonic clock: frame sent -> request at the decider, at the decider, verdict -> frame back;
+- ``broker_floor_ms``: the harness's own request -> decider -> reply round trips through the
+  broker (FLOOR_PINGS after each round, one at a time): the part of the round trip that is the
+  broker's and the decider's, on this machine at that time;
 - ``extra_forward_us``: what intercepted setups take more than the same devices' setups on
   the ``off`` bridge (p50, p99), and the same for the other messages of those devices (a message
   that comes while its call's setup is held waits behind it);
@@ -47,6 +50,8 @@ now_ns = time.monotonic_ns
 DEADLINE_MS = 1000
 GROUPS = ("ruled", "other")  # the devices with rules in the `on` run, the others
 KINDS = ("setup", "other")
+#: request/verdict round trips of the harness itself through broker and decider, per round
+FLOOR_PINGS = 100
 
 
 class _Request(msgspec.Struct):
@@ -126,11 +131,32 @@ class Outcomes:
             await self.conn.close()
 
 
+async def broker_floor(url: str, exchange: str, n: int) -> list[int]:
+    """``n`` request/verdict round trips through the broker and the decider, one at a time, from
+    the harness: what the bridge's round trip cannot go below on this machine now (ns)."""
+    out: list[int] = []
+    async with await aio_pika.connect(url) as conn:
+        ch = await conn.channel(publisher_confirms=False)
+        got: asyncio.Queue = asyncio.Queue()
+        reply_q = await ch.get_queue("amq.rabbitmq.reply-to", ensure=False)
+        await reply_q.consume(lambda m: got.put_nowait(now_ns()), no_ack=True)
+        ex = await ch.get_exchange(exchange, ensure=False)
+        for i in range(n):
+            t0 = now_ns()
+            await ex.publish(aio_pika.Message(b'{"hw":"floor","call":%d}' % i, correlation_id=str(i),
+                                              reply_to="amq.rabbitmq.reply-to"),
+                             "device.floor.call.0.intercept", mandatory=False)
+            out.append(await asyncio.wait_for(got.get(), 10) - t0)
+            await asyncio.sleep(0.01)
+    return out
+
+
 async def start_decider(bench: Bench, exchange: str) -> asyncio.subprocess.Process:
     with open(bench.out / "intercept-decider.log", "ab") as log:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "bridge.bench.intercept", bench.amqp, exchange,
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=log)
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=log,
+            limit=1 << 26)  # its report is one line of every request seen
     line = await asyncio.wait_for(proc.stdout.readline(), 30)
     if line.strip() != b"ready":
         raise RuntimeError(f"the decider did not start: {line!r} (see "
@@ -181,10 +207,13 @@ async def run(bench: Bench) -> None:
         await outcomes.open(bench.amqp, envs["on"].names.events)
         decider = await start_decider(bench, envs["on"].names.events)
         runs: dict[str, list[dict]] = {k: [] for k in names}
+        floor: list[int] = []
         for _ in range(o.rounds):  # alternating, so that the machine's drift hits both alike
             for name in names:
                 r = await bench.paced_run(envs[name], o.latency_rate, o.latency_duration, o.warmup)
                 runs[name].append(r)
+            floor += await broker_floor(bench.amqp, envs["on"].names.events, FLOOR_PINGS)
+        out["broker_floor_ms"] = stats.summary(floor, "ms")
         for name in names:
             out[name] = {
                 "achieved_events_per_s": [r["achieved_events_per_s"] for r in runs[name]],
@@ -203,7 +232,7 @@ async def run(bench: Bench) -> None:
         out["on"]["requests_answered"] = report["answered"]
         legs: dict[str, list[int]] = defaultdict(list)
         for hw, call, t_in, t_out in report["seen"]:
-            if (hw, call) in back:  # the legs: frame sent -> request at the decider, at the
+            if (hw, call) in back:  # (the floor's pings are not)  # the legs: frame sent -> request at the decider, at the
                 stamp, t = back[(hw, call)]  # decider, verdict -> frame back
                 legs["to_decider"].append(t_in - stamp)
                 legs["at_decider"].append(t_out - t_in)
@@ -259,6 +288,8 @@ def table_lines(R: dict) -> list[str]:
         f"  verdict round trip (the bridge's waited_ms): {pq(rt)}; outcomes {x.get('outcomes')}",
         *(f"  intercepted setup, {k.replace('_', ' ')}: {pq(v)}"
           for k, v in x.get("intercepted_setup_legs_ms", {}).items()),
+        f"  floor: the harness's own request -> decider -> reply through the broker: "
+        f"{pq(x.get('broker_floor_ms', {}))}",
         f"  forwarding, intercepted setups: {pq(x['on']['forward_us']['ruled.setup'])} "
         f"(off: {pq(x['off']['forward_us']['ruled.setup'])}); extra {ex['intercepted_setup']['p50']} / "
         f"{ex['intercepted_setup']['p99']} us",

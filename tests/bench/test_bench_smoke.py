@@ -102,6 +102,7 @@ def test_bench_smoke(tmp_path):
     assert set(legs) == {"to_decider", "at_decider", "from_decider"}
     assert legs["to_decider"]["count"] == x["on"]["forward_us"]["ruled.setup"]["count"]
     assert all(v["p50"] >= 0 for v in legs.values()), legs
+    assert x["broker_floor_ms"]["count"] == 100 and x["broker_floor_ms"]["p50"] > 0
     # plots
     for name in ("latency_cdf", "rss_vs_devices"):
         if "skipped" not in r["plots"]:
