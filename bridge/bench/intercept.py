@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 
 import aio_pika
 import msgspec
+from pamqp.commands import Basic
 
 from bridge.bench import stats
 from bridge.bench.frames import hw_id
@@ -59,11 +60,16 @@ class _Request(msgspec.Struct):
     call: int
 
 
+_request = msgspec.json.Decoder(_Request)
+
+
 class Decider:
     """The local decider, its own process (``python -m bridge.bench.intercept URL EXCHANGE``, as
     a consumer of the bus would run): answers every intercept request ``forward`` at once (to
-    its reply_to, with its correlation_id). Prints ``ready`` once bound; on ``report`` from stdin
-    prints what it saw as JSON and ends."""
+    its reply_to, with its correlation_id). Lean, so that the harness's decider is not what is
+    measured: uvloop, consuming and publishing on aio-pika's underlying aiormq channel (as the
+    bench's consumer does). Prints ``ready`` once bound; on ``report`` from stdin prints what it
+    saw as JSON and ends."""
 
     def __init__(self, url: str, exchange: str) -> None:
         self.url = url
@@ -75,24 +81,24 @@ class Decider:
     async def run(self) -> None:
         async with await aio_pika.connect(self.url) as conn:
             ch = await conn.channel(publisher_confirms=False)
-            self._reply = ch.default_exchange
             ex = await ch.get_exchange(self.exchange, ensure=False)
             requests = await ch.declare_queue(exclusive=True, auto_delete=True)
             await requests.bind(ex, "device.*.call.*.intercept")
-            await requests.consume(self._on_request, no_ack=True)
-            loop = asyncio.get_running_loop()
+            self._raw = await ch.get_underlay_channel()
+            await self._raw.basic_consume(requests.name, self._on_request, no_ack=True)
             print("ready", flush=True)
-            await loop.run_in_executor(None, sys.stdin.readline)
+            await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
             print(json.dumps({"answered": self.answered, "seen": self.seen}), flush=True)
 
-    async def _on_request(self, msg: aio_pika.abc.AbstractIncomingMessage) -> None:
+    async def _on_request(self, msg) -> None:
         t_in = now_ns()
-        req = msgspec.json.decode(msg.body, type=_Request)
-        body = b'{"v":1,"id":%s,"verdict":"forward"}' % msgspec.json.encode(msg.correlation_id)
+        props = msg.header.properties
+        req = _request.decode(msg.body)
+        body = b'{"v":1,"id":%s,"verdict":"forward"}' % msgspec.json.encode(props.correlation_id)
         # not mandatory: RabbitMQ 3.10 returns a mandatory message to a direct reply-to
         # pseudo-queue (NO_ROUTE) even when it delivered it
-        await self._reply.publish(aio_pika.Message(body, correlation_id=msg.correlation_id),
-                                  routing_key=msg.reply_to, mandatory=False)
+        await self._raw.basic_publish(body, routing_key=props.reply_to, properties=Basic.Properties(
+            correlation_id=props.correlation_id))
         self.seen.append((req.hw, req.call, t_in, now_ns()))
         self.answered += 1
 
@@ -301,4 +307,7 @@ def table_lines(R: dict) -> list[str]:
 
 
 if __name__ == "__main__":
-    asyncio.run(Decider(sys.argv[1], sys.argv[2]).run())
+    from bridge.main import loop_factory
+
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
+        runner.run(Decider(sys.argv[1], sys.argv[2]).run())
