@@ -293,3 +293,16 @@ def test_tail_shows_an_intercepted_event_on_one_line():
     ev = EventFactory("i").intercepted("hw1", 7, True, "i/hw1/i1", "setup", "reject", "rejected", 3.25, cause=21)
     line = format_event(ev.key, ev.body)
     assert line.endswith("hw1 call     7 intercepted setup: reject -> rejected after 3.25 ms cause 21")
+
+
+def test_lease_tokens_carry_rules_additively_and_leniently():
+    from bridge.amqp.leases import TOKEN_DECODER, TOKEN_ENCODER, Token
+
+    old = TOKEN_DECODER.decode(b'{"v":1,"hw":"h","gen":3}')  # a token of a bridge before issue 18
+    assert old.intercept == [] and b"intercept" not in TOKEN_ENCODER.encode(old)
+    tok = Token(hw="h", gen=4, intercept=[Rule(type="setup", to=True, deadline_ms=300)])
+    again = TOKEN_DECODER.decode(TOKEN_ENCODER.encode(tok))
+    assert msgspec.convert(again.intercept, list[Rule]) == [Rule(type="setup", to=True, deadline_ms=300)]
+    # rules a later version writes do not make the token unreadable (it would lose the device)
+    odd = TOKEN_DECODER.decode(b'{"hw":"h","gen":5,"intercept":[{"type":"setup","to":true,"new":1}]}')
+    assert odd.gen == 5
