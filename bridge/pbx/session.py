@@ -306,6 +306,8 @@ class PbxSession:
                 sig_type = msg.signal.type  # decoded once: the tracker reads the same
             except ValueError:
                 pass
+        elif not gate.calls:  # a device without rules, and nothing held: the normal path
+            return False
         r = gate.offer(dev.hw, msg.call, msg.to is True, sig_type, msg.sig, (msg, data, binary, dev),
                        asyncio.get_running_loop().time())
         if r is ic.PASS:
