@@ -234,13 +234,7 @@ class Verdict(Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 _verdict_decoder = msgspec.json.Decoder(Verdict)
-_command_decoder = msgspec.json.Decoder(InterceptCommand)
 _request_encoder = msgspec.json.Encoder()
-
-
-def decode_command(body: bytes) -> InterceptCommand:
-    """The body of an intercept command; raises FrameError naming the bad field."""
-    return errors.decode(_command_decoder, body)
 
 
 def encode_request(req: InterceptRequest) -> bytes:

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from bridge import intercept as ic
+from bridge.commands import CommandError, parse
 from bridge.intercept import PASS, QUEUED, Decision, Gate, Hold, Release, Rule, Rules
 
 
@@ -76,8 +77,8 @@ def test_rules_are_off_until_some_device_has_one():
     (b'{"rules":[], "x":1}', "unknown field `x`"),
 ])
 def test_intercept_command_is_strict(body, named):
-    with pytest.raises(ic.FrameError) as e:
-        ic.decode_command(body)
+    with pytest.raises(CommandError) as e:
+        parse("device.hw1.intercept", body)
     assert named in str(e.value)
 
 
