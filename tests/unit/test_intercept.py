@@ -62,9 +62,11 @@ def test_rules_are_off_until_some_device_has_one():
     rules = Rules()
     assert not rules.on and rules.match("x", "setup", True) is None
     rules.set_command("x", [Rule(type="setup", to=True)])
-    assert rules.on
+    assert rules.on and rules.watch == {"x"} and not rules.everyone
     rules.set_command("x", [])
-    assert not rules.on
+    assert not rules.on and not rules.watch
+    everyone = Rules(ic.parse_config("dev1=conn:pbx;*=setup:device"))
+    assert everyone.on and everyone.everyone and everyone.watch == {"dev1"}
 
 
 @pytest.mark.parametrize("body, named", [
