@@ -206,8 +206,8 @@ FIELDS: dict[str, dict[str, str]] = {
               "the PBX.",
         "sig": SIG_TEXT + " The held message, as it would be forwarded.",
         "deadline": "After this (UTC, RFC 3339) the fail policy applies and a verdict is ignored.",
-        "deadline_ms": "The deadline, in milliseconds after `time` (also the message's "
-                       "`expiration`).",
+        "deadline_ms": "The rule's deadline in milliseconds, counted from the moment the message "
+                       "arrived (`deadline` and the message's `expiration` are what is left of it).",
         "fail": "What happens without a verdict: `open`, forwarded unchanged; `closed`, rejected.",
     },
     "Verdict": {

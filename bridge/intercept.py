@@ -144,7 +144,8 @@ class Rules:
     """Every device's rules: the configuration's (a device's own entry replaces ``*``) and the
     command-set ones (per device, winning for the same (type, direction)).
 
-    The hot path reads :attr:`on` (any device has rules at all) and :meth:`table`."""
+    The hot path reads :attr:`on` (any device has rules at all), :attr:`everyone` (``*`` has
+    rules) and :attr:`watch` (the devices with rules of their own) before it calls anything."""
 
     def __init__(self, config: dict[str, tuple[Rule, ...]] | None = None, defaults: Defaults = Defaults()) -> None:
         self.defaults = defaults
@@ -155,7 +156,12 @@ class Rules:
         for hw, rules in self.config.items():
             if hw != "*":
                 self._tables[hw] = self._table((), rules)
-        self.on = self._any()
+        self._index()
+
+    def _index(self) -> None:
+        self.everyone = bool(self._default)
+        self.watch = {hw for hw, table in self._tables.items() if table}
+        self.on = self.everyone or bool(self.watch)
 
     def _effective(self, r: Rule, source: str) -> Effective:
         d = self.defaults
@@ -169,9 +175,6 @@ class Rules:
         table.update({(r.type, r.to): self._effective(r, "command") for r in command})
         return table
 
-    def _any(self) -> bool:
-        return bool(self._default) or any(self._tables.values())
-
     def set_command(self, hw: str, rules: list[Rule] | tuple[Rule, ...]) -> list[Effective]:
         """Replace ``hw``'s command-set rules; its effective rules now."""
         rules = tuple(rules)
@@ -184,7 +187,7 @@ class Rules:
             self._tables[hw] = self._table(rules, config)
         else:
             self._tables.pop(hw, None)
-        self.on = self._any()
+        self._index()
         return self.effective(hw)
 
     def table(self, hw: str) -> dict[tuple[str, bool], Effective]:
@@ -234,13 +237,7 @@ class Verdict(Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 _verdict_decoder = msgspec.json.Decoder(Verdict)
-_command_decoder = msgspec.json.Decoder(InterceptCommand)
 _request_encoder = msgspec.json.Encoder()
-
-
-def decode_command(body: bytes) -> InterceptCommand:
-    """The body of an intercept command; raises FrameError naming the bad field."""
-    return errors.decode(_command_decoder, body)
 
 
 def encode_request(req: InterceptRequest) -> bytes:

@@ -125,9 +125,10 @@ class Interceptor:
         self.pending[hold.id] = session
         rule = hold.rule
         now_wall = datetime.now(timezone.utc)
+        left = max(0.001, hold.deadline - self.now())  # the deadline counts from the message's arrival
         body = ic.encode_request(ic.InterceptRequest(
             id=hold.id, hw=hold.hw, instance=self.s.instance_id, time=now_wall, call=hold.call,
-            to=hold.to, sig=hold.sig, deadline=now_wall + timedelta(milliseconds=rule.deadline_ms),
+            to=hold.to, sig=hold.sig, deadline=now_wall + timedelta(seconds=left),
             deadline_ms=rule.deadline_ms, fail=rule.fail))  # type: ignore[arg-type]
         headers: dict | None = None
         if tracing.ENABLED:
@@ -137,7 +138,7 @@ class Interceptor:
             tracing.inject(headers, span)
         props = Basic.Properties(
             content_type="application/json", reply_to=REPLY_TO, correlation_id=hold.id,
-            message_id=hold.id, expiration=str(rule.deadline_ms), message_type="call.intercept",
+            message_id=hold.id, expiration=str(max(1, round(left * 1000))), message_type="call.intercept",
             timestamp=now_wall, headers=headers)
         task = asyncio.get_running_loop().create_task(self._publish(ch, session, hold, body, props))
         self._tasks.add(task)

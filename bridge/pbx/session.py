@@ -255,8 +255,11 @@ class PbxSession:
                     continue
                 forwarded = type(msg) is m.Signaling and msg.call >= 0
                 if forwarded:
-                    # intercept mode: one check while no device has rules and nothing is held
-                    if gate is not None and (rules.on or gate.calls) and self._offer(msg, data, binary):
+                    # intercept mode: one test while no device has rules and nothing is held,
+                    # a set lookup for a device without rules while others have some
+                    if gate is not None and (gate.calls or rules.on and (
+                            rules.everyone or msg.src in rules.watch or msg.src is m.UNSET)) \
+                            and self._offer(msg, data, binary):
                         continue  # held or queued: forwarded (and its events made) when released
                     await ws.send(data, text=not binary)  # forward first, unchanged, the same kind
                     took = time.perf_counter_ns() - t0
@@ -306,6 +309,8 @@ class PbxSession:
                 sig_type = msg.signal.type  # decoded once: the tracker reads the same
             except ValueError:
                 pass
+        elif not gate.calls:  # a device without rules, and nothing held: the normal path
+            return False
         r = gate.offer(dev.hw, msg.call, msg.to is True, sig_type, msg.sig, (msg, data, binary, dev),
                        asyncio.get_running_loop().time())
         if r is ic.PASS:

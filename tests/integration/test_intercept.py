@@ -282,16 +282,21 @@ async def test_the_intercept_command_switches_a_device_on_and_off(sim, bus, sett
     assert bad["ok"] is False and "$.rules[0].deadline_ms" in bad["error"]
 
 
-async def test_command_rules_survive_failover_with_leases(sim, bus, start_bridge, lease_settings):
+@pytest.mark.parametrize("how", ["stop", "broker-cut"])
+async def test_command_rules_survive_failover_with_leases(how, sim, bus, proxy, start_bridge, lease_settings):
     decider = await Decider(bus, lambda req: {"id": req["id"], "verdict": "forward"}).start()
-    a = await start_bridge(lease_settings(1))
+    a = await start_bridge(lease_settings(1, amqp_url=f"amqp://guest:guest@127.0.0.1:{proxy.port}/",
+                                          heartbeat_s=1))
     await eventually(lambda: len(a.leases.tokens) == N, 15, "one replica holds every device")
     hw = hw_id(3)
     reply = await bus.command(hw, "intercept", {"rules": [{"type": "setup", "to": True}]})
     assert reply["ok"] is True and [r["type"] for r in reply["rules"]] == ["setup"]
     b = await start_bridge(lease_settings(2))
     await eventually(lambda: len(b.leases.members.live) == 2, 10, "the replicas hear each other")
-    await a.stop(3)
+    if how == "stop":
+        await a.stop(3)
+    else:  # the holder loses the broker: its lease channel with it (the tokens go to b)
+        proxy.cut()
     await eventually(lambda: b.leases.holds(hw) and b.pbx.runners.get(hw) is not None
                      and b.pbx.runners[hw].device.attached, 15, "the survivor attached the device")
     assert [r.type for r in b.rules.effective(hw)] == ["setup"]

@@ -46,7 +46,7 @@ export interface InterceptRequest {
    */
   deadline: string;
   /**
-   * The deadline, in milliseconds after `time` (also the message's `expiration`).
+   * The rule's deadline in milliseconds, counted from the moment the message arrived (`deadline` and the message's `expiration` are what is left of it).
    */
   deadline_ms: number;
   /**
