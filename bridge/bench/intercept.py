@@ -12,8 +12,9 @@ load generator sorts every forwarded frame by device half and kind (setup or oth
 - ``verdict_round_trip_ms``: the bridge's own round trip (hold -> verdict in), the
   ``waited_ms`` of its ``call.intercepted`` events (the bridge's loop clock: 1 ms steps under
   uvloop);
-- ``intercepted_setup_legs_ms``: an intercepted setup's way in three legs on the machine's
-  monotonic clock: frame sent -> request at the decider, at the decider, verdict -> frame back;
+- ``intercepted_setup_legs_ms``: the way of an intercepted setup decided by its verdict, in
+  three legs on the machine's monotonic clock: frame sent -> request at the decider, at the
+  decider, verdict -> frame back;
 - ``broker_floor_ms``: the harness's own request -> decider -> reply round trips through the
   broker (FLOOR_PINGS after each round, one at a time): the part of the round trip that is the
   broker's and the decider's, on this machine at that time;
@@ -237,13 +238,21 @@ async def run(bench: Bench) -> None:
         out["on"]["outcomes_complete"] = await outcomes.wait(held, 30)
         report = await decider_report(decider)
         out["on"]["requests_answered"] = report["answered"]
+        # the legs of an intercepted setup decided by its verdict: frame sent -> request at the
+        # decider, at the decider, verdict -> frame back (a verdict after the frame came back
+        # was late: the hold had timed out, fail-open; counted); the floor's pings are not setups
         legs: dict[str, list[int]] = defaultdict(list)
+        late = 0
         for hw, call, t_in, t_out in report["seen"]:
-            if (hw, call) in back:  # (the floor's pings are not)  # the legs: frame sent -> request at the decider, at the
-                stamp, t = back[(hw, call)]  # decider, verdict -> frame back
+            if (hw, call) in back:
+                stamp, t = back[(hw, call)]
+                if t_out > t:
+                    late += 1
+                    continue
                 legs["to_decider"].append(t_in - stamp)
                 legs["at_decider"].append(t_out - t_in)
                 legs["from_decider"].append(t - t_out)
+        out["on"]["verdicts_after_the_frame"] = late
         out["outcomes"] = dict(outcomes.counts)
         out["verdict_round_trip_ms"] = stats.summary(outcomes.waited_ns, "ms")
         out["intercepted_setup_legs_ms"] = {k: stats.summary(v, "ms") for k, v in legs.items()}
@@ -298,6 +307,8 @@ def table_lines(R: dict) -> list[str]:
         f"  verdict round trip (the bridge's waited_ms): {pq(rt)}; outcomes {x.get('outcomes')}",
         *(f"  intercepted setup, {k.replace('_', ' ')}: {pq(v)}"
           for k, v in x.get("intercepted_setup_legs_ms", {}).items()),
+        f"  verdicts that came after their setup was forwarded (timed out, fail-open): "
+        f"{x['on'].get('verdicts_after_the_frame')}",
         f"  floor: the harness's own request -> decider -> reply through the broker: "
         f"{pq(x.get('broker_floor_ms', {}))}",
         f"  forwarding, intercepted setups: {pq(x['on']['forward_us']['ruled.setup'])} "

@@ -103,9 +103,9 @@ def test_bench_smoke(tmp_path):
         assert x[run]["all_forwards_back"] and x[run]["all_events_received"], (run, x[run])
         assert all(v["count"] > 5 for v in x[run]["forward_us"].values()), (run, x[run])
     assert x["verdict_round_trip_ms"]["count"] == x["on"]["held"]
-    legs = x["intercepted_setup_legs_ms"]
-    assert set(legs) == {"to_decider", "at_decider", "from_decider"}
-    assert legs["to_decider"]["count"] == x["on"]["forward_us"]["ruled.setup"]["count"]
+    legs = x["intercepted_setup_legs_ms"]  # of the setups decided by the verdict
+    late = x["on"]["verdicts_after_the_frame"]
+    assert legs.get("to_decider", {"count": 0})["count"] + late <= x["on"]["forward_us"]["ruled.setup"]["count"]
     assert all(v["p50"] >= 0 for v in legs.values()), legs
     assert x["broker_floor_ms"]["count"] == 100 and x["broker_floor_ms"]["p50"] > 0
     # plots
