@@ -140,7 +140,8 @@ class Call:
         self.src = app_src
         self.task: asyncio.Task | None = None
         #: what the ends received, in order: (to, sig bytes); to true: the device received it,
-        #: false: the PBX side (the remote party) did. What the application sent, when it did.
+        #: false: the PBX side (the remote party) did. With the application in the path, what
+        #: it sent (forwarded, changed or its own); without it, what the other end sent.
         self.delivered: list[tuple[bool, bytes]] = []
         #: how the call ended (None while it runs)
         self.outcome: Outcome | None = None
