@@ -4,7 +4,7 @@
     pbx-sim    the PBX simulator
     demo       simulator + bridge + a live view of the events, isolated (its own names, ports)
     tail       print the events matching a binding pattern
-    send       send a command (attach, detach, signaling) and print the reply
+    send       send a command (attach, detach, signaling, intercept) and print the reply
     leases     list the device leases (holder, wanted state, waiting commands); reset one
     config     list every EPSIGNAL_* setting with its default; --check, --effective
     contracts  write (or --check) the JSON Schemas and the AsyncAPI document in contracts/
@@ -186,14 +186,17 @@ def cmd_tail(args) -> int:
     return 0
 
 
+#: the verbs whose command needs a body, with an example of it
+_BODY_EXAMPLES = {"signaling": '{"call": -1, "sig": {"type": "setup", "cd": {"num": "201"}}}',
+                  "intercept": '{"rules": [{"type": "setup", "to": true}]}'}
+
+
 def cmd_send(args) -> int:
     from bridge.tools import send
 
     body = args.body
-    if args.verb == "signaling" and body is None:
-        raise Fail("send signaling: a JSON body is required, e.g. "
-                   "'{\"call\": -1, \"sig\": {\"type\": \"setup\", \"cd\": {\"num\": \"201\"}}}'",
-                   EXIT_CONFIG)
+    if args.verb in _BODY_EXAMPLES and body is None:
+        raise Fail(f"send {args.verb}: a JSON body is required, e.g. '{_BODY_EXAMPLES[args.verb]}'", EXIT_CONFIG)
     s = _tool_settings(args)
     reply = _run_tool(send(s, args.hw, args.verb, body or "", timeout=args.timeout))
     print(reply)
@@ -230,7 +233,7 @@ def cmd_demo(args) -> int:
     url = amqp_url_from(args.amqp_url)
     url = _settings(args, amqp_url=url).broker_addresses()[0]  # as `run` would take it, or why not
     _run_tool(demo(devices=args.devices, call_rate=args.call_rate, duration=args.duration,
-                   amqp_url=url, http_port=args.http_port))
+                   amqp_url=url, http_port=args.http_port, intercept=args.intercept))
     return 0
 
 
@@ -318,9 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "reply_to and prints the bridge's reply. Broker: --amqp-url, else "
                        "EPSIGNAL_AMQP_URL; exchange: EPSIGNAL_COMMANDS_EXCHANGE (never declared: "
                        "the bridge does that).")
-    s.add_argument("verb", choices=["attach", "detach", "signaling"])
+    s.add_argument("verb", choices=["attach", "detach", "signaling", "intercept"])
     s.add_argument("hw", help="hardware id of the device")
-    s.add_argument("body", nargs="?", default=None, help="JSON body (signaling: {\"call\":..,\"to\":..,\"sig\":{..}})")
+    s.add_argument("body", nargs="?", default=None, help="JSON body (signaling: {\"call\":..,\"to\":..,\"sig\":{..}}; intercept: {\"rules\":[..]})")
     s.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for the reply")
     s.add_argument("--amqp-url", default=None, help=AMQP_URL_HELP)
     s.set_defaults(func=cmd_send)
@@ -352,6 +355,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--amqp-url", default=None, help=AMQP_URL_HELP)
     d.add_argument("--http-port", type=int, default=0,
                    help="port of the bridge's /healthz, /readyz, /metrics (default: a free one)")
+    d.add_argument("--intercept", action="append", choices=("crm", "screen"), default=None,
+                   help="intercept mode live (docs/INTERCEPT.md): every setup toward a device "
+                   "waits for the example decider (examples/python/intercept.py); crm: the "
+                   "caller's name from examples/crm.csv on the phone; screen: the numbers of "
+                   "examples/blocked.txt rejected (cause 21). Repeat for both; the demo calls "
+                   "from those numbers every few seconds")
     d.set_defaults(func=cmd_demo)
 
     k = sub.add_parser("contracts", help="generate the JSON Schemas and the AsyncAPI document",

@@ -8,6 +8,9 @@ body:
 - ``signaling``: ``{"call": int, "to": bool, "sig": {...}}``: a Signaling message sent toward the
   device (``to`` true) or the PBX (``to`` false/absent) on the device's behalf. Negative call
   ids are for calls the application starts. ``sig`` passes through byte for byte.
+- ``intercept``: ``{"rules": [{"type": "setup", "to": true, ...}]}``: the device's intercept
+  rules (:class:`bridge.intercept.InterceptCommand`; docs/INTERCEPT.md); the reply lists the
+  device's effective rules.
 
 The hw id of the key and the call id must be valid (:mod:`bridge.ids`), and the body must be
 UTF-8 (RFC 8259): ``sig`` goes to the PBX in a WebSocket text frame, which must be UTF-8 (RFC
@@ -20,6 +23,7 @@ import msgspec
 from msgspec import UNSET, Raw, Struct, UnsetType
 
 from bridge import ids, routing
+from bridge import intercept as ic
 from bridge.events import SCHEMA_VERSION, AttachInfo
 from bridge.protocol import errors
 from bridge.protocol.errors import FrameError
@@ -65,16 +69,19 @@ class Reply(Struct, kw_only=True):
     attached: bool | UnsetType = UNSET
     #: detach: the device was attached when the command came
     was_attached: bool | UnsetType = UNSET
+    #: intercept: the device's effective rules now (the command's and the configuration's)
+    rules: list[ic.Effective] | UnsetType = UNSET
 
 
 _decoders = {
     "attach": msgspec.json.Decoder(AttachCommand),
     "detach": msgspec.json.Decoder(DetachCommand),
     "signaling": msgspec.json.Decoder(SignalingCommand),
+    "intercept": msgspec.json.Decoder(ic.InterceptCommand),
 }
 _reply_encoder = msgspec.json.Encoder()
 
-Command = AttachCommand | DetachCommand | SignalingCommand
+Command = AttachCommand | DetachCommand | SignalingCommand | ic.InterceptCommand
 
 
 def parse(routing_key: str, body: bytes) -> tuple[str, str, Command]:
@@ -97,7 +104,7 @@ def parse(routing_key: str, body: bytes) -> tuple[str, str, Command]:
     except UnicodeDecodeError as e:
         raise CommandError(f"{verb} command body is not valid UTF-8 (byte 0x{body[e.start]:02x} at "
                            f"{e.start}: {e.reason}); JSON must be UTF-8") from None
-    if verb != "signaling" and not body.strip():
+    if verb in ("attach", "detach") and not body.strip():
         body = b"{}"
     try:
         cmd = errors.decode(_decoders[verb], body)

@@ -17,7 +17,7 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta, Struct
 
-from bridge import brokers, ids
+from bridge import brokers, ids, intercept
 from bridge.events import KINDS
 from bridge.protocol.callstate import CallLimits
 
@@ -105,13 +105,27 @@ class Settings(Struct, kw_only=True):
         "announced in a gap event; pauses between them double from 0.5 s to 8 s", ge=1)] = 6
     event_kinds: Annotated[str, _doc(
         "Comma-separated kinds of device event to publish: attached, detached, attach.failed, "
-        "call.state, call.signaling (default: all; gap events always). `call.state` alone halves "
-        "the events of a call")] = "attached,detached,attach.failed,call.state,call.signaling"
+        "call.state, call.signaling, call.intercepted (default: all; gap events always). "
+        "`call.state` alone halves the events of a call")] = (
+        "attached,detached,attach.failed,call.state,call.signaling,call.intercepted")
     buffer_max_events: Annotated[int, _doc("Events kept while the broker is away", ge=1)] = 100_000
     buffer_max_mb: Annotated[int, _doc(
         "Megabytes of event bodies kept while the broker is away (the oldest are dropped beyond, "
         "as beyond the event count)", ge=1)] = 256
     buffer_max_age_s: Annotated[float, _doc("Events older than this are dropped unsent", gt=0)] = 300.0
+    # ------------------------------------------------------------------ intercept mode
+    intercept: Annotated[str, _doc(
+        "Messages held for a verdict from the bus (docs/INTERCEPT.md): `;`-separated "
+        "`<hw or *>=<type>:<device|pbx>[,...]`, e.g. `*=setup:device` (a setup toward any device); "
+        "a device's own entry replaces `*`. Empty: only what intercept commands set")] = ""
+    intercept_deadline_ms: Annotated[int, _doc(
+        "How long an intercepted message waits for its verdict at most, in milliseconds",
+        ge=intercept.DEADLINE_MIN_MS, le=intercept.DEADLINE_MAX_MS)] = 250
+    intercept_fail: Annotated[Literal["open", "closed"], _doc(
+        "Without a verdict (deadline, broker away, nobody bound, stop): open = forward the message "
+        "unchanged; closed = reject it (a release with EPSIGNAL_INTERCEPT_CAUSE)")] = "open"
+    intercept_cause: Annotated[int, _doc(
+        "Q.931 cause of the release a fail-closed rejection sends (21: call rejected)", ge=1, le=127)] = 21
     # ------------------------------------------------------------------ many replicas
     leases: Annotated[bool, _doc(
         "Share the devices with other replicas: a device is attached by the replica holding its "
@@ -168,6 +182,11 @@ class Settings(Struct, kw_only=True):
         """The bounds on the calls of each device (for :class:`~bridge.device.Device`)."""
         return CallLimits(self.max_calls_per_device, self.call_idle_s, self.connected_call_idle_s)
 
+    def intercept_rules(self) -> intercept.Rules:
+        """The configuration's intercept rules (EPSIGNAL_INTERCEPT and its defaults)."""
+        return intercept.Rules(intercept.parse_config(self.intercept), intercept.Defaults(
+            self.intercept_deadline_ms, self.intercept_fail, self.intercept_cause))
+
     @property
     def event_kind_list(self) -> tuple[str, ...]:
         return tuple(k.strip() for k in self.event_kinds.split(",") if k.strip())
@@ -208,6 +227,10 @@ def _problems(s: Settings) -> list[str]:
     kinds = s.event_kind_list
     if not kinds or set(kinds) - set(KINDS):
         out.append(f"EPSIGNAL_EVENT_KINDS {s.event_kinds!r}: each kind must be one of {', '.join(KINDS)}")
+    try:
+        intercept.parse_config(s.intercept)
+    except ValueError as e:
+        out.append(str(e))
     if s.log_level not in LOG_LEVELS:
         out.append(f"EPSIGNAL_LOG_LEVEL {s.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
     if s.http_port > 65535:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import difflib
 import json
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from msgspec import Raw
 from bridge import commands as C
 from bridge import ids, routing
 from bridge import events as E
+from bridge import intercept as I
 from bridge.config import Settings
 from bridge.events import SCHEMA_VERSION as V
 from bridge.protocol.signal import Sig
@@ -151,6 +152,71 @@ FIELDS: dict[str, dict[str, str]] = {
         "attached": "attach: true when the device is registered and attached now; false: it "
                     "will be attached when it registers (an `attached` event says so).",
         "was_attached": "detach: the device was attached when the command came.",
+        "rules": "intercept: the device's effective intercept rules now (the command's and the "
+                 "configuration's, every option decided).",
+    },
+    "CallIntercepted": {
+        "call": "Call id on the device (intercepted calls have positive ids).",
+        "to": "True: the message went toward the device (it came from the PBX); false: toward "
+              "the PBX.",
+        "id": "The intercept request's id (its `correlation_id`).",
+        "sig_type": "The held message's sig type (`setup`, ...).",
+        "outcome": "How the hold ended: `forward`, `replace`, `reject` (a verdict); `timeout` (no "
+                   "verdict by the deadline), `unroutable` (nobody bound to the request's key), "
+                   "`broker-down` (the request could not be published, or the link was lost while "
+                   "held), `stopping` (the bridge stopped): the rule's fail policy decided; "
+                   "`bad-verdict` (refused, see `error`: forwarded unchanged whatever the policy); "
+                   "`session-lost` (the PBX session ended: nothing to send to).",
+        "action": "What happened to the message: `forwarded` (unchanged), `replaced` (the "
+                  "verdict's sig went instead), `rejected` (not forwarded; a `rel` with `cause` "
+                  "went back the way it came), `dropped` (the session was gone).",
+        "waited_ms": "Milliseconds the message was held.",
+        "error": "bad-verdict: why the verdict was refused.",
+        "cause": "rejected: the cause of the `rel` the bridge sent back.",
+    },
+    "InterceptCommand": {
+        "rules": f"The device's intercept rules, replacing those set by command before (`[]` "
+                 f"clears them; the configuration's, EPSIGNAL_INTERCEPT, stay). At most "
+                 f"{I.MAX_RULES}. A command's rule wins over a configuration rule for the same "
+                 f"(`type`, `to`).",
+    },
+    "Rule": {
+        "type": "The sig type held for a verdict.",
+        "to": "True: messages toward the device (from the PBX); false: from the device toward "
+              "the PBX.",
+        "deadline_ms": f"How long a message waits for its verdict ({I.DEADLINE_MIN_MS} to "
+                       f"{I.DEADLINE_MAX_MS}; default EPSIGNAL_INTERCEPT_DEADLINE_MS).",
+        "fail": "Without a verdict: `open`, forward unchanged; `closed`, reject (default "
+                "EPSIGNAL_INTERCEPT_FAIL).",
+        "cause": "The cause of the `rel` a fail-closed rejection sends (default "
+                 "EPSIGNAL_INTERCEPT_CAUSE).",
+    },
+    "Effective": {
+        "type": "The sig type held for a verdict.",
+        "to": "True: toward the device; false: toward the PBX.",
+        "deadline_ms": "How long a message waits for its verdict.",
+        "fail": "`open` or `closed`.",
+        "cause": "The cause of a fail-closed rejection.",
+        "source": "`command` (an intercept command) or `config` (EPSIGNAL_INTERCEPT).",
+    },
+    "InterceptRequest": {
+        "id": "`<instance>/<hw>/i<n>`: the verdict's `id` and `correlation_id`.",
+        "call": "Call id on the device.",
+        "to": "True: the message goes toward the device (it came from the PBX); false: toward "
+              "the PBX.",
+        "sig": SIG_TEXT + " The held message, as it would be forwarded.",
+        "deadline": "After this (UTC, RFC 3339) the fail policy applies and a verdict is ignored.",
+        "deadline_ms": "The rule's deadline in milliseconds, counted from the moment the message "
+                       "arrived (`deadline` and the message's `expiration` are what is left of it).",
+        "fail": "What happens without a verdict: `open`, forwarded unchanged; `closed`, rejected.",
+    },
+    "Verdict": {
+        "id": "The request's `id`.",
+        "verdict": "`forward` (unchanged, or `sig` instead) or `reject` (not forwarded; a `rel` "
+                   "goes back the way it came).",
+        "sig": "forward only: the Signal object to forward instead, with the same `type` as the "
+               "held one (e.g. the setup with the caller's name replaced).",
+        "cause": "reject only: the cause of the `rel` (1 to 127; default 21, call rejected).",
     },
 }
 #: descriptions of the Structs and enums that are not message bodies
@@ -167,6 +233,8 @@ STRUCTS = {
            "other field is passed on untouched).",
     "Party": "An endpoint of a call (`cg` calling, `cd` called).",
     "Facility": "One entry of `fty`.",
+    "Rule": "What to intercept: messages of a sig type in one direction (docs/INTERCEPT.md).",
+    "Effective": "An intercept rule in effect, every option decided.",
 }
 
 
@@ -174,7 +242,7 @@ STRUCTS = {
 class Body:
     """One message body: its Struct, where its schema goes, and what a consumer needs to know."""
 
-    kind: str  # "events", "commands", "reply"
+    kind: str  # "events", "commands", "reply", "request" and "verdict" (intercept mode)
     name: str  # event type / command verb / "reply"
     struct: type
     title: str
@@ -186,16 +254,20 @@ class Body:
     def path(self) -> str:
         if self.kind == "reply":
             return f"{VDIR}/reply.json"
+        if self.kind in ("request", "verdict"):
+            return f"{VDIR}/intercept/{self.kind}.json"
         return f"{VDIR}/{self.kind}/{self.name}.json"
 
     @property
     def id(self) -> str:
+        if self.kind in ("request", "verdict"):
+            return f"urn:epsignal-bridge:{VDIR}:intercept:{self.kind}"
         return f"urn:epsignal-bridge:{VDIR}:{self.kind}:{self.name}"
 
     @property
     def output(self) -> bool:
         """Published by the bridge: every field it always encodes is required."""
-        return self.kind != "commands"
+        return self.kind not in ("commands", "verdict")
 
 
 # ------------------------------------------------------------------------------------ examples
@@ -221,6 +293,11 @@ def _sig(obj: dict) -> Raw:
     return Raw(json.dumps(obj, separators=(",", ":")).encode())
 
 
+REQ_ID = f"{INSTANCE}/{HW}/i7"
+SETUP_201 = _sig({"type": "setup", "cg": {"num": "201", "sip": "r201"}, "cd": {"num": "101"},
+                  "fty": [{"type": "name_identification", "name": "Remote 201"}], "channel": 1})
+SETUP_CRM = _sig({"type": "setup", "cg": {"num": "201", "sip": "r201"}, "cd": {"num": "101"},
+                  "fty": [{"type": "name_identification", "name": "Ada Lovelace (ACME)"}], "channel": 1})
 R201 = msgspec.convert({"num": "201", "sip": "r201", "dn": "Remote 201"}, E.Remote)
 BODIES = [
     Body("events", "attached", E.DeviceAttached, "DeviceAttached",
@@ -272,6 +349,41 @@ BODIES = [
              instance=INSTANCE, time=T0, reason="buffer-full",
              dropped={HW: [E.SeqRange(120, 185)],
                       HW2: [E.SeqRange(88, 90), E.SeqRange(95, 95)]})))]),
+    Body("events", "call.intercepted", E.CallIntercepted, "CallIntercepted",
+         "How an intercepted message ended (docs/INTERCEPT.md). Published before the "
+         "`call.signaling` and `call.state` events of what passed.",
+         routing.EVENT_KEYS["call.intercepted"],
+         [("renamed", "A decider replaced the setup's caller name",
+           _ev(E.CallIntercepted, 5, call=17, to=True, id=REQ_ID, sig_type="setup", outcome="replace",
+               action="replaced", waited_ms=3.2)),
+          ("screened", "A decider rejected the call: the phone never rang",
+           _ev(E.CallIntercepted, 5, call=18, to=True, id=f"{INSTANCE}/{HW}/i8", sig_type="setup",
+               outcome="reject", action="rejected", waited_ms=2.9, cause=21)),
+          ("timeout", "No verdict in time: forwarded unchanged (fail open)",
+           _ev(E.CallIntercepted, 5, call=19, to=True, id=f"{INSTANCE}/{HW}/i9", sig_type="setup",
+               outcome="timeout", action="forwarded", waited_ms=250.4)),
+          ("bad-verdict", "A verdict with a replacement of another type: refused, forwarded",
+           _ev(E.CallIntercepted, 5, call=20, to=True, id=f"{INSTANCE}/{HW}/i10", sig_type="setup",
+               outcome="bad-verdict", action="forwarded", waited_ms=4.1,
+               error="the replacement sig's type 'alert' is not the held message's 'setup' - at "
+                     "`$.sig.type`"))]),
+    Body("request", "call.intercept", I.InterceptRequest, "InterceptRequest",
+         "A message held for a verdict (intercept mode, docs/INTERCEPT.md). Not an event: not "
+         "numbered, not persistent, published with `mandatory` (nobody bound: the fail policy "
+         "applies at once) and `expiration` = the deadline. Answer with a Verdict to `reply_to`.",
+         routing.EVENT_KEYS["call.intercept"],
+         [("setup", "An incoming call's setup waits for a verdict", _enc(I.InterceptRequest(
+             id=REQ_ID, hw=HW, instance=INSTANCE, time=T0, call=17, to=True, sig=SETUP_201,
+             deadline=T0 + timedelta(milliseconds=250), deadline_ms=250, fail="open")))]),
+    Body("verdict", "verdict", I.Verdict, "Verdict",
+         "The answer to an InterceptRequest: to its `reply_to` through the default exchange, with "
+         "`correlation_id` = the request's `id`, before its `deadline`. Strict: an unknown field "
+         "makes it a bad verdict (the message is forwarded unchanged).", None,
+         [("rename", "Forward the setup with the CRM's name for the caller",
+           {"id": REQ_ID, "verdict": "forward", "sig": json.loads(bytes(SETUP_CRM))}),
+          ("forward", "Forward unchanged", {"id": REQ_ID, "verdict": "forward"}),
+          ("screen", "Reject: the caller gets cause 21, the phone never rings",
+           {"v": V, "id": REQ_ID, "verdict": "reject", "cause": 21})]),
     Body("commands", "attach", C.AttachCommand, "AttachCommand",
          "Attach the device: the bridge gets into its signaling path. Idempotent. The body may "
          "also be empty.", routing.COMMAND_KEYS["attach"],
@@ -288,6 +400,16 @@ BODIES = [
            {"v": V, "call": -1, "sig": {"type": "setup", "cd": {"num": "201"}}}),
           ("hang-up", "Release the call placed before",
            {"call": -1, "sig": {"type": "rel", "cau": {"num": 16}}})]),
+    Body("commands", "intercept", I.InterceptCommand, "InterceptCommand",
+         "Set the device's intercept rules (docs/INTERCEPT.md): which messages wait for a verdict "
+         "from the bus. Replaces the rules set by command before; with leases they follow the "
+         "device to another replica.", routing.COMMAND_KEYS["intercept"],
+         [("screen-incoming", "Hold every setup toward the device for a verdict",
+           {"rules": [{"type": "setup", "to": True}]}),
+          ("fail-closed", "Hold setups for 500 ms; without a verdict reject them with cause 21",
+           {"v": V, "rules": [{"type": "setup", "to": True, "deadline_ms": 500, "fail": "closed",
+                               "cause": 21}]}),
+          ("off", "Clear the rules set by command", {"rules": []})]),
     Body("reply", "reply", C.Reply, "Reply",
          "The answer to a command that had `reply_to`, sent to that queue with the command's "
          "`correlation_id`. Optional fields are left out, never null.", None,
@@ -296,6 +418,8 @@ BODIES = [
           ("detach-ok", "Detached",
            _enc(C.Reply(ok=True, command="detach", hw=HW, was_attached=True))),
           ("signaling-ok", "Signaling sent", _enc(C.Reply(ok=True, command="signaling", hw=HW))),
+          ("intercept-ok", "Intercept rules set", _enc(C.Reply(ok=True, command="intercept", hw=HW, rules=[
+              I.Effective(type="setup", to=True, deadline_ms=250, fail="open", cause=21, source="command")]))),
           ("not-attached", "Refused: the device is not attached",
            _enc(C.error_reply(f"device {HW} is not attached", command="signaling", hw=HW))),
           ("bad-key", "Refused: the routing key is not device.<hw>.<verb>",
@@ -304,7 +428,7 @@ BODIES = [
 ]
 BY_TYPE = {b.name: b for b in BODIES if b.kind == "events"}
 #: Raw fields that stand for a typed view: (Struct, field) -> the view's Struct
-RAW_VIEWS = {("SignalingCommand", "sig"): Sig}
+RAW_VIEWS = {("SignalingCommand", "sig"): Sig, ("InterceptRequest", "sig"): Sig, ("Verdict", "sig"): Sig}
 
 
 # ------------------------------------------------------------------------------------ schemas
@@ -525,6 +649,48 @@ HEADERS = {
         },
     },
 }
+HEADERS["InterceptRequestHeaders"] = {
+    "type": "object",
+    "description": "AMQP properties and headers of an intercept request (not persistent; "
+                   "published with `mandatory`).",
+    "properties": {
+        "content_type": {"const": "application/json", "description": f"{_PROP}."},
+        "delivery_mode": {"const": 1, "description": f"{_PROP}: 1, not persistent (a request is "
+                          "useless after its deadline)."},
+        "type": {"const": "call.intercept", "description": f"{_PROP}."},
+        "message_id": {"type": "string", "description": f"{_PROP}: the request's `id`."},
+        "correlation_id": {"type": "string", "description": f"{_PROP}: the request's `id`; the "
+                           "verdict carries it back."},
+        "reply_to": {"type": "string", "description": f"{_PROP}: where the verdict goes (through "
+                     "the default exchange): the bridge's direct reply-to queue."},
+        "expiration": {"type": "string", "pattern": "^[0-9]+$", "description": f"{_PROP}: the "
+                       "deadline in milliseconds: a request still queued then is dropped by the "
+                       "broker."},
+        "timestamp": {"type": "integer", "description": f"{_PROP}: the body's `time` in whole "
+                      "seconds since the Unix epoch."},
+        **_trace("The context of the bridge's intercept span, in the call's trace: a decider "
+                 "continues it (its verdict's own `traceparent` becomes a link). With tracing on."),
+    },
+    "required": ["content_type", "type", "message_id", "correlation_id", "reply_to", "expiration"],
+}
+HEADERS["VerdictHeaders"] = {
+    "type": "object",
+    "description": "AMQP properties and headers of a verdict.",
+    "properties": {
+        "correlation_id": {"type": "string", "description": f"{_PROP}: the request's `id` "
+                           "(without it the body's `id` is used)."},
+        "reply_to": {"type": "string", "description": f"{_PROP}: optional: a bad verdict is "
+                     "answered there with a Reply (`ok` false, `command` verdict, `error`)."},
+        "content_type": {"const": "application/json", "description": f"{_PROP}: read as JSON "
+                         "whatever this says."},
+        **_trace("Optional: the decider's context, linked from the bridge's intercept span."),
+    },
+}
+REQUEST_HEADERS = {"content_type": "application/json", "delivery_mode": 1, "type": "call.intercept",
+                   "message_id": "bridge-a1/009033400001/i7", "correlation_id": "bridge-a1/009033400001/i7",
+                   "reply_to": "amq.rabbitmq.reply-to.g1h2AA5yZXQ", "expiration": "250",
+                   "timestamp": int(T0.timestamp()), "traceparent": TRACEPARENT}
+VERDICT_HEADERS = {"correlation_id": "bridge-a1/009033400001/i7", "content_type": "application/json"}
 DEAD_PAYLOAD = {"description": "The refused command's body, byte for byte (it may not even be "
                                "JSON)."}
 
@@ -593,6 +759,15 @@ def asyncapi(schemas: dict[str, dict]) -> dict:
             msg["correlationId"] = {"$ref": "#/components/correlationIds/command"}
             trace = {"traceparent": TRACEPARENT} if b.name == "signaling" else {}
             headers = [{**CMD_HEADERS, **trace}] * len(b.examples)
+        elif b.kind == "request":
+            msg["headers"] = {"$ref": "#/components/schemas/InterceptRequestHeaders"}
+            msg["correlationId"] = {"$ref": "#/components/correlationIds/intercept"}
+            msg["bindings"] = {"amqp": {"messageType": b.name, "bindingVersion": AMQP_BINDING}}
+            headers = [REQUEST_HEADERS] * len(b.examples)
+        elif b.kind == "verdict":
+            msg["headers"] = {"$ref": "#/components/schemas/VerdictHeaders"}
+            msg["correlationId"] = {"$ref": "#/components/correlationIds/intercept"}
+            headers = [VERDICT_HEADERS] * len(b.examples)
         else:
             msg["headers"] = {"$ref": "#/components/schemas/ReplyHeaders"}
             msg["correlationId"] = {"$ref": "#/components/correlationIds/command"}
@@ -601,7 +776,7 @@ def asyncapi(schemas: dict[str, dict]) -> dict:
         msg["examples"] = [{"name": n, "summary": t, "headers": h, "payload": ex}
                            for (n, t, ex), h in zip(b.examples, headers, strict=True)]
         messages[mid] = msg
-        if b.kind == "reply":
+        if b.kind in ("reply", "verdict"):
             continue
         params = [p for p in ("hw", "call", "instance") if "{" + p + "}" in b.address]
         ch_id = mid
@@ -609,9 +784,22 @@ def asyncapi(schemas: dict[str, dict]) -> dict:
             "address": b.address, "title": b.title, "description": b.description,
             "messages": {mid: {"$ref": f"#/components/messages/{mid}"}},
             "parameters": {p: {"$ref": f"#/components/parameters/{p}"} for p in params},
-            "bindings": _exchange(EVENTS_EXCHANGE if b.kind == "events" else COMMANDS_EXCHANGE),
+            "bindings": _exchange(COMMANDS_EXCHANGE if b.kind == "commands" else EVENTS_EXCHANGE),
         }
-        if b.kind == "events":
+        if b.kind == "request":
+            operations["requestVerdict"] = {
+                "action": "send", "channel": {"$ref": f"#/channels/{ch_id}"},
+                "summary": "The bridge asks for a verdict on a held message (intercept mode) and "
+                           "waits for it until the deadline.",
+                "messages": [{"$ref": f"#/channels/{ch_id}/messages/{mid}"}],
+                "reply": {"address": {"location": "$message.header#/reply_to",
+                                      "description": "The request's `reply_to` property."},
+                          "channel": {"$ref": "#/channels/verdict"},
+                          "messages": [{"$ref": "#/channels/verdict/messages/verdict"}]},
+                "bindings": {"amqp": {"deliveryMode": 1, "mandatory": True, "timestamp": True,
+                                      "bindingVersion": AMQP_BINDING}},
+            }
+        elif b.kind == "events":
             operations["publish" + mid[0].upper() + mid[1:]] = {
                 "action": "send", "channel": {"$ref": f"#/channels/{ch_id}"},
                 "summary": f"The bridge publishes {b.name} events.",
@@ -638,6 +826,12 @@ def asyncapi(schemas: dict[str, dict]) -> dict:
         "address": None, "title": "Reply",
         "description": "Replies go to the command's `reply_to` queue through the default exchange.",
         "messages": {"reply": {"$ref": "#/components/messages/reply"}},
+    }
+    channels["verdict"] = {
+        "address": None, "title": "Verdict",
+        "description": "Verdicts go to the request's `reply_to` (the bridge's direct reply-to) "
+                       "through the default exchange.",
+        "messages": {"verdict": {"$ref": "#/components/messages/verdict"}},
     }
     channels["deadLetter"] = {
         "address": "{key}", "title": "Dead letters",
@@ -701,6 +895,9 @@ def asyncapi(schemas: dict[str, dict]) -> dict:
             "parameters": {k: PARAMS[k] for k in sorted(PARAMS)},
             "correlationIds": {"command": {
                 "description": "The command's `correlation_id`, copied into its reply.",
+                "location": "$message.header#/correlation_id"}, "intercept": {
+                "description": "The intercept request's `id`, as the request's and the verdict's "
+                               "`correlation_id`.",
                 "location": "$message.header#/correlation_id"}},
         },
     }

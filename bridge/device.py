@@ -90,8 +90,10 @@ class Device:
                          *(f.call_state(self.hw, s) for s in self.tracker.release_all()))
         return []
 
-    def on_sent(self, call: int, to: bool, sig: Raw) -> list[Outgoing]:
-        return self._signaling(Signaling(call=call, sig=sig, to=to), "command")
+    def on_sent(self, call: int, to: bool, sig: Raw, origin: str = "command") -> list[Outgoing]:
+        """A Signaling the bridge sent itself: for a command, or (``intercept``) the release of a
+        rejected message."""
+        return self._signaling(Signaling(call=call, sig=sig, to=to), origin)
 
     def on_lost(self, reason: str) -> list[Outgoing]:
         """The session holding the attachment ended (``command``, ``session-lost``, ``shutdown``)."""

@@ -97,10 +97,35 @@ class CallSignaling(Event, tag="call.signaling", kw_only=True):
     call: int
     #: true: toward the device
     to: bool
-    #: "pbx": received from the PBX side and forwarded; "command": sent for a command
+    #: "pbx": received from the PBX side and forwarded; "command": sent for a command;
+    #: "intercept": the release the bridge sent for a rejected message (docs/INTERCEPT.md)
     origin: str
     #: the Signal object exactly as it passed
     sig: Raw
+
+
+class CallIntercepted(Event, tag="call.intercepted", kw_only=True):
+    """How an intercepted message ended (docs/INTERCEPT.md); published before the
+    ``call.signaling`` of what passed."""
+
+    call: int
+    #: true: the message went toward the device
+    to: bool
+    #: the intercept request's id
+    id: str
+    #: the held message's sig type
+    sig_type: str
+    #: forward, replace, reject (a verdict); timeout, unroutable, broker-down, stopping (the fail
+    #: policy decided); bad-verdict (forwarded unchanged); session-lost (nothing to send to)
+    outcome: str
+    #: forwarded, replaced, rejected, dropped
+    action: str
+    #: milliseconds the message was held
+    waited_ms: float
+    #: bad-verdict: why the verdict was refused
+    error: str | UnsetType = UNSET
+    #: rejected: the cause of the release the bridge sent back
+    cause: int | UnsetType = UNSET
 
 
 class SeqRange(Struct, array_like=False):
@@ -143,7 +168,7 @@ class Outgoing:
 
 #: the kinds of device event a deployment may choose to publish (``EPSIGNAL_EVENT_KINDS``);
 #: gap events are always published
-KINDS = ("attached", "detached", "attach.failed", "call.state", "call.signaling")
+KINDS = ("attached", "detached", "attach.failed", "call.state", "call.signaling", "call.intercepted")
 
 
 class EventFactory:
@@ -211,6 +236,15 @@ class EventFactory:
         ev = CallSignaling(call=call, to=to, sig=sig, origin=origin,
                            hw=hw, seq=self._next(hw), instance=self.instance, time=datetime.now(_UTC))
         return self._out(routing.call_key(hw, call, "signaling"), ev)
+
+    def intercepted(self, hw: str, call: int, to: bool, id: str, sig_type: str, outcome: str, action: str,
+                    waited_ms: float, error: str | None = None, cause: int | None = None) -> Outgoing | None:
+        if "call.intercepted" not in self.kinds:
+            return None
+        ev = CallIntercepted(call=call, to=to, id=id, sig_type=sig_type, outcome=outcome, action=action,
+                             waited_ms=round(waited_ms, 3), error=UNSET if error is None else error,
+                             cause=UNSET if cause is None else cause, **self._base(hw))
+        return self._out(routing.call_key(hw, call, "intercepted"), ev)
 
     def gap(self, reason: str, dropped: dict[str, list[tuple[int, int]]]) -> Outgoing:
         now = datetime.now(timezone.utc)

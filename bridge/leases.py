@@ -588,6 +588,18 @@ class Lease:
         t = self.token
         return [self._publish(t.attach, t.cfg, t.since, t.by)]
 
+    def republish(self) -> list[Action]:
+        """What the token carries besides the wanted state changed here (the device's intercept
+        rules, docs/INTERCEPT.md): replace it by the next generation (HOLDING only), so that the
+        next holder reads it."""
+        nxt = self._go(Ev.RENEW)
+        assert self.token is not None
+        self._enter(nxt)
+        p, t = self.pending, self.token
+        if p is not None:
+            return [self._publish(p.attach, p.cfg, p.since, p.by)]
+        return [self._publish(t.attach, t.cfg, t.since, t.by)]
+
     def wanted(self) -> bool:
         """The wanted state in effect (HOLDING): the last one asked for, else the token's."""
         assert self.token is not None

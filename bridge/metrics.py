@@ -72,6 +72,22 @@ PUBLISH_SECONDS = LatencyHistogram(
     REGISTRY,
 )
 
+INTERCEPT_WAIT_SECONDS = LatencyHistogram(
+    "epsignal_intercept_wait_seconds",
+    "Time an intercepted message was held (request, verdict or fail policy, docs/INTERCEPT.md)",
+    (1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1, 2, 4),
+    REGISTRY,
+)
+
+
+class InterceptSnapshot(msgspec.Struct, frozen=True):
+    """Intercept mode's figures: holds ended by outcome, held now, verdicts ignored (late or
+    unknown id)."""
+
+    outcomes: dict[str, int]
+    held: int
+    ignored: dict[str, int]
+
 
 class LeaseSnapshot(msgspec.Struct, frozen=True):
     """The lease manager's figures (with EPSIGNAL_LEASES)."""
@@ -115,6 +131,7 @@ class Snapshot(msgspec.Struct, frozen=True):
     commands: dict[tuple[str, str], int]
     broker: BrokerSnapshot | None = None
     leases: LeaseSnapshot | None = None
+    intercept: InterceptSnapshot | None = None
 
 
 class BridgeCollector:
@@ -185,6 +202,20 @@ class BridgeCollector:
         yield f
         yield CounterMetricFamily("epsignal_pbx_login_failures", "Refused AppWebsocket logins",
                                   value=b.login_failures)
+        if b.intercept is not None:
+            ix = b.intercept
+            io = CounterMetricFamily("epsignal_intercept_outcomes", "Intercepted messages by how their "
+                                     "hold ended (docs/INTERCEPT.md)", labels=["outcome"])
+            for outcome, v in ix.outcomes.items():
+                io.add_metric([outcome], v)
+            yield io
+            yield GaugeMetricFamily("epsignal_intercept_held", "Messages held for a verdict now",
+                                    value=ix.held)
+            iv = CounterMetricFamily("epsignal_intercept_verdicts_ignored", "Verdicts for a hold that "
+                                     "had ended (late) or that was never known (unknown)", labels=["reason"])
+            for reason, v in ix.ignored.items():
+                iv.add_metric([reason], v)
+            yield iv
         if b.leases is not None:
             lm = b.leases
             yield GaugeMetricFamily("epsignal_leases_held", "Device leases this replica holds", value=lm.held)

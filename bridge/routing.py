@@ -4,8 +4,10 @@ Keys have a fixed number of words so that wildcard bindings stay exact::
 
     device.<hw>.attached | device.<hw>.detached | device.<hw>.attach.failed
     device.<hw>.call.<call>.state | device.<hw>.call.<call>.signaling
+    device.<hw>.call.<call>.intercept | device.<hw>.call.<call>.intercepted  (intercept mode)
     bridge.<instance>.gap
-    device.<hw>.attach | device.<hw>.detach | device.<hw>.signaling     (commands)
+    device.<hw>.attach | device.<hw>.detach | device.<hw>.signaling
+    device.<hw>.intercept                                                (commands)
 
 A word is a hw id, call id or instance id with every byte outside ``[A-Za-z0-9_-]``
 percent-encoded (UTF-8, upper-case hex), so ``.``, ``*``, ``#`` and spaces never split or
@@ -45,10 +47,13 @@ EVENT_KEYS = {
     "attach.failed": "device.{hw}.attach.failed",
     "call.state": "device.{hw}.call.{call}.state",
     "call.signaling": "device.{hw}.call.{call}.signaling",
+    #: an intercept request (not an event: not numbered, not buffered; docs/INTERCEPT.md)
+    "call.intercept": "device.{hw}.call.{call}.intercept",
+    "call.intercepted": "device.{hw}.call.{call}.intercepted",
     "gap": "bridge.{instance}.gap",
 }
 #: the commands' verbs; a command's key is ``device.<hw>.<verb>``
-VERBS = ("attach", "detach", "signaling")
+VERBS = ("attach", "detach", "signaling", "intercept")
 COMMAND_KEYS = {verb: f"device.{{hw}}.{verb}" for verb in VERBS}
 #: what a grammar word matches in a key
 _WORD = "[^.]+"

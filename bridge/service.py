@@ -14,8 +14,10 @@ import logging
 from websockets.exceptions import ConnectionClosed
 
 from bridge import commands as cmds
+from bridge import intercept as ic
 from bridge import tracing
 from bridge.amqp.consumer import CommandConsumer
+from bridge.amqp.intercept import Interceptor
 from bridge.amqp.leases import LeaseManager, LeaseRetirer
 from bridge.amqp.link import BrokerLink
 from bridge.amqp.publisher import EventPublisher
@@ -23,7 +25,7 @@ from bridge.config import Settings
 from bridge.device import Device
 from bridge.events import AttachInfo, EventFactory, Outgoing
 from bridge.brokers import endpoint
-from bridge.metrics import BrokerSnapshot, LeaseSnapshot, Snapshot
+from bridge.metrics import BrokerSnapshot, InterceptSnapshot, LeaseSnapshot, Snapshot
 from bridge.pbx.client import ClientPbx
 from bridge.pbx.mode import AttachFailed, CannotDetach, Pbx
 from bridge.pbx.server import PbxServer
@@ -56,12 +58,18 @@ class Bridge:
             max_attempts=settings.publish_max_attempts, max_bytes=settings.buffer_max_mb * 2**20,
         )
         self._call_limits = settings.call_limits()
+        #: intercept mode (docs/INTERCEPT.md): the rules, and the adapter the sessions hold for
+        self.rules = settings.intercept_rules()
+        self.intercept = Interceptor(self.link, self.rules)
         leases = settings.leases and settings.pbx_mode == "client"
-        self.pbx: Pbx = (PbxServer(settings, self._device, self.emit) if settings.pbx_mode == "server"
+        self.pbx: Pbx = (PbxServer(settings, self._device, self.emit, intercept=self.intercept)
+                         if settings.pbx_mode == "server"
                          else ClientPbx(settings, self._device, self.emit, refusals=3 if leases else 0,
-                                        autostart=not leases))
+                                        autostart=not leases, intercept=self.intercept))
         self.leases = (LeaseManager(self.link, self, settings.device_list, self._on_leased_command)
                        if leases else None)
+        if self.leases is not None:
+            self.leases.rules = self.rules
         self.consumer = CommandConsumer(self.link, self.handle_command,
                                         redirect=self._redirect if self.leases is not None else None)
         #: leases off: the lease queues of an earlier time with leases on are retired
@@ -101,6 +109,7 @@ class Bridge:
             return max(0.05, (deadline - loop.time()) * share)
 
         self.link.hurry()
+        self.intercept.fail_all(ic.STOPPING)  # held messages get the fail policy now
         if self.leases is not None:
             self.leases.pause()
         if self.retirer is not None:
@@ -113,6 +122,7 @@ class Bridge:
         if self.leases is not None:  # detached first: the next holder's Attach is not refused
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.leases.stop(), left(0.5))
+        await self.intercept.close()
         flushed = await self.publisher.flush(left() - CLOSE_MARGIN_S)
         await self.publisher.close()
         if not flushed:
@@ -170,6 +180,8 @@ class Bridge:
                 held=len(lm.tokens), replicas=len(lm.members.live), handed_on=lm.handed_on,
                 wanted_detached=sum(1 for lease in lm.tokens.values() if not lease.wanted()),
                 repaired=lm.repaired),
+            intercept=InterceptSnapshot(dict(self.intercept.outcomes), self.intercept.held,
+                                        dict(self.intercept.ignored)),
         )
 
     def not_ready_reasons(self) -> list[str]:
@@ -210,7 +222,8 @@ class Bridge:
 
     def idle(self, hw: str) -> bool:
         r = self.pbx.runners.get(hw)
-        return (r is None or len(r.device.tracker) == 0) and not self.consumer.busy(hw)
+        held = r is not None and r.session is not None and r.session.gate is not None and r.session.gate.calls
+        return (r is None or len(r.device.tracker) == 0 and not held) and not self.consumer.busy(hw)
 
     async def _on_leased_command(self, message) -> None:
         await self.consumer.on_message(message, redirect=False)
@@ -226,6 +239,8 @@ class Bridge:
             return await self._attach(hw)
         if verb == "detach":
             return await self._detach(hw)
+        if verb == "intercept":
+            return await self._intercept(hw, cmd)
         return await self._signaling(hw, cmd)
 
     async def _attach(self, hw: str) -> cmds.Reply:
@@ -257,6 +272,28 @@ class Bridge:
         except CannotDetach as e:
             raise cmds.CommandError(str(e)) from None
         return cmds.Reply(ok=True, command="detach", hw=hw, was_attached=was)
+
+    async def _intercept(self, hw: str, cmd: ic.InterceptCommand) -> cmds.Reply:
+        """Replace the device's command-set intercept rules. With leases they ride in its lease
+        token (the next holder reads them); without, they live here (a restart loses them)."""
+        if self.leases is not None:
+            if not self.leases.holds(hw):
+                raise cmds.CommandError(f"device {hw} is not held by any replica (no lease); attach it first")
+            old = self.rules.command.get(hw, ())
+            effective = self.rules.set_command(hw, cmd.rules)
+            try:
+                republished = await self.leases.republish(hw)
+            except Exception as e:
+                self.rules.set_command(hw, old)
+                raise cmds.CommandError(f"the lease token of {hw} could not be replaced ({e}); "
+                                        "send it again") from None
+            if not republished:
+                self.rules.set_command(hw, old)
+                raise cmds.CommandError(f"the lease of {hw} moved to another replica while the "
+                                        "command was carried out; send it again")
+        else:
+            effective = self.rules.set_command(hw, cmd.rules)
+        return cmds.Reply(ok=True, command="intercept", hw=hw, rules=effective)
 
     async def _signaling(self, hw: str, cmd: cmds.SignalingCommand) -> cmds.Reply:
         target = self.pbx.target(hw)

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
+import itertools
 import logging
 import os
 import signal
 import sys
 import uuid
+from pathlib import Path
 
 import aio_pika
 import aiormq.exceptions
@@ -56,6 +59,10 @@ def format_event(key: str, body: bytes, colour: bool = False) -> str:
         sig = ev.get("sig") or {}
         arrow = "->dev" if ev.get("to") else "->pbx"
         return f"{clock} {hw} call {ev.get('call'):>5} {arrow} {sig.get('type', '?'):<10} ({ev.get('origin')})"
+    if t == "call.intercepted":
+        extra = (f" cause {ev['cause']}" if "cause" in ev else "") + (f" ({ev['error']})" if "error" in ev else "")
+        return (f"{clock} {hw} call {ev.get('call'):>5} intercepted {ev.get('sig_type')}: {ev.get('outcome')}"
+                f" -> {ev.get('action')} after {ev.get('waited_ms')} ms{extra}")
     if t in ("attached", "detached", "attach.failed"):
         detail = ev.get("reason") or ev.get("error") or ""
         code = {"attached": "32", "detached": "35", "attach.failed": "31"}[t]
@@ -253,7 +260,7 @@ async def send(settings: Settings, hw: str, verb: str, body: str | bytes, *, tim
 
 # --------------------------------------------------------------------------- demo
 def demo_settings(name: str, *, amqp_url: str, pbx_url: str, pbx_app: str, password: str,
-                  devices: list[str], http_port: int = 0) -> Settings:
+                  devices: list[str], http_port: int = 0, intercept: str = "") -> Settings:
     """The demo bridge's settings: every exchange and queue named after the demo (``name``), so
     it never takes a real bridge's commands nor shows another bridge's events; HTTP on the
     loopback only."""
@@ -263,16 +270,107 @@ def demo_settings(name: str, *, amqp_url: str, pbx_url: str, pbx_app: str, passw
         instance_id=name, events_exchange=f"{name}.events", commands_exchange=f"{name}.commands",
         commands_queue=f"{name}.commands.bridge", dead_exchange=f"{name}.dead",
         dead_queue=f"{name}.commands.dead", http_host="127.0.0.1", http_port=http_port,
+        intercept=intercept,
     )
 
 
+#: the demo's intercept modes (``--intercept``): the example decider's option and sample file
+INTERCEPT_MODES = {"crm": ("--crm", "crm.csv"), "screen": ("--block", "blocked.txt")}
+#: the decider the demo runs for --intercept, and its sample files (a checkout's examples/)
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+#: seconds between the demo's own calls from the sample numbers (with --intercept)
+INTERCEPT_CALL_EVERY_S = 3.0
+
+
+def _load_decider():
+    """examples/python/intercept.py as a module (its loaders of the sample files)."""
+    path = EXAMPLES / "python" / "intercept.py"
+    if not path.is_file():
+        raise ToolError(f"--intercept runs the example decider {path}, which is not there "
+                        "(it comes with a checkout of the repository, not with the image)")
+    spec = importlib.util.spec_from_file_location("epsignal_intercept_example", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class DemoDecider:
+    """The example decider (examples/python/intercept.py) as a process of the demo, its output
+    relayed as ``decider: ...`` lines; and the numbers the demo calls from to show it: the CRM
+    file's (renamed on the phone), the block list's (rejected), and one that is in neither."""
+
+    UNKNOWN = "299"
+
+    def __init__(self, modes: list[str], amqp_url: str, settings: Settings, out) -> None:
+        example = _load_decider()
+        self.args = [str(EXAMPLES / "python" / "intercept.py"), "--amqp-url", amqp_url,
+                     "--exchange", settings.events_exchange]
+        per_mode: list[list[str]] = []
+        for mode in dict.fromkeys(modes):  # each once, in order
+            option, sample = INTERCEPT_MODES[mode]
+            self.args += [option, str(EXAMPLES / sample)]
+            load = example.load_crm if mode == "crm" else example.load_blocked
+            per_mode.append(sorted(load(str(EXAMPLES / sample))))
+        # the modes' numbers taken in turn (a renamed caller, a blocked one, ...)
+        turns = itertools.zip_longest(*per_mode)
+        self.numbers = [n for turn in turns for n in turn if n is not None] + [self.UNKNOWN]
+        self.out = out
+        self.proc: asyncio.subprocess.Process | None = None
+        self._relay: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        """Until it is bound (its first line); ToolError if it ends before."""
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, *self.args, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE)
+        first = await self.proc.stdout.readline()
+        if not first:
+            err = (await self.proc.stderr.read()).decode(errors="replace").strip()
+            raise ToolError(f"the example decider ended at its start: {err.splitlines()[-1:]}")
+        self._line(first)
+        self._relay = asyncio.create_task(self.relay())
+
+    def _line(self, raw: bytes) -> None:
+        print(f"decider: {raw.decode(errors='replace').rstrip()}", file=self.out, flush=True)
+
+    async def relay(self) -> None:
+        while line := await self.proc.stdout.readline():
+            self._line(line)
+
+    async def calls(self, sim, hws: list[str]) -> None:
+        """An incoming call from the next sample number every INTERCEPT_CALL_EVERY_S."""
+        for i in itertools.count():
+            await asyncio.sleep(INTERCEPT_CALL_EVERY_S)
+            with contextlib.suppress(ValueError):  # the device is not registered (any more)
+                await sim.place_call(hws[i % len(hws)], direction="in", hold_s=2.0,
+                                     remote=self.numbers[i % len(self.numbers)])
+
+    async def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):  # it ended (Ctrl-C reaches it too)
+                self.proc.terminate()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.proc.wait(), 5)
+        if self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+        if self._relay is not None:
+            await asyncio.gather(self._relay, return_exceptions=True)
+
+
 async def demo(*, devices: int, call_rate: float, duration: float | None, amqp_url: str,
-               http_port: int = 0, out=None) -> None:
+               http_port: int = 0, intercept: list[str] | None = None, out=None) -> None:
     """Simulator with traffic + a bridge for its devices + live events, in one process.
 
     Isolated: its own exchange and queue names (``demo-<id>.*``, deleted at exit), its own
     ports. Reaches the broker first, so an unreachable one is a :class:`ToolError` within
-    :data:`CONNECT_TIMEOUT_S`; ``duration`` ends it, so do SIGINT and SIGTERM."""
+    :data:`CONNECT_TIMEOUT_S`; ``duration`` ends it, so do SIGINT and SIGTERM.
+
+    ``intercept`` (modes of :data:`INTERCEPT_MODES`): the bridge holds every setup toward a
+    device for a verdict, the example decider answers (``crm``: the CRM name on the phone;
+    ``screen``: blocked numbers rejected), and the demo calls from the sample numbers."""
     from bridge.main import http_for
     from bridge.service import Bridge
     from bridge.sim import PbxSimulator, SimConfig
@@ -288,7 +386,7 @@ async def demo(*, devices: int, call_rate: float, duration: float | None, amqp_u
     name = f"demo-{uuid.uuid4().hex[:6]}"
     password = "demo-secret"
     sim = PbxSimulator(SimConfig(devices=devices, call_rate=call_rate, password=password))
-    bridge = settings = viewer = None
+    bridge = settings = viewer = decider = caller = None
     started = False
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -297,13 +395,16 @@ async def demo(*, devices: int, call_rate: float, duration: float | None, amqp_u
         await sim.start(control_port=0)
         hws = [sim.hw(i) for i in range(1, devices + 1)]
         settings = demo_settings(name, amqp_url=amqp_url, pbx_url=sim.url, pbx_app=sim.config.app,
-                                 password=password, devices=hws, http_port=http_port)
+                                 password=password, devices=hws, http_port=http_port,
+                                 intercept="*=setup:device" if intercept else "")
         bridge = Bridge(settings)
         http = http_for(bridge)
         ready = asyncio.Event()
-        viewer = asyncio.create_task(tail(
-            settings, ["device.*.call.*.state", "device.*.attached", "device.*.detached",
-                       "device.*.attach.failed", "bridge.*.gap"], ready=ready, conn=conn, out=out))
+        keys = ["device.*.call.*.state", "device.*.attached", "device.*.detached",
+                "device.*.attach.failed", "bridge.*.gap"]
+        if intercept:
+            keys.append("device.*.call.*.intercepted")
+        viewer = asyncio.create_task(tail(settings, keys, ready=ready, conn=conn, out=out))
         bound = asyncio.ensure_future(ready.wait())
         try:
             await asyncio.wait([viewer, bound], return_when=asyncio.FIRST_COMPLETED)
@@ -311,6 +412,9 @@ async def demo(*, devices: int, call_rate: float, duration: float | None, amqp_u
             bound.cancel()
         if viewer.done():
             viewer.result()  # its ToolError
+        if intercept:  # bound before the first setup: none goes by unintercepted
+            decider = DemoDecider(intercept, amqp_url, settings, out)
+            await decider.start()
         try:
             await http.start()
         except OSError as e:
@@ -333,6 +437,11 @@ async def demo(*, devices: int, call_rate: float, duration: float | None, amqp_u
               f"{settings.commands_exchange} (deleted at exit); try "
               f"`EPSIGNAL_COMMANDS_EXCHANGE={settings.commands_exchange} epsignal-bridge send "
               f"detach {hws[0] if hws else '<hw>'}`; Ctrl-C to stop", file=out, flush=True)
+        if decider is not None and hws:
+            print(f"demo {name}: setups toward the devices wait for the example decider; an "
+                  f"incoming call every {INTERCEPT_CALL_EVERY_S:g} s from "
+                  f"{', '.join(decider.numbers)}", file=out, flush=True)
+            caller = asyncio.create_task(decider.calls(sim, hws))
         waiter = asyncio.ensure_future(stop.wait())
         try:
             await asyncio.wait([viewer, waiter], timeout=left(), return_when=asyncio.FIRST_COMPLETED)
@@ -344,9 +453,14 @@ async def demo(*, devices: int, call_rate: float, duration: float | None, amqp_u
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+        if caller is not None:
+            caller.cancel()
+            await asyncio.gather(caller, return_exceptions=True)
         if started:
             await bridge.stop(5)
             await http.stop()
+        if decider is not None:
+            await decider.stop()
         if viewer is not None:
             viewer.cancel()
             await asyncio.gather(viewer, return_exceptions=True)

@@ -245,6 +245,49 @@ def command_span(headers: dict | None, exchange: str, hw: str, verb: str, routin
     )
 
 
+# ------------------------------------------------------------------------------ intercept mode
+def intercept_span(device, hold):
+    """The span of an intercept round trip (PRODUCER), in the call's trace: from the request to
+    the outcome. The request carries its context; a verdict's becomes a link."""
+    parent = device.trace_ctx.get(hold.call, _ROOT)
+    span = _tracer.start_span(
+        f"intercept device.{{hw}}.call.{{call}}.intercept", context=parent, kind=SpanKind.PRODUCER,
+        attributes={"messaging.system": SYSTEM, "messaging.operation.name": "publish",
+                    "messaging.operation.type": "send", "messaging.message.id": hold.id,
+                    "epsignal.hw": device.hw, "epsignal.call": hold.call,
+                    "epsignal.sig.type": hold.sig_type, "epsignal.to_device": hold.to,
+                    "epsignal.intercept.deadline_ms": hold.rule.deadline_ms})
+    if parent is _ROOT:
+        device.trace_ctx[hold.call] = _call_context(span)
+    return span
+
+
+def intercept_verdict(span, headers: dict | None) -> None:
+    """A verdict arrived: its producer's context (``traceparent``) becomes a link of the span."""
+    carrier = {k: v for k, v in (headers or {}).items() if isinstance(v, str)}
+    if carrier:
+        sc = trace.get_current_span(propagate.extract(carrier)).get_span_context()
+        if sc.is_valid:
+            span.add_link(sc)
+
+
+def intercept_end(span, outcome: str, action: str) -> None:
+    span.set_attribute("epsignal.intercept.outcome", outcome)
+    span.set_attribute("epsignal.intercept.action", action)
+    if outcome == "bad-verdict":
+        span.set_status(Status(StatusCode.ERROR, "bad verdict"))
+    span.end()
+
+
+def current(span):
+    """Make ``span`` current (events made meanwhile carry it): a token for :func:`detach`."""
+    return otel_context.attach(trace.set_span_in_context(span))
+
+
+def detach(token) -> None:
+    otel_context.detach(token)
+
+
 @contextmanager
 def send_span(device, call: int, sig_type: str):
     """The span of a Signaling the bridge sends for a command; the call joins this trace."""

@@ -15,7 +15,9 @@ and wait in the queue while nobody holds it.
   first two in rank (:func:`bridge.leases.rank`) stand in line; a holder hands an *idle* device
   on to the preferred replica (cancel, then requeue the token) once the member set has settled.
 - The token carries the device's wanted state (``attach``) and a generation: a detach command
-  replaces the token with ``attach: false``, so the next holder does not attach it again. Two
+  replaces the token with ``attach: false``, so the next holder does not attach it again. It
+  also carries the device's command-set intercept rules (``intercept``, docs/INTERCEPT.md): an
+  intercept command replaces the token the same way, and a holder takes them from it. Two
   tokens (two replicas created the queue at once) meet at the active consumer, which keeps the
   newer generation and acknowledges the other.
 - Broker or lease channel lost (a crash, a channel error, RabbitMQ's consumer timeout): the
@@ -47,7 +49,7 @@ import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import aio_pika
 import aiormq
@@ -57,6 +59,7 @@ from pamqp.commands import Basic
 
 from bridge.amqp import topology as t
 from bridge.amqp.link import BrokerLink
+from bridge.intercept import Rule, Rules
 from bridge.leases import (
     PRESENCE_DECODER, PRESENCE_ENCODER, Ack, Action, Cancel, Consume, Defer, Lease, LeasePlan, Membership,
     ORPHAN_BEATS, Nack, Orphans, Presence, Process, Publish, StartRunner, State, StopRunner, Wanted, config_id,
@@ -99,6 +102,10 @@ class Token(msgspec.Struct, kw_only=True, omit_defaults=True):
     #: since when (Unix time) and by whom (an instance id, or "reset") it is wanted
     since: float = 0.0
     by: str = ""
+    #: the device's intercept rules set by command (bridge.intercept.Rule objects; absent: none).
+    #: Read leniently here and converted apart: a token is never dropped for rules this version
+    #: cannot read
+    intercept: list[Any] = msgspec.field(default_factory=list)
 
 
 #: the message type of an operator's query on the presence exchange (every replica answers)
@@ -137,6 +144,8 @@ class LeaseManager:
         #: replica that adopted it)
         self.dynamic: set[str] = set()
         self._on_command = on_command
+        #: the bridge's intercept rules: a token carries its device's command-set rules
+        self.rules: Rules | None = None
         loop = asyncio.get_running_loop()
         self.members = Membership(self.s.instance_id, self.s.lease_heartbeat_s, loop.time())
         self.plan = LeasePlan(self.members, self.s.lease_heartbeat_s)
@@ -363,7 +372,7 @@ class LeaseManager:
                     await self._publish_token(Token(
                         hw=a.hw, attach=a.attach, gen=a.gen, cfg=a.cfg,
                         since=time.time() if a.since is None else a.since,
-                        by=self.s.instance_id if a.by is None else a.by))
+                        by=self.s.instance_id if a.by is None else a.by, intercept=self._rules_of(a.hw)))
                 except Exception:
                     lease.pending = None
                     raise
@@ -441,7 +450,7 @@ class LeaseManager:
                 # a consumer, its token unacked); a race of two declares makes two tokens, which
                 # meet at the active consumer (the older is acked)
                 await self._publish_token(Token(hw=hw, cfg=self.cfg, since=time.time(),
-                                                by=self.s.instance_id))
+                                                by=self.s.instance_id, intercept=self._rules_of(hw)))
         await ch.basic_consume(t.lease_queue(self.s, hw), self._on_deliver, consumer_tag=a.ctag)
 
     async def _declare(self, hw: str) -> tuple[int, int]:
@@ -640,6 +649,7 @@ class LeaseManager:
                                          token.cfg, token.since, token.by)
             await self._do(lease, acts, "command")
             if lease.holding:
+                self._take_rules(lease, token)
                 ev = self._token_arrived.pop(hw, None)
                 if ev is not None:
                     ev.set()
@@ -691,6 +701,33 @@ class LeaseManager:
             task = self._stopping_runner.get(hw)
             if task is not None:
                 await asyncio.shield(task)
+        return True
+
+    def _rules_of(self, hw: str) -> list[Any]:
+        return list(self.rules.command.get(hw, ())) if self.rules is not None else []
+
+    def _take_rules(self, lease: Lease, token: Token) -> None:
+        """The token held now says the device's intercept rules, unless a newer token of this
+        replica's (which says what it has now) is on its way."""
+        if (self.rules is None or lease.pending is not None or lease.token is None
+                or lease.token.gen != token.gen):
+            return
+        rules: list[Rule] = []
+        if token.intercept:
+            try:
+                rules = msgspec.convert(token.intercept, list[Rule])
+            except msgspec.ValidationError as e:
+                log.warning("device %s: the lease token's intercept rules are not readable (%s); "
+                            "none set by command", lease.hw, e)
+        self.rules.set_command(lease.hw, rules)
+
+    async def republish(self, hw: str) -> bool:
+        """``hw``'s intercept rules changed here: replace its token by one saying so. False if
+        the lease is not held here."""
+        lease = self.leases.get(hw)
+        if lease is None or not lease.holding:
+            return False
+        await self._do(lease, lease.republish(), "command")
         return True
 
     async def adopt(self, hw: str) -> str:

@@ -18,6 +18,9 @@ event. Scenarios (``--scenarios``):
 8. ``peer``: the bridge (every event kind, and ``call.state`` only) against a hand-written
    peer of ~40 lines (:mod:`bridge.bench.peer`) under the same load generator and consumer,
    per frame: frames/s, forwarding and hop p99 at 500 frames/s, CPU per 10,000 frames (issue 19).
+9. ``intercept``: setups held for a local decider (issue 18, :mod:`bridge.bench.intercept`):
+   the verdict round trip, the extra forwarding latency of intercepted messages, and the
+   devices without rules in the same run against a run without interception.
 
 ``--profile`` adds a throughput round under py-spy; plots go to ``--out``. Results: a table on
 stdout and ``--json FILE``. docs/PERFORMANCE.md has the targets and a results table.

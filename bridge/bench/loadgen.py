@@ -25,6 +25,7 @@ import asyncio
 import itertools
 import time
 from collections import deque
+from collections.abc import Callable
 
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
@@ -77,6 +78,9 @@ class LoadGen:
         #: forwarding round trips (ns) of frames stamped at or after ``record_from``
         self.fwd_rtt: list[int] = []
         self.record_from = 1 << 62
+        #: called with (session, forwarded frame, send stamp, time back) for each one recorded,
+        #: to sort them (the intercept scenario: by device and message kind)
+        self.tap: Callable[[LgSession, bytes, int, int], None] | None = None
         self.cmd_latency: list[int] = []
         self._fwd_target = 1 << 62
         self._fwd_ev = asyncio.Event()
@@ -126,7 +130,7 @@ class LoadGen:
                 t = now_ns()
                 stamp = stamp_of(data, STAMP)
                 if stamp is not None:
-                    on_forward(s, stamp, t)
+                    on_forward(s, stamp, t, data)
                     continue
                 stamp = stamp_of(data, COMMAND_STAMP)
                 if stamp is not None:
@@ -178,11 +182,13 @@ class LoadGen:
                 self.other_frames += 1
 
     # ------------------------------------------------------------------ what comes back
-    def _on_forward(self, s: LgSession, stamp: int, t: int) -> None:
+    def _on_forward(self, s: LgSession, stamp: int, t: int, data: bytes) -> None:
         self.forwards += 1
         s.outstanding -= 1
         if stamp >= self.record_from:
             self.fwd_rtt.append(t - stamp)
+            if self.tap is not None:
+                self.tap(s, data, stamp, t)
         if self.forwards >= self._fwd_target:
             self._fwd_ev.set()
         ready = self._ready

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-SCENARIOS = ("throughput", "latency", "forwarding", "commands", "scale", "codec", "tracing", "peer")
+SCENARIOS = ("throughput", "latency", "forwarding", "commands", "scale", "codec", "tracing", "peer",
+             "intercept")
 
 #: defaults of the full run and of --smoke; an option given on the command line wins
 FULL = dict(

@@ -20,12 +20,16 @@ interpreter's start and the imports cancel out::
 
 ``--profile`` prints a cProfile of the run too (top functions by own time);
 ``--service-loop`` runs it on the service's event loop (uvloop, :func:`bridge.main.loop_factory`)
-instead of asyncio's.
+instead of asyncio's. ``--intercept=off`` gives the session an intercept gate with no rules (as
+the bridge runs it), ``--intercept=other`` one with a rule for a device not in the load (no
+frame is held: the cost of intercept mode to the traffic it does not touch); without it the
+session has no gate.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import sys
 
 from aiormq.base import FutureStore
@@ -35,6 +39,7 @@ from bridge.amqp.publisher import EventPublisher
 from bridge.bench.frames import FrameMaker, hw_id
 from bridge.device import Device
 from bridge.events import KINDS, EventFactory
+from bridge.intercept import Gate, Rules, parse_config
 from bridge.pbx.session import PbxSession
 from bridge.main import loop_factory
 
@@ -100,6 +105,20 @@ class _Raw:
             conf.pop(tag).set_result(True)
 
 
+class _Intercept:
+    """What a session asks of the intercept adapter (bridge.amqp.intercept.Interceptor)."""
+
+    def __init__(self, rules: Rules) -> None:
+        self.rules, self.sessions, self._n = rules, set(), itertools.count(1)
+
+    def gate(self) -> Gate:
+        return Gate(self.rules, "bench-perframe", self._n)
+
+
+#: --intercept=...: the rules of the session's gate
+INTERCEPT = {"off": "", "other": "not-in-the-load=setup:device,conn:pbx"}
+
+
 class _Link:
     ready = True
     blocked = None
@@ -115,14 +134,15 @@ class _Link:
         return self.raw
 
 
-async def run(frames: int, kinds: tuple[str, ...] = KINDS) -> dict:
+async def run(frames: int, kinds: tuple[str, ...] = KINDS, intercept: str | None = None) -> dict:
     raw = _Raw()
     link = _Link(raw)
     factory = EventFactory("bench-perframe", kinds)
     pub = EventPublisher(link, factory, window=1024, timeout_s=30.0, max_events=1_000_000, max_age_s=3600.0)
     drain = asyncio.create_task(pub.run())
     ws = _Ws(frames)
-    session = PbxSession(ws, pub.publish_nowait, 256 * 1024)
+    ix = _Intercept(Rules(parse_config(INTERCEPT[intercept]))) if intercept else None
+    session = PbxSession(ws, pub.publish_nowait, 256 * 1024, ix)  # type: ignore[arg-type]
     for i in range(DEVICES):
         dev = Device(hw_id(i), factory)
         session.devices[dev.hw] = dev
@@ -136,6 +156,7 @@ async def run(frames: int, kinds: tuple[str, ...] = KINDS) -> dict:
 def main(argv: list[str]) -> None:
     profile = "--profile" in argv
     factory = loop_factory() if "--service-loop" in argv else None
+    intercept = next((a.split("=", 1)[1] for a in argv if a.startswith("--intercept=")), None)
     args = [a for a in argv if not a.startswith("--")]
     frames = int(args[0]) if args else 10_000
     kinds = tuple(args[1].split(",")) if len(args) > 1 else KINDS
@@ -146,11 +167,11 @@ def main(argv: list[str]) -> None:
 
             prof = cProfile.Profile()
             prof.enable()
-            out = runner.run(run(frames, kinds))
+            out = runner.run(run(frames, kinds, intercept))
             prof.disable()
             pstats.Stats(prof).sort_stats("tottime").print_stats(25)
         else:
-            out = runner.run(run(frames, kinds))
+            out = runner.run(run(frames, kinds, intercept))
     print(out)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import aio_pika
 import msgspec
 
-from bridge.bench import codec, profiling, stats
+from bridge.bench import codec, intercept, profiling, stats
 from bridge.bench.consumer import Sink
 from bridge.bench.frames import event_kinds, events_per_frame, hw_id
 from bridge.bench.loadgen import LoadGen
@@ -215,6 +215,8 @@ class Bench:
             await self._scenario("tracing", self.tracing)
         if "scale" in S:
             await self._scenario("scale", self.scale)
+        if "intercept" in S:
+            await self._scenario("intercept", lambda: intercept.run(self))
         self.results["meta"]["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
         self.results["targets"] = self.targets()
         self.results["checks"] = self.checks
@@ -1014,6 +1016,7 @@ def table(R: dict) -> str:
                          f"({v['spans_exported']} spans, {v['spans_per_frame']} per frame)")
             else:
                 L.append(f"  {label}: n/a: {v.get('reason')} ({v['events_per_s']} ev/s)")
+    L += intercept.table_lines(R)
     p = R.get("profile")
     if p:
         L.append(f"\nprofile ({p['tool']}): {p.get('file')}")

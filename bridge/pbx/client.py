@@ -50,7 +50,7 @@ class DeviceRunner:
     with backoff whenever it drops, until :meth:`stop`."""
 
     def __init__(self, settings: Settings, device: Device, emit: Emit, gate: asyncio.Semaphore,
-                 ssl_context: ssl.SSLContext | None = None, refusals: int = 0) -> None:
+                 ssl_context: ssl.SSLContext | None = None, refusals: int = 0, intercept=None) -> None:
         """``ssl_context``: for wss:// (one shared by all runners; see bridge.tls). ``refusals``:
         refused Attaches tried again (0.5 s, 1 s, 2 s, ... later) before the runner gives up;
         with leases, a new holder can be faster than the PBX at noticing the old one left."""
@@ -70,6 +70,7 @@ class DeviceRunner:
         #: loop time the runner ended (attach refused, stopped)
         self.ended_at = 0.0
         self._refusals = refusals
+        self._intercept = intercept
         self._stopping = False
         #: the WebSocket being opened (login, Attach): stop() closes it too
         self._ws = None
@@ -99,7 +100,7 @@ class DeviceRunner:
                 if self._stopping:
                     raise asyncio.CancelledError
                 await login_as_client(ws, s.pbx_app, s.pbx_password, s.attach_timeout_s, s.max_frame_bytes)
-                session = PbxSession(ws, self.emit, s.max_frame_bytes)
+                session = PbxSession(ws, self.emit, s.max_frame_bytes, self._intercept)
                 session.reader = asyncio.create_task(session.run())
                 result = await session.attach(self.device, s.attach_timeout_s)
             except BaseException:
@@ -230,15 +231,17 @@ class ClientPbx:
     """Client mode (:class:`bridge.pbx.mode.Pbx`): a :class:`DeviceRunner` per device."""
 
     def __init__(self, settings: Settings, make_device: Callable[[str], Device], emit: Emit,
-                 refusals: int = 0, autostart: bool = True) -> None:
+                 refusals: int = 0, autostart: bool = True, intercept=None) -> None:
         """``refusals``: see :class:`DeviceRunner`. ``autostart``: :meth:`start` runs every
-        configured device (without leases; with them, the lease manager says which)."""
+        configured device (without leases; with them, the lease manager says which).
+        ``intercept``: the intercept adapter the sessions hold messages for (None: off)."""
         self.s = settings
         self.runners: dict[str, DeviceRunner] = {}
         self._make_device = make_device
         self._emit = emit
         self._refusals = refusals
         self._autostart = autostart
+        self.intercept = intercept
         self._gate = asyncio.Semaphore(settings.attach_concurrency)
         self._ssl = (client_context(settings.pbx_ca_file, settings.pbx_tls_verify)
                      if settings.pbx_url.startswith("wss:") else None)
@@ -253,7 +256,7 @@ class ClientPbx:
         r = self.runners.get(hw)
         if r is None or (r.task is not None and r.task.done()):
             r = DeviceRunner(self.s, self._make_device(hw), self._emit, self._gate, self._ssl,
-                             refusals=self._refusals)
+                             refusals=self._refusals, intercept=self.intercept)
             self.runners[hw] = r
             r.start()
         return r

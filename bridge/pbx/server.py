@@ -33,8 +33,10 @@ class PbxServer:
     every device on the one session it opens."""
 
     def __init__(self, settings: Settings, make_device: Callable[[str], Device], emit: Emit,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
+                 ssl_context: ssl.SSLContext | None = None, intercept=None) -> None:
+        """``intercept``: the intercept adapter the session holds messages for (None: off)."""
         self.s = settings
+        self.intercept = intercept
         self.emit = emit
         self._make_device = make_device
         self._ssl = ssl_context
@@ -80,7 +82,7 @@ class PbxServer:
         if old is not None:  # the PBX came back: the old session is dead or about to be
             await old.close()
             await old.closed
-        session = PbxSession(ws, self.emit, s.max_frame_bytes)
+        session = PbxSession(ws, self.emit, s.max_frame_bytes, self.intercept)
         self.session = session
         session.reader = asyncio.create_task(session.run())
         await asyncio.gather(*(self._attach_on(session, d) for d in list(self.devices.values())),

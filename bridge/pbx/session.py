@@ -22,6 +22,9 @@ import time
 from collections import deque
 from contextlib import nullcontext
 from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import msgspec
 
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.connection import Connection
@@ -31,6 +34,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import BINARY, TEXT, Frame
 from websockets.http11 import Request, Response
 
+from bridge import intercept as ic
 from bridge import tracing
 from bridge.device import Device
 from bridge.metrics import FORWARD_SECONDS, FRAMES as STATS
@@ -38,6 +42,9 @@ from bridge.events import Outgoing
 from bridge.protocol import messages as m
 from bridge.protocol.errors import FrameError
 from bridge.protocol.login import ClientLogin, LoginFailed, ServerLogin
+
+if TYPE_CHECKING:
+    from bridge.amqp.intercept import Interceptor
 
 log = logging.getLogger("bridge.pbx")
 
@@ -162,7 +169,9 @@ class PbxSession:
     """One AppWebsocket session carrying EpSignal for one device (client mode) or all of them
     (server mode): reads, forwards, hands frames to their devices, sends on their behalf."""
 
-    def __init__(self, ws: FrameKinds, emit: Emit, max_bytes: int) -> None:
+    def __init__(self, ws: FrameKinds, emit: Emit, max_bytes: int,
+                 intercept: Interceptor | None = None) -> None:
+        """``intercept``: the bridge's intercept adapter (None: nothing is ever held here)."""
         _forget_handshake(ws)
         self.ws = ws
         self.emit = emit
@@ -173,6 +182,14 @@ class PbxSession:
         self._attached: dict[str, asyncio.Future] = {}  # hw -> resolved by its Attached
         self.closed = asyncio.get_running_loop().create_future()
         self.reader: asyncio.Task | None = None
+        self.intercept = intercept
+        #: the messages held for a verdict (intercept mode; None: off)
+        self.gate: ic.Gate | None = intercept.gate() if intercept is not None else None
+        #: the releases to carry out, in order, and the task doing it
+        self._steps: deque[list[ic.Step]] = deque()
+        self._carrier: asyncio.Task | None = None
+        if intercept is not None:
+            intercept.sessions.add(self)
 
     async def attach(self, device: Device, timeout: float) -> m.AttachResult:
         """Send Attach for ``device`` and wait for its AttachResult."""
@@ -218,6 +235,8 @@ class PbxSession:
     async def run(self) -> None:
         """Read until the connection ends; then every waiter learns of it."""
         ws, emit, stats, observe = self.ws, self.emit, STATS, FORWARD_SECONDS.observe
+        gate = self.gate
+        rules = gate.rules if gate is not None else None
         try:
             while True:
                 # an idle session keeps nothing of its last frame (its bytes, the decoded
@@ -236,6 +255,12 @@ class PbxSession:
                     continue
                 forwarded = type(msg) is m.Signaling and msg.call >= 0
                 if forwarded:
+                    # intercept mode: one test while no device has rules and nothing is held,
+                    # a set lookup for a device without rules while others have some
+                    if gate is not None and (gate.calls or rules.on and (
+                            rules.everyone or msg.src in rules.watch or msg.src is m.UNSET)) \
+                            and self._offer(msg, data, binary):
+                        continue  # held or queued: forwarded (and its events made) when released
                     await ws.send(data, text=not binary)  # forward first, unchanged, the same kind
                     took = time.perf_counter_ns() - t0
                     stats.forwarded += 1
@@ -257,6 +282,8 @@ class PbxSession:
             log.exception("PBX session reader failed; closing the session (it will reconnect)")
             await ws.close(1011, "internal error")
         finally:
+            if gate is not None:
+                self._lost()
             err = ConnectionError("PBX session closed")
             for fut in self._results.values():
                 if not fut.done():
@@ -266,6 +293,132 @@ class PbxSession:
                     fut.set_result(None)
             if not self.closed.done():
                 self.closed.set_result(None)
+
+    # ------------------------------------------------------------------ intercept mode
+    def _offer(self, msg: m.Signaling, data: bytes, binary: bool) -> bool:
+        """Offer a message about to be forwarded to the gate: True if it took it (held, or
+        queued behind a held message of its call)."""
+        dev = self._device_for(msg)
+        if dev is None:
+            return False
+        gate = self.gate
+        assert gate is not None
+        sig_type = None
+        if gate.rules.table(dev.hw):
+            try:
+                sig_type = msg.signal.type  # decoded once: the tracker reads the same
+            except ValueError:
+                pass
+        elif not gate.calls:  # a device without rules, and nothing held: the normal path
+            return False
+        r = gate.offer(dev.hw, msg.call, msg.to is True, sig_type, msg.sig, (msg, data, binary, dev),
+                       asyncio.get_running_loop().time())
+        if r is ic.PASS:
+            return False
+        if r is not ic.QUEUED:
+            self.carry(r)
+        return True
+
+    def carry(self, steps: list[ic.Step]) -> None:
+        """Carry out a gate's steps (releases to send, holds to request), after those before
+        them, on one task per session: never on the reader."""
+        if not steps:
+            return
+        self._steps.append(steps)
+        if self._carrier is None:
+            self._carrier = asyncio.get_running_loop().create_task(self._carry_out())
+
+    async def _carry_out(self) -> None:
+        gate, queue = self.gate, self._steps
+        assert gate is not None and self.intercept is not None
+        try:
+            while queue:
+                steps = queue.popleft()
+                calls = {}
+                for step in steps:
+                    msg, _data, _binary, dev = step.item
+                    calls[(dev.hw, msg.call)] = None
+                    if type(step) is ic.Hold:
+                        self.intercept.request(self, step, dev)
+                    else:
+                        await self._release(step)
+                # a call is settled (free again) only when none of its releases waits here: a
+                # hold decided meanwhile (a lost broker, a stop) queued its release behind
+                waiting = {(s.item[3].hw, s.item[0].call) for later in queue for s in later}
+                now = asyncio.get_running_loop().time()
+                for key in calls:
+                    if key not in waiting:
+                        more = gate.settle(*key, now)
+                        if more:
+                            queue.appendleft(more)
+        except ConnectionClosed:
+            queue.clear()  # the reader ends too: the gate's holds are dropped there
+        except Exception:
+            log.exception("carrying out intercept decisions failed; closing the session")
+            queue.clear()
+            await self.ws.close(1011, "internal error")
+        finally:
+            self._carrier = None
+
+    async def _release(self, r: ic.Release) -> None:
+        msg, data, binary, dev = r.item
+        token = self._ended(r, dev) if r.hold is not None else None
+        try:
+            action = r.action
+            if action == ic.DROPPED:
+                return
+            if action == ic.REPLACED:
+                msg = msgspec.structs.replace(msg, sig=r.sig)
+                data, binary = m.encode(msg), False
+            if action != ic.REJECTED:
+                await self.ws.send(data, text=not binary)
+                STATS.forwarded += 1
+            for ev in dev.on_frame(msg):
+                self.emit(ev)
+            if action == ic.REJECTED:  # a release back the way the message came
+                to = msg.to is not True
+                rel = m.Signaling(call=msg.call, sig=ic.rel_sig(r.cause or ic.DEFAULT_CAUSE),
+                                  to=True if to else m.UNSET, src=msg.src)
+                await self.ws.send(m.encode(rel), text=True)
+                for ev in dev.on_sent(msg.call, to, rel.sig, origin="intercept"):
+                    self.emit(ev)
+        finally:
+            if token is not None:
+                tracing.detach(token)
+
+    def _lost(self) -> None:
+        """The session ended: its holds are dropped (nothing to send them to)."""
+        gate, ix = self.gate, self.intercept
+        assert gate is not None and ix is not None
+        ix.sessions.discard(self)
+        self._steps.clear()
+        for r in gate.lost(asyncio.get_running_loop().time()):
+            token = self._ended(r, r.item[3])
+            if token is not None:
+                tracing.detach(token)
+
+    def _ended(self, r: ic.Release, dev: Device):
+        """A hold ended: counted, its ``call.intercepted`` event made (under its span, with
+        tracing: the context token the caller detaches when the message's own events are made)."""
+        h = r.hold
+        assert h is not None and self.intercept is not None
+        span = self.intercept.ended(r)
+        token = tracing.current(span) if span is not None else None
+        ev = dev.factory.intercepted(dev.hw, h.call, h.to, h.id, h.sig_type, r.outcome, r.action,  # type: ignore[arg-type]
+                                     r.waited * 1000, r.error, r.cause)
+        if ev is not None:
+            self.emit(ev)
+        return token
+
+    async def stop_intercepting(self, timeout: float) -> None:
+        """A stop: every held message gets the fail policy now, and is sent (bounded wait)."""
+        gate = self.gate
+        if gate is None:
+            return
+        self.carry(gate.drain(ic.STOPPING, asyncio.get_running_loop().time()))
+        carrier = self._carrier
+        if carrier is not None:
+            await asyncio.wait([carrier], timeout=timeout)
 
     def _answer(self, hw: str, msg) -> None:
         """An AttachResult or Attached someone awaits (resolved before the device sees the
@@ -296,4 +449,6 @@ class PbxSession:
         return None
 
     async def close(self) -> None:
+        """Close the session; first every held message gets its fail policy (and is sent)."""
+        await self.stop_intercepting(1.0)
         await self.ws.close()

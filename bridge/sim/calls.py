@@ -25,7 +25,8 @@ transfer (after hold_s)      <facility(ct_initiate) >rel(16)   (instead of the h
 ============================ ==============================================================
 
 The connected phase lasts ``hold_s``. The application may change what it forwards: the other
-end receives what the application sent; a forwarded or injected ``disc``/``rel`` the script did
+end receives what the application sent (each call records what each end received:
+``Call.delivered``, see ``record``); a forwarded or injected ``disc``/``rel`` the script did
 not send ends the call (``disc``: the receiving end answers ``rel``).
 
 Calls the application starts (negative ids) are answered by the simulated end directly, without
@@ -41,6 +42,7 @@ from dataclasses import dataclass
 from time import perf_counter_ns
 from typing import TYPE_CHECKING, Any, Literal
 
+import msgspec
 from msgspec import UNSET, Raw, UnsetType
 
 from bridge.protocol.errors import FrameError
@@ -119,7 +121,7 @@ class Call:
 
     __slots__ = (
         "pbx", "id", "device", "in_", "remote", "state", "app", "session", "src", "task",
-        "_pending", "_interrupt", "_waiters", "_aborting",
+        "delivered", "outcome", "_pending", "_interrupt", "_waiters", "_aborting",
     )
 
     def __init__(
@@ -137,6 +139,12 @@ class Call:
         self.session = app_session
         self.src = app_src
         self.task: asyncio.Task | None = None
+        #: what the ends received, in order: (to, sig bytes); to true: the device received it,
+        #: false: the PBX side (the remote party) did. With the application in the path, what
+        #: it sent (forwarded, changed or its own); without it, what the other end sent.
+        self.delivered: list[tuple[bool, bytes]] = []
+        #: how the call ended (None while it runs)
+        self.outcome: Outcome | None = None
         #: per direction (index: to), FIFO of messages waiting for their forward
         self._pending: tuple[deque[Pending], deque[Pending]] = (deque(), deque())
         self._interrupt: tuple[str, bool] | None = None
@@ -175,6 +183,22 @@ class Call:
             "remote": {"num": self.remote.num, "sip": self.remote.sip, "dn": self.remote.dn},
         }
 
+    def record(self, hw: str) -> dict[str, Any]:
+        """What each end received, for the control API (``GET /devices/<hw>/calls/<id>``):
+        ``device``/``pbx`` the sigs in order, ``order`` both ends interleaved as ``">setup"``
+        (to the device) / ``"<alert"`` (to the PBX side)."""
+        device, pbx, order = [], [], []
+        for to, raw in self.delivered:
+            sig = msgspec.json.decode(raw)
+            (device if to else pbx).append(sig)
+            kind = sig.get("type") if type(sig) is dict else None
+            order.append(f"{'>' if to else '<'}{kind}")
+        return {
+            "call": self.id, "hw": hw, "in": self.in_, "app": self.app,
+            "active": self.outcome is None, "outcome": self.outcome, "state": self.state.value,
+            "device": device, "pbx": pbx, "order": order,
+        }
+
     # ------------------------------------------------------------------ sending
     async def emit(self, to: bool, sig: sigs.Sig, state: CallState | None = None) -> None:
         """Send one message from one end toward the other (app calls: to the application)."""
@@ -193,7 +217,8 @@ class Call:
         dev = self.device
         session = dev.session
         if session is None or not dev.registered:
-            return  # the application is not in the path: delivered directly
+            self.delivered.append((to, raw))  # the application is not in the path: directly
+            return
         fut = asyncio.get_running_loop().create_future()
         self._pending[to].append(Pending(fut, perf_counter_ns(), raw))
         session.post(signaling_frame(dev.src, self.id, raw, to))
@@ -230,16 +255,18 @@ class Call:
                     continue
                 return True
             self.pbx.rtt.add((now - p.t0) // 1000)
+            self.delivered.append((to, bytes(sig)))
             p.fut.set_result(sig)
             return True
         return False
 
     def flush(self) -> None:
         """The application left the path: deliver what waits for a forward directly, now."""
-        for q in self._pending:
+        for to, q in enumerate(self._pending):
             while q:
                 p = q.popleft()
                 if not p.fut.done():
+                    self.delivered.append((bool(to), p.raw))
                     p.fut.set_result(p.raw)
 
     def inject(self, to: bool, kind: str) -> None:

@@ -47,6 +47,10 @@ control API (with --control HOST:PORT; every answer is JSON, errors are {"error"
   POST /devices/<hw>/register    register the device (late Attached for an attached device)
   POST /devices/<hw>/unregister  unregister it (Detached)
   GET  /devices/<hw>             {"registered", "attached", "calls": [...]}
+  GET  /devices/<hw>/calls/<id>  what each end of the call received (running or recently
+                                 ended): {"active", "outcome", "device": [sig...], "pbx":
+                                 [sig...], "order": [">setup", "<alert", ...]}
+  GET  /devices/<hw>/calls       {"calls": [record...]} the device's recent and running calls
   POST /sessions/drop            cut every application session (TCP abort), {"dropped": n}
   POST /sessions/garbage         send malformed frames to every session, body {"count": 5}
   POST /faults                   body {"refuse_logins": true, "delay_ms": 200} (each optional)

@@ -8,6 +8,13 @@ POST /devices/<hw>/calls    body: place_call's keyword arguments, all optional, 
 POST /devices/<hw>/register -> ``{"hw":..., "registered": true}``
 POST /devices/<hw>/unregister -> ``{"hw":..., "registered": false}``
 GET  /devices/<hw>          -> ``{"hw", "ext", "registered", "attached", "calls": [...]}``
+GET  /devices/<hw>/calls/<id> -> what each end of the call received (running, or one of the
+                            last CALL_HISTORY ended calls): ``{"call", "hw", "in", "app",
+                            "active", "outcome", "state", "device": [sig, ...], "pbx": [sig,
+                            ...], "order": [">setup", "<alert", ...]}`` (``device``: the sigs
+                            the phone received, in order; ``pbx``: those the far end received;
+                            ``order``: both, ``>`` to the device, ``<`` to the PBX side)
+GET  /devices/<hw>/calls    -> ``{"calls": [record, ...]}`` the device's kept and running calls
 POST /sessions/drop         -> ``{"dropped": n}`` (TCP abort of every application session)
 POST /sessions/garbage      body ``{"count": 5}`` -> ``{"sent": n}`` (malformed frames to
                             every session)
@@ -112,6 +119,23 @@ async def device(request: web.Request) -> web.Response:
     return web.json_response(pbx.device_info(hw))
 
 
+async def call_records(request: web.Request) -> web.Response:
+    pbx, hw = _device(request)
+    return web.json_response({"calls": pbx.call_records(hw)})
+
+
+async def call_record(request: web.Request) -> web.Response:
+    pbx, hw = _device(request)
+    try:
+        call_id = int(request.match_info["call"])
+    except ValueError:
+        return _error(400, f"not a call id: {request.match_info['call']!r}")
+    try:
+        return web.json_response(pbx.call_record(hw, call_id))
+    except KeyError as e:
+        return _error(404, e.args[0])
+
+
 async def drop(request: web.Request) -> web.Response:
     return web.json_response({"dropped": await request.app[_PBX].drop_sessions()})
 
@@ -154,6 +178,8 @@ def make_app(pbx: PbxSimulator) -> web.Application:
     app.router.add_post("/devices/{hw}/register", register)
     app.router.add_post("/devices/{hw}/unregister", unregister)
     app.router.add_get("/devices/{hw}", device)
+    app.router.add_get("/devices/{hw}/calls", call_records)
+    app.router.add_get("/devices/{hw}/calls/{call}", call_record)
     app.router.add_post("/sessions/drop", drop)
     app.router.add_post("/sessions/garbage", garbage)
     app.router.add_post("/faults", faults)

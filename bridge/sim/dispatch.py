@@ -140,7 +140,7 @@ def on_signaling(pbx: PbxSimulator, s: Session, msg: Signaling) -> None:
     if cid == 0 or sig.type != "setup":
         counters.bad_signaling += 1
         return
-    _start_app_call(pbx, s, d, cid, to, sig)
+    _start_app_call(pbx, s, d, cid, to, sig, bytes(msg.sig))
 
 
 def _inject(pbx: PbxSimulator, call: Call, to: bool, msg: Signaling) -> None:
@@ -150,6 +150,7 @@ def _inject(pbx: PbxSimulator, call: Call, to: bool, msg: Signaling) -> None:
         pbx.counters.bad_signaling += 1
         return
     pbx.counters.messages_injected += 1
+    call.delivered.append((to, bytes(msg.sig)))
     call.inject(to, kind)
 
 
@@ -164,7 +165,9 @@ def _app_device(s: Session, src) -> Device | None:
     return None
 
 
-def _start_app_call(pbx: PbxSimulator, s: Session, d: Device, cid: int, to: bool, sig: Sig) -> None:
+def _start_app_call(
+    pbx: PbxSimulator, s: Session, d: Device, cid: int, to: bool, sig: Sig, raw: bytes,
+) -> None:
     party = sig.cg if to else sig.cd  # the remote party: the caller toward the device
     num = party.num if party is not UNSET and party.num is not UNSET else None
     if party is not UNSET and party.sip is not UNSET:
@@ -174,5 +177,6 @@ def _start_app_call(pbx: PbxSimulator, s: Session, d: Device, cid: int, to: bool
     remote = Remote(num=num, sip=sip, dn=remote_dn(num) if num else None)
     call = Call(pbx, cid, d, incoming=to, remote=remote, app_session=s, app_src=d.src)
     call.set_state(CallState.SETUP)
+    call.delivered.append((to, raw))
     pbx.counters.app_calls += 1
     pbx._begin(call, _calls.app_toward_device if to else _calls.app_toward_pbx)

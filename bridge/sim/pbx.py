@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,8 @@ from bridge.sim.session import Session
 from bridge.sim.stats import Counters, RttWindow
 
 PATH = "/PBX0/APPS/websocket"
+#: ended calls whose record (what each end received) the simulator keeps, the newest
+CALL_HISTORY = 1000
 
 
 @dataclass
@@ -62,6 +65,8 @@ class PbxSimulator:
         self._reg_pos: dict[str, int] = {d.hw: i for i, d in enumerate(self._registered)}
         #: positive-id calls by id (negative ids live only in their device's calls)
         self._calls: dict[int, Call] = {}
+        #: the last CALL_HISTORY ended calls, oldest first (their records stay queryable)
+        self._ended: deque[Call] = deque(maxlen=CALL_HISTORY)
         self._last_id = 0
         self._active = 0
         self._idle = asyncio.Event()
@@ -208,6 +213,35 @@ class PbxSimulator:
             "calls": [c.snapshot() for c in d.calls.values()],
         }
 
+    def call_records(self, hw: str) -> list[dict[str, Any]]:
+        """What each end of the device's calls received: the ended calls still kept
+        (CALL_HISTORY over all devices), then the running ones; see ``Call.record``."""
+        d = self.device(hw)
+        ended = [c for c in self._ended if c.device is d]
+        return [c.record(d.hw) for c in (*ended, *d.calls.values())]
+
+    def call_record(self, hw: str, call_id: int) -> dict[str, Any]:
+        """One call's record (running, or ended and still kept); KeyError if none."""
+        d = self.device(hw)
+        c = d.calls.get(call_id)
+        if c is None:
+            c = next((c for c in reversed(self._ended) if c.device is d and c.id == call_id), None)
+        if c is None:
+            raise KeyError(f"no call {call_id} of device {hw!r} (running or among the last "
+                           f"{CALL_HISTORY} ended)")
+        return c.record(d.hw)
+
+    def received(self, call_id: int) -> dict[str, list]:
+        """The sigs each end of call ``call_id`` (started by the PBX) received, in order:
+        ``{"device": [...], "pbx": [...]}`` (running, or among the last CALL_HISTORY ended;
+        empty lists for another id)."""
+        c = self._calls.get(call_id) or next(
+            (c for c in reversed(self._ended) if c.id == call_id), None)
+        if c is None:
+            return {"device": [], "pbx": []}
+        rec = c.record(c.device.hw)
+        return {"device": rec["device"], "pbx": rec["pbx"]}
+
     def call(self, call_id: int) -> Call | None:
         """A running call started by the PBX (positive id)."""
         return self._calls.get(call_id)
@@ -305,6 +339,8 @@ class PbxSimulator:
             return
         if call.id > 0:
             self._calls.pop(call.id, None)
+        call.outcome = outcome
+        self._ended.append(call)
         c = self.counters
         if outcome == "completed":
             c.calls_completed += 1

@@ -3,27 +3,35 @@
 
 import type { AttachCommand } from "./v1/commands/attach.js";
 import type { DetachCommand } from "./v1/commands/detach.js";
+import type { InterceptCommand } from "./v1/commands/intercept.js";
 import type { SignalingCommand } from "./v1/commands/signaling.js";
 import type { AttachFailed } from "./v1/events/attach.failed.js";
 import type { DeviceAttached } from "./v1/events/attached.js";
+import type { CallIntercepted } from "./v1/events/call.intercepted.js";
 import type { CallSignaling } from "./v1/events/call.signaling.js";
 import type { CallStateChanged } from "./v1/events/call.state.js";
 import type { DeviceDetached } from "./v1/events/detached.js";
 import type { Gap } from "./v1/events/gap.js";
+import type { InterceptRequest } from "./v1/intercept/request.js";
+import type { Verdict } from "./v1/intercept/verdict.js";
 import type { Reply } from "./v1/reply.js";
 
 export type { AttachCommand } from "./v1/commands/attach.js";
 export type { DetachCommand } from "./v1/commands/detach.js";
+export type { InterceptCommand, Rule } from "./v1/commands/intercept.js";
 export type { SignalingCommand, Sig, Party, Cause, Facility } from "./v1/commands/signaling.js";
 export type { AttachFailed } from "./v1/events/attach.failed.js";
 export type { DeviceAttached, AttachInfo } from "./v1/events/attached.js";
+export type { CallIntercepted } from "./v1/events/call.intercepted.js";
 export type { CallSignaling } from "./v1/events/call.signaling.js";
 export type { CallState, CallStateChanged, Remote } from "./v1/events/call.state.js";
 export type { DeviceDetached } from "./v1/events/detached.js";
 export type { Gap, SeqRange } from "./v1/events/gap.js";
-export type { Reply } from "./v1/reply.js";
+export type { InterceptRequest } from "./v1/intercept/request.js";
+export type { Verdict } from "./v1/intercept/verdict.js";
+export type { Reply, Effective } from "./v1/reply.js";
 
 /** Any event body on the events exchange (tell them apart by `type`). */
-export type Event = AttachFailed | DeviceAttached | CallSignaling | CallStateChanged | DeviceDetached | Gap;
+export type Event = AttachFailed | DeviceAttached | CallIntercepted | CallSignaling | CallStateChanged | DeviceDetached | Gap;
 /** Any command body on the commands exchange (the verb is in the routing key). */
-export type Command = AttachCommand | DetachCommand | SignalingCommand;
+export type Command = AttachCommand | DetachCommand | InterceptCommand | SignalingCommand;

@@ -13,7 +13,7 @@ import msgspec
 import pytest
 from jsonschema import Draft202012Validator
 
-from bridge import commands, contracts, routing
+from bridge import commands, contracts, intercept, routing
 from bridge import events as E
 from bridge.cli import main as cli
 
@@ -98,7 +98,7 @@ def test_schema_is_2020_12_and_documented(path):
             assert p.get("description"), f"{path} {name}.{prop}: no description"
     # every message states its schema version, and this schema is for version 1
     assert s["properties"]["v"]["const"] == E.SCHEMA_VERSION == 1
-    if not path.startswith("v1/commands/"):
+    if not path.startswith(("v1/commands/", "v1/intercept/verdict")):  # what consumers send
         assert "v" in s["required"]  # published: always there
 
 
@@ -165,6 +165,12 @@ def test_examples_are_what_the_bridge_reads_and_writes(body):
         if body.kind == "commands":
             hw, verb, cmd = commands.parse(f"device.{contracts.HW}.{body.name}", raw)
             assert (hw, verb) == (contracts.HW, body.name) and isinstance(cmd, body.struct)
+        elif body.kind == "verdict":  # a valid answer to the example request
+            req = msgspec.json.decode(json.dumps(next(
+                b for b in contracts.BODIES if b.kind == "request").examples[0][2]).encode(), type=intercept.InterceptRequest)
+            rule = intercept.Rules(intercept.parse_config("*=setup:device")).match(req.hw, "setup", True)
+            hold = intercept.Hold(req.id, req.hw, req.call, req.to, "setup", req.sig, None, rule, 0.0, 0.25)
+            assert intercept.validate_verdict(raw, hold).error is None, ex
         else:  # an event or reply decodes into its Struct and encodes back to the same JSON
             obj = msgspec.json.decode(raw, type=body.struct)
             assert json.loads(msgspec.json.encode(obj)) == ex
@@ -195,6 +201,8 @@ def test_every_struct_built_by_the_factory_matches_its_schema():
         ),
         f.signaling(hw, 4, True, msgspec.Raw(b'{"type":"conn","unknown":[1,{"x":null}]}'), "pbx"),
         f.gap("buffer-full+too-old", {hw: [(1, 5), (9, 9)]}),
+        f.intercepted(hw, 4, True, "i/h/i1", "setup", "reject", "rejected", 1.25, cause=21),
+        f.intercepted(hw, 4, False, "i/h/i2", "conn", "bad-verdict", "forwarded", 3.0, error="x"),
     ]
     for o in outs:
         body = json.loads(o.body)
@@ -209,6 +217,8 @@ def test_replies_built_by_the_bridge_match_the_schema():
         commands.error_reply("bad"),
         commands.error_reply("x", command="attach", hw="h"),
         commands.Reply(ok=True, command="attach", hw="h", attach=E.AttachInfo(), attached=False),
+        commands.Reply(ok=True, command="intercept", hw="h",
+                       rules=intercept.Rules(intercept.parse_config("*=setup:device")).effective("h")),
     ]:
         assert errors(path, json.loads(commands.encode_reply(r))) == []
 
@@ -244,6 +254,9 @@ def test_asyncapi_describes_every_key_exchange_and_parameter():
         "device.{hw}.attach",
         "device.{hw}.detach",
         "device.{hw}.signaling",
+        "device.{hw}.call.{call}.intercepted",
+        "device.{hw}.call.{call}.intercept",
+        "device.{hw}.intercept",
         None,
         "{key}",
     }
@@ -265,11 +278,14 @@ def test_asyncapi_describes_every_key_exchange_and_parameter():
     for name, op in ops.items():
         if name.startswith("publish"):
             assert op["action"] == "send" and op["bindings"]["amqp"]["deliveryMode"] == 2
+        elif name == "requestVerdict":  # intercept mode: a request, not persistent, mandatory
+            assert op["action"] == "send" and op["bindings"]["amqp"]["deliveryMode"] == 1
+            assert op["bindings"]["amqp"]["mandatory"] and op["reply"]["channel"]["$ref"] == "#/channels/verdict"
         else:
             assert (
                 op["action"] == "receive" and op["reply"]["channel"]["$ref"] == "#/channels/reply"
             )
-    assert len([o for o in ops.values() if o["action"] == "receive"]) == 3
+    assert len([o for o in ops.values() if o["action"] == "receive"]) == 4
     queue = doc["channels"]["signalingCommand"]["x-epsignal-queue"]
     assert queue["arguments"] == {"x-queue-type": "quorum", "x-dead-letter-exchange": "epsignal.dead"}
     headers = doc["components"]["schemas"]

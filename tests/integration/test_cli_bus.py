@@ -153,6 +153,37 @@ async def test_two_demos_side_by_side_isolated_and_cleaned_up(amqp):
                 await p.wait()
 
 
+async def test_demo_intercept_shows_renamed_and_screened_calls(amqp):
+    """--intercept: the example decider renames the CRM caller, rejects the blocked one; the
+    demo's own calls (every 3 s: 201, then 0900123456) show it live, and it all goes at exit."""
+    p = await start("demo", "--devices", "1", "--call-rate", "0", "--intercept", "crm",
+                    "--intercept", "screen", EPSIGNAL_AMQP_URL=AMQP_URL)
+    hw = "009033400001"
+    try:
+        name, _, lines = await _demo_started(p)
+        async with asyncio.timeout(30):  # until the second call (screened) was released
+            while not re.search(rf"{hw} call +2 released", lines[-1]):
+                lines.append((await p.stdout.readline()).decode())
+                assert lines[-1], "the demo ended"
+        p.send_signal(2)
+        out, err = await asyncio.wait_for(p.communicate(), 15)
+        assert p.returncode == 0 and "Traceback" not in err.decode(), err.decode()
+        text = "".join(lines) + out.decode()
+        assert "an incoming call every 3 s from 201, 0900123456, 202, 666, 203, 299" in text
+        assert f"decider: {hw} call 1 setup: rename 201 ACME Corp - Jane Doe" in text
+        assert re.search(rf"{hw} call +1 intercepted setup: replace -> replaced after", text), text
+        assert re.search(rf'{hw} call +1 alert +in  201 "ACME Corp - Jane Doe"', text), text
+        assert f"decider: {hw} call 2 setup: reject 0900123456 cause 21" in text
+        assert re.search(rf"{hw} call +2 intercepted setup: reject -> rejected after [\d.]+ ms cause 21",
+                         text), text
+        assert re.search(rf"{hw} call +2 released +in  0900123456 .* cause 21", text), text
+        assert not await exists(amqp, "exchange", f"{name}.events")
+    finally:
+        if p.returncode is None:
+            p.kill()
+            await p.wait()
+
+
 async def test_demo_on_sigint_stops_and_cleans_up(amqp):
     p = await start("demo", "--devices", "1", EPSIGNAL_AMQP_URL=AMQP_URL)
     try:

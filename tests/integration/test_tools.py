@@ -8,7 +8,8 @@ import json
 
 import pytest
 
-from bridge.tools import format_event, send, tail
+from bridge import tools
+from bridge.tools import ToolError, format_event, send, tail
 
 pytestmark = pytest.mark.broker
 
@@ -38,3 +39,9 @@ def test_format_event_lines_are_readable():
     coloured = format_event("k", body.encode(), colour=True)
     assert "\x1b[32m" in coloured
     assert "not JSON" in format_event("k", b"\xff")
+
+
+def test_demo_intercept_needs_the_example_decider(monkeypatch, tmp_path):
+    monkeypatch.setattr(tools, "EXAMPLES", tmp_path)
+    with pytest.raises(ToolError, match="not there .*checkout of the repository"):
+        tools._load_decider()

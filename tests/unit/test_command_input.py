@@ -148,3 +148,13 @@ def test_check_devices_for_epsignal_devices():
     ids.check_devices([HW, "00:90:33:40:00:02"])
     with pytest.raises(ValueError, match=r"EPSIGNAL_DEVICES: hw id '\*' is not valid .*; hw id 'a b'"):
         ids.check_devices([HW, "*", "a b"])
+
+
+def test_intercept_commands_are_parsed_strictly():
+    hw, verb, cmd = parse("device.dev1.intercept", b'{"rules":[{"type":"setup","to":true,"fail":"closed"}]}')
+    assert (hw, verb, cmd.rules[0].type, cmd.rules[0].fail) == ("dev1", "intercept", "setup", "closed")
+    for body, why in [(b"", "not JSON"), (b'{"rules":[{"type":"setup","to":true,"deadline_ms":1}]}',
+                                          "$.rules[0].deadline_ms"),
+                      (b'{"rules":[],"v":2}', "unsupported schema version")]:
+        with pytest.raises(CommandError, match=re.escape(why)):
+            parse("device.dev1.intercept", body)

@@ -138,7 +138,7 @@ def test_parse_bad_command_keys(key: str) -> None:
     assert parse_command_key(key) is None
 
 
-@given(hw=ids, verb=st.sampled_from(["attach", "detach", "signaling"]))
+@given(hw=ids, verb=st.sampled_from(["attach", "detach", "signaling", "intercept"]))
 @settings(max_examples=300, deadline=None)
 def test_parse_command_key_round_trip(hw: str, verb: str) -> None:
     assert parse_command_key(device_key(hw, verb)) == (hw, verb)
@@ -166,10 +166,13 @@ def test_every_event_key_follows_its_type_s_template(hw: str, call: int) -> None
     f = EventFactory("inst.1")
     made = [f.attached(hw, AttachResult()), f.detached(hw, "command"), f.attach_failed(hw, "no"),
             f.call_state(hw, CallStatus(call=call, state=CallState.ALERT, in_=True)),
-            f.signaling(hw, call, True, Raw(b"{}"), "pbx"), f.gap("buffer-full", {hw: [(1, 2)]})]
-    assert {e.type for e in made} == set(EVENT_KEYS)
+            f.signaling(hw, call, True, Raw(b"{}"), "pbx"), f.gap("buffer-full", {hw: [(1, 2)]}),
+            f.intercepted(hw, call, True, "i/h/i1", "setup", "forward", "forwarded", 1.0)]
+    assert {e.type for e in made} | {"call.intercept"} == set(EVENT_KEYS)
     for e in made:
         assert template_of(e.key) == EVENT_KEYS[e.type], (e.type, e.key)
+    # an intercept request is not an event (not numbered), but its key follows the grammar too
+    assert template_of(call_key(hw, call, "intercept")) == EVENT_KEYS["call.intercept"]
 
 
 def test_command_keys_and_other_keys_have_templates() -> None:

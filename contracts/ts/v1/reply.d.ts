@@ -37,6 +37,10 @@ export interface Reply {
    * detach: the device was attached when the command came.
    */
   was_attached?: boolean;
+  /**
+   * intercept: the device's effective intercept rules now (the command's and the configuration's, every option decided).
+   */
+  rules?: Effective[];
   [k: string]: unknown;
 }
 /**
@@ -83,5 +87,49 @@ export interface AttachInfo {
    * Tone scheme (newer PBX releases; undocumented, an integer so far).
    */
   tones?: unknown;
+  [k: string]: unknown;
+}
+/**
+ * An intercept rule in effect, every option decided.
+ */
+export interface Effective {
+  /**
+   * The sig type held for a verdict.
+   */
+  type:
+    | "accept"
+    | "alert"
+    | "call_proc"
+    | "channels"
+    | "conn"
+    | "disc"
+    | "facility"
+    | "info"
+    | "media_info"
+    | "progress"
+    | "rel"
+    | "setup"
+    | "setup_ack"
+    | "user_info";
+  /**
+   * True: toward the device; false: toward the PBX.
+   */
+  to: boolean;
+  /**
+   * How long a message waits for its verdict.
+   */
+  deadline_ms: number;
+  /**
+   * `open` or `closed`.
+   */
+  fail: "closed" | "open";
+  /**
+   * The cause of a fail-closed rejection.
+   */
+  cause: number;
+  /**
+   * `command` (an intercept command) or `config` (EPSIGNAL_INTERCEPT).
+   */
+  source: "command" | "config";
   [k: string]: unknown;
 }
