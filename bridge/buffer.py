@@ -153,8 +153,12 @@ class EventBuffer:
         self._pending.append(Entry(next(self._ids), event, self._clock()))
 
     def push_front(self, event: Outgoing) -> None:
-        """An event that must go out before everything waiting (the gap announcement)."""
+        """An event that must go out before everything waiting (the gap announcement). It is
+        held to the byte bound too: the oldest unsent device events make room (their drop is
+        announced by the next gap event), never the announcement itself."""
         self.bytes += len(event.body)
+        while self.bytes > self.max_bytes and self._drop_oldest("buffer-full"):
+            pass
         self._pending.appendleft(Entry(-next(self._ids), event, self._clock()))
 
     def take(self) -> Entry | None:
