@@ -133,11 +133,6 @@ class EventBuffer:
         """Devices whose events wait behind a nacked one."""
         return len(self._lanes)
 
-    @property
-    def has_gaps(self) -> bool:
-        """Events were dropped that no gap event announced yet (:meth:`take_gaps`)."""
-        return bool(self._gaps.ranges)
-
     def next_retry(self) -> float | None:
         """When the earliest lane may send again (None: no lane is waiting)."""
         times = [ln.ready_at for ln in self._lanes.values() if not ln.inflight and ln.entries]

@@ -29,9 +29,7 @@ registers it, so acks, nacks and returns (``mandatory``) resolve it the same way
 connection loss fails it through the link's ``lost`` (the futures are plain asyncio ones, not
 the channel's future store's). The task yields to the event loop after every slice, so the PBX
 sockets are
-read between slices: calls come first also under load. In a quiet moment (nothing in flight,
-nothing waiting) ``publish_nowait`` writes the event itself, as a slice of one, without the
-hand-off to the drain task (``_send_now``; the hop latency at low rates, issue 19).
+read between slices: calls come first also under load.
 """
 
 from __future__ import annotations
@@ -151,14 +149,6 @@ class Wire:
         return b"".join(parts)
 
 
-def channel_lock(raw) -> asyncio.Lock | None:
-    """The asyncio lock behind an aiormq channel's ``lock`` context manager (held while a
-    publish has its delivery tag but its frames are not in the write queue yet), to test
-    whether it is held; None if this aiormq keeps it elsewhere (then no fast path)."""
-    lock = getattr(raw, "_Channel__lock", None)
-    return lock if isinstance(lock, asyncio.Lock) else None
-
-
 class EventPublisher:
     def __init__(self, link: BrokerLink, factory: EventFactory, *, window: int,
                  timeout_s: float, max_events: int, max_age_s: float, max_attempts: int = 6,
@@ -182,9 +172,6 @@ class EventPublisher:
         self._slices: set[_Slice] = set()  # written, not all settled
         self._broken = asyncio.Event()
         self._closing = False
-        #: (channel, Wire, the channel's lock) while the drain task waits for new events with
-        #: nothing to do: an event may then be written at once (:meth:`_send_now`)
-        self._parked: tuple | None = None
         self._episodes_seen = (0, 0)  # (opened, closed) already logged
         self._last_gap = 0.0
         #: monotonic time of the last confirm, or of the moment events began to wait
@@ -204,8 +191,7 @@ class EventPublisher:
         if s.episodes != seen[0] or s.episodes_closed != seen[1]:
             self._log_episodes()
         self._drained.clear()
-        if not self._send_now(event):
-            self._wakeup.set()
+        self._wakeup.set()
 
     def stalled_s(self) -> float:
         """Seconds events have waited without a single confirm (0 when nothing waits)."""
@@ -251,7 +237,6 @@ class EventPublisher:
         try:
             raw = await self.link.channel.get_underlay_channel()
             wire = Wire(raw.number, self.link.topology.events.name, raw.max_content_size)
-            lock = channel_lock(raw)
         except Exception as e:  # the channel went away between ready and here
             log.debug("publisher: no channel (%s: %s)", type(e).__name__, e)
             self._break()
@@ -280,11 +265,7 @@ class EventPublisher:
                 self._wakeup.clear()
                 retry_at = buffer.next_retry()  # a device's nacked event waits for its pause
                 if retry_at is None:
-                    self._parked = (raw, wire, lock) if lock is not None else None
-                    try:
-                        await self._wakeup.wait()
-                    finally:
-                        self._parked = None
+                    await self._wakeup.wait()
                 else:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wakeup.wait(), max(0.0, retry_at - time.monotonic()))
@@ -301,54 +282,6 @@ class EventPublisher:
 
     async def _send(self, raw, wire: Wire, batch: list[Entry]) -> None:
         """Write the frames of ``batch`` at once, each event with its confirmation future."""
-        async with raw.lock:  # the channel's delivery tags are counted under its lock
-            tag0 = raw.delivery_tag
-            made = self._frames(raw, wire, batch)
-            if made is None:
-                return
-            sl, payload = made
-            try:
-                await raw.write_queue.put(ChannelFrame(payload=payload, should_close=False))
-            except BaseException:
-                # not written: the broker has not seen these tags; give them back (under the lock)
-                raw.delivery_tag = tag0
-                for i in range(tag0 + 1, tag0 + len(sl.futs) + 1):
-                    raw.confirmations.pop(i, None)
-                sl.lost = True
-                sl.expire()
-                raise
-        if sl.left:
-            sl.arm()
-
-    def _send_now(self, event: Outgoing) -> bool:
-        """The fast path of an event that comes while nothing is in flight and nothing waits
-        (a quiet moment; under load there is always something in flight, and events go in
-        slices): written at once by the caller, without waiting for the drain task to come
-        round (one task hand-off less between the frame and the broker). False when
-        this is not such a moment; then the drain task takes it."""
-        parked, buffer = self._parked, self.buffer
-        if (parked is None or self._inflight or len(buffer) != 1 or buffer.held_devices or buffer.has_gaps
-                or self._broken.is_set() or self._closing):
-            return False
-        raw, wire, lock = parked
-        if raw.is_closed or lock.locked() or raw.write_queue.full() or self.link.blocked is not None:
-            return False
-        # the channel's lock is free (nobody has a delivery tag whose frames are not in the write
-        # queue yet) and nothing here awaits, so nobody can take it before this returns
-        entry = buffer.take()
-        made = self._frames(raw, wire, [entry]) if entry is not None else None
-        if made is None:  # (unpublishable: dropped and announced like in a slice)
-            self._wakeup.set()
-            return True
-        sl, payload = made
-        raw.write_queue.put_nowait(ChannelFrame(payload=payload, should_close=False))
-        sl.arm()
-        return True
-
-    def _frames(self, raw, wire: Wire, batch: list[Entry]) -> tuple[_Slice, bytes] | None:
-        """The frames of ``batch`` as one buffer, each event with a delivery tag and its
-        confirmation future registered with the channel (the caller holds the channel's lock,
-        or does not await before the buffer is in the write queue). None: nothing to write."""
         parts: list[bytes] = []
         futs: list[asyncio.Future] = []
         sl = _Slice(futs, self, self.link.lost)
@@ -356,30 +289,43 @@ class EventPublisher:
         # event, one call_soon each): a closed channel or connection fails them through
         # ``link.lost`` (``run`` -> ``_fail_inflight``), not through aiormq's future store
         new_future = asyncio.get_running_loop().create_future
-        confirmations, ids = raw.confirmations, raw.message_id_delivery_tag
-        for entry in batch:
-            ev = entry.event
+        async with raw.lock:  # the channel's delivery tags are counted under its lock
+            tag0 = raw.delivery_tag
+            confirmations, ids = raw.confirmations, raw.message_id_delivery_tag
+            for entry in batch:
+                ev = entry.event
+                try:
+                    data = wire.encode(ev)
+                except (ValueError, TypeError, struct.error) as e:  # refused before sending: never
+                    self._unpublishable(entry, e)
+                    continue
+                raw.delivery_tag += 1
+                tag = raw.delivery_tag
+                fut = new_future()
+                confirmations[tag] = fut
+                ids[ev.message_id] = tag
+                parts.append(data)
+                futs.append(fut)
+                fut.add_done_callback(partial(self._settled, entry, tag, ids, sl))
+            if not futs:
+                return
+            sl.left = len(futs)
+            self._slices.add(sl)
+            self._inflight += len(futs)
+            self._idle.clear()
+            self.stats.published += len(futs)
             try:
-                data = wire.encode(ev)
-            except (ValueError, TypeError, struct.error) as e:  # refused before sending: never
-                self._unpublishable(entry, e)
-                continue
-            raw.delivery_tag += 1
-            tag = raw.delivery_tag
-            fut = new_future()
-            confirmations[tag] = fut
-            ids[ev.message_id] = tag
-            parts.append(data)
-            futs.append(fut)
-            fut.add_done_callback(partial(self._settled, entry, tag, ids, sl))
-        if not futs:
-            return None
-        sl.left = len(futs)
-        self._slices.add(sl)
-        self._inflight += len(futs)
-        self._idle.clear()
-        self.stats.published += len(futs)
-        return sl, b"".join(parts)
+                await raw.write_queue.put(ChannelFrame(payload=b"".join(parts), should_close=False))
+            except BaseException:
+                # not written: the broker has not seen these tags; give them back (under the lock)
+                raw.delivery_tag = tag0
+                for i, fut in enumerate(futs, tag0 + 1):
+                    confirmations.pop(i, None)
+                sl.lost = True
+                sl.expire()
+                raise
+        if sl.left:
+            sl.arm()
 
     def _settled(self, entry: Entry, tag: int, ids: dict, sl: _Slice, fut: asyncio.Future) -> None:
         """A confirmation future is done: acked, returned, nacked, timed out or rejected."""
