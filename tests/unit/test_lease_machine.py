@@ -217,8 +217,17 @@ class LeaseModel(RuleBasedStateMachine):
 
     @rule(hw=st.sampled_from(DEVICES), rare=RARE)
     def the_queue_is_left_without_an_active_consumer(self, hw, rare):
-        """RabbitMQ 3.10.8 after its consumers' node died (docs/SCALING.md)."""
-        if not rare:
+        """RabbitMQ 3.10.8 after its consumers' node died (docs/SCALING.md): the consumer that was
+        active is gone, its deliveries back in the queue, and no waiting consumer is made active.
+        Only then: while a live channel holds a delivery of the queue its consumer is active, and
+        a single-active-consumer queue never makes another one active beside it (marking such a
+        queue stuck let the model hand the device to a second replica, a broker that does not
+        exist)."""
+        if rare:
+            return
+        delivered = any(h == hw for r in self.replicas.values() if r.ch is not None
+                        for h, _c, _m in r.ch.unacked.values())
+        if not delivered:
             self.queues[hw].stuck = True
 
     @rule(name=st.sampled_from(REPLICAS), rare=RARE)
@@ -501,3 +510,20 @@ def test_a_queue_left_without_an_active_consumer_gets_one_when_the_orphan_is_rep
     m.replica_reads("r2", 1)
     assert m._holder(hw) is m.replicas["r2"] and m.replicas["r2"].lease(hw).runner
     m.exactly_one_runner_and_only_under_a_held_token()
+
+
+def test_a_stuck_queue_never_makes_a_second_consumer_active_beside_a_delivery():
+    """The sequence the model once found (CI, 2026-11-30): a queue marked stuck while r1 had the
+    token delivered let r2's new consumer become active, and the renewed token went to r2 too.
+    A single-active-consumer queue with a live delivery has its active consumer: never stuck."""
+    m = LeaseModel()
+    steps = [("every_replica_connected_and_in_line", {}), ("deliver", {"hw": "d2"}),
+             ("channel_closed", {"name": "r2", "rare": 0}),
+             ("the_queue_is_left_without_an_active_consumer", {"hw": "d2", "rare": 0}),
+             ("reconnect", {"name": "r2"}), ("line_up", {"hw": "d2", "name": "r2"}),
+             ("replica_reads", {"n": 1, "name": "r1"}), ("renew", {"hw": "d2"}),
+             ("deliver", {"hw": "d2"}), ("replica_reads", {"n": 1, "name": "r2"})]
+    for name, kwargs in steps:
+        getattr(m, name)(**kwargs)
+        m.exactly_one_runner_and_only_under_a_held_token()
+    assert [r.name for r in m.replicas.values() if r.leases["d2"].runner] == ["r1"]
