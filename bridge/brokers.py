@@ -26,7 +26,7 @@ def parse_host(entry: str) -> tuple[str, int | None]:
     if entry.startswith("["):
         host, bracket, rest = entry[1:].partition("]")
         port = rest[1:] if rest.startswith(":") else None
-        if not bracket or rest and port is None:
+        if not bracket or (rest and port is None):
             raise ValueError(entry)
     else:
         host, sep, port = entry.partition(":")

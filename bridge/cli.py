@@ -139,7 +139,7 @@ def _print_effective() -> int:
     from bridge.tools import masked_url
 
     s = _settings()
-    for name, default, _ in describe():
+    for name, _default, _ in describe():
         field = name[len(PREFIX):].lower()
         value = str(getattr(s, field))
         if field == "pbx_password":
@@ -323,7 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "the bridge does that).")
     s.add_argument("verb", choices=["attach", "detach", "signaling", "intercept"])
     s.add_argument("hw", help="hardware id of the device")
-    s.add_argument("body", nargs="?", default=None, help="JSON body (signaling: {\"call\":..,\"to\":..,\"sig\":{..}}; intercept: {\"rules\":[..]})")
+    s.add_argument("body", nargs="?", default=None,
+                   help="JSON body (signaling: {\"call\":..,\"to\":..,\"sig\":{..}}; intercept: {\"rules\":[..]})")
     s.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for the reply")
     s.add_argument("--amqp-url", default=None, help=AMQP_URL_HELP)
     s.set_defaults(func=cmd_send)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import difflib
 import json
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta, UTC
 from pathlib import Path
 from typing import Any
 
@@ -272,7 +272,7 @@ class Body:
 
 # ------------------------------------------------------------------------------------ examples
 HW, HW2, INSTANCE = "009033400001", "009033400002", "bridge-a1"
-T0 = datetime(2026, 11, 26, 10, 0, 0, 123456, tzinfo=timezone.utc)
+T0 = datetime(2026, 11, 26, 10, 0, 0, 123456, tzinfo=UTC)
 ATTACH = E.AttachInfo(
     stun=["stun1.example.net", "stun2.example.net"], turn=["turn.example.net:3478"],
     turnUsr="epsignal", prefixIntl="000", prefixNtl="00", prefixSubs="0", area="7031", country="49",

@@ -49,8 +49,11 @@ def bounded_result(r: AttachResult) -> AttachResult:
 _NONE: frozenset = frozenset()
 
 
+DEFAULT_LIMITS = CallLimits()
+
+
 class Device:
-    def __init__(self, hw: str, factory: EventFactory, limits: CallLimits = CallLimits(),
+    def __init__(self, hw: str, factory: EventFactory, limits: CallLimits = DEFAULT_LIMITS,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.hw = hw
         self.factory = factory

@@ -10,7 +10,7 @@ drop duplicates by id or by (instance, hw, seq).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from typing import Any
 
 import msgspec
@@ -145,7 +145,7 @@ class Gap(Struct, kw_only=True, tag_field="type", tag="gap"):
 
 _encoder = msgspec.json.Encoder()
 _word = routing.word
-_UTC = timezone.utc
+_UTC = UTC
 
 
 @dataclass(slots=True)
@@ -200,7 +200,7 @@ class EventFactory:
                         f"{self.instance}/{_word(hw)}/{seq}", ev.time, hw, seq)
 
     def _base(self, hw: str) -> dict:
-        return dict(hw=hw, seq=self._next(hw), instance=self.instance, time=datetime.now(timezone.utc))
+        return dict(hw=hw, seq=self._next(hw), instance=self.instance, time=datetime.now(UTC))
 
     def attached(self, hw: str, result: AttachResult) -> Outgoing | None:
         if "attached" not in self.kinds:
@@ -247,7 +247,7 @@ class EventFactory:
         return self._out(routing.call_key(hw, call, "intercepted"), ev)
 
     def gap(self, reason: str, dropped: dict[str, list[tuple[int, int]]]) -> Outgoing:
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         self._gaps += 1
         ev = Gap(instance=self.instance, time=now, reason=reason,
                  dropped={hw: [SeqRange(a, b) for a, b in r] for hw, r in dropped.items()})

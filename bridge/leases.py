@@ -20,8 +20,10 @@ heard of the others:
 
 from __future__ import annotations
 
+import enum
 import hashlib
 from collections.abc import Collection, Iterable
+from dataclasses import dataclass, field
 
 import msgspec
 
@@ -291,9 +293,6 @@ class Orphans:
 # where the invariant allows no holder: a queue declared with nothing ready *and no consumer*
 # (a held token is unacked, so the ready count alone does not tell; a holder is a consumer).
 
-
-import enum
-from dataclasses import dataclass, field
 
 
 class LeaseError(Exception):

@@ -24,7 +24,7 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 class FrameCounters:
     """Process-wide counts of frames from the PBX (plain ints: the hot path only adds)."""
 
-    __slots__ = ("frames_in", "forwarded", "bad_frames")
+    __slots__ = ("bad_frames", "forwarded", "frames_in")
 
     def __init__(self) -> None:
         self.frames_in = self.forwarded = self.bad_frames = 0
@@ -38,7 +38,7 @@ class LatencyHistogram:
     bisect and two additions (0.1 us; prometheus-client's ``Histogram.observe``, with a lock
     per bucket and sum, 0.6 us, three times per frame). Single-threaded, like the bridge."""
 
-    __slots__ = ("name", "doc", "bounds", "counts", "sum")
+    __slots__ = ("bounds", "counts", "doc", "name", "sum")
 
     def __init__(self, name: str, doc: str, buckets: tuple[float, ...],
                  registry: CollectorRegistry) -> None:
@@ -53,7 +53,7 @@ class LatencyHistogram:
 
     def collect(self):
         total, buckets = 0, []
-        for bound, n in zip((*self.bounds, float("inf")), self.counts):
+        for bound, n in zip((*self.bounds, float("inf")), self.counts, strict=True):
             total += n
             buckets.append((floatToGoString(bound), total))
         yield HistogramMetricFamily(self.name, self.doc, buckets=buckets, sum_value=self.sum)

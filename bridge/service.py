@@ -223,7 +223,7 @@ class Bridge:
     def idle(self, hw: str) -> bool:
         r = self.pbx.runners.get(hw)
         held = r is not None and r.session is not None and r.session.gate is not None and r.session.gate.calls
-        return (r is None or len(r.device.tracker) == 0 and not held) and not self.consumer.busy(hw)
+        return (r is None or (len(r.device.tracker) == 0 and not held)) and not self.consumer.busy(hw)
 
     async def _on_leased_command(self, message) -> None:
         await self.consumer.on_message(message, redirect=False)

@@ -127,7 +127,7 @@ def _quiet(*names: str):
     try:
         yield
     finally:
-        for lg, was in zip(loggers, saved):
+        for lg, was in zip(loggers, saved, strict=True):
             lg.disabled = was
 
 
@@ -255,7 +255,7 @@ async def send(settings: Settings, hw: str, verb: str, body: str | bytes, *, tim
         try:
             return await asyncio.wait_for(got, timeout)
         except TimeoutError:
-            return '{"ok":false,"error":"no reply within %gs (is the bridge running?)"}' % timeout
+            return '{"ok":false,"error":"no reply within ' + f"{timeout:g}" + 's (is the bridge running?)"}'
 
 
 # --------------------------------------------------------------------------- demo

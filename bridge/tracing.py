@@ -71,7 +71,8 @@ def configure(provider=None) -> bool:
             exp = OTLPSpanExporter()
         else:
             raise ValueError(f"OTEL_TRACES_EXPORTER={exporter!r} is not supported (otlp, console, none)")
-        provider = TracerProvider(resource=Resource.create({"service.name": env.get("OTEL_SERVICE_NAME", "epsignal-bridge")}))
+        service = env.get("OTEL_SERVICE_NAME", "epsignal-bridge")
+        provider = TracerProvider(resource=Resource.create({"service.name": service}))
         provider.add_span_processor(BatchSpanProcessor(exp))
     _tracer = provider.get_tracer("epsignal-bridge")
     global _FAST_INJECT
@@ -251,7 +252,7 @@ def intercept_span(device, hold):
     the outcome. The request carries its context; a verdict's becomes a link."""
     parent = device.trace_ctx.get(hold.call, _ROOT)
     span = _tracer.start_span(
-        f"intercept device.{{hw}}.call.{{call}}.intercept", context=parent, kind=SpanKind.PRODUCER,
+        "intercept device.{hw}.call.{call}.intercept", context=parent, kind=SpanKind.PRODUCER,
         attributes={"messaging.system": SYSTEM, "messaging.operation.name": "publish",
                     "messaging.operation.type": "send", "messaging.message.id": hold.id,
                     "epsignal.hw": device.hw, "epsignal.call": hold.call,

@@ -21,7 +21,7 @@ import itertools
 import logging
 from collections import deque
 from collections.abc import Callable
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta, UTC
 from typing import Any, Protocol
 
 import aiormq
@@ -124,7 +124,7 @@ class Interceptor:
             return self._decide(session, hold.id, ic.Decision(ic.BROKER_DOWN))
         self.pending[hold.id] = session
         rule = hold.rule
-        now_wall = datetime.now(timezone.utc)
+        now_wall = datetime.now(UTC)
         left = max(0.001, hold.deadline - self.now())  # the deadline counts from the message's arrival
         body = ic.encode_request(ic.InterceptRequest(
             id=hold.id, hw=hold.hw, instance=self.s.instance_id, time=now_wall, call=hold.call,

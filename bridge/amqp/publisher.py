@@ -61,7 +61,7 @@ APP_ID = "epsignal-bridge"
 
 
 class PublisherStats:
-    __slots__ = ("published", "confirmed", "returned", "failed", "nacked", "timeouts")
+    __slots__ = ("confirmed", "failed", "nacked", "published", "returned", "timeouts")
 
     def __init__(self) -> None:
         self.published = self.confirmed = self.returned = self.failed = self.nacked = self.timeouts = 0
@@ -319,7 +319,7 @@ class EventPublisher:
             except BaseException:
                 # not written: the broker has not seen these tags; give them back (under the lock)
                 raw.delivery_tag = tag0
-                for i, fut in enumerate(futs, tag0 + 1):
+                for i in range(tag0 + 1, tag0 + 1 + len(futs)):
                     confirmations.pop(i, None)
                 sl.lost = True
                 sl.expire()
@@ -452,7 +452,7 @@ class _Slice:
     """The events written at once: one confirm timer for all of them, cancelled (and the
     futures let go) when the last one settled."""
 
-    __slots__ = ("futs", "publisher", "conn_lost", "left", "timer", "failed", "error", "start_ns", "lost")
+    __slots__ = ("conn_lost", "error", "failed", "futs", "left", "lost", "publisher", "start_ns", "timer")
 
     def __init__(self, futs: list[asyncio.Future], publisher: EventPublisher,
                  conn_lost: asyncio.Future) -> None:

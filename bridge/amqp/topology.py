@@ -169,7 +169,7 @@ LEASE_QUEUE_EXPIRES_S = 900
 
 
 async def declare_lease_queue(ch: aiormq.abc.AbstractChannel, s: Settings, hw: str) -> tuple[int, int]:
-    """Declare ``hw``'s lease queue and its binding; (messages ready, consumers) in it.""" 
+    """Declare ``hw``'s lease queue and its binding; (messages ready, consumers) in it."""
     name = lease_queue(s, hw)
     try:
         ok = await ch.queue_declare(name, durable=True, arguments=queue_arguments(s, **{

@@ -20,7 +20,7 @@ import asyncio
 import json
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 
 import aio_pika
 import msgspec
@@ -36,7 +36,7 @@ async def publish_all(exchange, items: list, window: int, timeout: float) -> tup
         nonlocal failed
         msg = aio_pika.Message(
             body, content_type="application/json", delivery_mode=DeliveryMode.PERSISTENT,
-            message_id=mid, timestamp=datetime.fromtimestamp(ts, timezone.utc) if ts else None,
+            message_id=mid, timestamp=datetime.fromtimestamp(ts, UTC) if ts else None,
             type=typ, app_id="epsignal-bridge", headers={},
         )
         try:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import gc
 import json
 import time
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 
 from bridge import routing
 from bridge.bench.frames import sample_frames
@@ -118,7 +118,7 @@ class DictDevice:
 
     def _out(self, typ: str, key: str, fields: dict) -> Outgoing:
         self.seq += 1
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         ev = {"type": typ, "v": 1, "hw": self.hw, "seq": self.seq, "instance": self.instance,
               "time": now.isoformat().replace("+00:00", "Z"), **fields}
         body = json.dumps(ev, separators=(",", ":"), ensure_ascii=False).encode()
@@ -178,7 +178,7 @@ def equivalent(devices: int = 3, calls: int = 4) -> bool:
         eb = b[i % devices].on_frame(f)
         if len(ea) != len(eb):
             return False
-        for x, y in zip(ea, eb):
+        for x, y in zip(ea, eb, strict=True):
             jx, jy = json.loads(x.body), json.loads(y.body)
             jx.pop("time"), jy.pop("time")
             if (jx, x.key, x.type, x.message_id) != (jy, y.key, y.type, y.message_id):

@@ -50,7 +50,7 @@ def cycle(index: int) -> list[tuple[bool, dict]]:
 class FrameMaker:
     """Builds the frames of one device fast: fixed byte templates, only call id and stamp vary."""
 
-    __slots__ = ("prefix", "steps", "step", "call")
+    __slots__ = ("call", "prefix", "step", "steps")
 
     def __init__(self, hw: str, index: int) -> None:
         self.prefix = b'{"mt":"Signaling","api":"EpSignal","src":"' + hw.encode() + b'","call":'

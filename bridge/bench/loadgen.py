@@ -40,7 +40,7 @@ now_ns = time.monotonic_ns
 
 
 class LgSession:
-    __slots__ = ("ws", "hw", "maker", "outstanding", "closed", "stamps")
+    __slots__ = ("closed", "hw", "maker", "outstanding", "stamps", "ws")
 
     def __init__(self, ws: ServerConnection, hw: str, index: int) -> None:
         self.ws = ws

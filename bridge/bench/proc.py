@@ -221,7 +221,7 @@ async def spawn_bridge(env: dict[str, str], log_path: Path, *, wrapper: bool = F
     import time
 
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    log = open(log_path, "ab")
+    log = open(log_path, "ab")  # noqa: SIM115 (the child writes to it; closed below or on stop)
     try:
         t = time.monotonic_ns()
         proc = await asyncio.create_subprocess_exec(

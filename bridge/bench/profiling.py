@@ -70,7 +70,7 @@ class PySpy:
         self.log = out.with_suffix(".log")
 
     async def start(self) -> None:
-        log = open(self.log, "wb")
+        log = open(self.log, "wb")  # noqa: SIM115 (py-spy writes to it; closed below)
         try:
             self.proc = await asyncio.create_subprocess_exec(
                 py_spy(), "record", "--pid", str(self.pid), "--rate", str(self.rate),

@@ -551,14 +551,17 @@ class Bench:
     async def _latency_runs(self, env: Env) -> None:
         o = self.o
         out: dict = {}
-        r = self._keep(f"@{o.latency_rate:g}/s (consumer on)", await self.paced_run(env, o.latency_rate, o.latency_duration, o.warmup))
+        r = self._keep(f"@{o.latency_rate:g}/s (consumer on)",
+                       await self.paced_run(env, o.latency_rate, o.latency_duration, o.warmup))
         out["fixed"] = r
         self.checks["latency_fixed_all_received"] = bool(r.get("all_events_received")) and r["all_forwards_back"]
         if self.max_eps:
             eps = round(0.8 * self.max_eps)
-            r80 = self._keep(f"@80% ({eps}/s, consumer on)", await self.paced_run(env, eps, o.latency_duration, o.warmup))
+            r80 = self._keep(f"@80% ({eps}/s, consumer on)",
+                             await self.paced_run(env, eps, o.latency_duration, o.warmup))
             out["at_80pct_of_max"] = r80
-            self.checks["latency_80pct_all_received"] = bool(r80.get("all_events_received")) and r80["all_forwards_back"]
+            self.checks["latency_80pct_all_received"] = (bool(r80.get("all_events_received"))
+                                                         and r80["all_forwards_back"])
         else:
             out["at_80pct_of_max"] = "n/a: no maximum (run throughput, or give --max-eps)"
         self.results["latency"] = out
@@ -843,7 +846,8 @@ class Bench:
             down99 < 1000 and down99 <= max(up99 * 1.25, up99 + 100))
         big = next((r for r in R.get("scale", {}).get("runs", []) if r.get("devices") == 10000 and "rss_mb" in r), None)
         add("10,000 devices: RSS (MB)", "< 250", big and big["hwm_mb"], None if big is None else big["hwm_mb"] < 250)
-        add("10,000 devices: attached (s)", "< 30", big and big["attach_s"], None if big is None else big["attach_s"] < 30)
+        add("10,000 devices: attached (s)", "< 30", big and big["attach_s"],
+            None if big is None else big["attach_s"] < 30)
         pr = R.get("peer", {}).get("ratios", {})
         if pr:
             rate = self.o.peer_rate
@@ -936,7 +940,8 @@ def table(R: dict) -> str:
         L.append("\n[1] throughput (closed loop, every event confirmed and consumed)")
         L.append(f"  bridge : {t['bridge_frames_per_s']} frames/s = {t['bridge_events_per_s']} events/s "
                  f"(median of {len(t['rounds'])}; {t['devices']} devices, window {t['window_per_session']}/session)")
-        L.append(f"  ceiling: {t['ceiling_events_per_s']} events/s (plain aio-pika, confirms, window {t['publish_window']})")
+        L.append(f"  ceiling: {t['ceiling_events_per_s']} events/s "
+                 f"(plain aio-pika, confirms, window {t['publish_window']})")
         L.append(f"  ratio  : {t['ratio']}   all events received: {t['all_events_received']}")
         for i, r in enumerate(t["rounds"]):
             b, c = r["bridge"], r["ceiling"]
@@ -975,7 +980,8 @@ def table(R: dict) -> str:
         L.append("  devices  attach_s  rss_MB  hwm_MB  idle_cpu_%")
         for r in s["runs"]:
             if "rss_mb" in r:
-                L.append(f"  {r['devices']:7d}  {str(r['attach_s']):>8}  {r['rss_mb']:6}  {r['hwm_mb']:6}  {r['idle_cpu_pct']:10}")
+                L.append(f"  {r['devices']:7d}  {r['attach_s']!s:>8}  {r['rss_mb']:6}  {r['hwm_mb']:6}  "
+                         f"{r['idle_cpu_pct']:10}")
             else:
                 L.append(f"  {r['devices']:7d}  {r.get('skipped') or r.get('error')}")
         if s.get("rss_kb_per_device") is not None:
@@ -997,7 +1003,8 @@ def table(R: dict) -> str:
         L.append(f"\n[8] against the hand-written peer (issue 19): {pe['devices']} devices, window "
                  f"{pe['window_per_session']}/session, {pe['frames_per_round']} frames per round, "
                  f"{len(pe['rounds'])} round(s), open loop at {pe['rate_frames_per_s']:g} frames/s; medians")
-        L.append("  process          ev/frame  frames/s  cpu_s/10k frames (closed / paced)  fwd p50/p99 us  hop p50/p99 ms")
+        L.append("  process          ev/frame  frames/s  cpu_s/10k frames (closed / paced)  "
+                 "fwd p50/p99 us  hop p50/p99 ms")
         for name in ("peer", "bridge_all", "bridge_state"):
             v = pe[name]
             L.append(f"  {name:16s} {v['events_per_frame']:8d}  {v['frames_per_s']!s:>8}  "

@@ -257,8 +257,8 @@ class PbxSession:
                 if forwarded:
                     # intercept mode: one test while no device has rules and nothing is held,
                     # a set lookup for a device without rules while others have some
-                    if gate is not None and (gate.calls or rules.on and (
-                            rules.everyone or msg.src in rules.watch or msg.src is m.UNSET)) \
+                    if gate is not None and (gate.calls or (rules.on and (
+                            rules.everyone or msg.src in rules.watch or msg.src is m.UNSET))) \
                             and self._offer(msg, data, binary):
                         continue  # held or queued: forwarded (and its events made) when released
                     await ws.send(data, text=not binary)  # forward first, unchanged, the same kind

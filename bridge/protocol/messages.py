@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from enum import Enum
 from functools import cached_property
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import msgspec
 from msgspec import UNSET, Raw, Struct, UnsetType
@@ -28,7 +28,7 @@ API = "EpSignal"
 MAX_FRAME_BYTES = 256 * 1024
 
 
-class CallState(str, Enum):
+class CallState(str, Enum):  # noqa: UP042 (str() of a member stays 'CallState.x' in logs)
     """``Sync.info.state`` as the PBX reports it, plus ``released`` (the tracker's end state)."""
 
     NULL = "null"
@@ -150,18 +150,18 @@ class Signaling(EpSignalMessage, kw_only=True, dict=True):
         return decode_sig(self.sig)
 
 
-Frame = Union[
-    AppChallenge,
-    AppChallengeResult,
-    AppLogin,
-    AppLoginResult,
-    Attach,
-    AttachResult,
-    Attached,
-    Detached,
-    Sync,
-    Signaling,
-]
+Frame = (
+    AppChallenge
+    | AppChallengeResult
+    | AppLogin
+    | AppLoginResult
+    | Attach
+    | AttachResult
+    | Attached
+    | Detached
+    | Sync
+    | Signaling
+)
 
 _decoder = msgspec.json.Decoder(Frame)
 _encoder = msgspec.json.Encoder()

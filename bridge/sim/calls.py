@@ -75,7 +75,7 @@ class _EndedByApp(Exception):
 class Pending:
     """A message sent to the application, waiting for its forward."""
 
-    __slots__ = ("fut", "t0", "raw")
+    __slots__ = ("fut", "raw", "t0")
 
     def __init__(self, fut: asyncio.Future, t0: int, raw: bytes) -> None:
         self.fut, self.t0, self.raw = fut, t0, raw
@@ -120,8 +120,22 @@ class Call:
     """One call of a device; ``app`` calls were started by the application (negative id)."""
 
     __slots__ = (
-        "pbx", "id", "device", "in_", "remote", "state", "app", "session", "src", "task",
-        "delivered", "outcome", "_pending", "_interrupt", "_waiters", "_aborting",
+        "_aborting",
+        "_interrupt",
+        "_pending",
+        "_waiters",
+        "app",
+        "delivered",
+        "device",
+        "id",
+        "in_",
+        "outcome",
+        "pbx",
+        "remote",
+        "session",
+        "src",
+        "state",
+        "task",
     )
 
     def __init__(

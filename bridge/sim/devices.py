@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
 
 class Device:
-    __slots__ = ("index", "hw", "ext", "sip", "dn", "registered", "session", "src", "calls")
+    __slots__ = ("calls", "dn", "ext", "hw", "index", "registered", "session", "sip", "src")
 
     def __init__(self, index: int, registered: bool, hw: str | None = None) -> None:
         self.index = index

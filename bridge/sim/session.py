@@ -37,8 +37,18 @@ _CLOSE = object()
 
 class Session:
     __slots__ = (
-        "pbx", "ws", "outbound", "login", "logged_in", "devices", "by_src", "closed",
-        "_queue", "_wake", "_writer", "_closing",
+        "_closing",
+        "_queue",
+        "_wake",
+        "_writer",
+        "by_src",
+        "closed",
+        "devices",
+        "logged_in",
+        "login",
+        "outbound",
+        "pbx",
+        "ws",
     )
 
     def __init__(self, pbx: PbxSimulator, ws: Connection, *, outbound: bool) -> None:

@@ -39,21 +39,21 @@ class Counters:
     """Monotonic counters; the gauges (sessions, devices, active calls) live in the simulator."""
 
     __slots__ = (
-        "logins_ok",
-        "logins_failed",
-        "calls_started",
+        "app_calls",
+        "attach_conflicts",
+        "bad_frames",
+        "bad_signaling",
+        "binary_frames",
+        "calls_aborted",
         "calls_completed",
         "calls_stalled",
-        "calls_aborted",
-        "app_calls",
+        "calls_started",
+        "invalid_utf8",
+        "late_signaling",
+        "logins_failed",
+        "logins_ok",
         "messages_forwarded",
         "messages_injected",
-        "bad_frames",
-        "binary_frames",
-        "invalid_utf8",
-        "bad_signaling",
-        "late_signaling",
-        "attach_conflicts",
     )
 
     def __init__(self) -> None:
