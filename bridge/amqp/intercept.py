@@ -149,7 +149,7 @@ class Interceptor:
         try:
             result = await ch.basic_publish(body, exchange=self.s.events_exchange,
                                             routing_key=routing.call_key(hold.hw, hold.call, "intercept"),
-                                            properties=props, mandatory=True)
+                                            properties=props, mandatory=True, wait=False)
         except Exception as e:
             log.warning("intercept request %s not published (%s): broker-down", hold.id, e)
             result = None

@@ -354,3 +354,39 @@ async def test_the_round_trip_is_in_the_call_s_trace_and_counted(sim, bus, setti
         assert "epsignal_intercept_held 0.0" in text and "epsignal_intercept_wait_seconds_count" in text
     finally:
         tracing.disable()
+
+
+async def test_late_and_unknown_verdicts_are_counted_and_change_nothing(sim, bus, settings_for, start_bridge):
+    """A decider that answers twice (the second answer comes after the hold ended: late) and one
+    that answers an id the bridge never asked (unknown): both are counted in
+    ``epsignal_intercept_verdicts_ignored``, and the call goes on as the first verdict said."""
+    from tests.integration.test_observability import _get, http_port
+
+    hw = sim.hw(8)
+
+    class Twice(Decider):
+        async def _on(self, msg):
+            req = json.loads(msg.body)
+            self.requests.append(req)
+            answers = [{"id": req["id"], "verdict": "forward"},  # decides the hold
+                       {"id": req["id"], "verdict": "reject", "cause": 21},  # late
+                       {"id": "not-a-request-of-this-bridge", "verdict": "reject", "cause": 21}]  # unknown
+            for a in answers:
+                await self.ch.default_exchange.publish(aio_pika.Message(
+                    json.dumps(a).encode(), correlation_id=a["id"]), routing_key=msg.reply_to)
+
+    decider = await Twice(bus, None).start()
+    bridge, q = await bridge_with(sim, bus, settings_for, start_bridge, hw)
+    call = await sim.place_call(hw, direction="in", hold_s=0.05)
+    evs = await released(q, call)
+    [ev] = of_call(evs, call, "call.intercepted")
+    assert ev["outcome"] == "forward" and ev["action"] == "forwarded"
+    assert len(decider.requests) == 1
+    assert sim.received(call)["device"][0]["type"] == "setup"  # the first verdict, not the reject
+    await eventually(lambda: bridge.intercept.ignored == {"late": 1, "unknown": 1}, 5,
+                     "both ignored verdicts counted")
+    status, text = await _get(f"http://127.0.0.1:{http_port(bridge)}/metrics")
+    assert status == 200
+    assert 'epsignal_intercept_verdicts_ignored_total{reason="late"} 1.0' in text
+    assert 'epsignal_intercept_verdicts_ignored_total{reason="unknown"} 1.0' in text
+    assert 'epsignal_intercept_outcomes_total{outcome="forward"} 1.0' in text
