@@ -45,7 +45,7 @@ import aiormq.abc
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange, AbstractQueue
 
 from bridge.config import Settings
-from bridge.routing import word
+from bridge.routing import commands_of, word
 
 TOPIC = aio_pika.ExchangeType.TOPIC
 FANOUT = aio_pika.ExchangeType.FANOUT
@@ -66,7 +66,7 @@ def lease_queue(s: Settings, hw: str) -> str:
 
 
 def lease_key(hw: str) -> str:
-    return f"device.{word(hw)}.*"
+    return commands_of(hw)
 
 
 class QueueMismatch(ConnectionError):
