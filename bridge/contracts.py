@@ -55,6 +55,11 @@ COMMON = {
                 "id and counts `seq` from 1 again.",
     "time": "When the bridge saw it: UTC, an RFC 3339 date-time.",
 }
+def type_description(cls: type) -> str:
+    """A Struct's or enum's docstring as one line (the schemas' ``description``)."""
+    return " ".join(inspect.cleandoc(cls.__doc__ or "").split())
+
+
 @dataclass
 class Body:
     """One message body: its Struct, where its schema goes, and what a consumer needs to know."""
@@ -118,21 +123,21 @@ SETUP_CRM = _sig({"type": "setup", "cg": {"num": "201", "sip": "r201"}, "cd": {"
 R201 = msgspec.convert({"num": "201", "sip": "r201", "dn": "Remote 201"}, E.Remote)
 BODIES = [
     Body("events", "attached", E.DeviceAttached, "DeviceAttached",
-         "The bridge is in the device's signaling path (the PBX attached it).",
+         type_description(E.DeviceAttached),
          routing.EVENT_KEYS["attached"],
          [("attached", "Attached at start", _ev(E.DeviceAttached, 1, attach=ATTACH))]),
     Body("events", "detached", E.DeviceDetached, "DeviceDetached",
-         "The bridge is no longer in the device's signaling path.", routing.EVENT_KEYS["detached"],
+         type_description(E.DeviceDetached), routing.EVENT_KEYS["detached"],
          [("by-command", "Detached by a detach command",
            _ev(E.DeviceDetached, 42, reason="command")),
           ("session-lost", "The PBX session broke; the bridge reconnects",
            _ev(E.DeviceDetached, 43, reason="session-lost"))]),
     Body("events", "attach.failed", E.AttachFailed, "AttachFailed",
-         "The PBX refused the Attach; the bridge does not retry.", routing.EVENT_KEYS["attach.failed"],
+         type_description(E.AttachFailed), routing.EVENT_KEYS["attach.failed"],
          [("unknown-device", "The PBX does not know the device",
            _ev(E.AttachFailed, 1, hw="009033400099", error="unknown device"))]),
     Body("events", "call.state", E.CallStateChanged, "CallStateChanged",
-         "A call's state changed, or a Sync at attach told it (`sync` true).",
+         type_description(E.CallStateChanged),
          routing.EVENT_KEYS["call.state"],
          [("incoming-alert", "An incoming call rings",
            _ev(E.CallStateChanged, 7, call=17, state="alert", in_=True, remote=R201)),
@@ -149,7 +154,7 @@ BODIES = [
            _ev(E.CallStateChanged, 2, hw=HW2, call=3, state="connected", in_=False,
                remote=E.Remote(num="0703173000"), held=True, sync=True))]),
     Body("events", "call.signaling", E.CallSignaling, "CallSignaling",
-         "A Signaling message passed (`origin` pbx) or was sent for a command (`origin` command).",
+         type_description(E.CallSignaling),
          routing.EVENT_KEYS["call.signaling"],
          [("setup-to-device", "An incoming call's setup, forwarded to the device",
            _ev(E.CallSignaling, 6, call=17, to=True, origin="pbx", sig=_sig(
@@ -159,16 +164,14 @@ BODIES = [
            _ev(E.CallSignaling, 10, call=-1, to=False, origin="command",
                sig=_sig({"type": "setup", "cd": {"num": "201"}})))]),
     Body("events", "gap", E.Gap, "Gap",
-         "Events were dropped unsent during a long broker outage (buffer full or too old), per "
-         "device as `seq` ranges. Published before the events that follow the gap.",
+         type_description(E.Gap),
          routing.EVENT_KEYS["gap"],
          [("buffer-full", "The buffer overflowed during a broker outage", _enc(E.Gap(
              instance=INSTANCE, time=T0, reason="buffer-full",
              dropped={HW: [E.SeqRange(120, 185)],
                       HW2: [E.SeqRange(88, 90), E.SeqRange(95, 95)]})))]),
     Body("events", "call.intercepted", E.CallIntercepted, "CallIntercepted",
-         "How an intercepted message ended (docs/INTERCEPT.md). Published before the "
-         "`call.signaling` and `call.state` events of what passed.",
+         type_description(E.CallIntercepted),
          routing.EVENT_KEYS["call.intercepted"],
          [("renamed", "A decider replaced the setup's caller name",
            _ev(E.CallIntercepted, 5, call=17, to=True, id=REQ_ID, sig_type="setup", outcome="replace",
@@ -265,11 +268,6 @@ def field_description(f: mi.Field) -> str | None:
             return text
         t = t.type
     return None
-
-
-def type_description(cls: type) -> str:
-    """A Struct's or enum's docstring as one line (the schemas' ``description``)."""
-    return " ".join(inspect.cleandoc(cls.__doc__ or "").split())
 
 
 def _structs(t: mi.Type, out: dict[str, mi.StructType], kinds: dict[str, type]) -> None:

@@ -27,6 +27,9 @@ SCHEMA_VERSION = 1
 
 
 class Event(Struct, kw_only=True, tag_field="type"):
+    """What every device event carries (the module docstring says what each field means; their
+    descriptions in the contracts are ``bridge.contracts.COMMON``)."""
+
     v: int = SCHEMA_VERSION
     hw: ids.HwId
     seq: int
@@ -67,10 +70,14 @@ class AttachInfo(Struct, kw_only=True, omit_defaults=True):
 
 
 class DeviceAttached(Event, tag="attached", kw_only=True):
+    """The bridge is in the device's signaling path (the PBX attached it)."""
+
     attach: Annotated[AttachInfo, Meta(description="What the PBX answered to the Attach.")]
 
 
 class DeviceDetached(Event, tag="detached", kw_only=True):
+    """The bridge is no longer in the device's signaling path."""
+
     reason: Annotated[str, Meta(description=
         "Why: `unregistered` (the PBX said Detached), `command` (a detach command), `session-lost` (the PBX session "
         "broke; the bridge reconnects), `shutdown` (the bridge stops), `lease-moved` (handed on to another replica, "
@@ -80,10 +87,14 @@ class DeviceDetached(Event, tag="detached", kw_only=True):
 
 
 class AttachFailed(Event, tag="attach.failed", kw_only=True):
+    """The PBX refused the Attach; the bridge does not retry."""
+
     error: Annotated[str, Meta(description="The PBX's `err`, as text (e.g. `unknown device`).")]
 
 
 class CallStateChanged(Event, tag="call.state", kw_only=True):
+    """A call's state changed, or a Sync at attach told it (`sync` true)."""
+
     call: Annotated[int, Meta(description=
         "Call id on the device; negative for calls the application started (click to dial).")]
     state: Annotated[CallState, Meta(description="The new state of the call.")]
@@ -108,6 +119,8 @@ class CallStateChanged(Event, tag="call.state", kw_only=True):
 
 
 class CallSignaling(Event, tag="call.signaling", kw_only=True):
+    """A Signaling message passed (`origin` pbx) or was sent for a command (`origin` command)."""
+
     call: Annotated[int, Meta(description="Call id on the device; negative for calls the application started.")]
     to: Annotated[bool, Meta(description="True: toward the device; false: toward the PBX.")]
     origin: Annotated[str, Meta(description=
@@ -117,8 +130,8 @@ class CallSignaling(Event, tag="call.signaling", kw_only=True):
 
 
 class CallIntercepted(Event, tag="call.intercepted", kw_only=True):
-    """How an intercepted message ended (docs/INTERCEPT.md); published before the
-    ``call.signaling`` of what passed."""
+    """How an intercepted message ended (docs/INTERCEPT.md). Published before the
+    `call.signaling` and `call.state` events of what passed."""
 
     call: Annotated[int, Meta(description="Call id on the device (intercepted calls have positive ids).")]
     to: Annotated[bool, Meta(description=
@@ -149,7 +162,8 @@ class SeqRange(Struct, array_like=False):
 
 
 class Gap(Struct, kw_only=True, tag_field="type", tag="gap"):
-    """Events dropped unsent (buffer full or too old), per device, as seq ranges."""
+    """Events were dropped unsent during a long broker outage (buffer full or too old), per
+    device as `seq` ranges. Published before the events that follow the gap."""
 
     v: int = SCHEMA_VERSION
     instance: str
