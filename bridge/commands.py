@@ -19,7 +19,7 @@ UTF-8 (RFC 8259): ``sig`` goes to the PBX in a WebSocket text frame, which must 
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import msgspec
 from msgspec import UNSET, Meta, Raw, Struct, UnsetType
@@ -85,7 +85,7 @@ class Reply(Struct, kw_only=True):
         "decided).")] = UNSET
 
 
-_decoders = {
+_decoders: dict[str, msgspec.json.Decoder[Any]] = {
     "attach": msgspec.json.Decoder(AttachCommand),
     "detach": msgspec.json.Decoder(DetachCommand),
     "signaling": msgspec.json.Decoder(SignalingCommand),

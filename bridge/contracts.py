@@ -581,7 +581,9 @@ def asyncapi(schemas: dict[str, dict]) -> dict:
             raise ValueError(f"component {name} differs between bodies")
         components[name] = schema
 
-    channels, operations, messages = {}, {}, {}
+    channels: dict[str, dict[str, Any]] = {}
+    operations: dict[str, dict[str, Any]] = {}
+    messages: dict[str, dict[str, Any]] = {}
     for b in BODIES:
         s = dict(schemas[b.path])
         for n, d in s.pop("$defs", {}).items():
@@ -590,7 +592,7 @@ def asyncapi(schemas: dict[str, dict]) -> dict:
             s.pop(k)
         add(b.title, s)
         mid = _camel(b.name) + ("Command" if b.kind == "commands" else "")
-        msg = {"name": b.name, "title": b.title, "summary": b.description,
+        msg: dict[str, Any] = {"name": b.name, "title": b.title, "summary": b.description,
                "contentType": "application/json",
                "payload": {"$ref": f"#/components/schemas/{b.title}"}}
         if b.kind == "events":
@@ -621,7 +623,8 @@ def asyncapi(schemas: dict[str, dict]) -> dict:
         messages[mid] = msg
         if b.kind in ("reply", "verdict"):
             continue
-        params = [p for p in ("hw", "call", "instance") if "{" + p + "}" in b.address]
+        address = b.address or ""  # only replies and verdicts have none
+        params = [p for p in ("hw", "call", "instance") if "{" + p + "}" in address]
         ch_id = mid
         channels[ch_id] = {
             "address": b.address, "title": b.title, "description": b.description,

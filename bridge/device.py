@@ -91,7 +91,7 @@ class Device:
         if t is Signaling:
             return self._signaling(msg, "pbx")
         if t is Sync:
-            if self._unconfirmed:
+            if isinstance(self._unconfirmed, set):  # the shared empty frozenset otherwise
                 self._unconfirmed.discard(msg.call)
             return self._bounded(_some(f.call_state(self.hw, self.tracker.sync(msg), sync=True)))
         if t is AttachResult:
@@ -138,14 +138,16 @@ class Device:
 
     def _signaling(self, msg: Signaling, origin: str) -> list[Outgoing]:
         toward = msg.to is True
-        out = []
+        out: list[Outgoing] = []
         if self.factory.signaling_events:
             sig = msg.sig
             try:
                 str(sig, "utf-8")  # forwarded as it came, but an event must be valid JSON text
             except UnicodeDecodeError:
                 sig = Raw(str(sig, "utf-8", "replace").encode())
-            out.append(self.factory.signaling(self.hw, msg.call, toward, sig, origin))
+            ev = self.factory.signaling(self.hw, msg.call, toward, sig, origin)
+            if ev is not None:  # always made when signaling_events
+                out.append(ev)
         try:
             status = self.tracker.signaling(msg.call, toward, msg.signal)
         except FrameError as e:
@@ -155,9 +157,9 @@ class Device:
                             self.hw, msg.call, self.bad_sig, e)
             return self._bounded(out)
         if status is not None:
-            ev = self.factory.call_state(self.hw, status)
-            if ev is not None:
-                out.append(ev)
+            state_ev = self.factory.call_state(self.hw, status)
+            if state_ev is not None:
+                out.append(state_ev)
             if status.state is CallState.RELEASED and self.watcher is not None:
                 self.watcher.ended(msg.call)
         return self._bounded(out)

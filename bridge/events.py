@@ -199,6 +199,10 @@ class Outgoing:
     gap: tuple[str, Dropped] | None = None
 
 
+#: each device event's type (its tag)
+_TAGS: dict[type, str] = {c: str(c.__struct_config__.tag) for c in (
+    DeviceAttached, DeviceDetached, AttachFailed, CallStateChanged, CallSignaling, CallIntercepted)}
+
 #: the kinds of device event a deployment may choose to publish (``EPSIGNAL_EVENT_KINDS``);
 #: gap events are always published
 KINDS = ("attached", "detached", "attach.failed", "call.state", "call.signaling", "call.intercepted")
@@ -232,7 +236,7 @@ class EventFactory:
 
     def _out(self, key: str, ev: Event) -> Outgoing:
         hw, seq = ev.hw, ev.seq
-        return Outgoing(key, _encoder.encode(ev), ev.__struct_config__.tag,
+        return Outgoing(key, _encoder.encode(ev), _TAGS[type(ev)],
                         f"{self.instance}/{_word(hw)}/{seq}", ev.time, hw, seq)
 
     def _base(self, hw: str) -> dict:

@@ -26,7 +26,7 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 import msgspec
 from msgspec import UNSET, Meta, Raw, Struct, UnsetType
@@ -143,7 +143,7 @@ def parse_config(text: str) -> dict[str, tuple[Rule, ...]]:
             if not colon or way not in _DIRECTIONS:
                 raise ValueError(f"EPSIGNAL_INTERCEPT entry {entry!r}: {item!r} needs a direction, "
                                  f"{kind}:device (toward the device) or {kind}:pbx (toward the PBX)")
-            rules[(kind, _DIRECTIONS[way])] = Rule(type=kind, to=_DIRECTIONS[way])
+            rules[(kind, _DIRECTIONS[way])] = Rule(type=cast(SigType, kind), to=_DIRECTIONS[way])
         out[hw] = tuple(rules.values())
     return out
 
@@ -179,7 +179,7 @@ class Rules:
                          cause=d.cause if r.cause is UNSET else r.cause)
 
     def _table(self, command: tuple[Rule, ...], config: tuple[Rule, ...]) -> dict[tuple[str, bool], Effective]:
-        table = {(r.type, r.to): self._effective(r, "config") for r in config}
+        table: dict[tuple[str, bool], Effective] = {(r.type, r.to): self._effective(r, "config") for r in config}
         table.update({(r.type, r.to): self._effective(r, "command") for r in command})
         return table
 
@@ -205,7 +205,7 @@ class Rules:
         return list(self.table(hw).values())
 
     def match(self, hw: str, sig_type: str | None, to: bool) -> Effective | None:
-        return self.table(hw).get((sig_type, to)) if sig_type is not None else None  # type: ignore[arg-type]
+        return self.table(hw).get((sig_type, to)) if sig_type is not None else None
 
 
 # ====================================================================== wire formats

@@ -68,8 +68,9 @@ def configure(provider=None) -> bool:
             return False
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 
+        exp: SpanExporter
         if exporter == "console":
             exp = ConsoleSpanExporter()
         elif exporter == "otlp":
@@ -171,7 +172,7 @@ def frame_span(device: Device, msg, start_ns: int, forwarded_ns: int | None = No
     calls = contexts(device)
     parent = calls.get(call, _ROOT) if call is not None else _ROOT
     name = type(msg).__name__
-    attrs = {"epsignal.hw": device.hw}
+    attrs: dict[str, str | bool | int] = {"epsignal.hw": device.hw}
     if call is not None:
         attrs["epsignal.call"] = call
     sig = getattr(msg, "sig", None)
@@ -218,7 +219,7 @@ def _traceparent_only() -> bool:
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
     p = propagate.get_global_textmap()
-    parts = getattr(p, "_propagators", None) if isinstance(p, CompositePropagator) else [p]
+    parts = (getattr(p, "_propagators", None) or []) if isinstance(p, CompositePropagator) else [p]
     return bool(parts) and all(type(x) in (TraceContextTextMapPropagator, W3CBaggagePropagator) for x in parts) \
         and any(type(x) is TraceContextTextMapPropagator for x in parts)
 
@@ -250,7 +251,7 @@ def creation(event, exchange: str) -> None:
     command's), or a ``create`` span of its own when there is none. The events made in one
     context share one headers dict (the publisher encodes it once)."""
     global _made
-    ctx = otel_context.get_current()
+    ctx: otel_context.Context | None = otel_context.get_current()
     if ctx is _made[0]:
         event.headers = _made[1]
         return

@@ -178,7 +178,7 @@ async def declare_lease_queue(ch: aiormq.abc.AbstractChannel, s: Settings, hw: s
     except aiormq.exceptions.ChannelPreconditionFailed as e:
         raise (mismatch(e) or e) from None
     await ch.queue_bind(name, s.commands_exchange, lease_key(hw), nowait=True)
-    return ok.message_count, ok.consumer_count
+    return ok.message_count or 0, ok.consumer_count or 0  # never None in a DeclareOk
 
 
 async def take_waiting(queue: AbstractQueue, count: int, wait_s: float = 2.0):

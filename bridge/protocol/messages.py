@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from enum import Enum
 from functools import cached_property
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 import msgspec
 from msgspec import UNSET, Meta, Raw, Struct, UnsetType
@@ -23,7 +23,7 @@ from msgspec import UNSET, Meta, Raw, Struct, UnsetType
 from bridge.protocol.errors import DECODE_ERRORS, FrameError, decode_error
 from bridge.protocol.signal import Sig, decode_sig
 
-API = "EpSignal"
+API: Final = "EpSignal"
 #: Default limit for one frame; the WebSocket layer enforces the same limit before we see it.
 MAX_FRAME_BYTES = 256 * 1024
 
