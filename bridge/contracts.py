@@ -402,7 +402,7 @@ PARAMS = {
                                 "(percent-encoded like `hw`).", "examples": [INSTANCE]},
     "key": {"description": "The refused command's routing key, unchanged (also a key that is not "
                            "device.<hw>.<verb>).",
-            "examples": [f"device.{HW}.signaling", "totally.wrong"]},
+            "examples": [routing.COMMAND_KEYS["signaling"].format(hw=HW), "totally.wrong"]},
 }
 _TP = "^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$"
 

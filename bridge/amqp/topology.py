@@ -3,7 +3,7 @@
 ::
 
     epsignal.events    topic, durable   events; keys in bridge.routing
-    epsignal.commands  topic, durable   commands: device.<hw>.attach|detach|signaling
+    epsignal.commands  topic, durable   commands: device.<hw>.<verb>; keys in bridge.routing
                        alternate-exchange = epsignal.commands.unrouted
       -> epsignal.commands.bridge  durable queue, x-dead-letter-exchange = epsignal.dead; bound
                                    with "#" (every command is taken, so a command with a bad key
@@ -21,17 +21,17 @@
     epsignal.dead      topic, durable   dead-lettered commands, header x-epsignal-error
       -> epsignal.commands.dead    durable queue, bound with "#"
 
-Names are settings (``EPSIGNAL_*_EXCHANGE`` / ``_QUEUE``); the unrouted and presence exchanges
-and the lease queues are named after them. Every durable queue the bridge owns (commands, dead
-letters, lease queues) is of the type ``EPSIGNAL_QUEUE_TYPE`` (quorum by default: replicated over
-a cluster's nodes), its arguments made by :func:`queue_arguments` alone. The presence queues stay
-classic, exclusive and auto-delete (a replica's own, gone with its connection; a quorum queue
-cannot be exclusive). A queue that exists with other arguments (a classic queue from before, now
-quorum wanted) is refused by the broker (PRECONDITION_FAILED): :class:`QueueMismatch` says which
-queue, what it is, what is wanted and what to do. Declaring is idempotent and runs on every
-(re)connect, so a deleted queue or a restarted broker gets the topology back. Declare the
-commands exchange only through :func:`declare_commands_exchange` (its arguments must match).
-"""
+Names are settings (``EPSIGNAL_*_EXCHANGE`` / ``_QUEUE``; their defaults shown, from
+bridge.config); the unrouted and presence exchanges and the lease queues are named after them.
+Every durable queue the bridge owns (commands, dead letters, lease queues) is of the type
+``EPSIGNAL_QUEUE_TYPE`` (quorum by default: replicated over a cluster's nodes), its arguments made
+by :func:`queue_arguments` alone. The presence queues stay classic, exclusive and auto-delete (a
+replica's own, gone with its connection; a quorum queue cannot be exclusive). A queue that exists
+with other arguments (a classic queue from before, now quorum wanted) is refused by the broker
+(PRECONDITION_FAILED): :class:`QueueMismatch` says which queue, what it is, what is wanted and
+what to do. Declaring is idempotent and runs on every (re)connect, so a deleted queue or a
+restarted broker gets the topology back. Declare the commands exchange only through
+:func:`declare_commands_exchange` (its arguments must match). """
 
 from __future__ import annotations
 
