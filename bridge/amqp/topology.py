@@ -31,7 +31,8 @@ with other arguments (a classic queue from before, now quorum wanted) is refused
 (PRECONDITION_FAILED): :class:`QueueMismatch` says which queue, what it is, what is wanted and
 what to do. Declaring is idempotent and runs on every (re)connect, so a deleted queue or a
 restarted broker gets the topology back. Declare the commands exchange only through
-:func:`declare_commands_exchange` (its arguments must match). """
+:func:`declare_commands_exchange` (its arguments must match).
+"""
 
 from __future__ import annotations
 
