@@ -7,9 +7,11 @@ the same through a real session and measures the bridge's RSS.
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 import logging
+import weakref
 
 import msgspec
 import pytest
@@ -256,6 +258,24 @@ def test_device_keeps_no_trace_context_of_calls_it_cannot_track():
         assert len(contexts) <= 2 * 10
     assert d.bad_sig == 10_000 and len(d.tracker) == 0
     assert len(contexts) <= 2 * 10
+
+
+def test_trace_contexts_end_with_their_calls_and_their_device():
+    d = Device(HW, EventFactory("i"), CallLimits(max_calls=5))
+    contexts = tracing.contexts(d)
+    assert tracing.contexts(d) is contexts and d.watcher is contexts
+    for c in (1, 2, 3):
+        contexts.set(c, object())
+        d.on_frame(signaling(c, {"type": "setup"}))
+    d.on_frame(signaling(1, {"type": "rel"}))  # released: its context goes
+    assert set(contexts) == {2, 3}
+    contexts.set(9, object())  # a call never tracked
+    d.on_frame(m.Detached())  # every call ends
+    assert len(contexts) == 0
+    gone = weakref.ref(d)
+    del d, contexts
+    gc.collect()
+    assert gone() is None  # tracing's contexts do not keep a device alive
 
 
 def test_device_settle_after_eviction_is_quiet():
