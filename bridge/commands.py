@@ -19,15 +19,17 @@ UTF-8 (RFC 8259): ``sig`` goes to the PBX in a WebSocket text frame, which must 
 
 from __future__ import annotations
 
+from typing import Annotated, Any
+
 import msgspec
-from msgspec import UNSET, Raw, Struct, UnsetType
+from msgspec import UNSET, Meta, Raw, Struct, UnsetType
 
 from bridge import ids, routing
 from bridge import intercept as ic
 from bridge.events import SCHEMA_VERSION, AttachInfo
 from bridge.protocol import errors
 from bridge.protocol.errors import FrameError
-from bridge.protocol.signal import decode_sig
+from bridge.protocol.signal import SIG_TEXT, decode_sig
 
 VERBS = routing.VERBS
 MAX_COMMAND_BYTES = 64 * 1024
@@ -49,31 +51,41 @@ class SignalingCommand(Struct, kw_only=True, forbid_unknown_fields=True):
     """Strict: a misspelt field (``To`` for ``to``) would send the message the wrong way, so an
     unknown field is refused, named."""
 
-    call: ids.CallId
-    sig: Raw
-    to: bool = False
+    call: Annotated[ids.CallId, Meta(description=
+        "Call id on the device. Negative: a call the application starts (click to dial: a `setup` toward the PBX "
+        f"with call -1). Valid: {ids.CALL_RULE}.")]
+    sig: Annotated[Raw, Meta(description=
+        SIG_TEXT + " Must be an object with a string `type`; the fields the bridge reads must have the types below.")]
+    to: Annotated[bool, Meta(description="True: send toward the device; false or absent: toward the PBX.")] = False
     v: int = SCHEMA_VERSION
 
 
 class Reply(Struct, kw_only=True):
     """The answer to a command with ``reply_to``. Optional fields are left out, not null."""
 
-    ok: bool
+    ok: Annotated[bool, Meta(description=
+        "True: carried out; false: refused (see `error`; the command was also dead-lettered).")]
     v: int = SCHEMA_VERSION
-    command: str | UnsetType = UNSET
-    hw: ids.HwId | UnsetType = UNSET
-    error: str | UnsetType = UNSET
-    #: attach: what the PBX answered (without the TURN password)
-    attach: AttachInfo | UnsetType = UNSET
-    #: attach: the device is registered and attached now (false: attached on registration)
-    attached: bool | UnsetType = UNSET
-    #: detach: the device was attached when the command came
-    was_attached: bool | UnsetType = UNSET
-    #: intercept: the device's effective rules now (the command's and the configuration's)
-    rules: list[ic.Effective] | UnsetType = UNSET
+    command: Annotated[str | UnsetType, Meta(description=
+        "The verb of the command (`attach`, `detach`, `signaling`); absent when the routing key names none of "
+        "them.")] = UNSET
+    hw: Annotated[ids.HwId | UnsetType, Meta(description=
+        "The device the command was for; absent when the routing key names no valid hw id.")] = UNSET
+    error: Annotated[str | UnsetType, Meta(description=
+        "Why the command was refused (also the dead letter's `x-epsignal-error`).")] = UNSET
+    attach: Annotated[AttachInfo | UnsetType, Meta(description=
+        "attach: what the PBX answered (without the TURN password).")] = UNSET
+    attached: Annotated[bool | UnsetType, Meta(description=
+        "attach: true when the device is registered and attached now; false: it will be attached when it registers "
+        "(an `attached` event says so).")] = UNSET
+    was_attached: Annotated[bool | UnsetType, Meta(description=
+        "detach: the device was attached when the command came.")] = UNSET
+    rules: Annotated[list[ic.Effective] | UnsetType, Meta(description=
+        "intercept: the device's effective intercept rules now (the command's and the configuration's, every option "
+        "decided).")] = UNSET
 
 
-_decoders = {
+_decoders: dict[str, msgspec.json.Decoder[Any]] = {
     "attach": msgspec.json.Decoder(AttachCommand),
     "detach": msgspec.json.Decoder(DetachCommand),
     "signaling": msgspec.json.Decoder(SignalingCommand),

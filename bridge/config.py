@@ -19,6 +19,7 @@ from msgspec import Meta, Struct
 
 from bridge import brokers, ids, intercept
 from bridge.events import KINDS
+from bridge.intercept import Rules as InterceptRules
 from bridge.protocol.callstate import CallLimits
 
 PREFIX = "EPSIGNAL_"
@@ -182,7 +183,7 @@ class Settings(Struct, kw_only=True):
         """The bounds on the calls of each device (for :class:`~bridge.device.Device`)."""
         return CallLimits(self.max_calls_per_device, self.call_idle_s, self.connected_call_idle_s)
 
-    def intercept_rules(self) -> intercept.Rules:
+    def intercept_rules(self) -> InterceptRules:
         """The configuration's intercept rules (EPSIGNAL_INTERCEPT and its defaults)."""
         return intercept.Rules(intercept.parse_config(self.intercept), intercept.Defaults(
             self.intercept_deadline_ms, self.intercept_fail, self.intercept_cause))
@@ -254,5 +255,5 @@ def describe() -> list[tuple[str, str, str]]:
     for f in msgspec.structs.fields(Settings):
         meta = next((m for m in getattr(f.type, "__metadata__", ()) if isinstance(m, Meta)), None)
         default = "" if f.default is msgspec.NODEFAULT else str(f.default)
-        out.append((PREFIX + f.name.upper(), default, meta.description if meta else ""))
+        out.append((PREFIX + f.name.upper(), default, (meta.description or "") if meta else ""))
     return out

@@ -6,14 +6,17 @@ output is deterministic (fixed key order, sorted components, compact examples pr
 bridge's own encoder), so regenerating gives byte-identical files. Pure: no I/O but
 :func:`write` and :func:`check`.
 
-What the Structs cannot say (field descriptions, AMQP properties and headers, routing keys,
-examples) is in the tables below; :func:`generate` refuses to run when a field has no description,
-so a new field cannot be published undocumented.
+The descriptions are the Structs' own: a field's ``Meta(description=...)`` (the envelope
+fields' are :data:`COMMON`), a Struct's or enum's docstring. What the Structs cannot say (AMQP
+properties and headers, routing keys, examples) is in the tables below; :func:`generate` refuses
+to run when a field or Struct has no description, so a new field cannot be published
+undocumented.
 """
 
 from __future__ import annotations
 
 import difflib
+import inspect
 import json
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, UTC
@@ -52,190 +55,9 @@ COMMON = {
                 "id and counts `seq` from 1 again.",
     "time": "When the bridge saw it: UTC, an RFC 3339 date-time.",
 }
-SIG_TEXT = ("The EpSignal Signal object exactly as it passed, byte for byte: every field, known or "
-            "unknown to the bridge, passes through losslessly. Fields as in the innovaphone JSON "
-            "signaling (`type`, `cg`, `cd`, `cau`, `channel`, `fty`, ...).")
-#: Struct name -> field (as encoded) -> description; COMMON covers the envelope fields
-FIELDS: dict[str, dict[str, str]] = {
-    "DeviceAttached": {"attach": "What the PBX answered to the Attach."},
-    "AttachInfo": {
-        "stun": "STUN servers (host[:port]); absent when none.",
-        "turn": "TURN servers (host[:port]); absent when none.",
-        "turnUsr": "TURN user name. The TURN password is never published.",
-        "prefixIntl": "Prefix for international numbers.",
-        "prefixNtl": "Prefix for national numbers.",
-        "prefixSubs": "Prefix for subscriber numbers.",
-        "area": "Area code.",
-        "country": "Country code.",
-        "maxIntern": "Length of internal numbers (newer PBX releases; undocumented, an integer "
-                     "so far).",
-        "tones": "Tone scheme (newer PBX releases; undocumented, an integer so far).",
-    },
-    "DeviceDetached": {
-        "reason": "Why: `unregistered` (the PBX said Detached), `command` (a detach command), "
-                  "`session-lost` (the PBX session broke; the bridge reconnects), `shutdown` "
-                  "(the bridge stops), `lease-moved` (handed on to another replica, which "
-                  "attaches it next), `lease-lost` (another replica holds the device's lease now), "
-                  "`wanted-detached` (the replica that now holds the device's lease keeps it "
-                  "detached: a detach command made under the current configuration; "
-                  "docs/SCALING.md).",
-    },
-    "AttachFailed": {"error": "The PBX's `err`, as text (e.g. `unknown device`)."},
-    "CallStateChanged": {
-        "call": "Call id on the device; negative for calls the application started (click to "
-                "dial).",
-        "state": "The new state of the call.",
-        "in": "True: a call to the device; false: from the device; null: not known (first seen "
-              "mid-call).",
-        "remote": "The remote party, as far as known (fields absent when unknown).",
-        "channel": "Media channel, when the PBX named one.",
-        "held": "The call is on hold.",
-        "app": "The call was started by the application (negative `call`).",
-        "cause": "Q.931 cause of `released` (and of `disconnected`/`disconnecting` when the PBX "
-                 "gave one).",
-        "sync": "True when the state comes from a Sync at attach (the call existed before), not "
-                "from a Signaling message.",
-        "evicted": "Only with `released`, and only when the bridge stopped tracking the call, "
-                   "not the PBX ended it (the PBX may still have it; no `cause`): `idle` (no "
-                   "signaling for EPSIGNAL_CALL_IDLE_S, or EPSIGNAL_CONNECTED_CALL_IDLE_S when "
-                   "connected, held, parked or state unknown), `too-many-calls` (more than "
-                   "EPSIGNAL_MAX_CALLS_PER_DEVICE calls: the least recently signaled one). Should "
-                   "the call signal again, it comes back as a call first seen mid-call.",
-    },
-    "Remote": {"num": "Number.", "sip": "SIP user name.", "dn": "Display name."},
-    "Cause": {
-        "num": "Q.931 cause value (16: normal clearing, 17: busy, ...).",
-        "loc": "Cause location, as the PBX sent it (type undocumented).",
-    },
-    "CallSignaling": {
-        "call": "Call id on the device; negative for calls the application started.",
-        "to": "True: toward the device; false: toward the PBX.",
-        "origin": "`pbx`: passed through the bridge on the signaling path (forwarded); "
-                  "`command`: sent by the bridge for a signaling command.",
-        "sig": SIG_TEXT,
-    },
-    "Gap": {
-        "reason": "Why they were dropped: `buffer-full`, `too-old`, or both joined by `+` "
-                  "(`buffer-full+too-old`).",
-        "dropped": "The events dropped unsent: per device (key: hw, not percent-encoded), "
-                   "ranges of `seq`.",
-    },
-    "SeqRange": {"first": "First `seq` dropped.", "last": "Last `seq` dropped (inclusive)."},
-    "SignalingCommand": {
-        "call": "Call id on the device. Negative: a call the application starts (click to dial: "
-                f"a `setup` toward the PBX with call -1). Valid: {ids.CALL_RULE}.",
-        "to": "True: send toward the device; false or absent: toward the PBX.",
-        "sig": SIG_TEXT + " Must be an object with a string `type`; the fields the bridge reads "
-                          "must have the types below.",
-    },
-    "Sig": {
-        "type": "Message type: `setup`, `setup_ack`, `call_proc`, `alert`, `conn`, `disc`, "
-                "`rel`, `info`, ...",
-        "cg": "Calling party.",
-        "cd": "Called party.",
-        "cau": "Q.931 cause (`disc`, `rel`).",
-        "channel": "Media channel.",
-        "fty": "Facilities (`name_identification`, `hold_notify`, `retrieve_notify`, "
-               "`cp_park`, ...).",
-    },
-    "Party": {"num": "Number.", "sip": "SIP user name."},
-    "Facility": {"type": "Facility type.", "name": "The name, for `name_identification`."},
-    "Reply": {
-        "ok": "True: carried out; false: refused (see `error`; the command was also "
-              "dead-lettered).",
-        "command": "The verb of the command (`attach`, `detach`, `signaling`); absent when the "
-                   "routing key names none of them.",
-        "hw": "The device the command was for; absent when the routing key names no valid hw "
-              "id.",
-        "error": "Why the command was refused (also the dead letter's `x-epsignal-error`).",
-        "attach": "attach: what the PBX answered (without the TURN password).",
-        "attached": "attach: true when the device is registered and attached now; false: it "
-                    "will be attached when it registers (an `attached` event says so).",
-        "was_attached": "detach: the device was attached when the command came.",
-        "rules": "intercept: the device's effective intercept rules now (the command's and the "
-                 "configuration's, every option decided).",
-    },
-    "CallIntercepted": {
-        "call": "Call id on the device (intercepted calls have positive ids).",
-        "to": "True: the message went toward the device (it came from the PBX); false: toward "
-              "the PBX.",
-        "id": "The intercept request's id (its `correlation_id`).",
-        "sig_type": "The held message's sig type (`setup`, ...).",
-        "outcome": "How the hold ended: `forward`, `replace`, `reject` (a verdict); `timeout` (no "
-                   "verdict by the deadline), `unroutable` (nobody bound to the request's key), "
-                   "`broker-down` (the request could not be published, or the link was lost while "
-                   "held), `stopping` (the bridge stopped): the rule's fail policy decided; "
-                   "`bad-verdict` (refused, see `error`: forwarded unchanged whatever the policy); "
-                   "`session-lost` (the PBX session ended: nothing to send to).",
-        "action": "What happened to the message: `forwarded` (unchanged), `replaced` (the "
-                  "verdict's sig went instead), `rejected` (not forwarded; a `rel` with `cause` "
-                  "went back the way it came), `dropped` (the session was gone).",
-        "waited_ms": "Milliseconds the message was held.",
-        "error": "bad-verdict: why the verdict was refused.",
-        "cause": "rejected: the cause of the `rel` the bridge sent back.",
-    },
-    "InterceptCommand": {
-        "rules": f"The device's intercept rules, replacing those set by command before (`[]` "
-                 f"clears them; the configuration's, EPSIGNAL_INTERCEPT, stay). At most "
-                 f"{I.MAX_RULES}. A command's rule wins over a configuration rule for the same "
-                 f"(`type`, `to`).",
-    },
-    "Rule": {
-        "type": "The sig type held for a verdict.",
-        "to": "True: messages toward the device (from the PBX); false: from the device toward "
-              "the PBX.",
-        "deadline_ms": f"How long a message waits for its verdict ({I.DEADLINE_MIN_MS} to "
-                       f"{I.DEADLINE_MAX_MS}; default EPSIGNAL_INTERCEPT_DEADLINE_MS).",
-        "fail": "Without a verdict: `open`, forward unchanged; `closed`, reject (default "
-                "EPSIGNAL_INTERCEPT_FAIL).",
-        "cause": "The cause of the `rel` a fail-closed rejection sends (default "
-                 "EPSIGNAL_INTERCEPT_CAUSE).",
-    },
-    "Effective": {
-        "type": "The sig type held for a verdict.",
-        "to": "True: toward the device; false: toward the PBX.",
-        "deadline_ms": "How long a message waits for its verdict.",
-        "fail": "`open` or `closed`.",
-        "cause": "The cause of a fail-closed rejection.",
-        "source": "`command` (an intercept command) or `config` (EPSIGNAL_INTERCEPT).",
-    },
-    "InterceptRequest": {
-        "id": "`<instance>/<hw>/i<n>`: the verdict's `id` and `correlation_id`.",
-        "call": "Call id on the device.",
-        "to": "True: the message goes toward the device (it came from the PBX); false: toward "
-              "the PBX.",
-        "sig": SIG_TEXT + " The held message, as it would be forwarded.",
-        "deadline": "After this (UTC, RFC 3339) the fail policy applies and a verdict is ignored.",
-        "deadline_ms": "The rule's deadline in milliseconds, counted from the moment the message "
-                       "arrived (`deadline` and the message's `expiration` are what is left of it).",
-        "fail": "What happens without a verdict: `open`, forwarded unchanged; `closed`, rejected.",
-    },
-    "Verdict": {
-        "id": "The request's `id`.",
-        "verdict": "`forward` (unchanged, or `sig` instead) or `reject` (not forwarded; a `rel` "
-                   "goes back the way it came).",
-        "sig": "forward only: the Signal object to forward instead, with the same `type` as the "
-               "held one (e.g. the setup with the caller's name replaced).",
-        "cause": "reject only: the cause of the `rel` (1 to 127; default 21, call rejected).",
-    },
-}
-#: descriptions of the Structs and enums that are not message bodies
-STRUCTS = {
-    "AttachInfo": "What the PBX told about the attachment: its AttachResult without the TURN "
-                  "password.",
-    "CallState": "State of a call. `null`: not known yet (a call first seen mid-call); "
-                 "`disconnected`: the remote side hung up; `disconnecting`: the device hung up; "
-                 "`released`: the call is gone (the last event of a call).",
-    "Remote": "The remote party of a call.",
-    "Cause": "A Q.931 cause.",
-    "SeqRange": "A range of `seq`, both ends included.",
-    "Sig": "The Signal object of an EpSignal Signaling message (the fields the bridge reads; any "
-           "other field is passed on untouched).",
-    "Party": "An endpoint of a call (`cg` calling, `cd` called).",
-    "Facility": "One entry of `fty`.",
-    "Rule": "What to intercept: messages of a sig type in one direction (docs/INTERCEPT.md).",
-    "Effective": "An intercept rule in effect, every option decided.",
-}
+def type_description(cls: type) -> str:
+    """A Struct's or enum's docstring as one line (the schemas' ``description``)."""
+    return " ".join(inspect.cleandoc(cls.__doc__ or "").split())
 
 
 @dataclass
@@ -301,21 +123,21 @@ SETUP_CRM = _sig({"type": "setup", "cg": {"num": "201", "sip": "r201"}, "cd": {"
 R201 = msgspec.convert({"num": "201", "sip": "r201", "dn": "Remote 201"}, E.Remote)
 BODIES = [
     Body("events", "attached", E.DeviceAttached, "DeviceAttached",
-         "The bridge is in the device's signaling path (the PBX attached it).",
+         type_description(E.DeviceAttached),
          routing.EVENT_KEYS["attached"],
          [("attached", "Attached at start", _ev(E.DeviceAttached, 1, attach=ATTACH))]),
     Body("events", "detached", E.DeviceDetached, "DeviceDetached",
-         "The bridge is no longer in the device's signaling path.", routing.EVENT_KEYS["detached"],
+         type_description(E.DeviceDetached), routing.EVENT_KEYS["detached"],
          [("by-command", "Detached by a detach command",
            _ev(E.DeviceDetached, 42, reason="command")),
           ("session-lost", "The PBX session broke; the bridge reconnects",
            _ev(E.DeviceDetached, 43, reason="session-lost"))]),
     Body("events", "attach.failed", E.AttachFailed, "AttachFailed",
-         "The PBX refused the Attach; the bridge does not retry.", routing.EVENT_KEYS["attach.failed"],
+         type_description(E.AttachFailed), routing.EVENT_KEYS["attach.failed"],
          [("unknown-device", "The PBX does not know the device",
            _ev(E.AttachFailed, 1, hw="009033400099", error="unknown device"))]),
     Body("events", "call.state", E.CallStateChanged, "CallStateChanged",
-         "A call's state changed, or a Sync at attach told it (`sync` true).",
+         type_description(E.CallStateChanged),
          routing.EVENT_KEYS["call.state"],
          [("incoming-alert", "An incoming call rings",
            _ev(E.CallStateChanged, 7, call=17, state="alert", in_=True, remote=R201)),
@@ -332,7 +154,7 @@ BODIES = [
            _ev(E.CallStateChanged, 2, hw=HW2, call=3, state="connected", in_=False,
                remote=E.Remote(num="0703173000"), held=True, sync=True))]),
     Body("events", "call.signaling", E.CallSignaling, "CallSignaling",
-         "A Signaling message passed (`origin` pbx) or was sent for a command (`origin` command).",
+         type_description(E.CallSignaling),
          routing.EVENT_KEYS["call.signaling"],
          [("setup-to-device", "An incoming call's setup, forwarded to the device",
            _ev(E.CallSignaling, 6, call=17, to=True, origin="pbx", sig=_sig(
@@ -342,16 +164,14 @@ BODIES = [
            _ev(E.CallSignaling, 10, call=-1, to=False, origin="command",
                sig=_sig({"type": "setup", "cd": {"num": "201"}})))]),
     Body("events", "gap", E.Gap, "Gap",
-         "Events were dropped unsent during a long broker outage (buffer full or too old), per "
-         "device as `seq` ranges. Published before the events that follow the gap.",
+         type_description(E.Gap),
          routing.EVENT_KEYS["gap"],
          [("buffer-full", "The buffer overflowed during a broker outage", _enc(E.Gap(
              instance=INSTANCE, time=T0, reason="buffer-full",
              dropped={HW: [E.SeqRange(120, 185)],
                       HW2: [E.SeqRange(88, 90), E.SeqRange(95, 95)]})))]),
     Body("events", "call.intercepted", E.CallIntercepted, "CallIntercepted",
-         "How an intercepted message ended (docs/INTERCEPT.md). Published before the "
-         "`call.signaling` and `call.state` events of what passed.",
+         type_description(E.CallIntercepted),
          routing.EVENT_KEYS["call.intercepted"],
          [("renamed", "A decider replaced the setup's caller name",
            _ev(E.CallIntercepted, 5, call=17, to=True, id=REQ_ID, sig_type="setup", outcome="replace",
@@ -432,21 +252,43 @@ RAW_VIEWS = {("SignalingCommand", "sig"): Sig, ("InterceptRequest", "sig"): Sig,
 
 
 # ------------------------------------------------------------------------------------ schemas
-def _structs(t: mi.Type, out: dict[str, mi.StructType]) -> dict[str, mi.StructType]:
-    """Every Struct reachable from an inspected type, by name."""
+def _bare(t: mi.Type) -> mi.Type:
+    """An inspected type without its ``Annotated`` metadata."""
+    while isinstance(t, mi.Metadata):
+        t = t.type
+    return t
+
+
+def field_description(f: mi.Field) -> str | None:
+    """A field's ``Meta(description=...)`` (the outermost, where aliases nest)."""
+    t = f.type
+    while isinstance(t, mi.Metadata):
+        text = (t.extra_json_schema or {}).get("description")
+        if text:
+            return text
+        t = t.type
+    return None
+
+
+def _structs(t: mi.Type, out: dict[str, mi.StructType], kinds: dict[str, type]) -> None:
+    """Every Struct reachable from an inspected type, by name (``out``), and the class of every
+    Struct and enum (``kinds``)."""
+    t = _bare(t)
     if isinstance(t, mi.StructType):
         if t.cls.__name__ not in out:
             out[t.cls.__name__] = t
+            kinds[t.cls.__name__] = t.cls
             for f in t.fields:
-                _structs(f.type, out)
+                _structs(f.type, out, kinds)
+    elif isinstance(t, mi.EnumType):
+        kinds[t.cls.__name__] = t.cls
     elif isinstance(t, mi.UnionType):
         for u in t.types:
-            _structs(u, out)
+            _structs(u, out, kinds)
     elif isinstance(t, (mi.ListType, mi.SetType, mi.FrozenSetType, mi.VarTupleType)):
-        _structs(t.item_type, out)
+        _structs(t.item_type, out, kinds)
     elif isinstance(t, mi.DictType):
-        _structs(t.value_type, out)
-    return out
+        _structs(t.value_type, out, kinds)
 
 
 def _always_encoded(st: mi.StructType) -> list[str]:
@@ -486,13 +328,12 @@ def _ordered(schema: dict) -> dict:
 def _fix_struct(name: str, st: mi.StructType, schema: dict, *, output: bool,
                 missing: list[str]) -> None:
     """Descriptions, `v`, the tag, formats, Raw fields, and (output) what is always there."""
-    if name in STRUCTS:
-        schema["description"] = STRUCTS[name]
     props = schema.get("properties", {})
     tag = st.tag_field
     for f in st.fields:
         p = props[f.encode_name]
-        text = FIELDS.get(name, {}).get(f.encode_name) or COMMON.get(f.encode_name)
+        text = field_description(f) or COMMON.get(f.encode_name)
+        ftype = _bare(f.type)
         if not text:
             missing.append(f"{name}.{f.encode_name}")
         p["description"] = text or ""
@@ -503,10 +344,10 @@ def _fix_struct(name: str, st: mi.StructType, schema: dict, *, output: bool,
                 p.pop("default", None)
         if f.encode_name in ("seq", "first", "last") and p.get("type") == "integer":
             p["minimum"] = 1
-        inner = f.type.types if isinstance(f.type, mi.UnionType) else (f.type,)
+        inner = ftype.types if isinstance(ftype, mi.UnionType) else (ftype,)
         if any(isinstance(t, mi.DateTimeType) for t in inner):
             p["format"] = "date-time"
-        if isinstance(f.type, mi.RawType):
+        if isinstance(ftype, mi.RawType):
             view = RAW_VIEWS.get((name, f.encode_name))
             p.clear()
             p.update({"description": text or ""})
@@ -529,15 +370,17 @@ def body_schema(body: Body, missing: list[str] | None = None) -> dict:
     roots: list[type] = [body.struct, *views]
     _, defs = msgspec.json.schema_components(roots, ref_template="#/$defs/{name}")
     structs: dict[str, mi.StructType] = {}
+    kinds: dict[str, type] = {}
     for r in roots:
-        _structs(mi.type_info(r), structs)
+        _structs(mi.type_info(r), structs, kinds)
     for name, st in structs.items():
         _fix_struct(name, st, defs[name], output=body.output, missing=missing)
     root = defs.pop(body.struct.__name__)
     for name, d in defs.items():  # Structs and enums inside the body
-        if name not in STRUCTS:
+        text = type_description(kinds[name])
+        if not text:
             missing.append(name)
-        d["description"] = STRUCTS.get(name, "")
+        d["description"] = text
     root.update({"$schema": DIALECT, "$id": body.id, "title": body.title,
                  "description": body.description, "examples": [ex for _, _, ex in body.examples]})
     if defs:
@@ -559,7 +402,7 @@ PARAMS = {
                                 "(percent-encoded like `hw`).", "examples": [INSTANCE]},
     "key": {"description": "The refused command's routing key, unchanged (also a key that is not "
                            "device.<hw>.<verb>).",
-            "examples": [f"device.{HW}.signaling", "totally.wrong"]},
+            "examples": [routing.COMMAND_KEYS["signaling"].format(hw=HW), "totally.wrong"]},
 }
 _TP = "^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$"
 
@@ -738,7 +581,9 @@ def asyncapi(schemas: dict[str, dict]) -> dict:
             raise ValueError(f"component {name} differs between bodies")
         components[name] = schema
 
-    channels, operations, messages = {}, {}, {}
+    channels: dict[str, dict[str, Any]] = {}
+    operations: dict[str, dict[str, Any]] = {}
+    messages: dict[str, dict[str, Any]] = {}
     for b in BODIES:
         s = dict(schemas[b.path])
         for n, d in s.pop("$defs", {}).items():
@@ -747,7 +592,7 @@ def asyncapi(schemas: dict[str, dict]) -> dict:
             s.pop(k)
         add(b.title, s)
         mid = _camel(b.name) + ("Command" if b.kind == "commands" else "")
-        msg = {"name": b.name, "title": b.title, "summary": b.description,
+        msg: dict[str, Any] = {"name": b.name, "title": b.title, "summary": b.description,
                "contentType": "application/json",
                "payload": {"$ref": f"#/components/schemas/{b.title}"}}
         if b.kind == "events":
@@ -778,7 +623,8 @@ def asyncapi(schemas: dict[str, dict]) -> dict:
         messages[mid] = msg
         if b.kind in ("reply", "verdict"):
             continue
-        params = [p for p in ("hw", "call", "instance") if "{" + p + "}" in b.address]
+        address = b.address or ""  # only replies and verdicts have none
+        params = [p for p in ("hw", "call", "instance") if "{" + p + "}" in address]
         ch_id = mid
         channels[ch_id] = {
             "address": b.address, "title": b.title, "description": b.description,
@@ -915,7 +761,7 @@ def generate() -> dict[str, bytes]:
     missing: list[str] = []
     schemas = {b.path: body_schema(b, missing) for b in BODIES}
     if missing:
-        raise ValueError("without a description in bridge/contracts.py (FIELDS, STRUCTS): "
+        raise ValueError("without a description (a field's Meta(description=...), a Struct's docstring): "
                          + ", ".join(sorted(set(missing))))
     files = {p: _dump(s) for p, s in schemas.items()}
     files["asyncapi.json"] = _dump(asyncapi(schemas))

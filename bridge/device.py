@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 import msgspec
 from msgspec import UNSET, Raw, structs
@@ -52,7 +53,23 @@ _NONE: frozenset = frozenset()
 DEFAULT_LIMITS = CallLimits()
 
 
+class CallWatcher(Protocol):
+    """Told when calls end, so that what an observer keeps per call (bridge.tracing: the context
+    of each call's trace) ends with them."""
+
+    def ended(self, call: int) -> None:
+        """The call ended: released, dropped by a bound, or not confirmed after a re-attach."""
+
+    def cleared(self) -> None:
+        """Every call ended (the PBX said Detached)."""
+
+
 class Device:
+    """One device as the bridge sees it: the PBX session hands it the frames of the device
+    (:meth:`on_frame`, after forwarding them) and the Signaling the bridge sent itself
+    (:meth:`on_sent`); it keeps the device's attachment and call state and returns the events
+    to publish. Pure: no I/O, time only from the injected ``clock``."""
+
     def __init__(self, hw: str, factory: EventFactory, limits: CallLimits = DEFAULT_LIMITS,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.hw = hw
@@ -63,9 +80,8 @@ class Device:
         #: the device is registered and we are in its signaling path
         self.attached = False
         self.bad_sig = 0
-        #: call id -> the context of the call's trace (see bridge.tracing)
-        self.trace_ctx: dict = {}
-        self._max_ctx = 2 * limits.max_calls
+        #: told when calls end (bridge.tracing keeps a context per call); None: nobody asks
+        self.watcher: CallWatcher | None = None
         #: calls known before the session was lost and not yet confirmed by a Sync since
         self._unconfirmed: set[int] | frozenset = _NONE  # a set only after a session loss
 
@@ -75,7 +91,7 @@ class Device:
         if t is Signaling:
             return self._signaling(msg, "pbx")
         if t is Sync:
-            if self._unconfirmed:
+            if isinstance(self._unconfirmed, set):  # the shared empty frozenset otherwise
                 self._unconfirmed.discard(msg.call)
             return self._bounded(_some(f.call_state(self.hw, self.tracker.sync(msg), sync=True)))
         if t is AttachResult:
@@ -88,7 +104,8 @@ class Device:
             return _some(f.attached(self.hw, self.result or AttachResult()))
         if t is Detached:
             self.attached = False
-            self.trace_ctx.clear()
+            if self.watcher is not None:
+                self.watcher.cleared()
             return _some(f.detached(self.hw, "unregistered"),
                          *(f.call_state(self.hw, s) for s in self.tracker.release_all()))
         return []
@@ -115,19 +132,22 @@ class Device:
             status = self.tracker.forget(call)
             if status is not None:
                 out += _some(self.factory.call_state(self.hw, status))
-                self.trace_ctx.pop(call, None)
+                if self.watcher is not None:
+                    self.watcher.ended(call)
         return out
 
     def _signaling(self, msg: Signaling, origin: str) -> list[Outgoing]:
         toward = msg.to is True
-        out = []
+        out: list[Outgoing] = []
         if self.factory.signaling_events:
             sig = msg.sig
             try:
                 str(sig, "utf-8")  # forwarded as it came, but an event must be valid JSON text
             except UnicodeDecodeError:
                 sig = Raw(str(sig, "utf-8", "replace").encode())
-            out.append(self.factory.signaling(self.hw, msg.call, toward, sig, origin))
+            ev = self.factory.signaling(self.hw, msg.call, toward, sig, origin)
+            if ev is not None:  # always made when signaling_events
+                out.append(ev)
         try:
             status = self.tracker.signaling(msg.call, toward, msg.signal)
         except FrameError as e:
@@ -137,25 +157,21 @@ class Device:
                             self.hw, msg.call, self.bad_sig, e)
             return self._bounded(out)
         if status is not None:
-            ev = self.factory.call_state(self.hw, status)
-            if ev is not None:
-                out.append(ev)
-            if status.state is CallState.RELEASED:
-                self.trace_ctx.pop(msg.call, None)
+            state_ev = self.factory.call_state(self.hw, status)
+            if state_ev is not None:
+                out.append(state_ev)
+            if status.state is CallState.RELEASED and self.watcher is not None:
+                self.watcher.ended(msg.call)
         return self._bounded(out)
 
     def _bounded(self, out: list[Outgoing]) -> list[Outgoing]:
-        """After a message: the calls the tracker's bounds dropped get their ``released`` event;
-        the trace contexts of calls not tracked (a sig never understood) go once there are
-        twice as many contexts as calls may be tracked (so pruning is amortised O(1))."""
+        """After a message: the calls the tracker's bounds dropped get their ``released`` event."""
         gone = self.tracker.expire()
         if gone:
             for status in gone:
                 out += _some(self.factory.call_state(self.hw, status))
-                self.trace_ctx.pop(status.call, None)
-        if len(self.trace_ctx) > self._max_ctx:
-            tracked = self.tracker.get
-            self.trace_ctx = {c: v for c, v in self.trace_ctx.items() if tracked(c) is not None}
+                if self.watcher is not None:
+                    self.watcher.ended(status.call)
         return out
 
 

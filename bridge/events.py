@@ -9,22 +9,27 @@ drop duplicates by id or by (instance, hw, seq).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, UTC
-from typing import Any
+from functools import partial
+from typing import Annotated, Any
 
 import msgspec
-from msgspec import UNSET, Raw, Struct, UnsetType, field
+from msgspec import UNSET, Meta, Raw, Struct, UnsetType, field
 
 from bridge import ids, routing
 from bridge.protocol.callstate import CallStatus, Evicted
 from bridge.protocol.messages import AttachResult, CallState, Remote
-from bridge.protocol.signal import Cause
+from bridge.protocol.signal import SIG_TEXT, Cause
 
 SCHEMA_VERSION = 1
 
 
 class Event(Struct, kw_only=True, tag_field="type"):
+    """What every device event carries (the module docstring says what each field means; their
+    descriptions in the contracts are ``bridge.contracts.COMMON``)."""
+
     v: int = SCHEMA_VERSION
     hw: ids.HwId
     seq: int
@@ -33,18 +38,21 @@ class Event(Struct, kw_only=True, tag_field="type"):
 
 
 class AttachInfo(Struct, kw_only=True, omit_defaults=True):
-    """What the PBX told about the attachment: AttachResult without the TURN password."""
+    """What the PBX told about the attachment: its AttachResult without the TURN password."""
 
-    stun: list[str] = field(default_factory=list)
-    turn: list[str] = field(default_factory=list)
-    turnUsr: str | None = None
-    prefixIntl: str | None = None
-    prefixNtl: str | None = None
-    prefixSubs: str | None = None
-    area: str | None = None
-    country: str | None = None
-    maxIntern: Any = None
-    tones: Any = None
+    stun: Annotated[list[str], Meta(description=
+        "STUN servers (host[:port]); absent when none.")] = field(default_factory=list)
+    turn: Annotated[list[str], Meta(description=
+        "TURN servers (host[:port]); absent when none.")] = field(default_factory=list)
+    turnUsr: Annotated[str | None, Meta(description="TURN user name. The TURN password is never published.")] = None
+    prefixIntl: Annotated[str | None, Meta(description="Prefix for international numbers.")] = None
+    prefixNtl: Annotated[str | None, Meta(description="Prefix for national numbers.")] = None
+    prefixSubs: Annotated[str | None, Meta(description="Prefix for subscriber numbers.")] = None
+    area: Annotated[str | None, Meta(description="Area code.")] = None
+    country: Annotated[str | None, Meta(description="Country code.")] = None
+    maxIntern: Annotated[Any, Meta(description=
+        "Length of internal numbers (newer PBX releases; undocumented, an integer so far).")] = None
+    tones: Annotated[Any, Meta(description="Tone scheme (newer PBX releases; undocumented, an integer so far).")] = None
 
     @classmethod
     def from_result(cls, r: AttachResult) -> AttachInfo:
@@ -62,90 +70,116 @@ class AttachInfo(Struct, kw_only=True, omit_defaults=True):
 
 
 class DeviceAttached(Event, tag="attached", kw_only=True):
-    attach: AttachInfo
+    """The bridge is in the device's signaling path (the PBX attached it)."""
+
+    attach: Annotated[AttachInfo, Meta(description="What the PBX answered to the Attach.")]
 
 
 class DeviceDetached(Event, tag="detached", kw_only=True):
-    #: "unregistered" (the PBX said Detached), "command", "session-lost", "shutdown",
-    #: "lease-moved", "lease-lost", "wanted-detached" (several replicas, docs/SCALING.md)
-    reason: str
+    """The bridge is no longer in the device's signaling path."""
+
+    reason: Annotated[str, Meta(description=
+        "Why: `unregistered` (the PBX said Detached), `command` (a detach command), `session-lost` (the PBX session "
+        "broke; the bridge reconnects), `shutdown` (the bridge stops), `lease-moved` (handed on to another replica, "
+        "which attaches it next), `lease-lost` (another replica holds the device's lease now), `wanted-detached` "
+        "(the replica that now holds the device's lease keeps it detached: a detach command made under the current "
+        "configuration; docs/SCALING.md).")]
 
 
 class AttachFailed(Event, tag="attach.failed", kw_only=True):
-    #: the PBX's ``err``, as text
-    error: str
+    """The PBX refused the Attach; the bridge does not retry."""
+
+    error: Annotated[str, Meta(description="The PBX's `err`, as text (e.g. `unknown device`).")]
 
 
 class CallStateChanged(Event, tag="call.state", kw_only=True):
-    call: int
-    state: CallState
-    in_: bool | None = field(default=None, name="in")
-    remote: Remote
-    channel: int | None = None
-    held: bool = False
-    app: bool = False
-    cause: Cause | None = None
-    #: true when the state comes from a Sync at attach, not from a Signaling message
-    sync: bool = False
-    #: with ``released``, present only when the bridge dropped the call, not the PBX: ``idle``
-    #: (no signaling for EPSIGNAL_CALL_IDLE_S / EPSIGNAL_CONNECTED_CALL_IDLE_S) or
-    #: ``too-many-calls`` (beyond EPSIGNAL_MAX_CALLS_PER_DEVICE, the least recently signaled)
-    evicted: Evicted | UnsetType = UNSET
+    """A call's state changed, or a Sync at attach told it (`sync` true)."""
+
+    call: Annotated[int, Meta(description=
+        "Call id on the device; negative for calls the application started (click to dial).")]
+    state: Annotated[CallState, Meta(description="The new state of the call.")]
+    in_: Annotated[bool | None, Meta(description=
+        "True: a call to the device; false: from the device; null: not known (first seen mid-call).")] = field(
+            default=None, name="in")
+    remote: Annotated[Remote, Meta(description="The remote party, as far as known (fields absent when unknown).")]
+    channel: Annotated[int | None, Meta(description="Media channel, when the PBX named one.")] = None
+    held: Annotated[bool, Meta(description="The call is on hold.")] = False
+    app: Annotated[bool, Meta(description="The call was started by the application (negative `call`).")] = False
+    cause: Annotated[Cause | None, Meta(description=
+        "Q.931 cause of `released` (and of `disconnected`/`disconnecting` when the PBX gave one).")] = None
+    sync: Annotated[bool, Meta(description=
+        "True when the state comes from a Sync at attach (the call existed before), not from a Signaling "
+        "message.")] = False
+    evicted: Annotated[Evicted | UnsetType, Meta(description=
+        "Only with `released`, and only when the bridge stopped tracking the call, not the PBX ended it (the PBX "
+        "may still have it; no `cause`): `idle` (no signaling for EPSIGNAL_CALL_IDLE_S, or "
+        "EPSIGNAL_CONNECTED_CALL_IDLE_S when connected, held, parked or state unknown), `too-many-calls` (more than "
+        "EPSIGNAL_MAX_CALLS_PER_DEVICE calls: the least recently signaled one). Should the call signal again, it "
+        "comes back as a call first seen mid-call.")] = UNSET
 
 
 class CallSignaling(Event, tag="call.signaling", kw_only=True):
-    call: int
-    #: true: toward the device
-    to: bool
-    #: "pbx": received from the PBX side and forwarded; "command": sent for a command;
-    #: "intercept": the release the bridge sent for a rejected message (docs/INTERCEPT.md)
-    origin: str
-    #: the Signal object exactly as it passed
-    sig: Raw
+    """A Signaling message passed (`origin` pbx) or was sent for a command (`origin` command)."""
+
+    call: Annotated[int, Meta(description="Call id on the device; negative for calls the application started.")]
+    to: Annotated[bool, Meta(description="True: toward the device; false: toward the PBX.")]
+    origin: Annotated[str, Meta(description=
+        "`pbx`: passed through the bridge on the signaling path (forwarded); `command`: sent by the bridge for a "
+        "signaling command.")]
+    sig: Annotated[Raw, Meta(description=SIG_TEXT)]
 
 
 class CallIntercepted(Event, tag="call.intercepted", kw_only=True):
-    """How an intercepted message ended (docs/INTERCEPT.md); published before the
-    ``call.signaling`` of what passed."""
+    """How an intercepted message ended (docs/INTERCEPT.md). Published before the
+    `call.signaling` and `call.state` events of what passed."""
 
-    call: int
-    #: true: the message went toward the device
-    to: bool
-    #: the intercept request's id
-    id: str
-    #: the held message's sig type
-    sig_type: str
-    #: forward, replace, reject (a verdict); timeout, unroutable, broker-down, stopping (the fail
-    #: policy decided); bad-verdict (forwarded unchanged); session-lost (nothing to send to)
-    outcome: str
-    #: forwarded, replaced, rejected, dropped
-    action: str
-    #: milliseconds the message was held
-    waited_ms: float
-    #: bad-verdict: why the verdict was refused
-    error: str | UnsetType = UNSET
-    #: rejected: the cause of the release the bridge sent back
-    cause: int | UnsetType = UNSET
+    call: Annotated[int, Meta(description="Call id on the device (intercepted calls have positive ids).")]
+    to: Annotated[bool, Meta(description=
+        "True: the message went toward the device (it came from the PBX); false: toward the PBX.")]
+    id: Annotated[str, Meta(description="The intercept request's id (its `correlation_id`).")]
+    sig_type: Annotated[str, Meta(description="The held message's sig type (`setup`, ...).")]
+    outcome: Annotated[str, Meta(description=
+        "How the hold ended: `forward`, `replace`, `reject` (a verdict); `timeout` (no verdict by the deadline), "
+        "`unroutable` (nobody bound to the request's key), `broker-down` (the request could not be published, or "
+        "the link was lost while held), `stopping` (the bridge stopped): the rule's fail policy decided; "
+        "`bad-verdict` (refused, see `error`: forwarded unchanged whatever the policy); `session-lost` (the PBX "
+        "session ended: nothing to send to).")]
+    action: Annotated[str, Meta(description=
+        "What happened to the message: `forwarded` (unchanged), `replaced` (the verdict's sig went instead), "
+        "`rejected` (not forwarded; a `rel` with `cause` went back the way it came), `dropped` (the session was "
+        "gone).")]
+    waited_ms: Annotated[float, Meta(description="Milliseconds the message was held.")]
+    error: Annotated[str | UnsetType, Meta(description="bad-verdict: why the verdict was refused.")] = UNSET
+    cause: Annotated[int | UnsetType, Meta(description=
+        "rejected: the cause of the `rel` the bridge sent back.")] = UNSET
 
 
 class SeqRange(Struct, array_like=False):
-    first: int
-    last: int
+    """A range of `seq`, both ends included."""
+
+    first: Annotated[int, Meta(description="First `seq` dropped.")]
+    last: Annotated[int, Meta(description="Last `seq` dropped (inclusive).")]
 
 
 class Gap(Struct, kw_only=True, tag_field="type", tag="gap"):
-    """Events dropped unsent (buffer full or too old), per device, as seq ranges."""
+    """Events were dropped unsent during a long broker outage (buffer full or too old), per
+    device as `seq` ranges. Published before the events that follow the gap."""
 
     v: int = SCHEMA_VERSION
     instance: str
     time: datetime
-    reason: str
-    dropped: dict[ids.HwId, list[SeqRange]]
+    reason: Annotated[str, Meta(description=
+        "Why they were dropped: `buffer-full`, `too-old`, or both joined by `+` (`buffer-full+too-old`).")]
+    dropped: Annotated[dict[ids.HwId, list[SeqRange]], Meta(description=
+        "The events dropped unsent: per device (key: hw, not percent-encoded), ranges of `seq`.")]
 
 
 _encoder = msgspec.json.Encoder()
 _word = routing.word
-_UTC = UTC
+#: per device (hw), the ranges of ``seq`` dropped: (first, last), both included
+Dropped = dict[str, list[tuple[int, int]]]
+#: the wall clock of the events' ``time`` (a C call: it is read twice per frame)
+utc_now: Callable[[], datetime] = partial(datetime.now, UTC)
 
 
 @dataclass(slots=True)
@@ -159,12 +193,15 @@ class Outgoing:
     timestamp: datetime
     hw: str | None = None
     seq: int = 0
-    headers: dict | None = None
-    #: tracing on: the SpanContext the event was made in (its headers carry it)
-    origin: Any = None
+    #: tracing on: the event's creation context (``traceparent``, ...; bridge.tracing)
+    headers: dict[str, str] | None = None
     #: a gap event's (reason, ranges), so a gap event that is itself dropped is announced again
-    gap: Any = None
+    gap: tuple[str, Dropped] | None = None
 
+
+#: each device event's type (its tag)
+_TAGS: dict[type, str] = {c: str(c.__struct_config__.tag) for c in (
+    DeviceAttached, DeviceDetached, AttachFailed, CallStateChanged, CallSignaling, CallIntercepted)}
 
 #: the kinds of device event a deployment may choose to publish (``EPSIGNAL_EVENT_KINDS``);
 #: gap events are always published
@@ -177,8 +214,11 @@ class EventFactory:
     Only the ``kinds`` chosen are made: a kind left out returns None and takes no ``seq``, so a
     consumer still sees each device's events numbered without gaps."""
 
-    def __init__(self, instance: str, kinds: tuple[str, ...] | frozenset[str] = KINDS) -> None:
+    def __init__(self, instance: str, kinds: tuple[str, ...] | frozenset[str] = KINDS,
+                 clock: Callable[[], datetime] = utc_now) -> None:
         self.instance = instance
+        #: the time of the events made (UTC)
+        self._clock = clock
         self._seq: dict[str, int] = {}
         self._gaps = 0
         unknown = set(kinds) - set(KINDS)
@@ -196,11 +236,11 @@ class EventFactory:
 
     def _out(self, key: str, ev: Event) -> Outgoing:
         hw, seq = ev.hw, ev.seq
-        return Outgoing(key, _encoder.encode(ev), ev.__struct_config__.tag,
+        return Outgoing(key, _encoder.encode(ev), _TAGS[type(ev)],
                         f"{self.instance}/{_word(hw)}/{seq}", ev.time, hw, seq)
 
     def _base(self, hw: str) -> dict:
-        return dict(hw=hw, seq=self._next(hw), instance=self.instance, time=datetime.now(UTC))
+        return dict(hw=hw, seq=self._next(hw), instance=self.instance, time=self._clock())
 
     def attached(self, hw: str, result: AttachResult) -> Outgoing | None:
         if "attached" not in self.kinds:
@@ -226,7 +266,7 @@ class EventFactory:
         ev = CallStateChanged(
             call=s.call, state=s.state, in_=s.in_, remote=s.remote, channel=s.channel, held=s.held,
             app=s.app, cause=s.cause, sync=sync, evicted=s.evicted or UNSET,
-            hw=hw, seq=self._next(hw), instance=self.instance, time=datetime.now(_UTC),
+            hw=hw, seq=self._next(hw), instance=self.instance, time=self._clock(),
         )
         return self._out(routing.call_key(hw, s.call, "state"), ev)
 
@@ -234,7 +274,7 @@ class EventFactory:
         if not self.signaling_events:
             return None
         ev = CallSignaling(call=call, to=to, sig=sig, origin=origin,
-                           hw=hw, seq=self._next(hw), instance=self.instance, time=datetime.now(_UTC))
+                           hw=hw, seq=self._next(hw), instance=self.instance, time=self._clock())
         return self._out(routing.call_key(hw, call, "signaling"), ev)
 
     def intercepted(self, hw: str, call: int, to: bool, id: str, sig_type: str, outcome: str, action: str,
@@ -246,8 +286,8 @@ class EventFactory:
                              cause=UNSET if cause is None else cause, **self._base(hw))
         return self._out(routing.call_key(hw, call, "intercepted"), ev)
 
-    def gap(self, reason: str, dropped: dict[str, list[tuple[int, int]]]) -> Outgoing:
-        now = datetime.now(UTC)
+    def gap(self, reason: str, dropped: Dropped) -> Outgoing:
+        now = self._clock()
         self._gaps += 1
         ev = Gap(instance=self.instance, time=now, reason=reason,
                  dropped={hw: [SeqRange(a, b) for a, b in r] for hw, r in dropped.items()})

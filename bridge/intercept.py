@@ -26,7 +26,7 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 import msgspec
 from msgspec import UNSET, Meta, Raw, Struct, UnsetType
@@ -34,7 +34,7 @@ from msgspec import UNSET, Meta, Raw, Struct, UnsetType
 from bridge import ids
 from bridge.protocol import errors
 from bridge.protocol.errors import FrameError
-from bridge.protocol.signal import decode_sig
+from bridge.protocol.signal import SIG_TEXT, decode_sig
 
 SCHEMA_VERSION = 1
 #: the sig types of innovaphone JSON signaling (EPSIGNAL.md section 3)
@@ -68,29 +68,34 @@ FORWARDED, REPLACED, REJECTED, DROPPED = "forwarded", "replaced", "rejected", "d
 
 # ====================================================================== rules
 class Rule(Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
-    """What to intercept: messages of sig ``type`` going toward the device (``to`` true: from
-    the PBX) or toward the PBX (``to`` false: from the device). Options left out take the
-    configuration's (EPSIGNAL_INTERCEPT_DEADLINE_MS, _FAIL, _CAUSE)."""
+    """What to intercept: messages of a sig type in one direction (docs/INTERCEPT.md)."""
 
-    type: SigType
-    to: bool
-    deadline_ms: DeadlineMs | UnsetType = UNSET
-    #: open: without a verdict the message is forwarded unchanged; closed: it is rejected
-    fail: Fail | UnsetType = UNSET
-    #: the cause of a release sent when ``fail`` closed rejects the message
-    cause: CauseNum | UnsetType = UNSET
+    # options left out take the configuration's (EPSIGNAL_INTERCEPT_DEADLINE_MS, _FAIL, _CAUSE)
+
+    type: Annotated[SigType, Meta(description="The sig type held for a verdict.")]
+    to: Annotated[bool, Meta(description=
+        "True: messages toward the device (from the PBX); false: from the device toward the PBX.")]
+    deadline_ms: Annotated[DeadlineMs | UnsetType, Meta(description=
+        f"How long a message waits for its verdict ({DEADLINE_MIN_MS} to {DEADLINE_MAX_MS}; default "
+        "EPSIGNAL_INTERCEPT_DEADLINE_MS).")] = UNSET
+    fail: Annotated[Fail | UnsetType, Meta(description=
+        "Without a verdict: `open`, forward unchanged; `closed`, reject (default EPSIGNAL_INTERCEPT_FAIL).")] = UNSET
+    cause: Annotated[CauseNum | UnsetType, Meta(description=
+        "The cause of the `rel` a fail-closed rejection sends (default EPSIGNAL_INTERCEPT_CAUSE).")] = UNSET
 
 
 class Effective(Struct, kw_only=True, frozen=True):
-    """A rule with every option decided (what a command's reply shows)."""
+    """An intercept rule in effect, every option decided."""
 
-    type: SigType
-    to: bool
-    deadline_ms: int
-    fail: Fail
-    cause: int
-    #: "command" (set by an intercept command) or "config" (EPSIGNAL_INTERCEPT)
-    source: Literal["command", "config"]
+    # what a command's reply shows
+
+    type: Annotated[SigType, Meta(description="The sig type held for a verdict.")]
+    to: Annotated[bool, Meta(description="True: toward the device; false: toward the PBX.")]
+    deadline_ms: Annotated[int, Meta(description="How long a message waits for its verdict.")]
+    fail: Annotated[Fail, Meta(description="`open` or `closed`.")]
+    cause: Annotated[int, Meta(description="The cause of a fail-closed rejection.")]
+    source: Annotated[Literal["command", "config"], Meta(description=
+        "`command` (an intercept command) or `config` (EPSIGNAL_INTERCEPT).")]
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,7 +109,10 @@ class InterceptCommand(Struct, kw_only=True, forbid_unknown_fields=True):
     """Body of ``device.<hw>.intercept``: the device's command-set rules, replacing the ones set
     before (``[]`` clears them; the configuration's stay)."""
 
-    rules: Annotated[list[Rule], Meta(max_length=MAX_RULES)]
+    rules: Annotated[list[Rule], Meta(max_length=MAX_RULES, description=
+        "The device's intercept rules, replacing those set by command before (`[]` clears them; the "
+        f"configuration's, EPSIGNAL_INTERCEPT, stay). At most {MAX_RULES}. A command's rule wins over a "
+        "configuration rule for the same (`type`, `to`).")]
     v: int = SCHEMA_VERSION
 
 
@@ -135,7 +143,7 @@ def parse_config(text: str) -> dict[str, tuple[Rule, ...]]:
             if not colon or way not in _DIRECTIONS:
                 raise ValueError(f"EPSIGNAL_INTERCEPT entry {entry!r}: {item!r} needs a direction, "
                                  f"{kind}:device (toward the device) or {kind}:pbx (toward the PBX)")
-            rules[(kind, _DIRECTIONS[way])] = Rule(type=kind, to=_DIRECTIONS[way])
+            rules[(kind, _DIRECTIONS[way])] = Rule(type=cast(SigType, kind), to=_DIRECTIONS[way])
         out[hw] = tuple(rules.values())
     return out
 
@@ -171,7 +179,7 @@ class Rules:
                          cause=d.cause if r.cause is UNSET else r.cause)
 
     def _table(self, command: tuple[Rule, ...], config: tuple[Rule, ...]) -> dict[tuple[str, bool], Effective]:
-        table = {(r.type, r.to): self._effective(r, "config") for r in config}
+        table: dict[tuple[str, bool], Effective] = {(r.type, r.to): self._effective(r, "config") for r in config}
         table.update({(r.type, r.to): self._effective(r, "command") for r in command})
         return table
 
@@ -197,7 +205,7 @@ class Rules:
         return list(self.table(hw).values())
 
     def match(self, hw: str, sig_type: str | None, to: bool) -> Effective | None:
-        return self.table(hw).get((sig_type, to)) if sig_type is not None else None  # type: ignore[arg-type]
+        return self.table(hw).get((sig_type, to)) if sig_type is not None else None
 
 
 # ====================================================================== wire formats
@@ -206,33 +214,35 @@ class InterceptRequest(Struct, kw_only=True, tag_field="type", tag="call.interce
     with a :class:`Verdict` to the message's ``reply_to`` before ``deadline``."""
 
     v: int = SCHEMA_VERSION
-    #: ``<instance>/<hw>/i<n>``: the verdict's ``id`` and the message's correlation_id
-    id: str
+    id: Annotated[str, Meta(description="`<instance>/<hw>/i<n>`: the verdict's `id` and `correlation_id`.")]
     hw: ids.HwId
     instance: str
     time: datetime
-    call: int
-    #: true: the message goes toward the device (it came from the PBX)
-    to: bool
-    #: the held Signal object, byte for byte
-    sig: Raw
-    #: after this (UTC) the fail policy applies and a verdict is ignored
-    deadline: datetime
-    deadline_ms: int
-    #: what happens without a verdict: open = forwarded unchanged, closed = rejected
-    fail: Fail
+    call: Annotated[int, Meta(description="Call id on the device.")]
+    to: Annotated[bool, Meta(description=
+        "True: the message goes toward the device (it came from the PBX); false: toward the PBX.")]
+    sig: Annotated[Raw, Meta(description=SIG_TEXT + " The held message, as it would be forwarded.")]
+    deadline: Annotated[datetime, Meta(description=
+        "After this (UTC, RFC 3339) the fail policy applies and a verdict is ignored.")]
+    deadline_ms: Annotated[int, Meta(description=
+        "The rule's deadline in milliseconds, counted from the moment the message arrived (`deadline` and the "
+        "message's `expiration` are what is left of it).")]
+    fail: Annotated[Fail, Meta(description=
+        "What happens without a verdict: `open`, forwarded unchanged; `closed`, rejected.")]
 
 
 class Verdict(Struct, kw_only=True, forbid_unknown_fields=True):
     """The answer to an :class:`InterceptRequest`, to its ``reply_to`` (default exchange) with
     ``correlation_id`` = the request's ``id``. Strict: an unknown field is refused."""
 
-    id: str
-    verdict: Literal["forward", "reject"]
-    #: with forward: the Signal object to forward instead (same ``type`` as the held one)
-    sig: Raw | UnsetType = UNSET
-    #: with reject: the cause of the release sent back (default 21, call rejected)
-    cause: CauseNum | UnsetType = UNSET
+    id: Annotated[str, Meta(description="The request's `id`.")]
+    verdict: Annotated[Literal["forward", "reject"], Meta(description=
+        "`forward` (unchanged, or `sig` instead) or `reject` (not forwarded; a `rel` goes back the way it came).")]
+    sig: Annotated[Raw | UnsetType, Meta(description=
+        "forward only: the Signal object to forward instead, with the same `type` as the held one (e.g. the setup "
+        "with the caller's name replaced).")] = UNSET
+    cause: Annotated[CauseNum | UnsetType, Meta(description=
+        "reject only: the cause of the `rel` (1 to 127; default 21, call rejected).")] = UNSET
     v: int = SCHEMA_VERSION
 
 

@@ -8,6 +8,7 @@ Keys have a fixed number of words so that wildcard bindings stay exact::
     bridge.<instance>.gap
     device.<hw>.attach | device.<hw>.detach | device.<hw>.signaling
     device.<hw>.intercept                                                (commands)
+    device.<hw>.*                                 (every command of a device: a lease queue's binding)
 
 A word is a hw id, call id or instance id with every byte outside ``[A-Za-z0-9_-]``
 percent-encoded (UTF-8, upper-case hex), so ``.``, ``*``, ``#`` and spaces never split or
@@ -76,6 +77,11 @@ def device_key(hw: str, *rest: str) -> str:
 
 def call_key(hw: str, call: int, kind: str) -> str:
     return f"device.{word(hw)}.call.{call}.{kind}"
+
+
+def commands_of(hw: str) -> str:
+    """The binding key every command of ``hw`` matches (a lease queue's): ``device.<hw>.*``."""
+    return device_key(hw, "*")
 
 
 def gap_key(instance: str) -> str:

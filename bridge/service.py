@@ -23,7 +23,7 @@ from bridge.amqp.link import BrokerLink
 from bridge.amqp.publisher import EventPublisher
 from bridge.config import Settings
 from bridge.device import Device
-from bridge.events import AttachInfo, EventFactory, Outgoing
+from bridge.events import AttachInfo, EventFactory
 from bridge.brokers import endpoint
 from bridge.metrics import BrokerSnapshot, InterceptSnapshot, LeaseSnapshot, Snapshot
 from bridge.pbx.client import ClientPbx
@@ -57,6 +57,9 @@ class Bridge:
             max_events=settings.buffer_max_events, max_age_s=settings.buffer_max_age_s,
             max_attempts=settings.publish_max_attempts, max_bytes=settings.buffer_max_mb * 2**20,
         )
+        #: what the PBX sessions hand their events to: the publisher's buffer (never blocks),
+        #: through tracing (each event's creation context) when it is on
+        self.emit = tracing.emitter(self.publisher.publish_nowait, settings.events_exchange)
         self._call_limits = settings.call_limits()
         #: intercept mode (docs/INTERCEPT.md): the rules, and the adapter the sessions hold for
         self.rules = settings.intercept_rules()
@@ -76,12 +79,6 @@ class Bridge:
         self.retirer = (LeaseRetirer(self.link, settings.device_list, self.consumer.refuse)
                         if self.leases is None else None)
         self._tasks: list[asyncio.Task] = []
-
-    def emit(self, event: Outgoing) -> None:
-        """Hand an event to the publisher (never blocks); with tracing, its creation context."""
-        if tracing.ENABLED:
-            tracing.creation(event, self.s.events_exchange)
-        self.publisher.publish_nowait(event)
 
     # ------------------------------------------------------------------ life cycle
     async def start(self) -> None:

@@ -35,20 +35,27 @@ one module flag and does nothing else.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from weakref import WeakKeyDictionary
 
 from opentelemetry import baggage as _baggage
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
-from opentelemetry.trace import Link, NonRecordingSpan, SpanKind, Status, StatusCode
+from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode
 
 from bridge import routing
+from bridge.device import Device
+from bridge.events import Outgoing
+from bridge.protocol.callstate import CallTracker
 
 _tracer = trace.get_tracer("epsignal-bridge")
 #: False: no span is made anywhere (checked on the hot path)
 ENABLED = False
 
 SYSTEM = "rabbitmq"
+
+
 def configure(provider=None) -> bool:
     """Turn tracing on with ``provider`` (tests), or from the ``OTEL_*`` environment."""
     global ENABLED, _tracer
@@ -61,8 +68,9 @@ def configure(provider=None) -> bool:
             return False
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 
+        exp: SpanExporter
         if exporter == "console":
             exp = ConsoleSpanExporter()
         elif exporter == "otlp":
@@ -86,23 +94,85 @@ def disable() -> None:
     ENABLED = False
 
 
+# ------------------------------------------------------------------------------ events
+def emitter(publish: Callable[[Outgoing], None], exchange: str) -> Callable[[Outgoing], None]:
+    """What the PBX sessions hand their events to: ``publish`` (the publisher's, never blocks),
+    with tracing on after putting the event's creation context in its headers (:func:`creation`)."""
+    def emit(event: Outgoing) -> None:
+        if ENABLED:
+            creation(event, exchange)
+        publish(event)
+    return emit
+
+
 # ------------------------------------------------------------------------------ PBX side
 #: the parent of a call's first frame: no span (a new trace); contexts are immutable, so one will do
 _ROOT = otel_context.Context()
 
 
+class CallContexts:
+    """One device's calls -> the context of each call's trace (:func:`_call_context`).
+
+    Bounded like the device's calls: a call's context goes when the call ends (the device tells,
+    as its :class:`~bridge.device.CallWatcher`), and the contexts of calls the device does not
+    track (a sig never understood) go once there are twice as many contexts as calls may be
+    tracked (so pruning is amortised O(1))."""
+
+    __slots__ = ("_ctx", "_max", "_tracked")
+
+    def __init__(self, tracker: CallTracker) -> None:
+        self._ctx: dict[int, otel_context.Context] = {}
+        self._tracked = tracker.get
+        self._max = 2 * tracker.limits.max_calls
+
+    def get(self, call: int, default: otel_context.Context) -> otel_context.Context:
+        return self._ctx.get(call, default)
+
+    def set(self, call: int, ctx: otel_context.Context) -> None:
+        if len(self._ctx) >= self._max:
+            tracked = self._tracked
+            self._ctx = {c: v for c, v in self._ctx.items() if tracked(c) is not None}
+        self._ctx[call] = ctx
+
+    def ended(self, call: int) -> None:
+        self._ctx.pop(call, None)
+
+    def cleared(self) -> None:
+        self._ctx.clear()
+
+    def __len__(self) -> int:
+        return len(self._ctx)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._ctx)
+
+
+#: the call contexts of each device (they go with the device)
+_contexts: WeakKeyDictionary[Device, CallContexts] = WeakKeyDictionary()
+
+
+def contexts(device: Device) -> CallContexts:
+    """The call contexts of ``device`` (made on first use; the device tells them when calls end)."""
+    c = _contexts.get(device)
+    if c is None:
+        c = _contexts[device] = CallContexts(device.tracker)
+        device.watcher = c
+    return c
+
+
 def _call_context(span) -> otel_context.Context:
-    """What ``device.trace_ctx`` keeps per call: a context whose span is the call's root (as a
+    """What :class:`CallContexts` keeps per call: a context whose span is the call's root (as a
     NonRecordingSpan: the ended span itself is not kept alive), built once per call."""
     return trace.set_span_in_context(NonRecordingSpan(span.get_span_context()))
 
 
-def frame_span(device, msg, start_ns: int, forwarded_ns: int | None = None):
+def frame_span(device: Device, msg, start_ns: int, forwarded_ns: int | None = None):
     """The span of one frame from the PBX (already forwarded if ``forwarded_ns``), in its call's trace."""
     call = getattr(msg, "call", None)
-    parent = device.trace_ctx.get(call, _ROOT) if call is not None else _ROOT
+    calls = contexts(device)
+    parent = calls.get(call, _ROOT) if call is not None else _ROOT
     name = type(msg).__name__
-    attrs = {"epsignal.hw": device.hw}
+    attrs: dict[str, str | bool | int] = {"epsignal.hw": device.hw}
     if call is not None:
         attrs["epsignal.call"] = call
     sig = getattr(msg, "sig", None)
@@ -117,14 +187,14 @@ def frame_span(device, msg, start_ns: int, forwarded_ns: int | None = None):
     span = _tracer.start_span(_RECEIVE_NAMES.get(name) or f"receive EpSignal {name}", context=parent,
                               kind=SpanKind.CONSUMER, start_time=start_ns, attributes=attrs)
     if call is not None and parent is _ROOT:
-        device.trace_ctx[call] = _call_context(span)
+        calls.set(call, _call_context(span))
     return span
 
 
 _RECEIVE_NAMES = {n: f"receive EpSignal {n}" for n in ("Signaling", "Sync", "AttachResult", "Attached", "Detached")}
 
 
-def enter_frame(device, msg, start_ns: int, forwarded_ns: int | None):
+def enter_frame(device: Device, msg, start_ns: int, forwarded_ns: int | None):
     """The frame's span, made current: ``(span, token)`` for :func:`exit_frame`. The events
     made meanwhile carry its context."""
     span = frame_span(device, msg, start_ns, forwarded_ns)
@@ -149,7 +219,7 @@ def _traceparent_only() -> bool:
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
     p = propagate.get_global_textmap()
-    parts = getattr(p, "_propagators", None) if isinstance(p, CompositePropagator) else [p]
+    parts = (getattr(p, "_propagators", None) or []) if isinstance(p, CompositePropagator) else [p]
     return bool(parts) and all(type(x) in (TraceContextTextMapPropagator, W3CBaggagePropagator) for x in parts) \
         and any(type(x) is TraceContextTextMapPropagator for x in parts)
 
@@ -181,9 +251,9 @@ def creation(event, exchange: str) -> None:
     command's), or a ``create`` span of its own when there is none. The events made in one
     context share one headers dict (the publisher encodes it once)."""
     global _made
-    ctx = otel_context.get_current()
+    ctx: otel_context.Context | None = otel_context.get_current()
     if ctx is _made[0]:
-        event.headers, event.origin = _made[1], _made[2]
+        event.headers = _made[1]
         return
     span = trace.get_current_span(ctx)
     sc = span.get_span_context()
@@ -197,22 +267,37 @@ def creation(event, exchange: str) -> None:
         span.end()
         sc = span.get_span_context()
         ctx = None  # nothing to share with the next event
-    headers: dict = {}
+    headers: dict[str, str] = {}
     inject(headers, span)
-    event.headers, event.origin = headers, sc
-    _made = (ctx, headers, sc)
+    event.headers = headers
+    _made = (ctx, headers)
 
 
-#: (context, headers, span context) of the last :func:`creation` (contexts are immutable)
-_made: tuple = (None, None, None)
+#: (context, headers) of the last :func:`creation` (contexts are immutable)
+_made: tuple[otel_context.Context | None, dict[str, str] | None] = (None, None)
 
 
-def publish_failed(exchange: str, start_ns: int, failed: list, total: int, error: BaseException) -> None:
+def _origins(events: list[Outgoing]) -> list[SpanContext]:
+    """The sampled creation contexts of ``events`` (from their headers), one per span."""
+    out: dict[int, SpanContext] = {}
+    seen: set[int] = set()
+    for ev in events:
+        h = ev.headers
+        if not h or id(h) in seen:  # the events of one context share one headers dict
+            continue
+        seen.add(id(h))
+        sc = trace.get_current_span(propagate.extract(h)).get_span_context()
+        if sc.is_valid and sc.trace_flags.sampled:  # a local context, as it was made
+            out[sc.span_id] = SpanContext(sc.trace_id, sc.span_id, False, sc.trace_flags, sc.trace_state)
+    return list(out.values())
+
+
+def publish_failed(exchange: str, start_ns: int, failed: list[Outgoing], total: int,
+                   error: BaseException) -> None:
     """A slice the broker did not confirm in full: a ``publish {exchange}`` span (ERROR) from its
     write to now, linked to the creation contexts of the events that failed (sent again later).
     Confirmed slices make no span: the publish latency histogram covers them."""
-    origins = {ev.origin.span_id: ev.origin for ev in failed if ev.origin is not None and ev.origin.trace_flags.sampled}
-    links = [Link(sc) for sc in origins.values()]
+    links = [Link(sc) for sc in _origins(failed)]
     span = _tracer.start_span(
         f"publish {exchange}", context=_ROOT, kind=SpanKind.PRODUCER, links=links, start_time=start_ns,
         attributes={"messaging.system": SYSTEM, "messaging.operation.name": "publish",
@@ -230,10 +315,11 @@ def command_span(headers: dict | None, exchange: str, hw: str, verb: str, routin
     parent = propagate.extract(carrier)
     pctx = trace.get_current_span(parent).get_span_context()
     links = [Link(pctx)] if pctx.is_valid else []
+    template = routing.COMMAND_KEYS.get(verb, "{other}")
     attrs = {
         "messaging.system": SYSTEM, "messaging.operation.name": "process",
         "messaging.operation.type": "process", "messaging.destination.name": exchange,
-        "messaging.destination.template": routing.COMMAND_KEYS.get(verb, "{other}"),
+        "messaging.destination.template": template,
         "messaging.rabbitmq.destination.routing_key": routing_key, "epsignal.hw": hw,
     }
     if message_id:
@@ -241,25 +327,26 @@ def command_span(headers: dict | None, exchange: str, hw: str, verb: str, routin
     if correlation_id:
         attrs["messaging.message.conversation_id"] = correlation_id
     return _tracer.start_as_current_span(
-        f"process {exchange} device.{{hw}}.{verb}", context=parent, kind=SpanKind.CONSUMER,
+        f"process {exchange} {template}", context=parent, kind=SpanKind.CONSUMER,
         links=links, attributes=attrs,
     )
 
 
 # ------------------------------------------------------------------------------ intercept mode
-def intercept_span(device, hold):
+def intercept_span(device: Device, hold):
     """The span of an intercept round trip (PRODUCER), in the call's trace: from the request to
     the outcome. The request carries its context; a verdict's becomes a link."""
-    parent = device.trace_ctx.get(hold.call, _ROOT)
+    calls = contexts(device)
+    parent = calls.get(hold.call, _ROOT)
     span = _tracer.start_span(
-        "intercept device.{hw}.call.{call}.intercept", context=parent, kind=SpanKind.PRODUCER,
+        f"intercept {routing.EVENT_KEYS['call.intercept']}", context=parent, kind=SpanKind.PRODUCER,
         attributes={"messaging.system": SYSTEM, "messaging.operation.name": "publish",
                     "messaging.operation.type": "send", "messaging.message.id": hold.id,
                     "epsignal.hw": device.hw, "epsignal.call": hold.call,
                     "epsignal.sig.type": hold.sig_type, "epsignal.to_device": hold.to,
                     "epsignal.intercept.deadline_ms": hold.rule.deadline_ms})
     if parent is _ROOT:
-        device.trace_ctx[hold.call] = _call_context(span)
+        calls.set(hold.call, _call_context(span))
     return span
 
 
@@ -290,11 +377,11 @@ def detach(token) -> None:
 
 
 @contextmanager
-def send_span(device, call: int, sig_type: str):
+def send_span(device: Device, call: int, sig_type: str):
     """The span of a Signaling the bridge sends for a command; the call joins this trace."""
     with _tracer.start_as_current_span(
         "send EpSignal Signaling", kind=SpanKind.PRODUCER,
         attributes={"epsignal.hw": device.hw, "epsignal.call": call, "epsignal.sig.type": sig_type},
     ) as span:
-        device.trace_ctx[call] = _call_context(span)
+        contexts(device).set(call, _call_context(span))
         yield span

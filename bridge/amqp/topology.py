@@ -3,7 +3,7 @@
 ::
 
     epsignal.events    topic, durable   events; keys in bridge.routing
-    epsignal.commands  topic, durable   commands: device.<hw>.attach|detach|signaling
+    epsignal.commands  topic, durable   commands: device.<hw>.<verb>; keys in bridge.routing
                        alternate-exchange = epsignal.commands.unrouted
       -> epsignal.commands.bridge  durable queue, x-dead-letter-exchange = epsignal.dead; bound
                                    with "#" (every command is taken, so a command with a bad key
@@ -21,16 +21,17 @@
     epsignal.dead      topic, durable   dead-lettered commands, header x-epsignal-error
       -> epsignal.commands.dead    durable queue, bound with "#"
 
-Names are settings (``EPSIGNAL_*_EXCHANGE`` / ``_QUEUE``); the unrouted and presence exchanges
-and the lease queues are named after them. Every durable queue the bridge owns (commands, dead
-letters, lease queues) is of the type ``EPSIGNAL_QUEUE_TYPE`` (quorum by default: replicated over
-a cluster's nodes), its arguments made by :func:`queue_arguments` alone. The presence queues stay
-classic, exclusive and auto-delete (a replica's own, gone with its connection; a quorum queue
-cannot be exclusive). A queue that exists with other arguments (a classic queue from before, now
-quorum wanted) is refused by the broker (PRECONDITION_FAILED): :class:`QueueMismatch` says which
-queue, what it is, what is wanted and what to do. Declaring is idempotent and runs on every
-(re)connect, so a deleted queue or a restarted broker gets the topology back. Declare the
-commands exchange only through :func:`declare_commands_exchange` (its arguments must match).
+Names are settings (``EPSIGNAL_*_EXCHANGE`` / ``_QUEUE``; their defaults shown, from
+bridge.config); the unrouted and presence exchanges and the lease queues are named after them.
+Every durable queue the bridge owns (commands, dead letters, lease queues) is of the type
+``EPSIGNAL_QUEUE_TYPE`` (quorum by default: replicated over a cluster's nodes), its arguments made
+by :func:`queue_arguments` alone. The presence queues stay classic, exclusive and auto-delete (a
+replica's own, gone with its connection; a quorum queue cannot be exclusive). A queue that exists
+with other arguments (a classic queue from before, now quorum wanted) is refused by the broker
+(PRECONDITION_FAILED): :class:`QueueMismatch` says which queue, what it is, what is wanted and
+what to do. Declaring is idempotent and runs on every (re)connect, so a deleted queue or a
+restarted broker gets the topology back. Declare the commands exchange only through
+:func:`declare_commands_exchange` (its arguments must match).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ import aiormq.abc
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange, AbstractQueue
 
 from bridge.config import Settings
-from bridge.routing import word
+from bridge.routing import commands_of, word
 
 TOPIC = aio_pika.ExchangeType.TOPIC
 FANOUT = aio_pika.ExchangeType.FANOUT
@@ -66,7 +67,7 @@ def lease_queue(s: Settings, hw: str) -> str:
 
 
 def lease_key(hw: str) -> str:
-    return f"device.{word(hw)}.*"
+    return commands_of(hw)
 
 
 class QueueMismatch(ConnectionError):
@@ -178,7 +179,7 @@ async def declare_lease_queue(ch: aiormq.abc.AbstractChannel, s: Settings, hw: s
     except aiormq.exceptions.ChannelPreconditionFailed as e:
         raise (mismatch(e) or e) from None
     await ch.queue_bind(name, s.commands_exchange, lease_key(hw), nowait=True)
-    return ok.message_count, ok.consumer_count
+    return ok.message_count or 0, ok.consumer_count or 0  # never None in a DeclareOk
 
 
 async def take_waiting(queue: AbstractQueue, count: int, wait_s: float = 2.0):

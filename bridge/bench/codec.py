@@ -7,10 +7,11 @@ decode the frame, update the call state of the device, and encode the events it 
 
 - **msgspec**: exactly the bridge's code: ``messages.decode`` then ``Device.on_frame``
   (``CallTracker`` on the typed ``sig``, ``EventFactory`` encoding Structs; ``sig`` stays raw).
-- **stdlib**: ``json.loads`` into dicts, the same tracker rules on dicts (:class:`DictTracker`),
-  the event dicts encoded with ``json.dumps`` (the ``sig`` is re-encoded: with ``json`` there is
-  no way to pass it through byte for byte). It validates nothing, so it is a lower bound of what
-  a stdlib bridge would cost.
+- **stdlib**: ``json.loads`` into dicts, the core's tracker rules (:class:`DictTracker`: the
+  ``CallTracker`` fed a ``Sig`` built from the dicts, its status turned into dicts), the event
+  dicts encoded with ``json.dumps`` (the ``sig`` is re-encoded: with ``json`` there is no way to
+  pass it through byte for byte). It validates nothing, so it is a lower bound of what a stdlib
+  bridge would cost.
 
 :func:`equivalent` checks that both make the same events (same JSON values apart from ``time``),
 so the comparison is like for like.
@@ -23,88 +24,55 @@ import json
 import time
 from datetime import datetime, UTC
 
+from msgspec import UNSET, UnsetType
+
 from bridge import routing
 from bridge.bench.frames import sample_frames
 from bridge.device import Device
 from bridge.events import KINDS, EventFactory, Outgoing
 from bridge.protocol import messages as m
+from bridge.protocol.callstate import CallStatus, CallTracker
+from bridge.protocol.signal import Cause, Facility, Party, Sig
 
 INSTANCE = "bench-codec"
-_BY_TYPE = {"setup": "setup", "setup_ack": "setup-ack", "call_proc": "call-proc", "alert": "alert",
-            "conn": "connected"}
 
 
-def _merge_party(remote: dict, party, append: bool = False) -> dict:
-    if not party:
-        return remote
-    num, sip = remote.get("num"), remote.get("sip")
-    if "num" in party:
-        num = (num or "") + party["num"] if append else party["num"]
-    if "sip" in party:
-        sip = party["sip"]
-    out = dict(remote)
-    out["num"], out["sip"] = num, sip
-    return {k: v for k, v in out.items() if v is not None}
+def _party(d: dict | None) -> Party | UnsetType:
+    return UNSET if d is None else Party(num=d.get("num", UNSET), sip=d.get("sip", UNSET))
+
+
+def _sig(d: dict) -> Sig:
+    """The typed view the tracker reads, built from ``json.loads``' dicts (not validated)."""
+    cau, fty = d.get("cau"), d.get("fty")
+    return Sig(type=d["type"], cg=_party(d.get("cg")), cd=_party(d.get("cd")),
+               cau=UNSET if cau is None else Cause(num=cau.get("num"), loc=cau.get("loc")),
+               channel=d.get("channel", UNSET),
+               fty=UNSET if fty is None else [Facility(type=f.get("type"), name=f.get("name", UNSET)) for f in fty])
+
+
+def _status(st: CallStatus) -> dict:
+    """A call's status as the dicts of a ``call.state`` event."""
+    r, c = st.remote, st.cause
+    return {"call": st.call, "state": st.state.value, "in": st.in_,
+            "remote": {k: v for k, v in (("num", r.num), ("sip", r.sip), ("dn", r.dn)) if v is not None},
+            "channel": st.channel, "held": st.held, "app": st.app,
+            "cause": None if c is None else {k: v for k, v in (("num", c.num), ("loc", c.loc)) if v is not None}}
 
 
 class DictTracker:
-    """:class:`bridge.protocol.callstate.CallTracker`'s rules on plain dicts."""
+    """The core's call-state rules (:class:`~bridge.protocol.callstate.CallTracker`) for a sig
+    read into dicts: in a dict, out a dict (or None: nothing changed)."""
 
     def __init__(self) -> None:
-        self.calls: dict[int, dict] = {}
+        self._tracker = CallTracker()
+
+    @property
+    def calls(self) -> dict[int, dict]:
+        return {st.call: _status(st) for st in self._tracker.calls()}
 
     def signaling(self, call: int, to: bool, sig: dict) -> dict | None:
-        old = self.calls.get(call)
-        t = sig["type"]
-        if t == "setup" or old is None:
-            cur = {"call": call, "state": "setup" if t == "setup" else "null",
-                   "in": to if t == "setup" else None, "remote": {}, "channel": None, "held": False,
-                   "app": call < 0, "cause": None}
-        else:
-            cur = old
-        new = self._apply(cur, to, sig)
-        if new["state"] == "released":
-            self.calls.pop(call, None)
-        else:
-            self.calls[call] = new
-        return None if new == old else new
-
-    @staticmethod
-    def _apply(cur: dict, to: bool, sig: dict) -> dict:
-        t = sig["type"]
-        changes: dict = {}
-        state = _BY_TYPE.get(t)
-        if t == "disc":
-            state = "disconnected" if to else "disconnecting"
-        elif t == "rel":
-            state = "released"
-        if state is not None and state != cur["state"]:
-            changes["state"] = state
-        cau = sig.get("cau")
-        if cau is not None and t in ("disc", "rel"):
-            changes["cause"] = {k: cau[k] for k in ("num", "loc") if cau.get(k) is not None}
-        if "channel" in sig:
-            changes["channel"] = sig["channel"]
-        remote = cur["remote"]
-        incoming = cur["in"] if cur["in"] is not None else to
-        party = sig.get("cg") if incoming else sig.get("cd")
-        if t == "info" and not incoming and cur["state"] in ("setup", "setup-ack"):
-            remote = _merge_party(remote, sig.get("cd"), append=True)
-        elif t != "info":
-            remote = _merge_party(remote, party)
-        for f in sig.get("fty") or ():
-            ft = f.get("type")
-            if ft == "name_identification" and "name" in f and to:
-                remote = {**remote, "dn": f["name"]}
-            elif ft == "hold_notify":
-                changes["held"] = True
-            elif ft == "retrieve_notify":
-                changes["held"] = False
-            elif ft == "cp_park":
-                changes["state"] = "parked"
-        if remote != cur["remote"]:
-            changes["remote"] = remote
-        return {**cur, **changes} if changes else cur
+        st = self._tracker.signaling(call, to, _sig(sig))
+        return None if st is None else _status(st)
 
 
 class DictDevice:

@@ -51,7 +51,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import msgspec
-from msgspec import UNSET, Struct, field, structs
+from msgspec import UNSET, Struct, UnsetType, field, structs
 
 from bridge.protocol.messages import CallState, Remote, Sync
 from bridge.protocol.signal import Cause, Party, Sig
@@ -129,7 +129,7 @@ def _bounded_cause(c: Cause) -> Cause:
     return c if len(text) <= MAX_TEXT else Cause(num=c.num, loc=cut(text, MAX_TEXT))
 
 
-def _merge_party(remote: Remote, party: Party | object, *, append: bool = False) -> Remote:
+def _merge_party(remote: Remote, party: Party | UnsetType, *, append: bool = False) -> Remote:
     if party is UNSET:
         return remote
     num, sip = remote.num, remote.sip

@@ -55,7 +55,7 @@ def new_challenge() -> str:
 
 def verify(login: AppLogin, challenge: str, password: str) -> bool:
     """Check an incoming AppLogin against the challenge we sent and the expected password."""
-    kw = dict(
+    kw: dict[str, Any] = dict(
         app=login.app, domain=login.domain, sip=login.sip, guid=login.guid, dn=login.dn,
         challenge=challenge, password=password,
     )

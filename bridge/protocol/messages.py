@@ -15,21 +15,25 @@ from __future__ import annotations
 
 from enum import Enum
 from functools import cached_property
-from typing import Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 import msgspec
-from msgspec import UNSET, Raw, Struct, UnsetType
+from msgspec import UNSET, Meta, Raw, Struct, UnsetType
 
 from bridge.protocol.errors import DECODE_ERRORS, FrameError, decode_error
 from bridge.protocol.signal import Sig, decode_sig
 
-API = "EpSignal"
+API: Final = "EpSignal"
 #: Default limit for one frame; the WebSocket layer enforces the same limit before we see it.
 MAX_FRAME_BYTES = 256 * 1024
 
 
 class CallState(str, Enum):  # noqa: UP042 (str() of a member stays 'CallState.x' in logs)
-    """``Sync.info.state`` as the PBX reports it, plus ``released`` (the tracker's end state)."""
+    """State of a call. `null`: not known yet (a call first seen mid-call); `disconnected`: the
+    remote side hung up; `disconnecting`: the device hung up; `released`: the call is gone (the
+    last event of a call)."""
+
+    # ``Sync.info.state`` as the PBX reports it, plus ``released`` (the tracker's end state)
 
     NULL = "null"
     SETUP = "setup"
@@ -119,9 +123,11 @@ class Detached(EpSignalMessage, kw_only=True):
 
 
 class Remote(Struct, kw_only=True, omit_defaults=True):
-    num: str | None = None
-    sip: str | None = None
-    dn: str | None = None
+    """The remote party of a call."""
+
+    num: Annotated[str | None, Meta(description="Number.")] = None
+    sip: Annotated[str | None, Meta(description="SIP user name.")] = None
+    dn: Annotated[str | None, Meta(description="Display name.")] = None
 
 
 class Info(Struct, kw_only=True):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import shutil
@@ -78,9 +79,17 @@ def test_check_reports_drift_and_regenerating_repairs_it(tmp_path, capsys):
     assert not (d / "v1/events/old.json").exists() and (d / "README.md").exists()
 
 
+class DeviceDetached(E.Event, tag="detached", kw_only=True):
+    """The real DeviceDetached without the description of its field."""
+
+    reason: str
+
+
 def test_a_field_without_description_is_refused(monkeypatch):
-    monkeypatch.delitem(contracts.FIELDS["DeviceDetached"], "reason")
-    monkeypatch.delitem(contracts.STRUCTS, "Remote")
+    bodies = [dataclasses.replace(b, struct=DeviceDetached) if b.struct is E.DeviceDetached else b
+              for b in contracts.BODIES]
+    monkeypatch.setattr(contracts, "BODIES", bodies)
+    monkeypatch.setattr(E.Remote, "__doc__", None)
     with pytest.raises(ValueError, match=r"description.*: DeviceDetached\.reason, Remote$"):
         contracts.generate()
 

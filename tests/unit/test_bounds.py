@@ -7,15 +7,18 @@ the same through a real session and measures the bridge's RSS.
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 import logging
+import weakref
 
 import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bridge import tracing
 from bridge.config import Settings
 from bridge.device import MAX_ATTACH_TEXT, Device
 from bridge.events import EventFactory
@@ -227,16 +230,17 @@ def test_a_consumer_following_the_events_sees_exactly_the_tracked_calls(ops):
 def test_device_publishes_evictions_and_drops_their_trace_contexts():
     clock = Clock()
     d = Device(HW, EventFactory("i"), CallLimits(max_calls=5, idle_s=HOUR), clock)
+    contexts = tracing.contexts(d)  # what tracing keeps per call
     bodies = []
     for c in range(1, 21):
-        d.trace_ctx[c] = object()  # what tracing keeps per call
+        contexts.set(c, object())
         bodies += [json.loads(o.body) for o in d.on_frame(signaling(c, {"type": "setup"}))]
     evicted = [b for b in bodies if b.get("evicted")]
     assert [b["call"] for b in evicted] == list(range(1, 16))
     assert all(b["state"] == "released" and b["evicted"] == "too-many-calls" and b["cause"] is None
                for b in evicted)
     assert "evicted" not in next(b for b in bodies if b["type"] == "call.state")  # absent otherwise
-    assert len(d.tracker) == 5 and set(d.trace_ctx) == set(range(16, 21))
+    assert len(d.tracker) == 5 and set(contexts) == set(range(16, 21))
     clock.t += 2 * HOUR
     out = [json.loads(o.body) for o in d.on_frame(signaling(99, {"type": "alert"}))]
     # the idle ones go first (so the new call needs no room made by the cap)
@@ -247,11 +251,31 @@ def test_device_publishes_evictions_and_drops_their_trace_contexts():
 
 def test_device_keeps_no_trace_context_of_calls_it_cannot_track():
     d = Device(HW, EventFactory("i"), CallLimits(max_calls=10))
+    contexts = tracing.contexts(d)
     for c in range(10_000):
-        d.trace_ctx[c] = object()
+        contexts.set(c, object())
         d.on_frame(signaling(c, {"type": 5}))  # a sig the tracker does not understand
+        assert len(contexts) <= 2 * 10
     assert d.bad_sig == 10_000 and len(d.tracker) == 0
-    assert len(d.trace_ctx) <= 2 * 10
+    assert len(contexts) <= 2 * 10
+
+
+def test_trace_contexts_end_with_their_calls_and_their_device():
+    d = Device(HW, EventFactory("i"), CallLimits(max_calls=5))
+    contexts = tracing.contexts(d)
+    assert tracing.contexts(d) is contexts and d.watcher is contexts
+    for c in (1, 2, 3):
+        contexts.set(c, object())
+        d.on_frame(signaling(c, {"type": "setup"}))
+    d.on_frame(signaling(1, {"type": "rel"}))  # released: its context goes
+    assert set(contexts) == {2, 3}
+    contexts.set(9, object())  # a call never tracked
+    d.on_frame(m.Detached())  # every call ends
+    assert len(contexts) == 0
+    gone = weakref.ref(d)
+    del d, contexts
+    gc.collect()
+    assert gone() is None  # tracing's contexts do not keep a device alive
 
 
 def test_device_settle_after_eviction_is_quiet():

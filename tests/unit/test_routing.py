@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bridge.routing import call_key, device_key, gap_key, parse_command_key, unword, word
+from bridge.routing import call_key, commands_of, device_key, gap_key, parse_command_key, unword, word
 
 WORD = re.compile(r"[A-Za-z0-9_%-]+")
 ids = st.text(min_size=1, max_size=40)
@@ -106,6 +106,7 @@ def test_key_examples() -> None:
     assert call_key("a.b", -2, "signaling") == "device.a%2Eb.call.-2.signaling"
     assert gap_key("bridge-1") == "bridge.bridge-1.gap"
     assert gap_key("host.local") == "bridge.host%2Elocal.gap"
+    assert commands_of("00:90:33") == "device.00%3A90%3A33.*"  # a lease queue's binding
 
 
 @pytest.mark.parametrize("key, expected", [
