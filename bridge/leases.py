@@ -348,6 +348,8 @@ class Consume:
 
 @dataclass(frozen=True)
 class Cancel:
+    """basic.cancel the consumer ``ctag`` on the lease channel of ``epoch`` (feed
+    ``cancel_ok`` back when the broker confirms)."""
     hw: str
     epoch: int
     ctag: str
@@ -488,6 +490,13 @@ class Lease:
         self.stopping.add(self.stop_seq)
         return [StopRunner(self.hw, self.stop_seq)]
 
+    def _cancel(self) -> Cancel:
+        """Cancel the current consumer: there is one in every state but OUT (``line_up`` sets
+        ``epoch`` and ``ctag``, only entering OUT clears them)."""
+        if self.epoch is None or self.ctag is None:
+            raise LeaseError(f"device {self.hw}: no consumer to cancel in state {self.state.value}")
+        return Cancel(self.hw, self.epoch, self.ctag)
+
     def _mine(self, epoch: int, ctag: str) -> bool:
         return self.epoch == epoch and self.ctag == ctag
 
@@ -610,7 +619,7 @@ class Lease:
         nxt = self._go(Ev.RELEASE)
         if nxt is State.LEAVING:
             self._enter(nxt)
-            return [Cancel(self.hw, self.epoch, self.ctag)]
+            return [self._cancel()]
         self.runner = True  # RELEASING always waits for a StopRunner of its own
         out = self._stop()
         self._enter(nxt)
@@ -625,7 +634,7 @@ class Lease:
             self._enter(nxt)
             return []
         self._enter(nxt)
-        return [Cancel(self.hw, self.epoch, self.ctag)]
+        return [self._cancel()]
 
     def cancel_ok(self, epoch: int, ctag: str) -> list[Action]:
         if not self._mine(epoch, ctag):

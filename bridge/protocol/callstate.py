@@ -51,7 +51,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import msgspec
-from msgspec import UNSET, Struct, field, structs
+from msgspec import UNSET, Struct, UnsetType, field, structs
 
 from bridge.protocol.messages import CallState, Remote, Sync
 from bridge.protocol.signal import Cause, Party, Sig
@@ -129,7 +129,7 @@ def _bounded_cause(c: Cause) -> Cause:
     return c if len(text) <= MAX_TEXT else Cause(num=c.num, loc=cut(text, MAX_TEXT))
 
 
-def _merge_party(remote: Remote, party: Party | object, *, append: bool = False) -> Remote:
+def _merge_party(remote: Remote, party: Party | UnsetType, *, append: bool = False) -> Remote:
     if party is UNSET:
         return remote
     num, sip = remote.num, remote.sip
@@ -152,7 +152,7 @@ class CallTracker:
         #: call -> clock time of its last message
         self._seen: dict[int, float] = {}
         self._now = 0.0
-        first = min((s for s in (limits.idle_s, limits.connected_idle_s) if s > 0), default=0.0)
+        first = min((idle for idle in (limits.idle_s, limits.connected_idle_s) if idle > 0), default=0.0)
         #: a call silent for less than this is never idle; the scan stops at the first such call
         self._first_idle = first
         self._scan_every = min(SCAN_S, first / 8) if first else 0.0
