@@ -359,6 +359,9 @@ Step = Release | Hold
 
 @dataclass(eq=False, slots=True)
 class _Call:
+    """One busy call of a gate: its hold (None while its releases are carried out) and what
+    queued behind it."""
+
     holding: Hold | None = None
     #: messages waiting behind the hold: (to, sig type or None, sig, item)
     queue: deque[tuple[bool, str | None, Raw, Any]] = field(default_factory=deque)

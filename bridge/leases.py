@@ -300,6 +300,8 @@ class LeaseError(Exception):
 
 
 class State(enum.Enum):
+    """Where one device's lease stands, as one replica sees it (the table below)."""
+
     OUT = "out"
     IN_LINE = "in line"
     HOLDING = "holding"
@@ -308,6 +310,8 @@ class State(enum.Enum):
 
 
 class Ev(enum.Enum):
+    """The events of the lease state machine (the methods of :class:`Lease`)."""
+
     LINE_UP = "line_up"
     TOKEN = "token"
     COMMAND = "command"
@@ -385,6 +389,7 @@ class Publish:
 
 @dataclass(frozen=True)
 class StartRunner:
+    """Run the device here (its runner: the PBX session): the token is held and says attach."""
     hw: str
     #: the token was someone else's before: give the PBX a moment to see their session end
     takeover: bool = False

@@ -59,6 +59,8 @@ class Session(Protocol):
 
 
 class _IdPeek(msgspec.Struct):
+    """A verdict's ``id`` only (the verdict without a correlation_id)."""
+
     id: str = ""
 
 
