@@ -34,6 +34,9 @@ from bridge.events import Outgoing
 
 @dataclass(slots=True)
 class Entry:
+    """One event in the buffer: ``id`` orders it (gap announcements pushed to the front have
+    negative ids), ``enqueued`` is the clock time it arrived (the age bound counts from it)."""
+
     id: int
     event: Outgoing
     enqueued: float
@@ -65,6 +68,8 @@ class _Lane:
 
 @dataclass
 class BufferStats:
+    """The buffer's counters since it was made (the metrics read them)."""
+
     appended: int = 0
     confirmed: int = 0
     dropped_full: int = 0
@@ -87,6 +92,9 @@ class BufferStats:
 
 @dataclass
 class _Gaps:
+    """What was dropped and not announced yet: the reasons, and per device its ``seq`` ranges
+    (``[first, last]``, in order)."""
+
     reason: set[str] = field(default_factory=set)
     ranges: dict[str, list[list[int]]] = field(default_factory=dict)
 
@@ -100,6 +108,9 @@ class _Gaps:
 
 
 class EventBuffer:
+    """The events between the PBX side and the broker, oldest first, bounded by count, bytes
+    and age; see the module doc. Pure: the clock is the caller's (``clock``)."""
+
     def __init__(self, max_events: int, max_age_s: float, clock: Callable[[], float],
                  max_attempts: int = 6, max_bytes: int = 256 * 2**20) -> None:
         self.max_events = max_events
@@ -168,7 +179,8 @@ class EventBuffer:
         pending = self._pending
         while pending:
             e = pending.popleft()
-            if lanes and (lane := lanes.get(e.event.hw)) is not None:
+            hw = e.event.hw
+            if lanes and hw is not None and (lane := lanes.get(hw)) is not None:
                 self._to_lane(lane, e)  # behind its device's nacked event
                 continue
             self._inflight[e.id] = e
@@ -215,6 +227,8 @@ class EventBuffer:
     def _lane_done(self, entry: Entry) -> None:
         """A lane's event in flight is settled; a lane with nothing left goes."""
         hw = entry.event.hw
+        if hw is None:  # a gap announcement: never in a lane
+            return
         lane = self._lanes.get(hw)
         if lane is not None:
             lane.inflight.discard(entry.id)
@@ -265,7 +279,8 @@ class EventBuffer:
         for e in entries:
             if self._inflight.pop(e.id, None) is None:
                 continue
-            lane = self._lanes.get(e.event.hw) if self._lanes else None
+            hw = e.event.hw
+            lane = self._lanes.get(hw) if self._lanes and hw is not None else None
             if lane is not None:
                 lane.inflight.discard(e.id)
                 lane.open = False
@@ -285,7 +300,7 @@ class EventBuffer:
         for e in sorted(entries, key=_entry_id):
             if e.event.hw is not None:
                 g.add(e.event.hw, e.event.seq, "")
-        return {hw: [tuple(r) for r in rs] for hw, rs in g.ranges.items()}
+        return {hw: [(first, last) for first, last in rs] for hw, rs in g.ranges.items()}
 
     def expire(self) -> None:
         """Drop unsent events older than the age limit."""
@@ -342,7 +357,7 @@ class EventBuffer:
         if not self._gaps.ranges:
             return None
         g, self._gaps = self._gaps, _Gaps()
-        return "+".join(sorted(g.reason)), {hw: [tuple(r) for r in rs] for hw, rs in g.ranges.items()}
+        return "+".join(sorted(g.reason)), {hw: [(first, last) for first, last in rs] for hw, rs in g.ranges.items()}
 
 
 def _entry_id(e: Entry) -> int:

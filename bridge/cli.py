@@ -19,12 +19,16 @@ import errno
 import os
 import sys
 import traceback
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 from bridge.config import Settings, describe
 
 
 #: the --amqp-url help of every command that talks to the broker
 AMQP_URL_HELP = "broker URL (default: EPSIGNAL_AMQP_URL, else amqp://guest:guest@localhost/)"
+
+T = TypeVar("T")
 
 def _setup_logging(level: str, secrets: list[str] | None = None) -> None:
     from bridge import logs
@@ -44,7 +48,7 @@ class Fail(Exception):
         self.status = status
 
 
-def _settings(args=None, **overrides) -> Settings:
+def _settings(args: argparse.Namespace | None = None, **overrides: Any) -> Settings:
     try:
         return Settings.from_env(None, **overrides)
     except ValueError as e:
@@ -66,7 +70,7 @@ def _note(text: str) -> None:
 
 
 # --------------------------------------------------------------------------- run
-def cmd_run(args) -> int:
+def cmd_run(args: argparse.Namespace) -> int:
     from bridge.main import loop_factory, run_until_signalled
 
     s = _settings(args)
@@ -102,7 +106,7 @@ def _listen_error(e: OSError, s: Settings) -> str:
 
 
 # --------------------------------------------------------------------------- config
-def cmd_config(args) -> int:
+def cmd_config(args: argparse.Namespace) -> int:
     if args.check:
         s = _settings(args)
         print(f"configuration OK: {_summary(s)}")
@@ -156,7 +160,7 @@ def _print_effective() -> int:
 
 
 # --------------------------------------------------------------------------- tail / send / demo
-def _tool_settings(args) -> Settings:
+def _tool_settings(args: argparse.Namespace) -> Settings:
     """Settings of tail and send: the environment's, with ``--amqp-url`` over EPSIGNAL_AMQP_URL."""
     from bridge.tools import amqp_url_from, describe_broker
 
@@ -165,7 +169,7 @@ def _tool_settings(args) -> Settings:
     return s
 
 
-def _run_tool(coro) -> object:
+def _run_tool(coro: Coroutine[Any, Any, T]) -> T:
     """Run a tool; its :class:`~bridge.tools.ToolError` becomes one sentence and exit 1."""
     from bridge.tools import ToolError
 
@@ -175,7 +179,7 @@ def _run_tool(coro) -> object:
         raise Fail(str(e)) from None
 
 
-def cmd_tail(args) -> int:
+def cmd_tail(args: argparse.Namespace) -> int:
     from bridge.tools import tail
 
     s = _tool_settings(args)
@@ -191,7 +195,7 @@ _BODY_EXAMPLES = {"signaling": '{"call": -1, "sig": {"type": "setup", "cd": {"nu
                   "intercept": '{"rules": [{"type": "setup", "to": true}]}'}
 
 
-def cmd_send(args) -> int:
+def cmd_send(args: argparse.Namespace) -> int:
     from bridge.tools import send
 
     body = args.body
@@ -203,7 +207,7 @@ def cmd_send(args) -> int:
     return 0 if '"ok":true' in reply else 1
 
 
-def cmd_leases(args) -> int:
+def cmd_leases(args: argparse.Namespace) -> int:
     from bridge import tools
 
     s = _tool_settings(args)
@@ -226,7 +230,7 @@ def cmd_leases(args) -> int:
     return 0
 
 
-def cmd_demo(args) -> int:
+def cmd_demo(args: argparse.Namespace) -> int:
     from bridge.tools import amqp_url_from, demo
 
     _setup_logging("WARNING")
@@ -237,7 +241,7 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def cmd_pbx_sim(args) -> int:
+def cmd_pbx_sim(args: argparse.Namespace) -> int:
     from bridge.sim import cli as sim_cli
 
     _setup_logging("INFO")
@@ -248,7 +252,7 @@ def cmd_pbx_sim(args) -> int:
 
 
 # --------------------------------------------------------------------------- bench
-def cmd_bench(args) -> int:
+def cmd_bench(args: argparse.Namespace) -> int:
     from bridge import bench
 
     try:
@@ -258,7 +262,7 @@ def cmd_bench(args) -> int:
 
 
 # --------------------------------------------------------------------------- contracts
-def cmd_contracts(args) -> int:
+def cmd_contracts(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from bridge import contracts
@@ -316,18 +320,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--amqp-url", default=None, help=AMQP_URL_HELP)
     t.set_defaults(func=cmd_tail)
 
-    s = sub.add_parser("send", help="send a command and print the reply",
+    snd = sub.add_parser("send", help="send a command and print the reply",
                        description="Publishes device.<HW>.<VERB> to the commands exchange with a "
                        "reply_to and prints the bridge's reply. Broker: --amqp-url, else "
                        "EPSIGNAL_AMQP_URL; exchange: EPSIGNAL_COMMANDS_EXCHANGE (never declared: "
                        "the bridge does that).")
-    s.add_argument("verb", choices=["attach", "detach", "signaling", "intercept"])
-    s.add_argument("hw", help="hardware id of the device")
-    s.add_argument("body", nargs="?", default=None,
+    snd.add_argument("verb", choices=["attach", "detach", "signaling", "intercept"])
+    snd.add_argument("hw", help="hardware id of the device")
+    snd.add_argument("body", nargs="?", default=None,
                    help="JSON body (signaling: {\"call\":..,\"to\":..,\"sig\":{..}}; intercept: {\"rules\":[..]})")
-    s.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for the reply")
-    s.add_argument("--amqp-url", default=None, help=AMQP_URL_HELP)
-    s.set_defaults(func=cmd_send)
+    snd.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for the reply")
+    snd.add_argument("--amqp-url", default=None, help=AMQP_URL_HELP)
+    snd.set_defaults(func=cmd_send)
 
     ls = sub.add_parser("leases", help="device leases (several replicas): list them, or reset a device's",
                         description="list: every device's holder replica, the replicas in line, the "

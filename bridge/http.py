@@ -43,7 +43,7 @@ class HttpServer:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]
+        self.port = self._runner.addresses[0][1]  # the port bound (``port`` 0: a free one)
 
     async def stop(self) -> None:
         await self._runner.cleanup()
@@ -66,5 +66,5 @@ class HttpServer:
         return _json(view)
 
 
-def _json(obj, status: int = 200) -> web.Response:
+def _json(obj: object, status: int = 200) -> web.Response:
     return web.Response(body=msgspec.json.encode(obj), status=status, content_type="application/json")

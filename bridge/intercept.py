@@ -21,12 +21,13 @@ While the session carries out a call's releases its later messages still queue (
 
 from __future__ import annotations
 
+import enum
 import math
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Annotated, Any, Literal, cast
+from typing import Annotated, Any, Final, Literal, TypeGuard, get_args
 
 import msgspec
 from msgspec import UNSET, Meta, Raw, Struct, UnsetType
@@ -37,11 +38,10 @@ from bridge.protocol.errors import FrameError
 from bridge.protocol.signal import SIG_TEXT, decode_sig
 
 SCHEMA_VERSION = 1
-#: the sig types of innovaphone JSON signaling (EPSIGNAL.md section 3)
-SIG_TYPES = ("setup", "setup_ack", "call_proc", "alert", "conn", "disc", "rel", "info", "progress",
-             "accept", "channels", "facility", "user_info", "media_info")
+#: a sig type of innovaphone JSON signaling (EPSIGNAL.md section 3)
 SigType = Literal["setup", "setup_ack", "call_proc", "alert", "conn", "disc", "rel", "info",
                   "progress", "accept", "channels", "facility", "user_info", "media_info"]
+SIG_TYPES: tuple[SigType, ...] = get_args(SigType)
 DEADLINE_MIN_MS, DEADLINE_MAX_MS = 20, 4000  # 4 s: Q.931 T303, a setup's own timer
 DeadlineMs = Annotated[int, Meta(ge=DEADLINE_MIN_MS, le=DEADLINE_MAX_MS, description=(
     "How long the message is held for a verdict, in milliseconds"))]
@@ -100,8 +100,10 @@ class Effective(Struct, kw_only=True, frozen=True):
 
 @dataclass(frozen=True, slots=True)
 class Defaults:
+    """The options of a rule that leaves them out (EPSIGNAL_INTERCEPT_DEADLINE_MS, _FAIL, _CAUSE)."""
+
     deadline_ms: int = 250
-    fail: str = "open"
+    fail: Fail = "open"
     cause: int = DEFAULT_CAUSE
 
 
@@ -117,6 +119,10 @@ class InterceptCommand(Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 _DIRECTIONS = {"device": True, "pbx": False}
+
+
+def _is_sig_type(kind: str) -> TypeGuard[SigType]:
+    return kind in SIG_TYPES
 
 
 def parse_config(text: str) -> dict[str, tuple[Rule, ...]]:
@@ -137,13 +143,13 @@ def parse_config(text: str) -> dict[str, tuple[Rule, ...]]:
         rules: dict[tuple[str, bool], Rule] = {}
         for item in (i.strip() for i in spec.split(",")):
             kind, colon, way = (p.strip() for p in item.partition(":"))
-            if kind not in SIG_TYPES:
+            if not _is_sig_type(kind):
                 raise ValueError(f"EPSIGNAL_INTERCEPT entry {entry!r}: sig type {kind!r} is not one of "
                                  f"{', '.join(SIG_TYPES)}")
             if not colon or way not in _DIRECTIONS:
                 raise ValueError(f"EPSIGNAL_INTERCEPT entry {entry!r}: {item!r} needs a direction, "
                                  f"{kind}:device (toward the device) or {kind}:pbx (toward the PBX)")
-            rules[(kind, _DIRECTIONS[way])] = Rule(type=cast(SigType, kind), to=_DIRECTIONS[way])
+            rules[(kind, _DIRECTIONS[way])] = Rule(type=kind, to=_DIRECTIONS[way])
         out[hw] = tuple(rules.values())
     return out
 
@@ -159,6 +165,11 @@ class Rules:
         self.defaults = defaults
         self.config = dict(config or {})
         self.command: dict[str, tuple[Rule, ...]] = {}
+        #: read on the hot path before anything is called (set by _index): ``*`` has rules, the
+        #: devices with rules of their own, any device has rules at all
+        self.everyone = False
+        self.watch: set[str] = set()
+        self.on = False
         self._default = self._table((), self.config.get("*", ()))
         self._tables: dict[str, dict[tuple[str, bool], Effective]] = {}
         for hw, rules in self.config.items():
@@ -171,11 +182,11 @@ class Rules:
         self.watch = {hw for hw, table in self._tables.items() if table}
         self.on = self.everyone or bool(self.watch)
 
-    def _effective(self, r: Rule, source: str) -> Effective:
+    def _effective(self, r: Rule, source: Literal["command", "config"]) -> Effective:
         d = self.defaults
-        return Effective(type=r.type, to=r.to, source=source,  # type: ignore[arg-type]
+        return Effective(type=r.type, to=r.to, source=source,
                          deadline_ms=d.deadline_ms if r.deadline_ms is UNSET else r.deadline_ms,
-                         fail=d.fail if r.fail is UNSET else r.fail,  # type: ignore[arg-type]
+                         fail=d.fail if r.fail is UNSET else r.fail,
                          cause=d.cause if r.cause is UNSET else r.cause)
 
     def _table(self, command: tuple[Rule, ...], config: tuple[Rule, ...]) -> dict[tuple[str, bool], Effective]:
@@ -338,29 +349,32 @@ class Release:
     waited: float = 0.0
 
 
-class _Pass:
-    def __repr__(self) -> str:
-        return "PASS"
+class Offered(enum.Enum):
+    """What :meth:`Gate.offer` says of a message it does not hold."""
 
+    PASS = "PASS"
+    QUEUED = "QUEUED"
 
-class _Queued:
     def __repr__(self) -> str:
-        return "QUEUED"
+        return self.value
 
 
 #: the message goes at once (nothing held on its call, no rule for it)
-PASS = _Pass()
+PASS: Final = Offered.PASS
 #: the message waits behind a held one of its call
-QUEUED = _Queued()
+QUEUED: Final = Offered.QUEUED
 
 Step = Release | Hold
 
 
 @dataclass(eq=False, slots=True)
 class _Call:
+    """One busy call of a gate: its hold (None while its releases are carried out) and what
+    queued behind it."""
+
     holding: Hold | None = None
     #: messages waiting behind the hold: (to, sig type or None, sig, item)
-    queue: deque = field(default_factory=deque)
+    queue: deque[tuple[bool, str | None, Raw, Any]] = field(default_factory=deque)
 
 
 class Gate:
@@ -383,17 +397,19 @@ class Gate:
         return (hw, call) in self.calls
 
     def offer(self, hw: str, call: int, to: bool, sig_type: str | None, sig: Raw, item: Any,
-              now: float) -> Any:
+              now: float) -> Offered | list[Step]:
         """A message about to be forwarded: :data:`PASS`, :data:`QUEUED` or a list of steps."""
         c = self.calls.get((hw, call))
         if c is not None:
             c.queue.append((to, sig_type, sig, item))
             return QUEUED
-        rule = self.rules.match(hw, sig_type, to) if call >= 0 else None
+        if call < 0 or sig_type is None:  # an application's call, a sig not understood: never held
+            return PASS
+        rule = self.rules.match(hw, sig_type, to)
         if rule is None:
             return PASS
         c = self.calls[(hw, call)] = _Call()
-        return self._hold(c, hw, call, to, sig_type, sig, item, rule, now)  # type: ignore[arg-type]
+        return self._hold(c, hw, call, to, sig_type, sig, item, rule, now)
 
     def _hold(self, c: _Call, hw: str, call: int, to: bool, sig_type: str, sig: Raw, item: Any,
               rule: Effective, now: float) -> list[Step]:
@@ -431,8 +447,7 @@ class Gate:
         q = c.queue
         while q:
             to, sig_type, sig, item = q.popleft()
-            rule = self.rules.match(hw, sig_type, to)
-            if rule is None:
+            if sig_type is None or (rule := self.rules.match(hw, sig_type, to)) is None:
                 out.append(Release(item, FORWARDED))
                 continue
             steps = self._hold(c, hw, call, to, sig_type, sig, item, rule, now)
@@ -457,7 +472,7 @@ class Gate:
         while self.held:
             h = next(iter(self.held.values()))
             steps = self.decide(h.id, Decision(outcome), now) or []
-            out += [s for s in steps if type(s) is Release]
+            out += [step for step in steps if type(step) is Release]
         return out
 
     def lost(self, now: float) -> list[Release]:

@@ -300,6 +300,8 @@ class LeaseError(Exception):
 
 
 class State(enum.Enum):
+    """Where one device's lease stands, as one replica sees it (the table below)."""
+
     OUT = "out"
     IN_LINE = "in line"
     HOLDING = "holding"
@@ -308,6 +310,8 @@ class State(enum.Enum):
 
 
 class Ev(enum.Enum):
+    """The events of the lease state machine (the methods of :class:`Lease`)."""
+
     LINE_UP = "line_up"
     TOKEN = "token"
     COMMAND = "command"
@@ -348,6 +352,8 @@ class Consume:
 
 @dataclass(frozen=True)
 class Cancel:
+    """basic.cancel the consumer ``ctag`` on the lease channel of ``epoch`` (feed
+    ``cancel_ok`` back when the broker confirms)."""
     hw: str
     epoch: int
     ctag: str
@@ -383,6 +389,7 @@ class Publish:
 
 @dataclass(frozen=True)
 class StartRunner:
+    """Run the device here (its runner: the PBX session): the token is held and says attach."""
     hw: str
     #: the token was someone else's before: give the PBX a moment to see their session end
     takeover: bool = False
@@ -487,6 +494,13 @@ class Lease:
         self.stop_seq += 1
         self.stopping.add(self.stop_seq)
         return [StopRunner(self.hw, self.stop_seq)]
+
+    def _cancel(self) -> Cancel:
+        """Cancel the current consumer: there is one in every state but OUT (``line_up`` sets
+        ``epoch`` and ``ctag``, only entering OUT clears them)."""
+        if self.epoch is None or self.ctag is None:
+            raise LeaseError(f"device {self.hw}: no consumer to cancel in state {self.state.value}")
+        return Cancel(self.hw, self.epoch, self.ctag)
 
     def _mine(self, epoch: int, ctag: str) -> bool:
         return self.epoch == epoch and self.ctag == ctag
@@ -610,7 +624,7 @@ class Lease:
         nxt = self._go(Ev.RELEASE)
         if nxt is State.LEAVING:
             self._enter(nxt)
-            return [Cancel(self.hw, self.epoch, self.ctag)]
+            return [self._cancel()]
         self.runner = True  # RELEASING always waits for a StopRunner of its own
         out = self._stop()
         self._enter(nxt)
@@ -625,7 +639,7 @@ class Lease:
             self._enter(nxt)
             return []
         self._enter(nxt)
-        return [Cancel(self.hw, self.epoch, self.ctag)]
+        return [self._cancel()]
 
     def cancel_ok(self, epoch: int, ctag: str) -> list[Action]:
         if not self._mine(epoch, ctag):

@@ -44,8 +44,11 @@ def clip(text: str, limit: int, *, tail: bool = False) -> str:
 
 
 class JsonFormatter(logging.Formatter):
+    """One JSON object per record: time, level, logger, msg, every ``extra`` field (numbers,
+    booleans and None as they are, anything else as its text, cut) and ``exc``."""
+
     def format(self, record: logging.LogRecord) -> str:
-        out = {
+        out: dict[str, object] = {
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname,
             "logger": record.name,
@@ -53,8 +56,7 @@ class JsonFormatter(logging.Formatter):
         }
         for k, v in record.__dict__.items():
             if k not in _STD:
-                v = v if isinstance(v, (int, float, bool, type(None))) else str(v)
-                out[k] = clip(v, MAX_ARG_CHARS) if isinstance(v, str) else v
+                out[k] = v if isinstance(v, (int, float, bool, type(None))) else clip(str(v), MAX_ARG_CHARS)
         if record.exc_info:
             out["exc"] = record.exc_text or self.formatException(record.exc_info)
         return _encoder.encode(out).decode()
@@ -76,20 +78,20 @@ class RedactSecrets(logging.Filter):
 
     def __init__(self, secrets: list[str]) -> None:
         super().__init__()
-        self.secrets = sorted({s for s in secrets if s and len(s) >= 3}, key=len, reverse=True)
+        self.secrets = sorted({secret for secret in secrets if secret and len(secret) >= 3}, key=len, reverse=True)
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not self.secrets:
             return True
         text = _message(record)
         exc = logging.Formatter().formatException(record.exc_info) if record.exc_info else ""
-        if any(s in text or s in exc for s in self.secrets):
-            for s in self.secrets:
-                text = text.replace(s, "***")
+        if any(secret in text or secret in exc for secret in self.secrets):
+            for secret in self.secrets:
+                text = text.replace(secret, "***")
             record.msg, record.args = text, None
             if record.exc_info:
-                for s in self.secrets:
-                    exc = exc.replace(s, "***")
+                for secret in self.secrets:
+                    exc = exc.replace(secret, "***")
                 record.exc_info, record.exc_text = None, None
                 record.msg = f"{text}\n{exc}"
         return True
@@ -117,7 +119,7 @@ class BoundLength(logging.Filter):
         return True
 
 
-def _clip_arg(a):
+def _clip_arg(a: object) -> object:
     if isinstance(a, (int, float, bool)) or a is None:
         return a
     text = a if isinstance(a, str) else str(a)

@@ -11,11 +11,11 @@ time.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import msgspec
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
 
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -51,7 +51,7 @@ class LatencyHistogram:
         self.counts[bisect_left(self.bounds, value)] += 1  # le: value <= bound
         self.sum += value
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         total, buckets = 0, []
         for bound, n in zip((*self.bounds, float("inf")), self.counts, strict=True):
             total += n
@@ -140,7 +140,7 @@ class BridgeCollector:
     def __init__(self, snapshot: Callable[[], Snapshot]) -> None:
         self.snapshot = snapshot
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         b = self.snapshot()
         g = GaugeMetricFamily("epsignal_pbx_sessions", "PBX sessions by state", labels=["state"])
         for state in ("connecting", "waiting-registration", "attached"):

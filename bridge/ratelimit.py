@@ -8,6 +8,9 @@ from __future__ import annotations
 
 
 class RateLimiter:
+    """A token bucket per key: ``burst`` tokens at most, ``rate`` new ones a second; at most
+    ``max_keys`` buckets (beyond, the full ones are forgotten)."""
+
     def __init__(self, rate: float, burst: int, max_keys: int = 100_000) -> None:
         self.rate = rate
         self.burst = burst

@@ -15,7 +15,10 @@ import os
 import signal
 import sys
 import uuid
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, NamedTuple, TextIO
 
 import aio_pika
 import aiormq.exceptions
@@ -25,6 +28,9 @@ from yarl import URL
 from bridge import routing
 from bridge.amqp import topology
 from bridge.config import Settings
+
+if TYPE_CHECKING:
+    from bridge.sim import PbxSimulator
 
 _COLOURS = {
     "setup": "36", "setup-ack": "36", "call-proc": "36", "alert": "33", "connected": "32",
@@ -85,7 +91,7 @@ class ToolError(Exception):
     """A problem the user can fix; ``str(e)`` is one sentence that says it."""
 
 
-def amqp_url_from(arg: str | None, environ=None) -> str:
+def amqp_url_from(arg: str | None, environ: Mapping[str, str] | None = None) -> str:
     """The broker URL: ``--amqp-url``, else EPSIGNAL_AMQP_URL, else :data:`DEFAULT_AMQP_URL`."""
     env = os.environ if environ is None else environ
     return arg or env.get("EPSIGNAL_AMQP_URL") or DEFAULT_AMQP_URL
@@ -118,7 +124,7 @@ def describe_broker(url: str) -> str:
 
 
 @contextlib.contextmanager
-def _quiet(*names: str):
+def _quiet(*names: str) -> Iterator[None]:
     """aiormq logs a failed connect before raising it: the caller says it better, once."""
     loggers = [logging.getLogger(n) for n in names]
     saved = [lg.disabled for lg in loggers]
@@ -179,13 +185,13 @@ def _reason(e: OSError) -> str:
 
 
 async def tail(settings: Settings, patterns: list[str], *, raw: bool = False, limit: int | None = None,
-               out=None, ready: asyncio.Event | None = None,
+               out: TextIO | None = None, ready: asyncio.Event | None = None,
                conn: aio_pika.abc.AbstractConnection | None = None) -> None:
     """Print the events matching ``patterns`` (on ``conn``, or a connection of its own)."""
     out = out or sys.stdout
     colour = hasattr(out, "isatty") and out.isatty() and not os.environ.get("NO_COLOR")
     own = conn is None
-    if own:
+    if conn is None:
         conn = await connect(settings.broker_addresses()[0])
     try:
         ch = await conn.channel()
@@ -232,7 +238,7 @@ async def send(settings: Settings, hw: str, verb: str, body: str | bytes, *, tim
                 "a bridge declares it when it starts: is a bridge running against this broker "
                 "and vhost (with the same EPSIGNAL_COMMANDS_EXCHANGE)?") from None
         reply_q = await ch.get_queue("amq.rabbitmq.reply-to", ensure=False)
-        got: asyncio.Future = asyncio.get_running_loop().create_future()
+        got: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         cid = uuid.uuid4().hex
 
         async def on_reply(msg: aio_pika.abc.AbstractIncomingMessage) -> None:
@@ -282,13 +288,15 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 INTERCEPT_CALL_EVERY_S = 3.0
 
 
-def _load_decider():
+def _load_decider() -> ModuleType:
     """examples/python/intercept.py as a module (its loaders of the sample files)."""
     path = EXAMPLES / "python" / "intercept.py"
     if not path.is_file():
         raise ToolError(f"--intercept runs the example decider {path}, which is not there "
                         "(it comes with a checkout of the repository, not with the image)")
     spec = importlib.util.spec_from_file_location("epsignal_intercept_example", path)
+    if spec is None or spec.loader is None:
+        raise ToolError(f"--intercept runs the example decider {path}, which cannot be loaded as a module")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -301,7 +309,7 @@ class DemoDecider:
 
     UNKNOWN = "299"
 
-    def __init__(self, modes: list[str], amqp_url: str, settings: Settings, out) -> None:
+    def __init__(self, modes: list[str], amqp_url: str, settings: Settings, out: TextIO) -> None:
         example = _load_decider()
         self.args = [str(EXAMPLES / "python" / "intercept.py"), "--amqp-url", amqp_url,
                      "--exchange", settings.events_exchange]
@@ -316,28 +324,29 @@ class DemoDecider:
         self.numbers = [n for turn in turns for n in turn if n is not None] + [self.UNKNOWN]
         self.out = out
         self.proc: asyncio.subprocess.Process | None = None
-        self._relay: asyncio.Task | None = None
+        self._relay: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Until it is bound (its first line); ToolError if it ends before."""
-        self.proc = await asyncio.create_subprocess_exec(
+        self.proc = proc = await asyncio.create_subprocess_exec(
             sys.executable, *self.args, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE)
-        first = await self.proc.stdout.readline()
+        assert proc.stdout is not None and proc.stderr is not None  # both are PIPE
+        first = await proc.stdout.readline()
         if not first:
-            err = (await self.proc.stderr.read()).decode(errors="replace").strip()
+            err = (await proc.stderr.read()).decode(errors="replace").strip()
             raise ToolError(f"the example decider ended at its start: {err.splitlines()[-1:]}")
         self._line(first)
-        self._relay = asyncio.create_task(self.relay())
+        self._relay = asyncio.create_task(self.relay(proc.stdout))
 
     def _line(self, raw: bytes) -> None:
         print(f"decider: {raw.decode(errors='replace').rstrip()}", file=self.out, flush=True)
 
-    async def relay(self) -> None:
-        while line := await self.proc.stdout.readline():
+    async def relay(self, stdout: asyncio.StreamReader) -> None:
+        while line := await stdout.readline():
             self._line(line)
 
-    async def calls(self, sim, hws: list[str]) -> None:
+    async def calls(self, sim: PbxSimulator, hws: list[str]) -> None:
         """An incoming call from the next sample number every INTERCEPT_CALL_EVERY_S."""
         for i in itertools.count():
             await asyncio.sleep(INTERCEPT_CALL_EVERY_S)
@@ -361,7 +370,7 @@ class DemoDecider:
 
 
 async def demo(*, devices: int, call_rate: float, duration: float | None, amqp_url: str,
-               http_port: int = 0, intercept: list[str] | None = None, out=None) -> None:
+               http_port: int = 0, intercept: list[str] | None = None, out: TextIO | None = None) -> None:
     """Simulator with traffic + a bridge for its devices + live events, in one process.
 
     Isolated: its own exchange and queue names (``demo-<id>.*``, deleted at exit), its own
@@ -386,7 +395,11 @@ async def demo(*, devices: int, call_rate: float, duration: float | None, amqp_u
     name = f"demo-{uuid.uuid4().hex[:6]}"
     password = "demo-secret"
     sim = PbxSimulator(SimConfig(devices=devices, call_rate=call_rate, password=password))
-    bridge = settings = viewer = decider = caller = None
+    bridge: Bridge | None = None
+    settings: Settings | None = None
+    viewer: asyncio.Task[None] | None = None
+    decider: DemoDecider | None = None
+    caller: asyncio.Task[None] | None = None
     started = False
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -394,6 +407,7 @@ async def demo(*, devices: int, call_rate: float, duration: float | None, amqp_u
     try:
         await sim.start(control_port=0)
         hws = [sim.hw(i) for i in range(1, devices + 1)]
+        assert sim.url is not None  # set by start()
         settings = demo_settings(name, amqp_url=amqp_url, pbx_url=sim.url, pbx_app=sim.config.app,
                                  password=password, devices=hws, http_port=http_port,
                                  intercept="*=setup:device" if intercept else "")
@@ -456,7 +470,7 @@ async def demo(*, devices: int, call_rate: float, duration: float | None, amqp_u
         if caller is not None:
             caller.cancel()
             await asyncio.gather(caller, return_exceptions=True)
-        if started:
+        if started and bridge is not None:
             await bridge.stop(5)
             await http.stop()
         if decider is not None:
@@ -481,18 +495,30 @@ async def demo(*, devices: int, call_rate: float, duration: float | None, amqp_u
 LEASES_WAIT_S = 1.5
 
 
-async def _lease_queue_state(conn, ch, s: Settings, hw: str):
-    """(channel, (messages ready, consumers) or None when ``hw`` has no lease queue)."""
+class _LeaseQueue(NamedTuple):
+    """A device's lease queue as a passive declare saw it, and the channel that saw it."""
+
+    channel: aio_pika.abc.AbstractChannel
+    ready: int
+    consumers: int
+
+
+async def _lease_queue_state(conn: aio_pika.abc.AbstractConnection, ch: aio_pika.abc.AbstractChannel | None,
+                             s: Settings, hw: str) -> _LeaseQueue | None:
+    """What ``hw``'s lease queue holds (on ``ch``, or a new channel when it is None or closed);
+    None when ``hw`` has no lease queue (the channel closed with the 404: the caller opens
+    another)."""
     if ch is None or ch.is_closed:
         ch = await conn.channel()
     try:
         q = await ch.declare_queue(topology.lease_queue(s, hw), passive=True)
     except aiormq.exceptions.ChannelNotFoundEntity:
-        return None, None  # the channel closed with the 404: the caller opens another
-    return ch, (q.declaration_result.message_count, q.declaration_result.consumer_count)
+        return None
+    result = q.declaration_result  # a declare-ok always carries both counts (pamqp types them Optional)
+    return _LeaseQueue(ch, result.message_count or 0, result.consumer_count or 0)
 
 
-async def leases_list(settings: Settings, hws: list[str], *, wait: float = LEASES_WAIT_S) -> list[dict]:
+async def leases_list(settings: Settings, hws: list[str], *, wait: float = LEASES_WAIT_S) -> list[dict[str, Any]]:
     """Per device: its holder, the replicas in line, the wanted state (since when, by whom,
     under which configuration) as the holder reads it, and what its lease queue holds. Every
     replica with leases on is asked (on the presence exchange; each answers with its view); the
@@ -504,11 +530,11 @@ async def leases_list(settings: Settings, hws: list[str], *, wait: float = LEASE
     async with conn:
         ch = await conn.channel()
         name = topology.presence_exchange(settings)
-        views: list[dict] = []
+        views: list[dict[str, Any]] = []
         try:
             ex = await ch.get_exchange(name, ensure=True)
         except aiormq.exceptions.ChannelNotFoundEntity:
-            ch = None  # no replica with leases ever ran here: only the queues can tell
+            pass  # no replica with leases ever ran here (the 404 closed the channel): only the queues can tell
         else:
             reply_q = await ch.get_queue("amq.rabbitmq.reply-to", ensure=False)
             cid = uuid.uuid4().hex
@@ -520,7 +546,7 @@ async def leases_list(settings: Settings, hws: list[str], *, wait: float = LEASE
             await ex.publish(aio_pika.Message(b"{}", type=LEASE_QUERY, reply_to="amq.rabbitmq.reply-to",
                                               correlation_id=cid, expiration=wait), "")
             await asyncio.sleep(wait)
-        rows: dict[str, dict] = {hw: {"hw": hw, "holder": None, "in_line": []}
+        rows: dict[str, dict[str, Any]] = {hw: {"hw": hw, "holder": None, "in_line": []}
                                  for hw in (*settings.device_list, *hws)}
         for view in sorted(views, key=lambda v: v["instance"]):
             for d in view["devices"]:
@@ -533,12 +559,13 @@ async def leases_list(settings: Settings, hws: list[str], *, wait: float = LEASE
                     row["in_line"].append(view["instance"])
         qch = None
         for hw, row in sorted(rows.items()):
-            qch, state = await _lease_queue_state(conn, qch, settings, hw)
-            row["queue"] = None if state is None else {"ready": state[0], "consumers": state[1]}
+            state = await _lease_queue_state(conn, qch, settings, hw)
+            qch = None if state is None else state.channel
+            row["queue"] = None if state is None else {"ready": state.ready, "consumers": state.consumers}
         return [rows[hw] for hw in sorted(rows)]
 
 
-def format_lease(row: dict) -> str:
+def format_lease(row: dict[str, Any]) -> str:
     q = row["queue"]
     if q is None:
         where = "no lease queue"
@@ -569,17 +596,19 @@ async def leases_reset(settings: Settings, hws: list[str]) -> list[str]:
     async with conn:
         ch = None
         for hw in hws:
-            ch, state = await _lease_queue_state(conn, ch, settings, hw)
+            state = await _lease_queue_state(conn, ch, settings, hw)
             if state is None:
+                ch = None
                 out.append(f"{hw}: no lease queue (nothing to reset)")
                 continue
+            ch = state.channel
             name = topology.lease_queue(settings, hw)
             q = await ch.get_queue(name, ensure=False)
             await q.unbind(settings.commands_exchange, topology.lease_key(hw))
             refused = 0
-            if state[1] == 0:  # nobody consumes it: what waits can be taken and refused
+            if state.consumers == 0:  # nobody consumes it: what waits can be taken and refused
                 dead = await ch.get_exchange(settings.dead_exchange, ensure=False)
-                async for msg in topology.take_waiting(q, state[0]):
+                async for msg in topology.take_waiting(q, state.ready):
                     if msg.type != topology.LEASE_TOKEN:
                         headers = dict(msg.headers or {})
                         headers["x-epsignal-error"] = f"lease of {hw} reset by an operator; not carried out"
@@ -589,8 +618,8 @@ async def leases_reset(settings: Settings, hws: list[str]) -> list[str]:
                             reply_to=msg.reply_to, type=msg.type), msg.routing_key or "")
                         refused += 1
                     await msg.ack()
-            ok = await ch.channel.queue_delete(name)
-            out.append(f"{hw}: lease queue deleted ({state[1]} consumer(s); {refused} waiting command(s) "
+            ok = await (await ch.get_underlay_channel()).queue_delete(name)
+            out.append(f"{hw}: lease queue deleted ({state.consumers} consumer(s); {refused} waiting command(s) "
                        f"dead-lettered, {ok.message_count} message(s) dropped with it); the replicas "
                        "make it anew from their configuration")
     return out

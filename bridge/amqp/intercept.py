@@ -20,9 +20,9 @@ import asyncio
 import itertools
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from datetime import datetime, timedelta, UTC
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import aiormq
 import msgspec
@@ -36,6 +36,11 @@ from bridge.amqp.topology import Topology
 from bridge.commands import Reply, encode_reply
 from bridge.metrics import INTERCEPT_WAIT_SECONDS
 
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
+
+    from bridge.device import Device
+
 log = logging.getLogger("bridge.intercept")
 
 REPLY_TO = "amq.rabbitmq.reply-to"
@@ -44,14 +49,18 @@ LATE_MEMORY = 4096
 
 
 class Session(Protocol):
-    """What the adapter needs of a PBX session (bridge.pbx.session.PbxSession)."""
+    """What the adapter needs of a PBX session (bridge.pbx.session.PbxSession). ``gate`` is
+    None when the session holds nothing (intercept off): a session the adapter knows has one."""
 
-    gate: ic.Gate
+    @property
+    def gate(self) -> ic.Gate | None: ...
 
     def carry(self, steps: list[ic.Step]) -> None: ...
 
 
 class _IdPeek(msgspec.Struct):
+    """A verdict's ``id`` only (the verdict without a correlation_id)."""
+
     id: str = ""
 
 
@@ -72,12 +81,12 @@ class Interceptor:
         self.pending: dict[str, Session] = {}
         #: every live session (a stop or a lost broker ends their holds)
         self.sessions: set[Session] = set()
-        self._spans: dict[str, Any] = {}
+        self._spans: dict[str, Span] = {}
         self._ended: deque[str] = deque(maxlen=LATE_MEMORY)
         self._ended_set: set[str] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = float("inf")
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
         self.outcomes: dict[str, int] = dict.fromkeys(ic.OUTCOMES, 0)
         #: verdicts for a hold already ended (late) or never known (unknown)
         self.ignored: dict[str, int] = {"late": 0, "unknown": 0}
@@ -99,7 +108,7 @@ class Interceptor:
         ch.closing.add_done_callback(lambda _f: self._channel_lost(ch))
         self._ch = ch
 
-    def _channel_lost(self, ch) -> None:
+    def _channel_lost(self, ch: aiormq.abc.AbstractChannel) -> None:
         if self._ch is not ch:
             return
         self._ch = None
@@ -109,15 +118,17 @@ class Interceptor:
         """Every hold ends with ``outcome`` now: broker-down, or stopping (then the gates hold
         nothing more: a message a rule matches gets the fail policy at once)."""
         now = self.now()
-        for s in list(self.sessions):
-            if s.gate.held or outcome == ic.STOPPING:
-                s.carry(s.gate.drain(outcome, now))
+        for session in list(self.sessions):
+            gate = session.gate
+            if gate is not None and (gate.held or outcome == ic.STOPPING):
+                session.carry(gate.drain(outcome, now))
 
     # ------------------------------------------------------------------ requests
-    def request(self, session: Session, hold: ic.Hold, device) -> None:
+    def request(self, session: Session, hold: ic.Hold, device: Device) -> None:
         """Publish the request of ``hold`` (a call of the session's reader or its carrier: never
         waits). Without a channel the hold ends at once (broker-down)."""
-        if hold.id not in session.gate.held:  # ended before its turn (the broker went, a stop)
+        gate = session.gate
+        if gate is None or hold.id not in gate.held:  # ended before its turn (the broker went, a stop)
             return
         ch = self._ch
         if ch is None or ch.is_closed or not self.link.ready:
@@ -129,7 +140,7 @@ class Interceptor:
         body = ic.encode_request(ic.InterceptRequest(
             id=hold.id, hw=hold.hw, instance=self.s.instance_id, time=now_wall, call=hold.call,
             to=hold.to, sig=hold.sig, deadline=now_wall + timedelta(seconds=left),
-            deadline_ms=rule.deadline_ms, fail=rule.fail))  # type: ignore[arg-type]
+            deadline_ms=rule.deadline_ms, fail=rule.fail))
         headers: dict | None = None
         if tracing.ENABLED:
             span = tracing.intercept_span(device, hold)
@@ -145,7 +156,8 @@ class Interceptor:
         task.add_done_callback(self._tasks.discard)
         self._arm(hold.deadline)
 
-    async def _publish(self, ch, session: Session, hold: ic.Hold, body: bytes, props) -> None:
+    async def _publish(self, ch: aiormq.abc.AbstractChannel, session: Session, hold: ic.Hold, body: bytes,
+                       props: Basic.Properties) -> None:
         try:
             result = await ch.basic_publish(body, exchange=self.s.events_exchange,
                                             routing_key=routing.call_key(hold.hw, hold.call, "intercept"),
@@ -159,7 +171,9 @@ class Interceptor:
             self._decide(session, hold.id, ic.Decision(ic.BROKER_DOWN))
 
     # ------------------------------------------------------------------ verdicts
-    def _on_verdict(self, msg: aiormq.abc.DeliveredMessage) -> None:
+    async def _on_verdict(self, msg: aiormq.abc.DeliveredMessage) -> None:
+        """A verdict (a consumer of the reply-to). Awaits nothing: aiormq runs it in a task of
+        its own either way (it wraps a plain function in a coroutine)."""
         props = msg.header.properties
         body = msg.body
         id_ = props.correlation_id
@@ -169,8 +183,9 @@ class Interceptor:
             except msgspec.MsgspecError:
                 id_ = ""
         session = self.pending.get(id_)
-        hold = session.gate.held.get(id_) if session is not None else None
-        if hold is None:
+        gate = session.gate if session is not None else None
+        hold = gate.held.get(id_) if gate is not None else None
+        if session is None or hold is None:
             kind = "late" if id_ in self._ended_set else "unknown"
             self.ignored[kind] += 1
             log.debug("verdict for %s ignored: %s", (id_ or "?")[:100], kind)
@@ -190,7 +205,7 @@ class Interceptor:
             tracing.intercept_verdict(self._spans[id_], props.headers)
         self._decide(session, id_, decision)
 
-    def _spawn(self, coro) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(_quiet)
@@ -198,11 +213,14 @@ class Interceptor:
 
     # ------------------------------------------------------------------ decisions
     def _decide(self, session: Session, id_: str, decision: ic.Decision) -> None:
-        steps = session.gate.decide(id_, decision, self.now())
+        gate = session.gate
+        if gate is None:
+            return
+        steps = gate.decide(id_, decision, self.now())
         if steps is not None:
             session.carry(steps)
 
-    def ended(self, release: ic.Release) -> Any:
+    def ended(self, release: ic.Release) -> Span | None:
         """A hold has ended (the session reports it as it carries the release out): counted,
         remembered for late verdicts; its span (tracing on), for the events made under it."""
         h = release.hold
@@ -230,12 +248,15 @@ class Interceptor:
     def _expire(self) -> None:
         self._timer, self._timer_at = None, float("inf")
         now = self.now()
-        sessions = {id(s): s for s in self.pending.values()}
+        sessions = {id(session): session for session in self.pending.values()}
         nxt = float("inf")
-        for s in sessions.values():
-            for id_ in s.gate.expired(now):
-                self._decide(s, id_, ic.Decision(ic.TIMEOUT))
-            nxt = min(nxt, s.gate.next_deadline())
+        for session in sessions.values():
+            gate = session.gate
+            if gate is None:
+                continue
+            for id_ in gate.expired(now):
+                self._decide(session, id_, ic.Decision(ic.TIMEOUT))
+            nxt = min(nxt, gate.next_deadline())
         if nxt != float("inf"):
             self._arm(nxt)
 

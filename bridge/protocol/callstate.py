@@ -152,7 +152,7 @@ class CallTracker:
         #: call -> clock time of its last message
         self._seen: dict[int, float] = {}
         self._now = 0.0
-        first = min((s for s in (limits.idle_s, limits.connected_idle_s) if s > 0), default=0.0)
+        first = min((idle for idle in (limits.idle_s, limits.connected_idle_s) if idle > 0), default=0.0)
         #: a call silent for less than this is never idle; the scan stops at the first such call
         self._first_idle = first
         self._scan_every = min(SCAN_S, first / 8) if first else 0.0
