@@ -67,6 +67,9 @@ class Run:
 
 
 class Sink:
+    """The consumer of the module docstring: one exclusive queue bound with ``#``; a
+    :class:`Run` counts what arrives for one measured run."""
+
     def __init__(self, url: str, exchange: str, on_stamp: Callable[[], None] | None = None,
                  stamp_by_key: Callable[[str], int | None] | None = None) -> None:
         self.url = url

@@ -35,6 +35,7 @@ import time
 from collections import Counter, defaultdict
 
 import aio_pika
+import aiormq
 import msgspec
 from pamqp.commands import Basic
 
@@ -77,6 +78,7 @@ class Decider:
         self.url = url
         self.exchange = exchange
         self.answered = 0
+        self._raw: aiormq.abc.AbstractChannel | None = None
         #: [hw, call, request in, verdict out] (monotonic ns: the load generator's clock)
         self.seen: list[tuple[str, int, int, int]] = []
 
@@ -86,20 +88,23 @@ class Decider:
             ex = await ch.get_exchange(self.exchange, ensure=False)
             requests = await ch.declare_queue(exclusive=True, auto_delete=True)
             await requests.bind(ex, "device.*.call.*.intercept")
-            self._raw = await ch.get_underlay_channel()
-            await self._raw.basic_consume(requests.name, self._on_request, no_ack=True)
+            raw = self._raw = await ch.get_underlay_channel()
+            await raw.basic_consume(requests.name, self._on_request, no_ack=True)
             print("ready", flush=True)
             await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
             print(json.dumps({"answered": self.answered, "seen": self.seen}), flush=True)
 
-    async def _on_request(self, msg) -> None:
+    async def _on_request(self, msg: aiormq.abc.DeliveredMessage) -> None:
         t_in = now_ns()
+        raw = self._raw
+        assert raw is not None  # consuming on it
         props = msg.header.properties
         req = _request.decode(msg.body)
         body = b'{"v":1,"id":%s,"verdict":"forward"}' % msgspec.json.encode(props.correlation_id)
         # not mandatory: RabbitMQ 3.10 returns a mandatory message to a direct reply-to
         # pseudo-queue (NO_ROUTE) even when it delivered it
-        await self._raw.basic_publish(body, routing_key=props.reply_to, properties=Basic.Properties(
+        assert props.reply_to is not None  # the bridge's requests name their direct reply-to
+        await raw.basic_publish(body, routing_key=props.reply_to, properties=Basic.Properties(
             correlation_id=props.correlation_id))
         self.seen.append((req.hw, req.call, t_in, now_ns()))
         self.answered += 1

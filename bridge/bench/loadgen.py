@@ -40,6 +40,9 @@ now_ns = time.monotonic_ns
 
 
 class LgSession:
+    """One attached device's session at the load generator: its frame maker and the frames it
+    has in flight."""
+
     __slots__ = ("closed", "hw", "maker", "outstanding", "stamps", "ws")
 
     def __init__(self, ws: ServerConnection, hw: str, index: int) -> None:
@@ -53,6 +56,8 @@ class LgSession:
 
 
 class LoadGen:
+    """The minimal PBX of the module docstring: the bridge attaches to it, it pumps frames."""
+
     def __init__(self, password: str, app: str = "epsignal") -> None:
         self.app = app
         self.password = password
