@@ -16,8 +16,9 @@ def table(R: dict) -> str:
     L.append(f"epsignal-bridge bench ({meta.get('mode')}; commit {meta.get('commit')}; {meta.get('cpus')} cpus; "
              f"RabbitMQ {meta.get('rabbitmq')}; load {meta.get('loadavg_before')} -> {meta.get('loadavg_after')})")
     L.append(f"note: {NOISE_NOTE}")
-    for section in SECTIONS:
-        L += section(R)
+    for key, section in SECTIONS:
+        if R.get(key):
+            L += section(R[key])
     L.append("\ntargets")
     for tg in R.get("targets", []):
         mark = {True: "ok  ", False: "MISS", None: "n/a "}[tg["met"]]
@@ -40,10 +41,7 @@ def pct(s: dict | None, keys: tuple[str, ...] = ("p50", "p99", "p99.9")) -> str:
     return " / ".join(f"{s[k]}" for k in keys) + f" {s['unit']} (n={s['count']})"
 
 
-def _throughput(R: dict) -> list[str]:
-    t = R.get("throughput")
-    if not t:
-        return []
+def _throughput(t: dict) -> list[str]:
     L: list[str] = []
     L.append("\n[1] throughput (closed loop, every event confirmed and consumed)")
     L.append(f"  bridge : {t['bridge_frames_per_s']} frames/s = {t['bridge_events_per_s']} events/s "
@@ -62,10 +60,7 @@ def _throughput(R: dict) -> list[str]:
     return L
 
 
-def _latency(R: dict) -> list[str]:
-    lat = R.get("latency")
-    if not lat:
-        return []
+def _latency(lat: dict) -> list[str]:
     L: list[str] = []
     L.append("\n[2] hop latency, frame from the PBX -> event delivered (p50 / p99 / p99.9)")
     for key, r in lat.items():
@@ -78,10 +73,7 @@ def _latency(R: dict) -> list[str]:
     return L
 
 
-def _forwarding(R: dict) -> list[str]:
-    fw = R.get("forwarding")
-    if not fw:
-        return []
+def _forwarding(fw: dict) -> list[str]:
     L: list[str] = []
     L.append("\n[3] forwarding latency, frame out -> forwarded frame back (p50 / p99 / p99.9)")
     for key in ("broker_up", "broker_down", "floor_echo"):
@@ -93,20 +85,14 @@ def _forwarding(R: dict) -> list[str]:
     return L
 
 
-def _commands(R: dict) -> list[str]:
-    c = R.get("commands")
-    if not c:
-        return []
+def _commands(c: dict) -> list[str]:
     L: list[str] = []
     L.append("\n[4] command latency, published -> Signaling at the PBX (p50 / p99 / p99.9)")
     L.append(f"  {pct(c['latency_ms'])}  ({c['received']}/{c['commands']} at {c['rate_per_s']:g}/s)")
     return L
 
 
-def _scale(R: dict) -> list[str]:
-    s = R.get("scale")
-    if not s:
-        return []
+def _scale(s: dict) -> list[str]:
     L: list[str] = []
     L.append("\n[5] scale (bridge process)")
     L.append("  devices  attach_s  rss_MB  hwm_MB  idle_cpu_%")
@@ -121,10 +107,7 @@ def _scale(R: dict) -> list[str]:
     return L
 
 
-def _cpu(R: dict) -> list[str]:
-    cpu = R.get("cpu")
-    if not cpu:
-        return []
+def _cpu(cpu: dict) -> list[str]:
     L: list[str] = []
     L.append(f"  CPU: {cpu['cpu_pct_of_one_core_per_1000_eps']}% of a core per 1000 events/s "
              f"(at {cpu['at_events_per_s']} ev/s: {cpu['bridge_cpu_pct']}%)"
@@ -133,10 +116,7 @@ def _cpu(R: dict) -> list[str]:
     return L
 
 
-def _codec(R: dict) -> list[str]:
-    k = R.get("codec")
-    if not k:
-        return []
+def _codec(k: dict) -> list[str]:
     L: list[str] = []
     L.append("\n[6] codec, per message (decode + call state + encode the events)")
     L.append(f"  msgspec {k['msgspec_full_us']} us, stdlib json {k['stdlib_full_us']} us: x{k['speedup_full']}"
@@ -145,10 +125,7 @@ def _codec(R: dict) -> list[str]:
     return L
 
 
-def _peer(R: dict) -> list[str]:
-    pe = R.get("peer")
-    if not pe:
-        return []
+def _peer(pe: dict) -> list[str]:
     L: list[str] = []
     L.append(f"\n[8] against the hand-written peer (issue 19): {pe['devices']} devices, window "
              f"{pe['window_per_session']}/session, {pe['frames_per_round']} frames per round, "
@@ -166,10 +143,7 @@ def _peer(R: dict) -> list[str]:
     return L
 
 
-def _tracing(R: dict) -> list[str]:
-    tr = R.get("tracing")
-    if not tr:
-        return []
+def _tracing(tr: dict) -> list[str]:
     L: list[str] = []
     L.append(f"\n[7] tracing on vs off (throughput), off {tr['off_events_per_s']} ev/s")
     for name, label in (("on", f"on, {tr['sampler']}"), ("every_span", "on, every span sampled")):
@@ -182,11 +156,8 @@ def _tracing(R: dict) -> list[str]:
     return L
 
 
-def _intercept(R: dict) -> list[str]:
+def _intercept(x: dict) -> list[str]:
     """Scenario 9 (bridge.bench.intercept)."""
-    x = R.get("intercept")
-    if not x:
-        return []
 
     rt = x.get("verdict_round_trip_ms", {})
     ex, od = x["extra_forward_us"], x["other_devices"]
@@ -211,10 +182,7 @@ def _intercept(R: dict) -> list[str]:
     ]
 
 
-def _profile(R: dict) -> list[str]:
-    p = R.get("profile")
-    if not p:
-        return []
+def _profile(p: dict) -> list[str]:
     L: list[str] = []
     L.append(f"\nprofile ({p['tool']}): {p.get('file')}")
     a = p.get("analysis")
@@ -225,7 +193,17 @@ def _profile(R: dict) -> list[str]:
     return L
 
 
-#: the sections of the table, in order (each none when its scenario did not run)
-SECTIONS: tuple[Callable[[dict], list[str]], ...] = (
-    _throughput, _latency, _forwarding, _commands, _scale, _cpu, _codec, _peer, _tracing, _intercept, _profile,
+#: the sections of the table, in order: the results' key, and its lines (when the scenario ran)
+SECTIONS: tuple[tuple[str, Callable[[dict], list[str]]], ...] = (
+    ("throughput", _throughput),
+    ("latency", _latency),
+    ("forwarding", _forwarding),
+    ("commands", _commands),
+    ("scale", _scale),
+    ("cpu", _cpu),
+    ("codec", _codec),
+    ("peer", _peer),
+    ("tracing", _tracing),
+    ("intercept", _intercept),
+    ("profile", _profile),
 )

@@ -9,6 +9,7 @@ import asyncio
 import json
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import aio_pika
@@ -23,6 +24,20 @@ from bridge.bench.stats import rounded
 
 #: the sampler the Helm chart sets (values.yaml otel.sampler / samplerArg; a deploy test checks)
 DEPLOYED_SAMPLER = ("parentbased_traceidratio", "0.1")
+
+
+def warm_up_frames(frames: int) -> int:
+    """The frames of the (uncounted) closed-loop warm-up before runs of ``frames`` frames."""
+    return max(200, min(2000, frames // 5))
+
+
+async def _start_side_by_side(bench: Bench, envs: Iterable[Env], warm: int) -> None:
+    """Start bridges that are measured in turns, then warm each up with ``warm`` frames."""
+    envs = list(envs)
+    for env in envs:
+        await env.start()
+    for env in envs:
+        await bench.closed_run(env, warm)
 
 
 # ------------------------------------------------------------------ scenario 6: codec
@@ -52,7 +67,7 @@ async def main_env(bench: Bench) -> None:
 # ------------------------------------------------------------------ scenario 1: throughput
 async def throughput(bench: Bench, env: Env) -> None:
     o = bench.o
-    warm = max(200, min(2000, o.frames // 5))
+    warm = warm_up_frames(o.frames)
     await bench.closed_run(env, warm)  # warm-up, not counted
     rounds, messages = [], None
     input_file = bench.out / "ceiling-input.msgpack"
@@ -120,7 +135,7 @@ async def profile(bench: Bench, env: Env) -> None:
                    extra_env={"EPSIGNAL_BENCH_PYINSTRUMENT": str(base)})
         try:
             await penv.start()
-            await bench.closed_run(penv, max(200, min(2000, o.frames // 5)))
+            await bench.closed_run(penv, warm_up_frames(o.frames))
             r, _ = await bench.closed_run(penv, o.frames)
         finally:
             await penv.stop()
@@ -311,13 +326,10 @@ async def peer(bench: Bench) -> None:
         "peer": Env(bench, "peer", o.devices, peer=True, command=[sys.executable, "-m", "bridge.bench.peer"]),
     }
     frames = o.peer_frames
-    warm = max(200, min(2000, frames // 5))
+    warm = warm_up_frames(frames)
     rounds: list[dict] = []
     try:
-        for env in envs.values():
-            await env.start()
-        for env in envs.values():
-            await bench.closed_run(env, warm)
+        await _start_side_by_side(bench, envs.values(), warm)
         for _ in range(o.rounds):
             rnd: dict = {}
             for name, env in envs.items():
@@ -395,12 +407,9 @@ async def tracing(bench: Bench) -> None:
                      **dict(o.tracing_env)}
         envs[name] = Env(bench, f"tracing-{name}", o.devices, wrapper=True, extra_env=extra)
     rounds: list[dict] = []
-    warm = max(200, min(2000, o.tracing_frames // 5))
+    warm = warm_up_frames(o.tracing_frames)
     try:
-        for env in envs.values():
-            await env.start()
-        for env in envs.values():
-            await bench.closed_run(env, warm)
+        await _start_side_by_side(bench, envs.values(), warm)
         for _ in range(o.rounds):
             rounds.append({name: (await bench.closed_run(env, o.tracing_frames))[0] for name, env in envs.items()})
     finally:
