@@ -242,14 +242,14 @@ class Bridge:
 
     async def _attach(self, hw: str) -> cmds.Reply:
         leases = self.leases
-        if leases is not None and (not await leases.want(hw, True) or not leases.runs(hw)):
+        if leases is not None and (not await leases.want(hw, attach=True) or not leases.runs(hw)):
             raise cmds.CommandError(f"the lease of {hw} moved to another replica while the "
                                     "command was carried out; send it again")
         try:
             result, _ = await self.pbx.attach(hw, self.s.attach_timeout_s)
         except AttachFailed as e:
             if e.refused and leases is not None and hw not in leases.configured:
-                await leases.want(hw, False)  # not wanted until attached by command again
+                await leases.want(hw, attach=False)  # not wanted until attached by command again
             raise cmds.CommandError(str(e)) from None
         # a registered device's Attached follows the AttachResult at once: let it arrive, so that
         # `attached` tells registered (true) from waiting for registration (false)
@@ -262,7 +262,7 @@ class Bridge:
             if self.leases is not None:  # the lease's state machine stops the runner
                 target = self.pbx.target(hw)
                 was = target is not None and target[0].attached
-                if not await self.leases.want(hw, False):
+                if not await self.leases.want(hw, attach=False):
                     raise cmds.CommandError(f"the lease of {hw} moved to another replica")
             else:
                 was = await self.pbx.release(hw, "command")

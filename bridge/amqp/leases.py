@@ -48,8 +48,9 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Protocol
 
 import aio_pika
 import aiormq
@@ -130,7 +131,46 @@ class Owner(Protocol):
     def running(self) -> list[str]: ...                # the devices whose runner runs here
 
 
+class QueueCount(NamedTuple):
+    """What a declare-ok says of a lease queue."""
+
+    #: messages ready (the token, if nobody holds it; commands waiting)
+    ready: int
+    #: consumers: a classic queue counts every one in line, a quorum queue its active one only
+    consumers: int
+
+
+def _counts(ok: aiormq.spec.Queue.DeclareOk) -> QueueCount:
+    # a declare-ok always carries both counts (pamqp types them optional, for its frame builder)
+    assert ok.message_count is not None and ok.consumer_count is not None
+    return QueueCount(ok.message_count, ok.consumer_count)
+
+
+@dataclass
+class _Round:
+    """One lease round's view of the world and its budget (:meth:`LeaseManager._reconcile`)."""
+
+    #: the lease channel the round runs on: a round stops when it is replaced
+    epoch: int
+    now: float
+    #: the hello pause is over: line up where this replica is preferred
+    lined_up: bool
+    #: and the member set has settled: line up as stand-in too
+    stable: bool
+    #: leases being given up now (RELEASING, LEAVING): hand-ons start a few at a time
+    moving: int
+    #: devices looked at for a hand-on this round (a passive declare each)
+    checked: int = 0
+    #: orphans looked at this round (a passive declare each)
+    repairs: int = 0
+
+
 class LeaseManager:
+    """A replica's side of the device leases: carries out what each device's
+    :class:`bridge.leases.Lease` decides (line up, hold, hand on, renew) on a lease channel of
+    its own, hears and greets the other replicas on the presence exchange, and starts and stops
+    the owner's runners as the leases come and go (the module docstring says how)."""
+
     def __init__(self, link: BrokerLink, owner: Owner, configured: list[str],
                  on_command: Callable[[AbstractIncomingMessage], Awaitable[None]]) -> None:
         self.link = link
@@ -203,7 +243,12 @@ class LeaseManager:
         return lease
 
     def devices(self) -> set[str]:
+        """Every device this replica knows of: configured, made known by a command, or leased."""
         return self.configured | self.dynamic | set(self.leases)
+
+    def _new_ctag(self, hw: str) -> str:
+        """A consumer tag of its own for each time this replica lines up for ``hw``."""
+        return f"lease:{self.s.instance_id}:{hw}:{next(self._ctags)}"
 
     # ------------------------------------------------------------------ connection
     async def _start(self, conn: AbstractConnection, topo: t.Topology) -> None:
@@ -222,6 +267,7 @@ class LeaseManager:
         await ch.exchange_declare(presence, exchange_type="fanout", durable=True)
         q = (await ch.queue_declare("", exclusive=True, auto_delete=True,  # never quorum: exclusive
                                     arguments={"x-queue-type": "classic"})).queue
+        assert q is not None  # the broker names a queue declared without a name
         await ch.queue_bind(q, presence)
         await ch.basic_consume(q, self._on_presence, no_ack=True)
         self.epoch += 1
@@ -282,7 +328,7 @@ class LeaseManager:
         await ch.basic_publish(body, exchange=t.presence_exchange(self.s), properties=Basic.Properties(
             content_type="application/json", expiration=ttl, message_type="presence"))
 
-    def _on_presence(self, msg: aiormq.abc.DeliveredMessage) -> None:
+    async def _on_presence(self, msg: aiormq.abc.DeliveredMessage) -> None:
         props = msg.header.properties
         if props.message_type == LEASE_QUERY:
             if props.reply_to:
@@ -315,8 +361,8 @@ class LeaseManager:
             lease = self.leases.get(hw)
             row: dict = {"hw": hw, "state": lease.state.value if lease else State.OUT.value,
                          "configured": hw in self.configured}
-            tok = lease.token if lease is not None else None
-            if tok is not None:
+            if lease is not None and lease.token is not None:
+                tok = lease.token
                 row.update(wanted="attached" if lease.wanted() else "detached", gen=tok.gen,
                            since=_iso(tok.since), by=tok.by, cfg=tok.cfg, runner=lease.runner)
             rows.append(row)
@@ -332,7 +378,7 @@ class LeaseManager:
             except Exception as e:  # the channel is down: the link reconnects
                 log.debug("presence heartbeat not sent: %s", e)
 
-    def _spawn(self, coro) -> asyncio.Task:
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)
         self._bg.add(task)
         task.add_done_callback(self._bg.discard)
@@ -342,7 +388,7 @@ class LeaseManager:
     def _carry_out_now(self, lease: Lease, actions: list[Action], reason: str) -> None:
         """Actions from a synchronous context (a channel's close): runner starts and stops at
         once, the rest on a task."""
-        rest = []
+        rest: list[Action] = []
         for a in actions:
             if isinstance(a, StopRunner):
                 self._stop_runner(a, reason)
@@ -444,8 +490,8 @@ class LeaseManager:
         hw = a.hw
         self._by_ctag[a.ctag] = hw
         if hw not in self._declared:
-            ready, consumers = await self._declare(hw)
-            if ready == 0 and consumers == 0:
+            count = await self._declare(hw)
+            if count.ready == 0 and count.consumers == 0:
                 # nothing ready and nobody consuming: nobody can hold a token (a holder is always
                 # a consumer, its token unacked); a race of two declares makes two tokens, which
                 # meet at the active consumer (the older is acked)
@@ -453,8 +499,8 @@ class LeaseManager:
                                                 by=self.s.instance_id, intercept=self._rules_of(hw)))
         await ch.basic_consume(t.lease_queue(self.s, hw), self._on_deliver, consumer_tag=a.ctag)
 
-    async def _declare(self, hw: str) -> tuple[int, int]:
-        """Declare ``hw``'s lease queue and bind it (on the declare channel); (ready, consumers).
+    async def _declare(self, hw: str) -> QueueCount:
+        """Declare ``hw``'s lease queue and bind it (on the declare channel).
         A queue made with other arguments (by an older bridge, or another queue type) is used
         as it is, with a warning: it works, but without this version's lifetimes."""
         for attempt in (1, 2):
@@ -463,11 +509,11 @@ class LeaseManager:
                 if hw in self._mismatch or attempt == 2:
                     ok = await ch.queue_declare(t.lease_queue(self.s, hw), passive=True)
                     await ch.queue_bind(t.lease_queue(self.s, hw), self.s.commands_exchange, t.lease_key(hw))
-                    ready, consumers = ok.message_count, ok.consumer_count
+                    count = _counts(ok)
                 else:
-                    ready, consumers = await t.declare_lease_queue(ch, self.s, hw)
+                    count = QueueCount(*await t.declare_lease_queue(ch, self.s, hw))
                 self._declared.add(hw)
-                return ready, consumers
+                return count
             except (aiormq.exceptions.ChannelPreconditionFailed, t.QueueMismatch) as e:
                 if hw not in self._mismatch:
                     self._mismatch.add(hw)
@@ -533,56 +579,83 @@ class LeaseManager:
     async def _reconcile(self) -> None:
         """One lease round. It only starts things (line up, step out, hand on, renew): no wait
         for a runner or a hand-on, so a slow PBX never holds the round up."""
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        if self.members.expire(now):
-            log.info("replicas: %s", ", ".join(self.members.live))
-        # the safety net of the invariant: a runner the state machine does not allow is stopped
-        for hw in self.owner.running():
-            if not self.runs(hw) and hw not in self._stopping_runner and hw not in self._starting:
-                log.warning("device %s: runner without its lease; detaching", hw)
-                self._spawn(self.owner.released(hw, "lease-lost"))
+        now = asyncio.get_running_loop().time()
+        self._forget_silent_members(now)
+        self._stop_runners_without_lease()
         ch = self._usable()
         if ch is None:
             return
-        epoch = self.epoch
-        # first in line where preferred; stand-in only once the member set is stable (so that at
-        # a start the preferred replicas line up first); out of line at once where neither
-        lined_up = now >= self._line_up_at
-        stable = lined_up and self.plan.settled(now)
-        me = self.members.me
-        moving = sum(1 for lease in self.leases.values() if lease.state in (State.RELEASING, State.LEAVING))
-        checked = repairs = 0
+        rnd = self._new_round(now)
         for hw in sorted(self.devices()):
-            if self.epoch != epoch:
-                return
+            if self.epoch != rnd.epoch:
+                return  # the channel went: the next one's round starts over
             lease = self._lease(hw)
             ranking = self.plan.ranking(hw)
             if lease.state is not State.IN_LINE:
                 self.orphans.watch(hw)
             if lease.state is State.OUT:
-                if (lined_up and ranking[0] == me) or (stable and me in ranking):
-                    await self._do(lease, lease.line_up(epoch, f"lease:{self.s.instance_id}:{hw}:{next(self._ctags)}"))
+                await self._line_up_if_ranked(hw, lease, ranking, rnd)
             elif lease.state is State.IN_LINE:
-                if me not in ranking:
-                    await self._do(lease, lease.release())
-                elif self.orphans.orphaned(hw, ranking[0] == me, now) and repairs < self.s.attach_concurrency:
-                    repairs += 1  # a few queues looked at a round
-                    await self._repair(hw, lease, epoch, now)
+                await self._stand_in_line(hw, lease, ranking, rnd)
             elif lease.state is State.HOLDING:
-                if (lease.runner and hw not in self._starting and hw not in self._stopping_runner):
-                    self.owner.acquired(hw)  # a runner that ended (attach refused) is tried again
-                if (moving < self.s.attach_concurrency and checked < self.s.attach_concurrency
-                        and self.plan.hand_on(hw, self.owner.idle(hw), now)):
-                    # only to a replica in line: a second consumer on the queue (a replica just
-                    # SIGKILLed may still be "heard lately", but its consumers are gone at once)
-                    checked += 1
-                    if (await self._successor_in_line(ch, hw, lease, now) and lease.holding
-                            and self.owner.idle(hw) and self.epoch == epoch):
-                        moving += 1  # a few at a time: a misjudged member set moves little
-                        await self._do(lease, lease.release(), "lease-moved")
-                elif lease.token is not None and now - lease.token.at > RENEW_S:
-                    await self._do(lease, lease.renew())
+                await self._keep_or_hand_on(ch, hw, lease, rnd)
+
+    def _forget_silent_members(self, now: float) -> None:
+        """Replicas not heard for a while are no longer members (the ranking changes)."""
+        if self.members.expire(now):
+            log.info("replicas: %s", ", ".join(self.members.live))
+
+    def _stop_runners_without_lease(self) -> None:
+        """The safety net of the invariant: a runner the state machine does not allow is stopped."""
+        for hw in self.owner.running():
+            if not self.runs(hw) and hw not in self._stopping_runner and hw not in self._starting:
+                log.warning("device %s: runner without its lease; detaching", hw)
+                self._spawn(self.owner.released(hw, "lease-lost"))
+
+    def _new_round(self, now: float) -> _Round:
+        # first in line where preferred; stand-in only once the member set is stable (so that at
+        # a start the preferred replicas line up first); out of line at once where neither
+        lined_up = now >= self._line_up_at
+        moving = sum(1 for lease in self.leases.values() if lease.state in (State.RELEASING, State.LEAVING))
+        return _Round(epoch=self.epoch, now=now, lined_up=lined_up,
+                      stable=lined_up and self.plan.settled(now), moving=moving)
+
+    async def _line_up_if_ranked(self, hw: str, lease: Lease, ranking: list[str], rnd: _Round) -> None:
+        """OUT: line up where this replica is preferred, or as stand-in once the members settled."""
+        me = self.members.me
+        if (rnd.lined_up and ranking[0] == me) or (rnd.stable and me in ranking):
+            await self._do(lease, lease.line_up(rnd.epoch, self._new_ctag(hw)))
+
+    async def _stand_in_line(self, hw: str, lease: Lease, ranking: list[str], rnd: _Round) -> None:
+        """IN_LINE: step out where this replica is ranked no more; look at an orphan's queue."""
+        me = self.members.me
+        if me not in ranking:
+            await self._do(lease, lease.release())
+        elif self.orphans.orphaned(hw, ranking[0] == me, rnd.now) and rnd.repairs < self.s.attach_concurrency:
+            rnd.repairs += 1  # a few queues looked at a round
+            await self._repair(hw, lease, rnd.epoch, rnd.now)
+
+    async def _keep_or_hand_on(self, ch: aiormq.abc.AbstractChannel, hw: str, lease: Lease,
+                               rnd: _Round) -> None:
+        """HOLDING: run the device; hand it on if another replica is preferred and it is idle
+        (a few at a time), else renew its token once it is ``RENEW_S`` old."""
+        if lease.runner and hw not in self._starting and hw not in self._stopping_runner:
+            self.owner.acquired(hw)  # a runner that ended (attach refused) is tried again
+        if (rnd.moving < self.s.attach_concurrency and rnd.checked < self.s.attach_concurrency
+                and self.plan.hand_on(hw, self.owner.idle(hw), rnd.now)):
+            rnd.checked += 1
+            await self._hand_on(ch, hw, lease, rnd)
+        elif lease.token is not None and rnd.now - lease.token.at > RENEW_S:
+            await self._do(lease, lease.renew())
+
+    async def _hand_on(self, ch: aiormq.abc.AbstractChannel, hw: str, lease: Lease, rnd: _Round) -> None:
+        """Give the lease up for the preferred replica, but only to a replica in line: a second
+        consumer on the queue (a replica just SIGKILLed may still be "heard lately", but its
+        consumers are gone at once)."""
+        if (await self._successor_in_line(ch, hw, lease, rnd.now) and lease.holding
+                and self.owner.idle(hw) and self.epoch == rnd.epoch):
+            rnd.moving += 1  # a few at a time: a misjudged member set moves little
+            await self._do(lease, lease.release(), "lease-moved")
 
     async def _repair(self, hw: str, lease: Lease, epoch: int, now: float) -> None:
         """``hw`` is an orphan (bridge.leases.Orphans): in line here, and no replica has said it
@@ -596,18 +669,17 @@ class LeaseManager:
         self.orphans.watch(hw, now)  # looked at: again only after another ORPHAN_BEATS
         try:
             ch = await self._decl_channel()
-            ok = await ch.queue_declare(t.lease_queue(self.s, hw), passive=True)
+            count = _counts(await ch.queue_declare(t.lease_queue(self.s, hw), passive=True))
         except aiormq.exceptions.AMQPError as e:  # gone (the consumer is cancelled) or no leader now
             log.debug("device %s: lease queue not looked at: %s", hw, e)
             return
-        if (not ok.message_count or ok.consumer_count or lease.state is not State.IN_LINE
-                or self.epoch != epoch):
+        if not count.ready or count.consumers or lease.state is not State.IN_LINE or self.epoch != epoch:
             return
         self.repaired += 1
         log.warning("device %s: its lease queue has no active consumer (%d ready) and no replica has "
                     "said it holds the device for %d heartbeats: lining up again (a RabbitMQ quorum "
                     "queue left without its single active consumer, docs/SCALING.md)",
-                    hw, ok.message_count, ORPHAN_BEATS)
+                    hw, count.ready, ORPHAN_BEATS)
         await self._do(lease, lease.release())
         self._wake.set()  # line up again at once
 
@@ -621,43 +693,59 @@ class LeaseManager:
         then is no longer heard lately) is not handed on."""
         if self.s.queue_type == "classic":
             ok = await ch.queue_declare(t.lease_queue(self.s, hw), passive=True)
-            return ok.consumer_count >= 2
+            return _counts(ok).consumers >= 2
         return lease.token is not None and now - lease.token.at >= HAND_ON_HELD_BEATS * self.s.lease_heartbeat_s
 
     # ------------------------------------------------------------------ deliveries
     async def _on_deliver(self, msg: aiormq.abc.DeliveredMessage) -> None:
+        """A delivery from a lease queue: the token, or a command behind it."""
         ctag = msg.consumer_tag or ""
         hw = self._by_ctag.get(ctag)
         ch = msg.channel
+        dtag = msg.delivery_tag
+        assert dtag is not None  # a consumer's delivery (basic.deliver) always has one
         if self._stopping:  # left unacked: closing the channel requeues it for the next holder
             return
         if hw is None or ch is not self._ch:  # an old channel's or consumer's: not ours any more
             if ch is self._ch and not ch.is_closed:
-                await ch.basic_nack(msg.delivery_tag, requeue=True)
+                await ch.basic_nack(dtag, requeue=True)
             return
         lease = self._lease(hw)
-        epoch = self.epoch
         if msg.header.properties.message_type == t.LEASE_TOKEN:
-            try:
-                token = TOKEN_DECODER.decode(msg.body)
-            except msgspec.DecodeError as e:
-                log.warning("device %s: bad lease token dropped: %s", hw, e)
-                await ch.basic_ack(msg.delivery_tag)
-                return
-            acts = lease.token_delivered(epoch, ctag, msg.delivery_tag, token.gen, token.attach,
-                                         bool(msg.delivery.redelivered), asyncio.get_running_loop().time(),
-                                         token.cfg, token.since, token.by)
-            await self._do(lease, acts, "command")
-            if lease.holding:
-                self._take_rules(lease, token)
-                ev = self._token_arrived.pop(hw, None)
-                if ev is not None:
-                    ev.set()
-                if _returns(msg) >= RENEW_RETURNS:  # before a delivery limit can take it
-                    await self._do(lease, lease.renew())
+            await self._on_token(msg, ch, hw, lease, ctag, dtag)
+        else:
+            await self._on_lease_command(msg, hw, lease, ctag, dtag)
+
+    async def _on_token(self, msg: aiormq.abc.DeliveredMessage, ch: aiormq.abc.AbstractChannel, hw: str,
+                        lease: Lease, ctag: str, dtag: int) -> None:
+        """The token came: the lease is held here now (or it was an older copy, acked)."""
+        try:
+            token = TOKEN_DECODER.decode(msg.body)
+        except msgspec.DecodeError as e:
+            log.warning("device %s: bad lease token dropped: %s", hw, e)
+            await ch.basic_ack(dtag)
             return
+        deliver = msg.delivery
+        assert isinstance(deliver, Basic.Deliver)
+        acts = lease.token_delivered(self.epoch, ctag, dtag, token.gen, token.attach,
+                                     bool(deliver.redelivered), asyncio.get_running_loop().time(),
+                                     token.cfg, token.since, token.by)
+        await self._do(lease, acts, "command")
+        if lease.holding:
+            self._take_rules(lease, token)
+            ev = self._token_arrived.pop(hw, None)
+            if ev is not None:
+                ev.set()
+            if _returns(msg) >= RENEW_RETURNS:  # before a delivery limit can take it
+                await self._do(lease, lease.renew())
+
+    async def _on_lease_command(self, msg: aiormq.abc.DeliveredMessage, hw: str, lease: Lease, ctag: str,
+                                dtag: int) -> None:
+        """A command behind the token: carried out if the lease is held here; before the token,
+        it waits for it a while (once)."""
+        epoch = self.epoch
         for retry in (False, True):
-            acts = lease.command(epoch, ctag, msg.delivery_tag, retry=retry)
+            acts = lease.command(epoch, ctag, dtag, retry=retry)
             if isinstance(acts[0], Defer):
                 # the token is on its way (a hand-on requeues it after commands that came straight
                 # here): wait for it; no new token is made here (only the declare mints one)
@@ -676,17 +764,18 @@ class LeaseManager:
 
     async def _on_cancel(self, frame: Basic.Cancel) -> None:
         """The broker cancelled a consumer: its queue was deleted. Declare it again next round."""
-        hw = self._by_ctag.pop(frame.consumer_tag, None)
+        ctag = frame.consumer_tag or ""
+        hw = self._by_ctag.pop(ctag, None)
         if hw is None:
             return
         self._declared.discard(hw)
         self.dynamic.discard(hw)
         lease = self._lease(hw)
-        await self._do(lease, lease.broker_cancel(self.epoch, frame.consumer_tag), "lease-lost")
+        await self._do(lease, lease.broker_cancel(self.epoch, ctag), "lease-lost")
         self._wake.set()
 
     # ------------------------------------------------------------------ for the bridge
-    async def want(self, hw: str, attach: bool) -> bool:
+    async def want(self, hw: str, *, attach: bool) -> bool:
         """An attach or detach command for a device held here: start or stop its runner (a stop
         is waited for), and replace the token with one of the next generation saying so. False
         if the lease is not held here (it moved while the command waited)."""
@@ -743,7 +832,7 @@ class LeaseManager:
         # binding took it (a bridge with leases off retired the queue, or it expired)
         self._declared.discard(hw)
         if lease.state is State.OUT:
-            await self._do(lease, lease.line_up(self.epoch, f"lease:{self.s.instance_id}:{hw}:{next(self._ctags)}"))
+            await self._do(lease, lease.line_up(self.epoch, self._new_ctag(hw)))
         else:
             await self._declare(hw)
         return t.lease_queue(self.s, hw)
@@ -854,7 +943,7 @@ class LeaseRetirer:
                          "left to it (looked at again every %gs)", hw, RETIRE_EVERY_S)
             return False
         await q.unbind(self.s.commands_exchange, t.lease_key(hw))
-        async for msg in t.take_waiting(q, q.declaration_result.message_count):
+        async for msg in t.take_waiting(q, _counts(q.declaration_result).ready):
             if msg.type == t.LEASE_TOKEN:
                 await msg.ack()
                 continue

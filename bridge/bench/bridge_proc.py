@@ -19,28 +19,40 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+    from opentelemetry.sdk.trace.export import SpanExporter
 
 
-class _CountingExporter:
-    """A SpanExporter that counts and forgets."""
+class _SpanCount:
+    """How many spans the bench's exporter was handed (it counts them and forgets them)."""
 
     def __init__(self) -> None:
         self.spans = 0
 
-    def export(self, spans):
-        from opentelemetry.sdk.trace.export import SpanExportResult
 
-        self.spans += len(spans)
-        return SpanExportResult.SUCCESS
+def _counting_exporter(count: _SpanCount) -> SpanExporter:
+    """A SpanExporter that counts into ``count`` and drops the spans."""
+    from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
-    def shutdown(self) -> None:
-        pass
+    class Counting(SpanExporter):
+        def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+            count.spans += len(spans)
+            return SpanExportResult.SUCCESS
 
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return True
+        def shutdown(self) -> None:
+            pass
+
+        def force_flush(self, timeout_millis: int = 30000) -> bool:
+            return True
+
+    return Counting()
 
 
-def _setup_tracing(status: dict):
+def _setup_tracing(status: dict) -> tuple[TracerProvider, _SpanCount] | tuple[None, None]:
     try:
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider
@@ -54,9 +66,9 @@ def _setup_tracing(status: dict):
     if configure is None:
         status["tracing"] = "unavailable: bridge.tracing has no configure()"
         return None, None
-    exporter = _CountingExporter()
+    count = _SpanCount()
     provider = TracerProvider(resource=Resource.create({"service.name": "epsignal-bridge-bench"}))
-    provider.add_span_processor(BatchSpanProcessor(exporter))
+    provider.add_span_processor(BatchSpanProcessor(_counting_exporter(count)))
     try:
         on = configure(provider)
     except Exception as e:  # an older or different tracing module: measure without
@@ -67,15 +79,15 @@ def _setup_tracing(status: dict):
         return None, None
     tracing.configure = lambda provider=None: True  # run() calls configure() again from OTEL_*
     status["tracing"] = "on"
-    return provider, exporter
+    return provider, count
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     status: dict = {"tracing": "off", "spans": 0}
-    provider = exporter = None
+    provider, count = None, None
     if os.environ.get("EPSIGNAL_BENCH_TRACING") == "sdk":
-        provider, exporter = _setup_tracing(status)
+        provider, count = _setup_tracing(status)
     profiler = None
     prof_file = os.environ.get("EPSIGNAL_BENCH_PYINSTRUMENT")
     if prof_file:
@@ -88,15 +100,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rc = cli_main(["run", *argv])
     finally:
-        if profiler is not None:
+        if profiler is not None and prof_file:
             profiler.stop()
             with open(prof_file + ".html", "w") as f:
                 f.write(profiler.output_html())
             with open(prof_file + ".txt", "w") as f:
                 f.write(profiler.output_text(unicode=False, color=False, show_all=False))
-        if provider is not None:
+        if provider is not None and count is not None:
             provider.force_flush()
-            status["spans"] = exporter.spans
+            status["spans"] = count.spans
             provider.shutdown()
         path = os.environ.get("EPSIGNAL_BENCH_STATUS")
         if path:

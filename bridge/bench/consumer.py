@@ -21,6 +21,8 @@ from collections import Counter
 from collections.abc import Callable
 
 import aio_pika
+import aiormq
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange, AbstractQueue
 
 from bridge.bench.frames import STAMP, stamp_of
 
@@ -65,6 +67,9 @@ class Run:
 
 
 class Sink:
+    """The consumer of the module docstring: one exclusive queue bound with ``#``; a
+    :class:`Run` counts what arrives for one measured run."""
+
     def __init__(self, url: str, exchange: str, on_stamp: Callable[[], None] | None = None,
                  stamp_by_key: Callable[[str], int | None] | None = None) -> None:
         self.url = url
@@ -73,8 +78,15 @@ class Sink:
         #: the event type that stands for a frame (hop latency, credit)
         self.stamp_type = "call.signaling" if stamp_by_key is None else "call.state"
         self.stamp_by_key = stamp_by_key
-        self.conn = None
-        self.queue = None
+        self.conn: AbstractConnection | None = None
+        #: the consumer's queue (exclusive), bound to every event
+        self.queue: AbstractQueue | None = None
+        self._ch: AbstractChannel | None = None
+        self._ex: AbstractExchange | None = None
+        self._raw: aiormq.abc.AbstractChannel | None = None
+        self._tag: str | None = None
+        #: while paused: the queue the events pile up in
+        self._parking: AbstractQueue | None = None
         self.by_type: Counter = Counter()
         self.total = 0
         self.run: Run | None = None
@@ -84,26 +96,34 @@ class Sink:
         ch = await self.conn.channel()
         ex = await ch.declare_exchange(self.exchange, aio_pika.ExchangeType.TOPIC, durable=True)
         # exclusive (gone with the connection), not auto-delete: pause() cancels the consumer
-        self.queue = await ch.declare_queue(exclusive=True)
-        await self.queue.bind(ex, "#")
+        queue = self.queue = await ch.declare_queue(exclusive=True)
+        await queue.bind(ex, "#")
         self._ch, self._ex = ch, ex
-        self._raw = await ch.get_underlay_channel()
-        ok = await self._raw.basic_consume(self.queue.name, self._on, no_ack=True)
+        raw = self._raw = await ch.get_underlay_channel()
+        ok = await raw.basic_consume(queue.name, self._on, no_ack=True)
         self._tag = ok.consumer_tag
         self._parking = None
+
+    def _opened(self) -> tuple[AbstractChannel, AbstractExchange, AbstractQueue, aiormq.abc.AbstractChannel]:
+        if self._ch is None or self._ex is None or self.queue is None or self._raw is None:
+            raise RuntimeError("the consumer is not open")
+        return self._ch, self._ex, self.queue, self._raw
 
     async def pause(self) -> None:
         """Stop consuming, without the events going unroutable: they pile up in a parking
         queue nobody reads (so that the harness does no consumer work, and the bridge's
         publishing is unchanged). :meth:`resume` drops them."""
-        self._parking = await self._ch.declare_queue(exclusive=True)
-        await self._parking.bind(self._ex, "#")
-        await self.queue.unbind(self._ex, "#")
-        await self._raw.basic_cancel(self._tag)
+        ch, ex, queue, raw = self._opened()
+        parking = self._parking = await ch.declare_queue(exclusive=True)
+        await parking.bind(ex, "#")
+        await queue.unbind(ex, "#")
+        assert self._tag is not None
+        await raw.basic_cancel(self._tag)
 
     async def resume(self) -> None:
-        await self.queue.bind(self._ex, "#")
-        ok = await self._raw.basic_consume(self.queue.name, self._on, no_ack=True)
+        _ch, ex, queue, raw = self._opened()
+        await queue.bind(ex, "#")
+        ok = await raw.basic_consume(queue.name, self._on, no_ack=True)
         self._tag = ok.consumer_tag
         if self._parking is not None:
             await self._parking.delete(if_unused=False, if_empty=False)

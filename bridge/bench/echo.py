@@ -30,6 +30,7 @@ async def _session(url: str, app: str, password: str, hw: str, gate: asyncio.Sem
                            proxy=None, create_connection=PbxClientConnection)
         await login_as_client(ws, app, password, 10, m.MAX_FRAME_BYTES)
         await ws.send(m.encode(m.Attach(hw=hw, src=hw)), text=True)
+    assert isinstance(ws, PbxClientConnection)  # create_connection above
     try:
         recv, send, took_binary = ws.recv, ws.send, ws.took_binary
         while True:

@@ -33,17 +33,19 @@ import re
 import sys
 import time
 from collections import Counter, defaultdict
-from typing import TYPE_CHECKING
 
 import aio_pika
+import aiormq
 import msgspec
 from pamqp.commands import Basic
 
 from bridge.bench import stats
+from bridge.bench.env import Env
 from bridge.bench.frames import hw_id
+from bridge.bench.measure import Bench
+from bridge.bench.proc import pipes
+from bridge.bench.stats import rounded
 
-if TYPE_CHECKING:
-    from bridge.bench.runner import Bench
 
 SETUP = b'"type":"setup"'
 CALL = re.compile(rb'"call":(\d+)')
@@ -76,6 +78,7 @@ class Decider:
         self.url = url
         self.exchange = exchange
         self.answered = 0
+        self._raw: aiormq.abc.AbstractChannel | None = None
         #: [hw, call, request in, verdict out] (monotonic ns: the load generator's clock)
         self.seen: list[tuple[str, int, int, int]] = []
 
@@ -85,20 +88,23 @@ class Decider:
             ex = await ch.get_exchange(self.exchange, ensure=False)
             requests = await ch.declare_queue(exclusive=True, auto_delete=True)
             await requests.bind(ex, "device.*.call.*.intercept")
-            self._raw = await ch.get_underlay_channel()
-            await self._raw.basic_consume(requests.name, self._on_request, no_ack=True)
+            raw = self._raw = await ch.get_underlay_channel()
+            await raw.basic_consume(requests.name, self._on_request, no_ack=True)
             print("ready", flush=True)
             await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
             print(json.dumps({"answered": self.answered, "seen": self.seen}), flush=True)
 
-    async def _on_request(self, msg) -> None:
+    async def _on_request(self, msg: aiormq.abc.DeliveredMessage) -> None:
         t_in = now_ns()
+        raw = self._raw
+        assert raw is not None  # consuming on it
         props = msg.header.properties
         req = _request.decode(msg.body)
         body = b'{"v":1,"id":%s,"verdict":"forward"}' % msgspec.json.encode(props.correlation_id)
         # not mandatory: RabbitMQ 3.10 returns a mandatory message to a direct reply-to
         # pseudo-queue (NO_ROUTE) even when it delivered it
-        await self._raw.basic_publish(body, routing_key=props.reply_to, properties=Basic.Properties(
+        assert props.reply_to is not None  # the bridge's requests name their direct reply-to
+        await raw.basic_publish(body, routing_key=props.reply_to, properties=Basic.Properties(
             correlation_id=props.correlation_id))
         self.seen.append((req.hw, req.call, t_in, now_ns()))
         self.answered += 1
@@ -146,7 +152,11 @@ async def broker_floor(url: str, exchange: str, n: int) -> list[int]:
         ch = await conn.channel(publisher_confirms=False)
         got: asyncio.Queue = asyncio.Queue()
         reply_q = await ch.get_queue("amq.rabbitmq.reply-to", ensure=False)
-        await reply_q.consume(lambda m: got.put_nowait(now_ns()), no_ack=True)
+
+        async def on_reply(_m: aio_pika.abc.AbstractIncomingMessage) -> None:
+            got.put_nowait(now_ns())
+
+        await reply_q.consume(on_reply, no_ack=True)
         ex = await ch.get_exchange(exchange, ensure=False)
         for i in range(n):
             t0 = now_ns()
@@ -164,7 +174,7 @@ async def start_decider(bench: Bench, exchange: str) -> asyncio.subprocess.Proce
             sys.executable, "-m", "bridge.bench.intercept", bench.amqp, exchange,
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=log,
             limit=1 << 26)  # its report is one line of every request seen
-    line = await asyncio.wait_for(proc.stdout.readline(), 30)
+    line = await asyncio.wait_for(pipes(proc)[1].readline(), 30)
     if line.strip() != b"ready":
         raise RuntimeError(f"the decider did not start: {line!r} (see "
                            f"{bench.out / 'intercept-decider.log'})")
@@ -172,17 +182,16 @@ async def start_decider(bench: Bench, exchange: str) -> asyncio.subprocess.Proce
 
 
 async def decider_report(proc: asyncio.subprocess.Process) -> dict:
-    proc.stdin.write(b"report\n")
-    await proc.stdin.drain()
-    line = await asyncio.wait_for(proc.stdout.readline(), 30)
+    stdin, stdout = pipes(proc)
+    stdin.write(b"report\n")
+    await stdin.drain()
+    line = await asyncio.wait_for(stdout.readline(), 30)
     await asyncio.wait_for(proc.wait(), 10)
     return json.loads(line)
 
 
 async def run(bench: Bench) -> None:
     """The scenario; results in ``bench.results["intercept"]``, checks in ``bench.checks``."""
-    from bridge.bench.runner import Env, _r
-
     o = bench.o
     n = o.devices
     ruled = {hw_id(i) for i in range(n // 2)}
@@ -207,7 +216,9 @@ async def run(bench: Bench) -> None:
                 mine[("ruled" if s.hw in ruled else "other",
                       "setup" if setup else "other")].append(t - stamp)
                 if on and setup and s.hw in ruled:
-                    back[(s.hw, int(CALL.search(data)[1]))] = (stamp, t)
+                    call = CALL.search(data)
+                    assert call is not None  # every frame the load generator makes names its call
+                    back[(s.hw, int(call[1]))] = (stamp, t)
 
             env.lg.tap = tap
         outcomes = Outcomes()
@@ -268,7 +279,7 @@ async def run(bench: Bench) -> None:
     def delta(group: str, kind: str) -> dict:
         a = out["on"]["forward_us"][f"{group}.{kind}"]
         b = out["off"]["forward_us"][f"{group}.{kind}"]
-        return {q: _r(a[q] - b[q], 1) if a[q] is not None and b[q] is not None else None
+        return {q: rounded(a[q] - b[q], 1) if a[q] is not None and b[q] is not None else None
                 for q in ("p50", "p99")}
 
     out["extra_forward_us"] = {"intercepted_setup": delta("ruled", "setup"),
@@ -277,7 +288,7 @@ async def run(bench: Bench) -> None:
     off_other = stats.summary(samples["off"][("other", "setup")] + samples["off"][("other", "other")], "us")
     out["other_devices"] = {
         "forward_us_on": on_other, "forward_us_off": off_other,
-        **{f"{q}_on_over_off": _r(on_other[q] / off_other[q], 2) if on_other[q] and off_other[q] else None
+        **{f"{q}_on_over_off": rounded(on_other[q] / off_other[q], 2) if on_other[q] and off_other[q] else None
            for q in ("p50", "p99")}}
     bench.results["intercept"] = out
     # every hold ended, forwarded: on the verdict or, past the deadline (a busy machine), by
@@ -287,38 +298,6 @@ async def run(bench: Bench) -> None:
         all(out[k]["all_forwards_back"] and out[k]["all_events_received"] for k in ("off", "on"))
         and out["on"].get("outcomes_complete", False)
         and set(outcomes) <= {"forward", "timeout"} and outcomes.get("forward", 0) > 0)
-
-
-def table_lines(R: dict) -> list[str]:
-    """The scenario's lines of the results table (none when it did not run)."""
-    x = R.get("intercept")
-    if not x:
-        return []
-
-    def pq(s: dict) -> str:
-        return f"{s['p50']} / {s['p99']} {s['unit']} (n={s['count']})" if s.get("count") else "n/a"
-
-    rt = x.get("verdict_round_trip_ms", {})
-    ex, od = x["extra_forward_us"], x["other_devices"]
-    return [
-        f"\n[9] intercept: {x['intercepted_devices']} of {x['devices']} devices hold their setup "
-        f"for a local decider, @ {x['offered_events_per_s']:g} ev/s, {x['rounds']} round(s) "
-        f"off/on (p50 / p99)",
-        f"  verdict round trip (the bridge's waited_ms): {pq(rt)}; outcomes {x.get('outcomes')}",
-        *(f"  intercepted setup, {k.replace('_', ' ')}: {pq(v)}"
-          for k, v in x.get("intercepted_setup_legs_ms", {}).items()),
-        f"  verdicts that came after their setup was forwarded (timed out, fail-open): "
-        f"{x['on'].get('verdicts_after_the_frame')}",
-        f"  floor: the harness's own request -> decider -> reply through the broker: "
-        f"{pq(x.get('broker_floor_ms', {}))}",
-        f"  forwarding, intercepted setups: {pq(x['on']['forward_us']['ruled.setup'])} "
-        f"(off: {pq(x['off']['forward_us']['ruled.setup'])}); extra {ex['intercepted_setup']['p50']} / "
-        f"{ex['intercepted_setup']['p99']} us",
-        f"  forwarding, later messages of those devices: extra {ex['same_devices_other_messages']['p50']}"
-        f" / {ex['same_devices_other_messages']['p99']} us",
-        f"  forwarding, devices without rules: {pq(od['forward_us_on'])} (off: "
-        f"{pq(od['forward_us_off'])}); on/off x{od['p50_on_over_off']} / x{od['p99_on_over_off']}",
-    ]
 
 
 if __name__ == "__main__":

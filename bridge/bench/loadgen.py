@@ -27,7 +27,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from websockets.asyncio.server import ServerConnection, serve
+from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
 from bridge.bench.frames import COMMAND_STAMP, STAMP, FrameMaker, stamp_of
@@ -40,6 +40,9 @@ now_ns = time.monotonic_ns
 
 
 class LgSession:
+    """One attached device's session at the load generator: its frame maker and the frames it
+    has in flight."""
+
     __slots__ = ("closed", "hw", "maker", "outstanding", "stamps", "ws")
 
     def __init__(self, ws: ServerConnection, hw: str, index: int) -> None:
@@ -53,11 +56,13 @@ class LgSession:
 
 
 class LoadGen:
+    """The minimal PBX of the module docstring: the bridge attaches to it, it pumps frames."""
+
     def __init__(self, password: str, app: str = "epsignal") -> None:
         self.app = app
         self.password = password
         self.url: str | None = None
-        self._server = None
+        self._server: Server | None = None
         #: attached sessions by hw, and in the order they attached
         self.sessions: dict[str, LgSession] = {}
         self.order: list[LgSession] = []
@@ -96,11 +101,11 @@ class LoadGen:
 
     # ------------------------------------------------------------------ server
     async def start(self, host: str = "127.0.0.1") -> str:
-        self._server = await serve(
+        server = self._server = await serve(
             self._handler, host, 0, compression=None, max_size=m.MAX_FRAME_BYTES + 1024,
             ping_interval=None, max_queue=64, backlog=4096,
         )
-        port = self._server.sockets[0].getsockname()[1]
+        port = server.sockets[0].getsockname()[1]
         self.url = f"ws://{host}:{port}{PATH}"
         return self.url
 
@@ -154,17 +159,16 @@ class LoadGen:
             except FrameError:
                 self.other_frames += 1
                 continue
-            t = type(msg)
-            if t is m.AppChallenge:
+            if isinstance(msg, m.AppChallenge):
                 await ws.send(m.encode(login.on_challenge_request(msg)), text=True)
-            elif t is m.AppLogin:
+            elif isinstance(msg, m.AppLogin):
                 result = login.on_login(msg)
                 await ws.send(m.encode(result), text=True)
                 if not result.ok:
                     self.login_failures += 1
                     await ws.close(1008, "login failed")
                     return None
-            elif t is m.Attach and login.app is not None:
+            elif isinstance(msg, m.Attach) and login.app is not None:
                 await ws.send(m.encode(m.AttachResult(
                     src=msg.src, stun="stun1.example.net;stun2.example.net", turn="turn.example.net:3478",
                     turnUsr="bench", turnPwd="bench-turn-pw", prefixIntl="000", prefixNtl="00",

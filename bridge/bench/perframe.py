@@ -31,10 +31,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import sys
+from typing import cast
 
 from aiormq.base import FutureStore
 from websockets.exceptions import ConnectionClosed
 
+from bridge.amqp.link import BrokerLink
 from bridge.amqp.publisher import EventPublisher
 from bridge.bench.frames import FrameMaker, hw_id
 from bridge.device import Device
@@ -109,7 +111,9 @@ class _Intercept:
     """What a session asks of the intercept adapter (bridge.amqp.intercept.Interceptor)."""
 
     def __init__(self, rules: Rules) -> None:
-        self.rules, self.sessions, self._n = rules, set(), itertools.count(1)
+        self.rules = rules
+        self.sessions: set[PbxSession] = set()
+        self._n = itertools.count(1)
 
     def gate(self) -> Gate:
         return Gate(self.rules, "bench-perframe", self._n)
@@ -138,7 +142,9 @@ async def run(frames: int, kinds: tuple[str, ...] = KINDS, intercept: str | None
     raw = _Raw()
     link = _Link(raw)
     factory = EventFactory("bench-perframe", kinds)
-    pub = EventPublisher(link, factory, window=1024, timeout_s=30.0, max_events=1_000_000, max_age_s=3600.0)
+    # a stand-in for the broker link: the parts EventPublisher uses, on the fake channel above
+    pub = EventPublisher(cast(BrokerLink, link), factory, window=1024, timeout_s=30.0, max_events=1_000_000,
+                         max_age_s=3600.0)
     drain = asyncio.create_task(pub.run())
     ws = _Ws(frames)
     ix = _Intercept(Rules(parse_config(INTERCEPT[intercept]))) if intercept else None

@@ -231,3 +231,9 @@ async def spawn_bridge(env: dict[str, str], log_path: Path, *, wrapper: bool = F
     finally:
         log.close()
     return BridgeProc(proc, log_path, t)
+
+
+def pipes(proc: asyncio.subprocess.Process) -> tuple[asyncio.StreamWriter, asyncio.StreamReader]:
+    """The stdin and stdout of a helper process started with both piped."""
+    assert proc.stdin is not None and proc.stdout is not None, "started without stdin/stdout pipes"
+    return proc.stdin, proc.stdout

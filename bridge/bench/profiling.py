@@ -70,10 +70,13 @@ class PySpy:
         self.log = out.with_suffix(".log")
 
     async def start(self) -> None:
+        exe = py_spy()
+        if exe is None:
+            raise RuntimeError("py-spy is not installed")
         log = open(self.log, "wb")  # noqa: SIM115 (py-spy writes to it; closed below)
         try:
             self.proc = await asyncio.create_subprocess_exec(
-                py_spy(), "record", "--pid", str(self.pid), "--rate", str(self.rate),
+                exe, "record", "--pid", str(self.pid), "--rate", str(self.rate),
                 "--format", "raw", "--nonblocking", "--full-filenames", "-o", str(self.out),
                 stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
             )

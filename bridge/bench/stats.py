@@ -54,3 +54,8 @@ def cdf_points(samples_ns: Sequence[int], div: float, points: int = 400) -> tupl
         xs.append(data[i] / div)
         ys.append((i + 1) / n)
     return xs, ys
+
+
+def rounded(x: float | None, nd: int = 1) -> float | None:
+    """``x`` rounded to ``nd`` digits; None stays None (a figure that was not measured)."""
+    return None if x is None else round(x, nd)

@@ -18,6 +18,7 @@ Usage::
 
 from bridge.sim.calls import Scenario
 from bridge.sim.config import SimConfig, hw_id, hw_index
-from bridge.sim.pbx import PATH, Faults, PbxSimulator
+from bridge.sim.faults import Faults
+from bridge.sim.pbx import PATH, PbxSimulator
 
 __all__ = ["PATH", "Faults", "PbxSimulator", "Scenario", "SimConfig", "hw_id", "hw_index"]

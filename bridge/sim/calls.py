@@ -40,7 +40,7 @@ import asyncio
 from collections import deque
 from dataclasses import dataclass
 from time import perf_counter_ns
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, Protocol
 
 import msgspec
 from msgspec import UNSET, Raw, UnsetType
@@ -49,11 +49,8 @@ from bridge.protocol.errors import FrameError
 from bridge.protocol.messages import CallState, Info, Remote, Signaling, Sync, encode
 from bridge.protocol.signal import decode_sig
 from bridge.sim import sigs
-from bridge.sim.devices import Device, remote_dn, remote_sip
-
-if TYPE_CHECKING:
-    from bridge.sim.pbx import PbxSimulator
-    from bridge.sim.session import Session
+from bridge.sim.config import SimConfig, remote_dn, remote_sip
+from bridge.sim.stats import RttWindow
 
 TO_DEVICE = True
 FROM_DEVICE = False
@@ -61,6 +58,36 @@ DEVICE_PORT = 5004
 REMOTE_PORT = 5006
 
 Outcome = Literal["completed", "stalled", "aborted"]
+
+
+class AppLink(Protocol):
+    """What a call (and a device) needs of an application session
+    (:class:`bridge.sim.session.Session`): to send it a frame."""
+
+    def post(self, frame: bytes) -> None: ...
+
+
+class Line(Protocol):
+    """What a call needs of its device (:class:`bridge.sim.devices.Device`)."""
+
+    hw: str
+    ext: str
+    sip: str
+    dn: str
+    registered: bool
+    #: the application session attached to the device (None: not attached)
+    session: AppLink | None
+    src: str | UnsetType
+    calls: dict[int, Call]
+
+
+class CallHost(Protocol):
+    """What a call needs of the simulator (:class:`bridge.sim.pbx.PbxSimulator`)."""
+
+    config: SimConfig
+    rtt: RttWindow
+
+    def call_finished(self, call: Call, outcome: Outcome) -> None: ...
 
 
 class CallStalled(Exception):
@@ -139,8 +166,8 @@ class Call:
     )
 
     def __init__(
-        self, pbx: PbxSimulator, call_id: int, device: Device, *, incoming: bool, remote: Remote,
-        app_session: Session | None = None, app_src: str | UnsetType = UNSET,
+        self, pbx: CallHost, call_id: int, device: Line, *, incoming: bool, remote: Remote,
+        app_session: AppLink | None = None, app_src: str | UnsetType = UNSET,
     ) -> None:
         self.pbx = pbx
         self.id = call_id
@@ -201,7 +228,9 @@ class Call:
         """What each end received, for the control API (``GET /devices/<hw>/calls/<id>``):
         ``device``/``pbx`` the sigs in order, ``order`` both ends interleaved as ``">setup"``
         (to the device) / ``"<alert"`` (to the PBX side)."""
-        device, pbx, order = [], [], []
+        device: list[Any] = []
+        pbx: list[Any] = []
+        order: list[str] = []
         for to, raw in self.delivered:
             sig = msgspec.json.decode(raw)
             (device if to else pbx).append(sig)
@@ -219,6 +248,7 @@ class Call:
         if self.app:
             if state is not None:
                 self.set_state(state)
+            assert self.session is not None  # an app call has its session
             self.session.post(signaling_frame(self.src, self.id, sigs.encode_sig(sig), to))
         else:
             await self.send(to, sig, state)
@@ -329,7 +359,9 @@ class Call:
                 except asyncio.CancelledError:
                     if self._interrupt is None or self._aborting:
                         raise
-                    asyncio.current_task().uncancel()
+                    task = asyncio.current_task()
+                    assert task is not None  # run() is a task's coroutine
+                    task.uncancel()
                     end, self._interrupt = self._interrupt, None
             outcome = "completed"
         except CallStalled:
@@ -345,7 +377,7 @@ class Call:
                 if not fut.done():
                     fut.set_exception(LookupError(ended))
             self._waiters = None
-            self.pbx._call_finished(self, outcome)
+            self.pbx.call_finished(self, outcome)
 
     def _release_stalled(self) -> None:
         dev = self.device

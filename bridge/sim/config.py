@@ -65,3 +65,13 @@ class SimConfig:
             raise ValueError("call_duration_s and ring_s must not be negative")
         if self.stall_timeout_s <= 0:
             raise ValueError("stall_timeout_s must be positive")
+
+
+def remote_sip(num: str) -> str:
+    """The SIP user of a simulated remote party (``201`` -> ``r201``)."""
+    return f"r{num}"
+
+
+def remote_dn(num: str) -> str:
+    """The display name of a simulated remote party (``201`` -> ``Remote 201``)."""
+    return f"Remote {num}"

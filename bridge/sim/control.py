@@ -29,16 +29,48 @@ device or path, 405 for a wrong method, 409 for a call on an unregistered device
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Literal
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, Literal, Protocol, TypeVar
 
 import msgspec
 from aiohttp import web
 from msgspec import UNSET, Meta, Struct, UnsetType
 
-if TYPE_CHECKING:
-    from bridge.sim.pbx import PbxSimulator
+from bridge.sim.devices import Device
+from bridge.sim.faults import Faults
 
-_PBX = web.AppKey("pbx", object)
+
+class Controlled(Protocol):
+    """What the control API drives (:class:`bridge.sim.pbx.PbxSimulator`)."""
+
+    devices: dict[str, Device]
+    faults: Faults
+
+    async def place_call(
+        self, hw: str, direction: Literal["in", "out"] = "in", remote: str = "201", answer: bool = True,
+        hold_s: float = 1.0, busy: bool = False, hold: bool = False,
+        transfer_to: str | None = None, hangup: Literal["remote", "device"] = "remote",
+    ) -> int: ...
+
+    def register(self, hw: str) -> None: ...
+
+    def unregister(self, hw: str) -> None: ...
+
+    def device_info(self, hw: str) -> dict[str, Any]: ...
+
+    def call_records(self, hw: str) -> list[dict[str, Any]]: ...
+
+    def call_record(self, hw: str, call_id: int) -> dict[str, Any]: ...
+
+    async def drop_sessions(self) -> int: ...
+
+    async def send_garbage(self, count: int) -> int: ...
+
+    def stats(self) -> dict[str, Any]: ...
+
+
+_PBX = web.AppKey[Controlled]("pbx")
+S = TypeVar("S", bound=Struct)
 
 
 class CallRequest(Struct, forbid_unknown_fields=True):
@@ -69,7 +101,7 @@ def _error(status: int, text: str) -> web.Response:
     return web.json_response({"error": text}, status=status)
 
 
-async def _body(request: web.Request, typ: type[Struct]) -> Struct:
+async def _body(request: web.Request, typ: type[S]) -> S:
     data = await request.read()
     if not data.strip():
         data = b"{}"
@@ -84,7 +116,7 @@ async def _body(request: web.Request, typ: type[Struct]) -> Struct:
 
 
 def _device(request: web.Request):
-    pbx: PbxSimulator = request.app[_PBX]
+    pbx: Controlled = request.app[_PBX]
     hw = request.match_info["hw"]
     if hw not in pbx.devices:
         raise web.HTTPNotFound(text=_json_error(f"unknown device {hw!r}"),
@@ -146,7 +178,7 @@ async def garbage(request: web.Request) -> web.Response:
 
 
 async def faults(request: web.Request) -> web.Response:
-    pbx: PbxSimulator = request.app[_PBX]
+    pbx: Controlled = request.app[_PBX]
     body = await _body(request, FaultsRequest)
     if body.refuse_logins is not UNSET:
         pbx.faults.refuse_logins = body.refuse_logins
@@ -161,7 +193,8 @@ async def stats(request: web.Request) -> web.Response:
 
 
 @web.middleware
-async def _json_errors(request: web.Request, handler):
+async def _json_errors(request: web.Request,
+                       handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
     """Every error answer is JSON ``{"error": ...}``, also aiohttp's own 404 and 405."""
     try:
         return await handler(request)
@@ -171,7 +204,7 @@ async def _json_errors(request: web.Request, handler):
         return _error(e.status, f"{e.reason}: {request.method} {request.path}")
 
 
-def make_app(pbx: PbxSimulator) -> web.Application:
+def make_app(pbx: Controlled) -> web.Application:
     app = web.Application(middlewares=[_json_errors])
     app[_PBX] = pbx
     app.router.add_post("/devices/{hw}/calls", place_call)
@@ -187,7 +220,7 @@ def make_app(pbx: PbxSimulator) -> web.Application:
     return app
 
 
-async def start_control(pbx: PbxSimulator, host: str, port: int) -> tuple[web.AppRunner, str]:
+async def start_control(pbx: Controlled, host: str, port: int) -> tuple[web.AppRunner, str]:
     """Serve the control API; the runner (``cleanup()`` it) and the base URL."""
     runner = web.AppRunner(make_app(pbx), access_log=None)
     await runner.setup()

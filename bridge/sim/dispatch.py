@@ -8,7 +8,8 @@ starts (negative id). One decode per frame, O(1) work per message, nothing logge
 from __future__ import annotations
 
 import secrets
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Coroutine
+from typing import Any, Protocol
 
 from msgspec import UNSET
 
@@ -24,19 +25,53 @@ from bridge.protocol.messages import (
     decode,
     encode,
 )
+from bridge.protocol.login import ServerLogin
 from bridge.protocol.signal import Sig
 from bridge.sim import calls as _calls
-from bridge.sim.calls import Call
-from bridge.sim.devices import Device, remote_dn, remote_sip
-
-if TYPE_CHECKING:
-    from bridge.sim.pbx import PbxSimulator
-    from bridge.sim.session import Session
+from bridge.sim.calls import Call, CallHost
+from bridge.sim.config import remote_dn, remote_sip
+from bridge.sim.devices import Device
+from bridge.sim.faults import Faults
+from bridge.sim.stats import Counters
 
 NOT_LOGGED_IN = 1008
 
 
-def on_frame(pbx: PbxSimulator, s: Session, data: str | bytes) -> None:
+class AppSession(Protocol):
+    """What the dispatch needs of an application session (:class:`bridge.sim.session.Session`)."""
+
+    #: the application logged in (an outbound session: from the start)
+    logged_in: bool
+    #: the login's server side (None: an outbound session, the application is the server)
+    login: ServerLogin | None
+    #: devices attached on this session, by hw; and by the Attach's src
+    devices: dict[str, Device]
+    by_src: dict[str, Device]
+
+    def post(self, frame: bytes) -> None: ...
+
+    def close_after_flush(self, code: int = 1008, reason: str = "") -> None: ...
+
+
+class Switch(CallHost, Protocol):
+    """What the dispatch needs of the simulator (:class:`bridge.sim.pbx.PbxSimulator`)."""
+
+    counters: Counters
+    faults: Faults
+    devices: dict[str, Device]
+    conflict_hw: list[str]
+
+    @property
+    def last_call_id(self) -> int: ...
+
+    def call(self, call_id: int) -> Call | None: ...
+
+    def announce(self, d: Device) -> None: ...
+
+    def begin(self, call: Call, script: Callable[[Call], Coroutine[Any, Any, None]]) -> None: ...
+
+
+def on_frame(pbx: Switch, s: AppSession, data: str | bytes) -> None:
     """One frame from the application (str: a text frame, bytes: a binary one). A bad frame is
     counted and otherwise ignored."""
     try:
@@ -44,26 +79,26 @@ def on_frame(pbx: PbxSimulator, s: Session, data: str | bytes) -> None:
     except FrameError:
         pbx.counters.bad_frames += 1
         return
-    t = type(msg)
-    if t is Signaling:
+    if type(msg) is Signaling:
         if not s.logged_in:
             s.close_after_flush(NOT_LOGGED_IN, "not logged in")
             return
         on_signaling(pbx, s, msg)
-    elif t is Attach:
+    elif type(msg) is Attach:
         if not s.logged_in:
             s.close_after_flush(NOT_LOGGED_IN, "not logged in")
             return
         on_attach(pbx, s, msg)
-    elif t is AppChallenge and s.login is not None:
+    elif type(msg) is AppChallenge and s.login is not None:
         s.post(encode(s.login.on_challenge_request(msg)))
-    elif t is AppLogin and s.login is not None:
+    elif type(msg) is AppLogin and s.login is not None:
         on_login(pbx, s, msg)
     else:  # a PBX-to-application message type, or a login on an outbound session
         pbx.counters.bad_frames += 1
 
 
-def on_login(pbx: PbxSimulator, s: Session, msg: AppLogin) -> None:
+def on_login(pbx: Switch, s: AppSession, msg: AppLogin) -> None:
+    assert s.login is not None  # on_frame takes a login on an inbound session only
     result = s.login.on_login(msg)
     if result.ok and pbx.faults.refuse_logins:
         result.ok = False
@@ -77,7 +112,7 @@ def on_login(pbx: PbxSimulator, s: Session, msg: AppLogin) -> None:
         s.close_after_flush(NOT_LOGGED_IN, "login failed")
 
 
-def on_attach(pbx: PbxSimulator, s: Session, msg: Attach) -> None:
+def on_attach(pbx: Switch, s: AppSession, msg: Attach) -> None:
     src = msg.src
     d = pbx.devices.get(msg.hw)
     if d is None:
@@ -101,17 +136,17 @@ def on_attach(pbx: PbxSimulator, s: Session, msg: Attach) -> None:
         prefixSubs="0", area="7031", country="49", maxIntern=4, tones=1,
     )))
     if d.registered:
-        pbx._announce(d)
+        pbx.announce(d)
 
 
-def on_signaling(pbx: PbxSimulator, s: Session, msg: Signaling) -> None:
+def on_signaling(pbx: Switch, s: AppSession, msg: Signaling) -> None:
     cid = msg.call
     to = msg.to is True
     counters = pbx.counters
     if cid > 0:
-        call = pbx._calls.get(cid)
+        call = pbx.call(cid)
         if call is None:
-            if cid <= pbx._last_id:
+            if cid <= pbx.last_call_id:
                 counters.late_signaling += 1  # the call has ended (e.g. a forwarded rel 102)
             else:
                 counters.bad_signaling += 1
@@ -143,7 +178,7 @@ def on_signaling(pbx: PbxSimulator, s: Session, msg: Signaling) -> None:
     _start_app_call(pbx, s, d, cid, to, sig, bytes(msg.sig))
 
 
-def _inject(pbx: PbxSimulator, call: Call, to: bool, msg: Signaling) -> None:
+def _inject(pbx: Switch, call: Call, to: bool, msg: Signaling) -> None:
     try:
         kind = msg.signal.type
     except FrameError:
@@ -154,7 +189,7 @@ def _inject(pbx: PbxSimulator, call: Call, to: bool, msg: Signaling) -> None:
     call.inject(to, kind)
 
 
-def _app_device(s: Session, src) -> Device | None:
+def _app_device(s: AppSession, src) -> Device | None:
     """The device a call of the application is for: by the Attach's src, or the only one."""
     if src is not UNSET:
         d = s.by_src.get(src)
@@ -166,10 +201,11 @@ def _app_device(s: Session, src) -> Device | None:
 
 
 def _start_app_call(
-    pbx: PbxSimulator, s: Session, d: Device, cid: int, to: bool, sig: Sig, raw: bytes,
+    pbx: Switch, s: AppSession, d: Device, cid: int, to: bool, sig: Sig, raw: bytes,
 ) -> None:
     party = sig.cg if to else sig.cd  # the remote party: the caller toward the device
     num = party.num if party is not UNSET and party.num is not UNSET else None
+    sip: str | None
     if party is not UNSET and party.sip is not UNSET:
         sip = party.sip
     else:
@@ -179,4 +215,4 @@ def _start_app_call(
     call.set_state(CallState.SETUP)
     call.delivered.append((to, raw))
     pbx.counters.app_calls += 1
-    pbx._begin(call, _calls.app_toward_device if to else _calls.app_toward_pbx)
+    pbx.begin(call, _calls.app_toward_device if to else _calls.app_toward_pbx)

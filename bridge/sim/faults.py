@@ -1,10 +1,24 @@
-"""Malformed frames the simulated PBX sends on demand (the ``send_garbage`` fault).
+"""The simulated PBX's faults: those in force (:class:`Faults`), and the malformed frames it sends
+on demand (the ``send_garbage`` fault).
 
-Each is a text frame an application must survive: not JSON, JSON that is not an object, an
-unknown ``mt``, and known message types with fields of the wrong type.
+Each garbage frame is a text frame an application must survive: not JSON, JSON that is not an
+object, an unknown ``mt``, and known message types with fields of the wrong type.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class Faults:
+    """The faults in force (the control API's ``POST /faults``)."""
+
+    #: every login fails, whatever the digest
+    refuse_logins: bool = False
+    #: every frame to the application is held back this many milliseconds
+    delay_ms: int = 0
+
 
 GARBAGE: tuple[bytes, ...] = (
     b"this is not json",

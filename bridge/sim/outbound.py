@@ -10,7 +10,6 @@ refused login backs off the same way, it is never retried in a tight loop.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
 
 from websockets.asyncio.client import connect
 from websockets.exceptions import WebSocketException
@@ -24,10 +23,7 @@ from bridge.protocol.messages import (
     decode,
     encode,
 )
-from bridge.sim.session import Session
-
-if TYPE_CHECKING:
-    from bridge.sim.pbx import PbxSimulator
+from bridge.sim.session import Session, SessionHost
 
 FIRST_BACKOFF_S = 1.0
 MAX_BACKOFF_S = 32.0
@@ -54,7 +50,7 @@ async def _login(ws, login: ClientLogin) -> None:
     login.on_result(msg)  # raises LoginFailed
 
 
-async def run_outbound(pbx: PbxSimulator, url: str, app: str, password: str) -> None:
+async def run_outbound(pbx: SessionHost, url: str, app: str, password: str) -> None:
     backoff = FIRST_BACKOFF_S
     while True:
         try:

@@ -9,8 +9,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import deque
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from msgspec import UNSET
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -19,23 +18,19 @@ from websockets.uri import parse_uri
 
 from bridge.protocol.messages import MAX_FRAME_BYTES, Attached, Detached, Remote, encode
 from bridge.sim import calls as _calls
-from bridge.sim.calls import Call, Scenario
-from bridge.sim.config import SimConfig, hw_id
-from bridge.sim.devices import Device, remote_dn, remote_sip
+from bridge.sim.calls import Call, Outcome, Scenario
+from bridge.sim.config import SimConfig, hw_id, remote_dn, remote_sip
+from bridge.sim.devices import Device
+from bridge.sim.faults import Faults
 from bridge.sim.session import Session
 from bridge.sim.stats import Counters, RttWindow
+
+if TYPE_CHECKING:
+    from aiohttp import web
 
 PATH = "/PBX0/APPS/websocket"
 #: ended calls whose record (what each end received) the simulator keeps, the newest
 CALL_HISTORY = 1000
-
-
-@dataclass
-class Faults:
-    #: every login fails, whatever the digest
-    refuse_logins: bool = False
-    #: every frame to the application is held back this many milliseconds
-    delay_ms: int = 0
 
 
 class PbxSimulator:
@@ -73,7 +68,7 @@ class PbxSimulator:
         self._idle.set()
         self._sessions: set[Session] = set()
         self._server: Server | None = None
-        self._control = None
+        self._control: web.AppRunner | None = None
         self._tasks: set[asyncio.Task] = set()
         self._running = False
         self._stopped = False
@@ -242,6 +237,11 @@ class PbxSimulator:
         rec = c.record(c.device.hw)
         return {"device": rec["device"], "pbx": rec["pbx"]}
 
+    @property
+    def last_call_id(self) -> int:
+        """The id of the last call the PBX started (ids count up from 1)."""
+        return self._last_id
+
     def call(self, call_id: int) -> Call | None:
         """A running call started by the PBX (positive id)."""
         return self._calls.get(call_id)
@@ -268,7 +268,7 @@ class PbxSimulator:
         self._reg_pos[d.hw] = len(self._registered)
         self._registered.append(d)
         if d.session is not None:
-            self._announce(d)
+            self.announce(d)
 
     def unregister(self, hw: str) -> None:
         d = self.device(hw)
@@ -285,9 +285,10 @@ class PbxSimulator:
         for c in d.calls.values():
             c.flush()
 
-    def _announce(self, d: Device) -> None:
+    def announce(self, d: Device) -> None:
         """Attached, and one Sync per call of the device."""
         s = d.session
+        assert s is not None  # announced when attached
         s.post(encode(Attached(src=d.src)))
         for c in d.calls.values():
             s.post(c.sync_frame(d.src))
@@ -297,9 +298,9 @@ class PbxSimulator:
 
     # ------------------------------------------------------------------ calls
     async def place_call(
-        self, hw: str, direction: str = "in", remote: str = "201", answer: bool = True,
+        self, hw: str, direction: Literal["in", "out"] = "in", remote: str = "201", answer: bool = True,
         hold_s: float = 1.0, busy: bool = False, hold: bool = False,
-        transfer_to: str | None = None, hangup: str = "remote",
+        transfer_to: str | None = None, hangup: Literal["remote", "device"] = "remote",
     ) -> int:
         """Start one scripted call of device ``hw``; its call id at once (the call runs in a task).
 
@@ -321,19 +322,19 @@ class PbxSimulator:
                     remote=Remote(num=sc.remote, sip=remote_sip(sc.remote),
                                   dn=remote_dn(sc.remote)))
         self._calls[cid] = call
-        self._begin(call, lambda c: _calls.scripted(c, sc))
+        self.begin(call, lambda c: _calls.scripted(c, sc))
         return cid
 
-    def _begin(self, call: Call, script) -> None:
+    def begin(self, call: Call, script) -> None:
         call.device.calls[call.id] = call
         self.counters.calls_started += 1
         self._active += 1
         self._idle.clear()
         call.task = asyncio.create_task(call.run(script))
         # a task cancelled before it ran never reaches run()'s own accounting
-        call.task.add_done_callback(lambda _t: self._call_finished(call, "aborted"))
+        call.task.add_done_callback(lambda _t: self.call_finished(call, "aborted"))
 
-    def _call_finished(self, call: Call, outcome: str) -> None:
+    def call_finished(self, call: Call, outcome: Outcome) -> None:
         d = call.device
         if d.calls.pop(call.id, None) is None:
             return
@@ -354,10 +355,10 @@ class PbxSimulator:
             self._idle.set()
 
     # ------------------------------------------------------------------ sessions
-    def _session_opened(self, s: Session) -> None:
+    def session_opened(self, s: Session) -> None:
         self._sessions.add(s)
 
-    def _session_closed(self, s: Session) -> None:
+    def session_closed(self, s: Session) -> None:
         """The session ended (any way): its devices are detached, their calls flow directly."""
         self._sessions.discard(s)
         for d in s.devices.values():

@@ -18,24 +18,33 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 
 from bridge.protocol.login import ServerLogin
-from bridge.sim.dispatch import on_frame
+from bridge.sim.devices import Device
+from bridge.sim.dispatch import Switch, on_frame
 
 if TYPE_CHECKING:
     from websockets.asyncio.connection import Connection
 
-    from bridge.sim.devices import Device
-    from bridge.sim.pbx import PbxSimulator
-
 _CLOSE = object()
 
 
+class SessionHost(Switch, Protocol):
+    """What a session needs of the simulator (:class:`bridge.sim.pbx.PbxSimulator`): what the
+    dispatch of its frames does, and to be told when it opens and closes."""
+
+    def session_opened(self, s: Session) -> None: ...
+
+    def session_closed(self, s: Session) -> None: ...
+
+
 class Session:
+    """One AppWebsocket session with an application (see the module docstring)."""
+
     __slots__ = (
         "_closing",
         "_queue",
@@ -51,7 +60,7 @@ class Session:
         "ws",
     )
 
-    def __init__(self, pbx: PbxSimulator, ws: Connection, *, outbound: bool) -> None:
+    def __init__(self, pbx: SessionHost, ws: Connection, *, outbound: bool) -> None:
         self.pbx = pbx
         self.ws = ws
         #: the simulator connected out (server mode of the application)
@@ -62,7 +71,7 @@ class Session:
         self.devices: dict[str, Device] = {}
         self.by_src: dict[str, Device] = {}
         self.closed = asyncio.Event()
-        self._queue: deque = deque()
+        self._queue: deque[tuple[float, Any]] = deque()
         self._wake = asyncio.Event()
         self._writer: asyncio.Task | None = None
         self._closing = False
@@ -115,7 +124,7 @@ class Session:
         """Run the session until the connection ends; then the PBX detaches its devices."""
         self._writer = asyncio.create_task(self._write())
         ws, pbx = self.ws, self.pbx
-        pbx._session_opened(self)
+        pbx.session_opened(self)
         try:
             while True:
                 data = await ws.recv()  # str for a text frame (valid UTF-8), bytes for binary
@@ -128,5 +137,5 @@ class Session:
         finally:
             self._closing = True
             self._writer.cancel()
-            self.pbx._session_closed(self)
+            self.pbx.session_closed(self)
             self.closed.set()

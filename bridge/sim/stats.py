@@ -55,6 +55,21 @@ class Counters:
         "messages_forwarded",
         "messages_injected",
     )
+    app_calls: int
+    attach_conflicts: int
+    bad_frames: int
+    bad_signaling: int
+    binary_frames: int
+    calls_aborted: int
+    calls_completed: int
+    calls_stalled: int
+    calls_started: int
+    invalid_utf8: int
+    late_signaling: int
+    logins_failed: int
+    logins_ok: int
+    messages_forwarded: int
+    messages_injected: int
 
     def __init__(self) -> None:
         for name in self.__slots__:

@@ -8,14 +8,12 @@ and retrieve, 10% transferred; connected times spread uniformly over 0.5..1.5 x
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+import random
+from typing import Literal, Protocol
 
 from bridge.sim.calls import Scenario
-
-if TYPE_CHECKING:
-    import random
-
-    from bridge.sim.pbx import PbxSimulator
+from bridge.sim.config import SimConfig
+from bridge.sim.devices import Device
 
 #: (weight, kind) of the mix
 MIX = ((35, "in"), (25, "out"), (10, "busy"), (10, "noanswer"), (10, "hold"), (10, "transfer"))
@@ -23,11 +21,23 @@ _KINDS = [k for _, k in MIX]
 _WEIGHTS = [w for w, _ in MIX]
 #: a random pick that lands on a busy device is retried this often before the arrival is dropped
 PICKS = 4
+DIRECTIONS: tuple[Literal["in", "out"], ...] = ("in", "out")
+
+
+class Exchange(Protocol):
+    """What random traffic needs of the simulator (:class:`bridge.sim.pbx.PbxSimulator`)."""
+
+    config: SimConfig
+    rng: random.Random
+
+    def random_registered(self) -> Device | None: ...
+
+    def start_call(self, d: Device, sc: Scenario) -> int: ...
 
 
 def random_scenario(rng: random.Random, duration_s: float) -> Scenario:
     kind = rng.choices(_KINDS, _WEIGHTS)[0]
-    direction = kind if kind in ("in", "out") else rng.choice(("in", "out"))
+    direction: Literal["in", "out"] = "in" if kind == "in" else "out" if kind == "out" else rng.choice(DIRECTIONS)
     return Scenario(
         direction=direction,
         remote=str(rng.randint(200, 299)),
@@ -40,7 +50,7 @@ def random_scenario(rng: random.Random, duration_s: float) -> Scenario:
     )
 
 
-async def random_traffic(pbx: PbxSimulator) -> None:
+async def random_traffic(pbx: Exchange) -> None:
     """Start calls at ``config.call_rate`` per second until cancelled.
 
     Arrival times are computed absolutely, so a late wake-up starts every call that is due: the

@@ -384,7 +384,7 @@ def test_anti_affinity(chart):
 
 
 def test_the_tracing_benchmark_measures_the_charts_sampler(chart):
-    from bridge.bench.runner import DEPLOYED_SAMPLER
+    from bridge.bench.scenarios import DEPLOYED_SAMPLER
 
     env = render(chart, {"otel": {"enabled": True}}).env()
     assert (env["OTEL_TRACES_SAMPLER"]["value"], env["OTEL_TRACES_SAMPLER_ARG"]["value"]) == DEPLOYED_SAMPLER

@@ -12,7 +12,7 @@ from pamqp import commands as spec
 from pamqp.body import ContentBody
 from pamqp.header import ContentHeader
 
-from bridge.amqp.publisher import Wire
+from bridge.amqp.wire import Wire
 from bridge.events import EventFactory, Outgoing
 
 
