@@ -76,7 +76,7 @@ class Interceptor:
         self.rules = rules
         #: request numbers, one counter per bridge (shared by its sessions' gates)
         self.counter = itertools.count(1)
-        self._ch: aiormq.abc.AbstractChannel | None = None
+        self._ch: aiormq.Channel | None = None
         #: request id -> the session whose gate holds it
         self.pending: dict[str, Session] = {}
         #: every live session (a stop or a lost broker ends their holds)
@@ -104,6 +104,7 @@ class Interceptor:
     # ------------------------------------------------------------------ channel
     async def _start(self, conn: AbstractConnection, topo: Topology) -> None:
         ch = await (await conn.channel(publisher_confirms=True, on_return_raises=False)).get_underlay_channel()
+        assert isinstance(ch, aiormq.Channel)  # basic_publish(wait=False) is the implementation's, not the ABC's
         await ch.basic_consume(REPLY_TO, self._on_verdict, no_ack=True)
         ch.closing.add_done_callback(lambda _f: self._channel_lost(ch))
         self._ch = ch
@@ -156,7 +157,7 @@ class Interceptor:
         task.add_done_callback(self._tasks.discard)
         self._arm(hold.deadline)
 
-    async def _publish(self, ch: aiormq.abc.AbstractChannel, session: Session, hold: ic.Hold, body: bytes,
+    async def _publish(self, ch: aiormq.Channel, session: Session, hold: ic.Hold, body: bytes,
                        props: Basic.Properties) -> None:
         try:
             result = await ch.basic_publish(body, exchange=self.s.events_exchange,

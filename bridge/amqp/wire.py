@@ -8,8 +8,10 @@ bridge always sends; ``tests/unit/test_publisher_wire.py`` compares them.
 from __future__ import annotations
 
 import struct
+from typing import cast
 
 from pamqp import encode as _pamqp_encode
+from pamqp.common import FieldTable
 
 from bridge.events import Outgoing
 
@@ -77,7 +79,7 @@ class Wire:
         elif table is self._headers:  # the events of one frame share their (trace) headers
             headers = self._table
         else:
-            self._headers, headers = table, _pamqp_encode.field_table(table)
+            self._headers, headers = table, _pamqp_encode.field_table(cast(FieldTable, table))
             self._table = headers
         body = ev.body
         n = len(body)

@@ -25,8 +25,12 @@ async def session(url, app, password, hw, exchange):
     ws = await websockets.connect(url, compression=None, ping_interval=None)
     login = ClientLogin(app, password)
     await ws.send(m.encode(login.start()).decode())
-    await ws.send(m.encode(login.on_challenge(m.decode(await ws.recv(decode=False)))).decode())
-    login.on_result(m.decode(await ws.recv(decode=False)))
+    challenge = m.decode(await ws.recv(decode=False))
+    assert isinstance(challenge, m.AppChallengeResult), challenge
+    await ws.send(m.encode(login.on_challenge(challenge)).decode())
+    result = m.decode(await ws.recv(decode=False))
+    assert isinstance(result, m.AppLoginResult), result
+    login.on_result(result)
     await ws.send(json.dumps({"mt": "Attach", "api": "EpSignal", "hw": hw, "src": hw}))
     n = 0
     async for text in ws:
