@@ -119,13 +119,15 @@ class CallStateChanged(Event, tag="call.state", kw_only=True):
 
 
 class CallSignaling(Event, tag="call.signaling", kw_only=True):
-    """A Signaling message passed (`origin` pbx) or was sent for a command (`origin` command)."""
+    """A Signaling message passed (`origin` pbx), was sent for a command (`origin` command) or for an
+    intercept verdict (`origin` intercept)."""
 
     call: Annotated[int, Meta(description="Call id on the device; negative for calls the application started.")]
     to: Annotated[bool, Meta(description="True: toward the device; false: toward the PBX.")]
     origin: Annotated[str, Meta(description=
-        "`pbx`: passed through the bridge on the signaling path (forwarded); `command`: sent by the bridge for a "
-        "signaling command.")]
+        "`pbx`: passed through the bridge on the signaling path (forwarded, or replaced by an intercept verdict); "
+        "`command`: sent by the bridge for a signaling command; `intercept`: sent by the bridge for an intercept "
+        "verdict (the release of a rejected message).")]
     sig: Annotated[Raw, Meta(description=SIG_TEXT)]
 
 

@@ -2,7 +2,7 @@
  * (examples/node/gen-types.mjs). Do not edit: run `npm run types --prefix examples/node`. */
 
 /**
- * A Signaling message passed (`origin` pbx) or was sent for a command (`origin` command).
+ * A Signaling message passed (`origin` pbx), was sent for a command (`origin` command) or for an intercept verdict (`origin` intercept).
  */
 export interface CallSignaling {
   /**
@@ -38,7 +38,7 @@ export interface CallSignaling {
    */
   to: boolean;
   /**
-   * `pbx`: passed through the bridge on the signaling path (forwarded); `command`: sent by the bridge for a signaling command.
+   * `pbx`: passed through the bridge on the signaling path (forwarded, or replaced by an intercept verdict); `command`: sent by the bridge for a signaling command; `intercept`: sent by the bridge for an intercept verdict (the release of a rejected message).
    */
   origin: string;
   /**
