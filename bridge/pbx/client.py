@@ -1,10 +1,11 @@
 """Client mode: one AppWebsocket session per attached device, kept up with backoff.
 
 Each :class:`DeviceRunner` connects to the PBX, logs in, sends Attach, and reads. When the
-session drops it reconnects with exponential backoff and jitter (:mod:`bridge.backoff`), logs in again and
-attaches again; the ``Sync`` that follows republishes the state of every call. A refused login
-is not a network fault: it is retried after ``login_retry_s`` (60 s by default), never in a
-tight loop. An ``AttachResult`` with ``err`` ends the runner: the PBX does not know the device.
+session drops it reconnects with exponential backoff and jitter, logs in again and attaches
+again; the ``Sync`` that follows republishes the state of every call. A refused login is not a
+network fault: it is retried after ``login_retry_s`` (60 s by default), never in a tight loop.
+An ``AttachResult`` with ``err`` ends the runner: the PBX does not know the device. The pauses
+are the policies of :mod:`bridge.backoff`.
 
 Detach is ending the session (EpSignal has no Detach message). :class:`ClientPbx` keeps the
 runners: the client mode's side of :class:`bridge.pbx.mode.Pbx`.
