@@ -29,6 +29,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from bridge.backoff import nack_pause
 from bridge.events import Outgoing
 
 
@@ -44,14 +45,8 @@ class Entry:
     attempts: int = 0
 
 
-#: the pause before a nacked event goes again: doubles from RETRY_MIN_S up to RETRY_MAX_S
-RETRY_MIN_S = 0.5
-RETRY_MAX_S = 8.0
-
-
-def retry_pause(attempts: int) -> float:
-    """Seconds a nacked event waits after its ``attempts``-th nack."""
-    return min(RETRY_MAX_S, RETRY_MIN_S * 2 ** max(0, attempts - 1))
+#: the pause before a nacked event goes again (the policy lives with the others in bridge.backoff)
+retry_pause = nack_pause
 
 
 @dataclass(slots=True)

@@ -7,7 +7,6 @@ The README's configuration table is generated from :data:`Settings` field docs b
 from __future__ import annotations
 
 import os
-import random
 import re
 import socket
 import uuid
@@ -171,13 +170,6 @@ class Settings(Struct, kw_only=True):
     def broker_addresses(self) -> list[str]:
         """The broker's addresses, tried in turn (EPSIGNAL_AMQP_URL, EPSIGNAL_AMQP_HOSTS)."""
         return brokers.addresses(str(self.amqp_url), self.amqp_hosts)
-
-    def reconnect_pause(self, n: int) -> float:
-        """Pause before reconnecting after the n-th connection in a row that died young (the
-        retry loops reset after a success, so this keeps a flapping peer from a tight loop)."""
-        if n == 0:
-            return 0.0
-        return min(self.reconnect_max_s, self.reconnect_min_s * 2 ** (n - 1)) * random.uniform(0.5, 1.0)
 
     def call_limits(self) -> CallLimits:
         """The bounds on the calls of each device (for :class:`~bridge.device.Device`)."""

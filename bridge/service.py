@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from typing import cast
 
 from websockets.exceptions import ConnectionClosed
 
@@ -60,6 +61,9 @@ class Bridge:
         #: what the PBX sessions hand their events to: the publisher's buffer (never blocks),
         #: through tracing (each event's creation context) when it is on
         self.emit = tracing.emitter(self.publisher.publish_nowait, settings.events_exchange)
+        # the link restores its components in this order on every connection and tells them
+        # of its loss; the command consumer attaches itself (it is the next component made)
+        self.link.attach(self.publisher)
         self._call_limits = settings.call_limits()
         #: intercept mode (docs/INTERCEPT.md): the rules, and the adapter the sessions hold for
         self.rules = settings.intercept_rules()
@@ -200,10 +204,14 @@ class Bridge:
         return Device(hw, self.factory, self._call_limits)
 
     # ------------------------------------------------------------------ leases (bridge.amqp.leases)
-    # (leases run in client mode only: self.pbx is a ClientPbx here)
+    @property
+    def _client(self) -> ClientPbx:
+        """The PBX side as what it is with leases: they run in client mode only."""
+        return cast(ClientPbx, self.pbx)
+
     def acquired(self, hw: str) -> None:
-        if not self.pbx.ended_within(hw, RUNNER_RETRY_S):
-            self.pbx.run(hw)
+        if not self._client.ended_within(hw, RUNNER_RETRY_S):
+            self._client.run(hw)
 
     async def released(self, hw: str, reason: str) -> None:
         await self.pbx.release(hw, reason)
@@ -215,10 +223,10 @@ class Bridge:
             self.emit(ev)
 
     def running(self) -> list[str]:
-        return list(self.pbx.runners)
+        return list(self._client.runners)
 
     def idle(self, hw: str) -> bool:
-        r = self.pbx.runners.get(hw)
+        r = self._client.runners.get(hw)
         held = r is not None and r.session is not None and r.session.gate is not None and r.session.gate.calls
         return (r is None or (len(r.device.tracker) == 0 and not held)) and not self.consumer.busy(hw)
 
@@ -228,7 +236,8 @@ class Bridge:
     async def _redirect(self, hw: str, verb: str) -> str | None:
         """A command that no lease queue took: an attach makes the device's lease queue and moves
         there (its holder carries it out); anything else is for a device nobody holds."""
-        return await self.leases.adopt(hw) if verb == "attach" else None
+        leases = self.leases  # (set: the consumer redirects only with leases)
+        return await leases.adopt(hw) if verb == "attach" and leases is not None else None
 
     # ------------------------------------------------------------------ commands
     async def handle_command(self, hw: str, verb: str, cmd: cmds.Command) -> cmds.Reply:
@@ -237,8 +246,8 @@ class Bridge:
         if verb == "detach":
             return await self._detach(hw)
         if verb == "intercept":
-            return await self._intercept(hw, cmd)
-        return await self._signaling(hw, cmd)
+            return await self._intercept(hw, cast(ic.InterceptCommand, cmd))
+        return await self._signaling(hw, cast(cmds.SignalingCommand, cmd))
 
     async def _attach(self, hw: str) -> cmds.Reply:
         leases = self.leases

@@ -61,27 +61,41 @@ class CommandConsumer:
         self._limiter = RateLimiter(self.s.command_rate, self.s.command_burst)
         self.stats = CommandStats()
         self.consumer_restarts = 0
-        link.on_ready(self._start)
+        link.attach(self)
 
-    async def _start(self, conn: AbstractConnection, topo: Topology) -> None:
+    # ------------------------------------------------------------------ recovery (BrokerLink)
+    async def restore(self, conn: AbstractConnection, topo: Topology) -> None:
+        """A new connection, or this one again after the command channel closed alone: a
+        channel of its own, the commands queue declared, consuming."""
+        self._drop_channel()
         ch = await conn.channel(publisher_confirms=False)
         await ch.set_qos(prefetch_count=self.s.prefetch)
         self._channel = ch
         (await ch.get_underlay_channel()).on_consumer_cancel_callbacks.add(self._on_cancelled)
-        await self._consume(topo)  # a failed declare fails the connect: the link retries, says why
-        ch.close_callbacks.add(lambda _c, exc: self._channel_closed(conn, exc))
+        await self._consume(topo)  # a failed declare fails the restore: the link retries, says why
+        ch.close_callbacks.add(lambda _c, exc: self._channel_closed(ch, exc))
+
+    def lost(self, exc: BaseException | None) -> None:
+        """The connection is gone, and the channel with it: the link restores it on the next."""
+        self._channel = None
+
+    def _drop_channel(self) -> None:
+        ch, self._channel = self._channel, None
+        if ch is not None and not ch.is_closed:  # a consume that failed on it: let it go
+            self._pending_close = asyncio.get_running_loop().create_task(_close_quietly(ch))
 
     async def _consume(self, topo: Topology) -> None:
         q = await declare_commands_queue(self._channel, self.s, topo)
         if self._accepting:
             self._tag = await q.consume(self.on_message)
 
-    def _channel_closed(self, conn: AbstractConnection, exc) -> None:
-        """The broker closed the consuming channel alone (e.g. a failed re-declare): without it no
-        command would arrive while everything looked ready, so reconnect everything."""
-        if self._accepting and exc is not None and not conn.is_closed:
-            log.warning("command channel closed by the broker (%s); reconnecting", exc)
-            self._pending_close = asyncio.get_running_loop().create_task(conn.close())
+    def _channel_closed(self, ch, exc) -> None:
+        """The broker closed the consuming channel (e.g. a failed re-declare): without it no
+        command would arrive while everything looked ready, so ask the link for it again (it
+        does nothing when the whole connection is going: the next one restores this)."""
+        if self._accepting and exc is not None and ch is self._channel:
+            self._channel = None
+            self.link.renew(self, f"command channel closed by the broker ({exc})")
 
     async def _on_cancelled(self, frame) -> None:
         """The broker cancelled our consumer (the queue was deleted): declare it again, consume."""
@@ -91,11 +105,14 @@ class CommandConsumer:
         self._pending_restart = asyncio.get_running_loop().create_task(self._restart())
 
     async def _restart(self) -> None:
+        ch = self._channel
         try:
             await self._consume(self.link.topology)
             self.consumer_restarts += 1  # counted once the consumer is back
-        except Exception as e:  # the channel went with it: the link's reconnect will redo this
-            log.warning("could not consume again (%s); waiting for the reconnect", e)
+        except Exception as e:  # a channel the broker closed for it is given back by the link
+            log.warning("could not consume again (%s); asking the broker link for the channel again", e)
+            if self._accepting and ch is not None and ch is self._channel:  # not replaced meanwhile
+                self.link.renew(self, f"command consumer not restarted ({e})")
 
     def busy(self, hw: str) -> bool:
         """A command for ``hw`` is in progress or waiting."""
@@ -229,6 +246,13 @@ class CommandConsumer:
                 await ch.close()
             except Exception:
                 pass
+
+
+async def _close_quietly(ch) -> None:
+    try:
+        await ch.close()
+    except Exception:  # broken already: nothing left to release
+        pass
 
 
 def _copy(message: AbstractIncomingMessage, headers) -> aio_pika.Message:

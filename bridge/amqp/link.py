@@ -1,9 +1,15 @@
 """The broker connection: connect, declare, hand out channels, and come back after any loss.
 
-One :class:`BrokerLink` owns the aio-pika connection. It connects with exponential backoff and
-jitter (tenacity), declares the topology on every (re)connect, runs the ``on_ready`` hooks (the
-command consumer starts there), and marks itself not ready the moment the connection closes,
-so publishers wait (with timeouts) instead of writing into a dead socket.
+One :class:`BrokerLink` owns the aio-pika connection and its recovery (as aio-pika's
+RobustConnection restores its RobustChannels, but with one owner for the bridge's components):
+it connects with exponential backoff and jitter (:func:`bridge.backoff.broker_connect`),
+declares the topology on every (re)connect and then calls :meth:`Component.restore` of each
+component in the order they were attached (the publisher, the command consumer; the adapters
+that only need a start, through :meth:`BrokerLink.on_ready`). The moment the connection is given
+up it marks itself not ready and calls each component's :meth:`Component.lost`, so nothing
+writes into a dead socket nor polls for one. A component whose own channel closes while the
+connection stays asks for it again (:meth:`BrokerLink.renew`): the link restores that component
+alone, and gives the connection up only if that fails.
 
 Each connection has a :attr:`lost` future, done the moment the link gives that connection up
 (closed by the broker, the watchdog, :meth:`reset`): whoever works on the connection races its
@@ -30,14 +36,14 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from types import SimpleNamespace
+from typing import Any, Protocol
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection
-from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter, wait_fixed, wait_random
+from tenacity import AsyncRetrying, retry_if_exception_type
 from yarl import URL
 
-from bridge import brokers
+from bridge import backoff, brokers
 from bridge.amqp.topology import QueueMismatch, Topology, declare_exchanges
 from bridge.config import Settings
 from bridge.tls import client_context
@@ -46,10 +52,32 @@ log = logging.getLogger("bridge.amqp")
 
 ReadyHook = Callable[[AbstractConnection, Topology], Awaitable[None]]
 
-#: while hurrying (a stop with events to flush): the broker is tried again this often
-HURRY_RETRY_S = 0.25
-#: the longest pause before trying the next address of a round (random, from 0)
-NEXT_ADDRESS_S = 0.25
+
+class Component(Protocol):
+    """What the link asks of a component that works on its connection."""
+
+    def restore(self, conn: AbstractConnection, topo: Topology) -> Awaitable[None]:
+        """(A coroutine.) A new connection with the topology declared: open your channels,
+        declare your own queues, consume. Raising fails this connection (the link retries and
+        says why). Called again by :meth:`BrokerLink.renew`, on the same connection, after
+        your own channel closed."""
+
+    def lost(self, exc: BaseException | None) -> None:
+        """The connection is given up (``exc``: why): what was on it is gone. Called at once,
+        from a callback: must not block nor raise."""
+
+
+class _OnReady:
+    """A component that only needs :meth:`restore` (a hook given to :meth:`BrokerLink.on_ready`)."""
+
+    def __init__(self, hook: ReadyHook) -> None:
+        self._hook = hook
+
+    def restore(self, conn: AbstractConnection, topo: Topology) -> Awaitable[None]:
+        return self._hook(conn, topo)
+
+    def lost(self, exc: BaseException | None) -> None:
+        pass
 
 
 def redact(url: str | None) -> str:
@@ -59,6 +87,12 @@ def redact(url: str | None) -> str:
 
 
 class BrokerLink:
+    """The one broker connection and the one owner of its recovery: connects (address after
+    address, with backoff), declares the topology, restores the components attached with
+    :meth:`attach` on every new connection and tells them when it is lost; a component's
+    channel that closes alone is given back by :meth:`renew`. Readiness (:attr:`ready`,
+    :attr:`last_error`), broker alarms (:attr:`blocked`) and the watchdog live here too."""
+
     def __init__(self, settings: Settings) -> None:
         self.s = settings
         #: the broker's addresses, tried in turn from :attr:`_next`
@@ -77,7 +111,9 @@ class BrokerLink:
         self.channel: AbstractChannel | None = None  # publisher confirms on
         self.topology: Topology | None = None
         self._ready = asyncio.Event()
-        self._hooks: list[ReadyHook] = []
+        self._components: list[Component] = []
+        self._renewing: set[int] = set()  # id() of the components being restored alone
+        self._tasks: set[asyncio.Task] = set()
         self._closing = False
         self.reconnects = 0
         #: done when the current connection is given up (its result: the reason)
@@ -92,8 +128,52 @@ class BrokerLink:
         self.heard_at = 0.0
         self._hurry = asyncio.Event()
 
+    def attach(self, component: Component) -> None:
+        """Restore ``component`` on every new connection (after the topology and the components
+        attached before it) and tell it when the connection is lost."""
+        self._components.append(component)
+
     def on_ready(self, hook: ReadyHook) -> None:
-        self._hooks.append(hook)
+        """Run ``hook(conn, topo)`` on every new connection (a component with nothing to do on
+        a loss: it follows its own channel)."""
+        self.attach(_OnReady(hook))
+
+    def renew(self, component: Component, reason: str) -> None:
+        """``component``'s own channel closed while the connection stays (e.g. the broker closed
+        it for a failed declare): restore that component alone on the current connection; should
+        that fail, give the connection up (the next one restores everything). Nothing happens
+        when the connection is lost already: its successor restores the component anyway."""
+        lost, conn, topo = self.lost, self.connection, self.topology
+        if (self._closing or lost is None or lost.done() or conn is None or conn.is_closed
+                or topo is None or id(component) in self._renewing):
+            return
+        self._renewing.add(id(component))
+        task = asyncio.create_task(self._renew(component, reason, conn, topo, lost))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _renew(self, component: Component, reason: str, conn: AbstractConnection,
+                     topo: Topology, lost: asyncio.Future) -> None:
+        log.warning("%s; opening it again", reason)
+        try:
+            await component.restore(conn, topo)
+        except Exception as e:
+            if not lost.done() and not conn.is_closed:  # else the link is reconnecting already
+                log.warning("%s, and opening it again failed (%s: %s); reconnecting", reason,
+                            type(e).__name__, e)
+                self.reset(f"{reason}; opening it again failed: {e}", lost)
+        finally:
+            self._renewing.discard(id(component))
+
+    def _tell_lost(self, lost: asyncio.Future) -> None:
+        """The connection of ``lost`` is given up: not ready, and every component knows, now."""
+        self._ready.clear()
+        exc = None if lost.cancelled() else lost.result()
+        for c in self._components:
+            try:
+                c.lost(exc)
+            except Exception:  # one component's bug must not keep the others from knowing
+                log.exception("broker link: %r failed to take the connection loss", c)
 
     @property
     def ready(self) -> bool:
@@ -118,8 +198,8 @@ class BrokerLink:
             lost.set_result(ConnectionError(reason))
 
     def hurry(self) -> None:
-        """Try the broker at once and then every :data:`HURRY_RETRY_S` (a stop that has events
-        to flush cannot wait for the backoff)."""
+        """Try the broker at once and then every :data:`bridge.backoff.HURRY_RETRY_S` (a stop
+        that has events to flush cannot wait for the backoff)."""
         self._hurry.set()
 
     async def _sleep(self, seconds: float) -> None:
@@ -128,20 +208,6 @@ class BrokerLink:
             await asyncio.wait_for(self._hurry.wait(), seconds)
         except TimeoutError:
             pass
-
-    def _wait(self, base):
-        """Within a round of the addresses a short random pause, after a round ``base`` (by round
-        number); while hurrying, :data:`HURRY_RETRY_S`."""
-        hurry, n = self._hurry, len(self.addresses)
-        fixed, between = wait_fixed(HURRY_RETRY_S), wait_random(0, NEXT_ADDRESS_S)
-
-        def wait(rs) -> float:
-            if hurry.is_set():
-                return fixed(rs)
-            if rs.attempt_number % n:
-                return between(rs)
-            return base(SimpleNamespace(attempt_number=rs.attempt_number // n))
-        return wait
 
     def _on_blocked(self, reason) -> None:
         if isinstance(reason, bytes):
@@ -161,7 +227,7 @@ class BrokerLink:
     async def _connect_once(self) -> asyncio.Future:
         """Connect to the next address (the one after it next time, should this fail)."""
         url = self.addresses[self._next % len(self.addresses)]
-        kw = dict(heartbeat=self.s.heartbeat_s, timeout=10, client_properties={
+        kw: dict[str, Any] = dict(heartbeat=self.s.heartbeat_s, timeout=10, client_properties={
             "connection_name": f"epsignal-bridge {self.s.instance_id}"})
         if url.startswith("amqps:"):
             kw["ssl_context"] = self._ssl
@@ -170,21 +236,25 @@ class BrokerLink:
         except BaseException:
             self._next += 1
             raise
+        lost: asyncio.Future = asyncio.get_running_loop().create_future()
+        lost.add_done_callback(self._tell_lost)  # not ready, and the components know, at once
         try:
-            lost: asyncio.Future = asyncio.get_running_loop().create_future()
-            lost.add_done_callback(lambda _f: self._ready.clear())  # not ready the same moment
             _follow_blocked(conn, self._on_blocked, self._on_unblocked)
-            conn.close_callbacks.add(
-                lambda _c, exc: lost.done() or lost.set_result(exc)
-            )
+            conn.close_callbacks.add(lambda _c, exc: _resolve(lost, exc))
             ch = await conn.channel(publisher_confirms=True, on_return_raises=False)
-            ch.close_callbacks.add(lambda _c, exc: lost.done() or lost.set_result(exc))
+            ch.close_callbacks.add(lambda _c, exc: _resolve(lost, exc))
+            # aio-pika runs close_callbacks from a task, a loop turn or two after the channel
+            # closed; the publisher must stop writing on it at once: aiormq's own future says so
+            (await ch.get_underlay_channel()).closing.add_done_callback(
+                lambda f: _resolve(lost, _closed_reason(f)))
             topo = await declare_exchanges(ch, self.s)
-            for hook in self._hooks:
-                await hook(conn, topo)
+            for component in self._components:
+                await component.restore(conn, topo)
         except BaseException as e:
             self._next += 1
             self._failed(e)
+            if not lost.done():  # the components restored on it learn it is gone
+                lost.set_result(e)
             await conn.close()
             raise
         self.address, self.last_error = url, None
@@ -200,8 +270,7 @@ class BrokerLink:
         short_lived = 0
         while not self._closing:
             retrying = AsyncRetrying(
-                wait=self._wait(wait_exponential_jitter(multiplier=self.s.reconnect_min_s,
-                                                        max=self.s.reconnect_max_s)),
+                wait=backoff.broker_connect(self.s, len(self.addresses), self._hurry),
                 sleep=self._sleep,
                 retry=retry_if_exception_type(Exception),
                 stop=lambda _rs: self._closing,
@@ -239,10 +308,10 @@ class BrokerLink:
             self._on_unblocked()  # a new connection starts unblocked; the broker says again
             if not self._closing:
                 short_lived = short_lived + 1 if loop.time() - started < self.s.reconnect_max_s else 0
-                pause = HURRY_RETRY_S if self._hurry.is_set() else self.s.reconnect_pause(short_lived)
-                log.warning("broker connection lost (%s): %s; reconnecting in %.1fs",
-                            brokers.endpoint(self.address), _reason(exc), pause)
-                self.last_error = f"connection to {brokers.endpoint(self.address)} lost: {_reason(exc)}"
+                pause = backoff.broker_lost(self.s, short_lived, self._hurry)
+                where = brokers.endpoint(self.address) if self.address else "?"  # (it is set)
+                log.warning("broker connection lost (%s): %s; reconnecting in %.1fs", where, _reason(exc), pause)
+                self.last_error = f"connection to {where} lost: {_reason(exc)}"
                 self.address = None
                 self._next += 1  # its node may be the one that died: another one first
                 await self._close_conn()
@@ -306,13 +375,27 @@ class BrokerLink:
         await self._close_conn()
 
 
+def _resolve(lost: asyncio.Future, exc: BaseException | None) -> None:
+    """The connection of ``lost`` is gone (the first reason given is kept)."""
+    if not lost.done():
+        lost.set_result(exc)
+
+
+def _closed_reason(closing: asyncio.Future) -> BaseException | None:
+    """Why aiormq closed a channel (its ``closing`` future)."""
+    if closing.cancelled():
+        return ConnectionError("channel closed")
+    return closing.exception()
+
+
 def _follow_blocked(conn: AbstractConnection, on_blocked, on_unblocked) -> None:
     """Call ``on_blocked(reason)`` / ``on_unblocked()`` when the broker sends
     ``connection.blocked`` / ``unblocked``. Neither aio-pika nor aiormq offers a callback
     (aio-pika issue 506): aiormq handles both frames in two private methods, which are wrapped
     here on this one connection object. ``tests/integration/test_broker_alarm.py`` checks it
     against a real memory alarm, so an aiormq that renames them fails a test, not production."""
-    raw = conn.transport.connection
+    transport = conn.transport
+    raw = transport.connection if transport is not None else None
     names = ("_Connection__handle_connection_blocked", "_Connection__handle_connection_unblocked")
     if not all(hasattr(raw, n) for n in names):
         log.warning("this aiormq does not let the bridge follow connection.blocked; "

@@ -111,6 +111,16 @@ class EventPublisher:
         """Seconds events have waited without a single confirm (0 when nothing waits)."""
         return time.monotonic() - self._progress_at if self.buffer else 0.0
 
+    # ----------------------------------------------------------------- recovery (BrokerLink)
+    async def restore(self, conn, topo) -> None:
+        """A new connection: nothing to declare (the events go out on the link's channel); the
+        drain starts once the link is ready."""
+
+    def lost(self, exc: BaseException | None) -> None:
+        """The connection is given up: the drain writes nothing more on it (its confirms are
+        failed and its events put back by :meth:`run`)."""
+        self._break()
+
     # ----------------------------------------------------------------- the drain task
     async def run(self) -> None:
         """One drain per connection; a lost connection cancels its drain wherever it waits."""
@@ -184,12 +194,15 @@ class EventPublisher:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wakeup.wait(), max(0.0, retry_at - time.monotonic()))
                 continue
-            if raw.is_closed:
-                self._failed.extend(batch)
-                self._break()
-                break
             if self.link.blocked is not None:  # a broker alarm: write nothing until it is over
-                await self.link.wait_unblocked()
+                try:
+                    await self.link.wait_unblocked()
+                except asyncio.CancelledError:  # the connection went meanwhile: first on the next
+                    self._failed.extend(batch)
+                    raise
+                if self._broken.is_set():  # lost meanwhile (the link said so: :meth:`lost`)
+                    self._failed.extend(batch)
+                    break
             await self._send(raw, wire, batch)
             # let the PBX sockets be read between slices: calls first
             await asyncio.sleep(0)

@@ -1,10 +1,11 @@
 """Client mode: one AppWebsocket session per attached device, kept up with backoff.
 
 Each :class:`DeviceRunner` connects to the PBX, logs in, sends Attach, and reads. When the
-session drops it reconnects with exponential backoff and jitter (tenacity), logs in again and
-attaches again; the ``Sync`` that follows republishes the state of every call. A refused login
-is not a network fault: it is retried after ``login_retry_s`` (60 s by default), never in a
-tight loop. An ``AttachResult`` with ``err`` ends the runner: the PBX does not know the device.
+session drops it reconnects with exponential backoff and jitter, logs in again and attaches
+again; the ``Sync`` that follows republishes the state of every call. A refused login is not a
+network fault: it is retried after ``login_retry_s`` (60 s by default), never in a tight loop.
+An ``AttachResult`` with ``err`` ends the runner: the PBX does not know the device. The pauses
+are the policies of :mod:`bridge.backoff`.
 
 Detach is ending the session (EpSignal has no Detach message). :class:`ClientPbx` keeps the
 runners: the client mode's side of :class:`bridge.pbx.mode.Pbx`.
@@ -16,11 +17,12 @@ import asyncio
 import logging
 import ssl
 from collections.abc import Callable
+from typing import cast
 
-from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
+from bridge import backoff
 from bridge.config import Settings
 from bridge.device import Device, bounded_result
 from bridge.pbx.mode import AttachFailed
@@ -38,7 +40,6 @@ STOP_TIMEOUT_S = 5.0
 
 RETRYABLE = (OSError, TimeoutError, ConnectionError, ConnectionClosed, InvalidHandshake, FrameError,
              LoginFailed)
-_RETRY = retry_if_exception_type(RETRYABLE)  # stateless: one for every runner
 
 
 class AttachRefused(Exception):
@@ -61,7 +62,7 @@ class DeviceRunner:
         self._ssl = ssl_context
         self.session: PbxSession | None = None
         #: resolved with the first AttachResult (ok or not), or an exception
-        self.first_result: asyncio.Future[m.AttachResult] = asyncio.get_running_loop().create_future()
+        self.first_result: asyncio.Future[m.AttachResult | None] = asyncio.get_running_loop().create_future()
         self.task: asyncio.Task | None = None
         self.reconnects = 0
         self.login_failures = 0
@@ -73,7 +74,7 @@ class DeviceRunner:
         self._intercept = intercept
         self._stopping = False
         #: the WebSocket being opened (login, Attach): stop() closes it too
-        self._ws = None
+        self._ws: PbxClientConnection | None = None
 
     @property
     def hw(self) -> str:
@@ -82,19 +83,14 @@ class DeviceRunner:
     def start(self) -> None:
         self.task = asyncio.create_task(self.run(), name=f"device {self.hw}")
 
-    def _wait(self, rs) -> float:
-        if isinstance(rs.outcome.exception(), LoginFailed):
-            return self.s.login_retry_s
-        return self._backoff(rs)
-
     async def _open(self) -> PbxSession:
         s = self.s
         async with self._gate:  # bounded: thousands of attaches do not storm the PBX
-            ws = await connect(
+            ws = cast(PbxClientConnection, await connect(
                 s.pbx_url, compression=None, max_size=ws_max_size(s.max_frame_bytes), proxy=None,
                 open_timeout=s.attach_timeout_s, ssl=self._ssl if s.pbx_url.startswith("wss:") else None,
                 ping_interval=20, ping_timeout=20, close_timeout=2, create_connection=PbxClientConnection,
-            )
+            ))
             self._ws = ws
             try:
                 if self._stopping:
@@ -114,51 +110,47 @@ class DeviceRunner:
         return session
 
     async def run(self) -> None:
-        self._backoff = wait_exponential_jitter(multiplier=self.s.reconnect_min_s, max=self.s.reconnect_max_s)
-        short_lived = 0
-        refused = 0
+        """One loop, one try per turn: open the session (log in, Attach), keep it until it
+        drops, and pause before the next turn for as long as :mod:`bridge.backoff` says for
+        what ended this one. Ends at :meth:`stop`, on a refused Attach (after ``refusals``
+        tries), on a bad URL and on a bug."""
+        s = self.s
+        network = backoff.network(s)
+        failures = 0  # tries in a row that failed (network faults, refused logins)
+        refused = 0  # refused Attaches so far
+        short_lived = 0  # sessions in a row that died young
         try:
             while not self._stopping:
-                retrying = AsyncRetrying(
-                    wait=self._wait, retry=_RETRY, reraise=True,
-                    before_sleep=self._log_retry,
-                )
                 try:
-                    self.session = await retrying(self._open)
-                    self.last_error = None
+                    self.session = await self._open()
+                except RETRYABLE as e:
+                    failures += 1
+                    pause = (backoff.login_refused(s) if isinstance(e, LoginFailed)
+                             else network(backoff.attempt(failures)))
+                    self._retry_failed(e, pause)
+                    await asyncio.sleep(pause)
+                    continue
                 except AttachRefused as e:
                     if refused >= self._refusals:
                         raise
                     refused += 1
+                    failures = 0
                     log.info("device %s: attach refused by the PBX (%s); trying again", self.hw, e)
-                    await asyncio.sleep(0.5 * 2 ** (refused - 1))
+                    await asyncio.sleep(backoff.attach_refused(refused))
                     continue
-                # tenacity's objects (~5.6 kB per device) reference each other through the last
-                # attempt's actions: cleared, they go now rather than at a full GC collection
-                retrying.iter_state.reset()
-                del retrying
+                failures = 0
+                self.last_error = None
                 if self._stopping:  # stopped while logging in or attaching: never left attached
                     await self.session.close()
                     break
-                log.info("device %s: PBX session open, attach accepted%s", self.hw,
-                         f" (after {self.reconnects} reconnects)" if self.reconnects else "")
-                if not self.first_result.done():
-                    self.first_result.set_result(self.device.result)
-                loop = asyncio.get_running_loop()
-                settle = loop.call_later(SETTLE_S, self._settle)
-                started = loop.time()
-                try:
-                    await self.session.closed
-                finally:
-                    settle.cancel()
+                lived = await self._hold(self.session)
                 if self._stopping:
                     break
                 self.reconnects += 1
                 self._lost("session-lost")
                 # a session that dies soon after it was made must not make a tight loop
-                short = loop.time() - started < self.s.reconnect_max_s
-                short_lived = short_lived + 1 if short else 0
-                pause = self.s.reconnect_pause(short_lived)
+                short_lived = short_lived + 1 if lived < s.reconnect_max_s else 0
+                pause = backoff.short_lived(s, short_lived)
                 log.warning("device %s: PBX session lost, reconnecting in %.1fs", self.hw, pause)
                 await asyncio.sleep(pause)
         except AttachRefused as e:
@@ -180,6 +172,22 @@ class DeviceRunner:
         finally:
             self.ended_at = asyncio.get_running_loop().time()
 
+    async def _hold(self, session: PbxSession) -> float:
+        """The session is attached: say so, settle the Sync after :data:`SETTLE_S`, and wait
+        until it closes. Returns how long it lived (seconds)."""
+        log.info("device %s: PBX session open, attach accepted%s", self.hw,
+                 f" (after {self.reconnects} reconnects)" if self.reconnects else "")
+        if not self.first_result.done():
+            self.first_result.set_result(self.device.result)
+        loop = asyncio.get_running_loop()
+        settle = loop.call_later(SETTLE_S, self._settle)
+        started = loop.time()
+        try:
+            await session.closed
+        finally:
+            settle.cancel()
+        return loop.time() - started
+
     def _settle(self) -> None:
         for ev in self.device.settle():
             self.emit(ev)
@@ -188,19 +196,19 @@ class DeviceRunner:
         for ev in self.device.on_lost(reason):
             self.emit(ev)
 
-    def _log_retry(self, rs) -> None:
-        exc = rs.outcome.exception()
+    def _retry_failed(self, exc: BaseException, pause: float) -> None:
+        """A try to open the session failed with ``exc``; the next one is ``pause`` s away."""
         if isinstance(exc, LoginFailed):
             self.login_failures += 1
             self.last_error = f"{exc}; check EPSIGNAL_PBX_APP and EPSIGNAL_PBX_PASSWORD"
-            log.error("device %s: %s; retry in %.0fs", self.hw, self.last_error, rs.next_action.sleep)
+            log.error("device %s: %s; retry in %.0fs", self.hw, self.last_error, pause)
         elif isinstance(exc, ssl.SSLCertVerificationError):
             self.last_error = (f"the PBX's TLS certificate is not trusted (SSLCertVerificationError: {exc}); "
                                "set EPSIGNAL_PBX_CA_FILE to its CA bundle")
-            log.error("device %s: %s; retry in %.1fs", self.hw, self.last_error, rs.next_action.sleep)
+            log.error("device %s: %s; retry in %.1fs", self.hw, self.last_error, pause)
         else:
             self.last_error = f"PBX unreachable ({type(exc).__name__}: {exc})"
-            log.warning("device %s: %s, retry in %.1fs", self.hw, self.last_error, rs.next_action.sleep)
+            log.warning("device %s: %s, retry in %.1fs", self.hw, self.last_error, pause)
 
     async def stop(self, reason: str | None = None, timeout: float = STOP_TIMEOUT_S) -> bool:
         """End the attachment (close the session) and the runner, within ``timeout``: a lease
@@ -218,7 +226,8 @@ class DeviceRunner:
                     try:
                         await self.task
                     except (asyncio.CancelledError, Exception):
-                        if asyncio.current_task().cancelling():
+                        me = asyncio.current_task()
+                        if me is not None and me.cancelling():
                             raise
         except TimeoutError:
             log.error("device %s: runner did not stop within %.0fs", self.hw, timeout)

@@ -15,6 +15,7 @@ import ssl
 from websockets.asyncio.server import Server, ServerConnection, serve
 
 from collections.abc import Callable
+from typing import cast
 
 from bridge.config import Settings
 from bridge.device import Device, bounded_result
@@ -64,7 +65,8 @@ class PbxServer:
         )
         log.info("server mode: waiting for the PBX on %s", self.s.pbx_listen)
 
-    async def _handle(self, ws: ServerConnection) -> None:
+    async def _handle(self, conn: ServerConnection) -> None:
+        ws = cast(PbxServerConnection, conn)  # create_connection makes it one
         s = self.s
         try:
             app = await login_as_server(ws, s.pbx_app, s.pbx_password, s.attach_timeout_s, s.max_frame_bytes)

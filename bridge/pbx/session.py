@@ -22,7 +22,7 @@ import time
 from collections import deque
 from contextlib import nullcontext
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import msgspec
 
@@ -44,7 +44,7 @@ from bridge.protocol.errors import FrameError
 from bridge.protocol.login import ClientLogin, LoginFailed, ServerLogin
 
 if TYPE_CHECKING:
-    from bridge.amqp.intercept import Interceptor
+    from bridge.amqp.intercept import Interceptor, Session
 
 log = logging.getLogger("bridge.pbx")
 
@@ -61,7 +61,13 @@ def ws_max_size(max_frame_bytes: int) -> int:
     return 2 * max_frame_bytes
 
 
-class FrameKinds:
+if TYPE_CHECKING:  # what the mixin is mixed into (at run time it derives from object)
+    _Connection = Connection
+else:
+    _Connection = object
+
+
+class FrameKinds(_Connection):
     """Mixin for the bridge's PBX connections: tells which messages came as binary frames.
 
     ``recv(decode=False)`` returns bytes for text and binary frames alike, but a forward must go
@@ -121,14 +127,14 @@ async def _recv(ws: FrameKinds, timeout: float, max_bytes: int) -> m.Frame:
     return m.decode(data, max_bytes)
 
 
-async def _expect(ws: Connection, kind: type, timeout: float, max_bytes: int):
+async def _expect(ws: FrameKinds, kind: type, timeout: float, max_bytes: int):
     msg = await _recv(ws, timeout, max_bytes)
     if type(msg) is not kind:
         raise FrameError("invalid", f"expected {kind.__name__} during login, got {type(msg).__name__}")
     return msg
 
 
-async def login_as_client(ws: Connection, app: str, password: str, timeout: float, max_bytes: int) -> None:
+async def login_as_client(ws: FrameKinds, app: str, password: str, timeout: float, max_bytes: int) -> None:
     """Log in to the PBX (client mode). Raises LoginFailed on a refused login."""
     lg = ClientLogin(app, password)
     await ws.send(m.encode(lg.start()), text=True)
@@ -137,7 +143,7 @@ async def login_as_client(ws: Connection, app: str, password: str, timeout: floa
     lg.on_result(await _expect(ws, m.AppLoginResult, timeout, max_bytes))
 
 
-async def login_as_server(ws: Connection, app: str, password: str, timeout: float, max_bytes: int) -> str:
+async def login_as_server(ws: FrameKinds, app: str, password: str, timeout: float, max_bytes: int) -> str:
     """Verify the login of a PBX App object that connected in (server mode)."""
     lg = ServerLogin({app: password})
     req = await _expect(ws, m.AppChallenge, timeout, max_bytes)
@@ -189,7 +195,7 @@ class PbxSession:
         self._steps: deque[list[ic.Step]] = deque()
         self._carrier: asyncio.Task | None = None
         if intercept is not None:
-            intercept.sessions.add(self)
+            intercept.sessions.add(cast("Session", self))  # it has a gate: intercept is on
 
     async def attach(self, device: Device, timeout: float) -> m.AttachResult:
         """Send Attach for ``device`` and wait for its AttachResult."""
@@ -233,15 +239,23 @@ class PbxSession:
                 self.emit(ev)
 
     async def run(self) -> None:
-        """Read until the connection ends; then every waiter learns of it."""
-        ws, emit, stats, observe = self.ws, self.emit, STATS, FORWARD_SECONDS.observe
+        """Read until the connection ends; then every waiter learns of it (:meth:`_reader_ended`).
+
+        The steps of a frame: receive; count and decode (:meth:`_bad_frame` for one that is
+        not a frame); **forward first** (a Signaling message of a PBX call, unless the intercept
+        gate takes it: :meth:`_offer`); then :meth:`_deliver` (demultiplex by ``src``, answer
+        a waiting attach, the device's events, traced or not, emitted). Receive and forward
+        stay inline here and ``_deliver`` is the one call after the forward: a step of its own
+        would cost the reader a call per frame."""
+        ws, stats, observe, deliver = self.ws, STATS, FORWARD_SECONDS.observe, self._deliver
         gate = self.gate
-        rules = gate.rules if gate is not None else None
+        rules = cast(ic.Rules, gate.rules if gate is not None else None)  # read only with a gate
         try:
             while True:
                 # an idle session keeps nothing of its last frame (its bytes, the decoded
-                # message, the last event): ~1.5 kB per device at 10,000 mostly idle sessions
-                data = msg = dev = ev = None
+                # message; the device and its events are _deliver's): ~1.5 kB per device at
+                # 10,000 mostly idle sessions
+                data = msg = None
                 data = await ws.recv(decode=False)
                 binary = ws.took_binary()
                 t0 = time.perf_counter_ns()
@@ -249,12 +263,10 @@ class PbxSession:
                 try:
                     msg = m.decode(data, self.max_bytes)
                 except FrameError as e:
-                    stats.bad_frames += 1
-                    if stats.bad_frames & (stats.bad_frames - 1) == 0:  # 1, 2, 4, 8, ...: no flood
-                        log.warning("bad frame from PBX (%d so far): %s", stats.bad_frames, e)
+                    self._bad_frame(e)
                     continue
-                forwarded = type(msg) is m.Signaling and msg.call >= 0
-                if forwarded:
+                took = None  # ns from read to forwarded; None: not forwarded
+                if type(msg) is m.Signaling and msg.call >= 0:
                     # intercept mode: one test while no device has rules and nothing is held,
                     # a set lookup for a device without rules while others have some
                     if gate is not None and (gate.calls or (rules.on and (
@@ -265,34 +277,59 @@ class PbxSession:
                     took = time.perf_counter_ns() - t0
                     stats.forwarded += 1
                     observe(took / 1e9)
-                dev = self._device_for(msg)
-                if dev is None:
-                    continue
-                if type(msg) is not m.Signaling:
-                    self._answer(dev.hw, msg)
-                if tracing.ENABLED:  # the span starts when the frame was read
-                    wall0 = time.time_ns() - (time.perf_counter_ns() - t0)
-                    self._traced(dev, msg, wall0, wall0 + took if forwarded else None)
-                    continue
-                for ev in dev.on_frame(msg):
-                    emit(ev)
+                deliver(msg, t0, took)
         except ConnectionClosed:
             pass
         except Exception:  # a bug must not leave the PBX's calls waiting on an unread socket
             log.exception("PBX session reader failed; closing the session (it will reconnect)")
             await ws.close(1011, "internal error")
         finally:
-            if gate is not None:
-                self._lost()
-            err = ConnectionError("PBX session closed")
-            for fut in self._results.values():
-                if not fut.done():
-                    fut.set_exception(err)
-            for fut in self._attached.values():
-                if not fut.done():
-                    fut.set_result(None)
-            if not self.closed.done():
-                self.closed.set_result(None)
+            self._reader_ended()
+
+    def _bad_frame(self, e: FrameError) -> None:
+        """Not a frame the bridge reads: counted, logged at 1, 2, 4, 8, ... (no flood)."""
+        stats = STATS
+        stats.bad_frames += 1
+        if stats.bad_frames & (stats.bad_frames - 1) == 0:
+            log.warning("bad frame from PBX (%d so far): %s", stats.bad_frames, e)
+
+    def _deliver(self, msg, t0: int, took: int | None) -> None:
+        """After the forward: the frame's device (by ``src``; a session with one device takes
+        frames without it), the attach waiting for an AttachResult or Attached, then the
+        device's events, emitted (under the frame's span, with tracing: it starts when the
+        frame was read, ``t0``; ``took``: ns until it was forwarded, None if it was not)."""
+        src, devices = msg.src, self.devices
+        if isinstance(src, str):
+            dev = devices.get(src)
+        elif len(devices) == 1:  # a PBX that does not echo src: the one device of the session
+            dev = next(iter(devices.values()))
+        else:
+            return
+        if dev is None:
+            return
+        if type(msg) is not m.Signaling:
+            self._answer(dev.hw, msg)
+        if tracing.ENABLED:
+            wall0 = time.time_ns() - (time.perf_counter_ns() - t0)
+            self._traced(dev, msg, wall0, wall0 + took if took is not None else None)
+            return
+        emit = self.emit
+        for ev in dev.on_frame(msg):
+            emit(ev)
+
+    def _reader_ended(self) -> None:
+        """The reader ended: held messages are dropped, every waiter learns of it."""
+        if self.gate is not None:
+            self._lost()
+        err = ConnectionError("PBX session closed")
+        for fut in self._results.values():
+            if not fut.done():
+                fut.set_exception(err)
+        for fut in self._attached.values():
+            if not fut.done():
+                fut.set_result(None)
+        if not self.closed.done():
+            self.closed.set_result(None)
 
     # ------------------------------------------------------------------ intercept mode
     def _offer(self, msg: m.Signaling, data: bytes, binary: bool) -> bool:
@@ -334,21 +371,21 @@ class PbxSession:
         try:
             while queue:
                 steps = queue.popleft()
-                calls = {}
+                calls: dict[tuple[str, int], None] = {}
                 for step in steps:
                     msg, _data, _binary, dev = step.item
                     calls[(dev.hw, msg.call)] = None
                     if type(step) is ic.Hold:
-                        self.intercept.request(self, step, dev)
+                        self.intercept.request(cast("Session", self), step, dev)
                     else:
-                        await self._release(step)
+                        await self._release(cast(ic.Release, step))
                 # a call is settled (free again) only when none of its releases waits here: a
                 # hold decided meanwhile (a lost broker, a stop) queued its release behind
                 waiting = {(s.item[3].hw, s.item[0].call) for later in queue for s in later}
                 now = asyncio.get_running_loop().time()
                 for key in calls:
                     if key not in waiting:
-                        more = gate.settle(*key, now)
+                        more = gate.settle(key[0], key[1], now)
                         if more:
                             queue.appendleft(more)
         except ConnectionClosed:
