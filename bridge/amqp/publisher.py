@@ -40,7 +40,9 @@ import logging
 import struct
 import time
 from functools import partial
+from typing import cast
 
+import aiormq
 from aiormq.abc import ChannelFrame, DeliveredMessage
 from aiormq.exceptions import DeliveryError
 
@@ -129,6 +131,7 @@ class EventPublisher:
                 await self.link.wait_ready()
                 continue
             lost = self.link.lost
+            assert lost is not None  # ready: a connection, and its ``lost``
             self._broken.clear()
             drain = asyncio.create_task(self._drain(), name="publisher drain")
             try:
@@ -159,8 +162,12 @@ class EventPublisher:
 
     async def _drain(self) -> None:
         try:
-            raw = await self.link.channel.get_underlay_channel()
-            wire = Wire(raw.number, self.link.topology.events.name, raw.max_content_size)
+            ch, topo, lost = self.link.channel, self.link.topology, self.link.lost
+            if ch is None or topo is None or lost is None:
+                raise ConnectionError("the link is not ready")
+            # aiormq's Channel (its writer queue, lock, confirmations), or the benchmark's stand-in
+            raw = cast(aiormq.Channel, await ch.get_underlay_channel())
+            wire = Wire(raw.number, topo.events.name, raw.max_content_size)
         except Exception as e:  # the channel went away between ready and here
             log.debug("publisher: no channel (%s: %s)", type(e).__name__, e)
             self._break()
@@ -203,54 +210,65 @@ class EventPublisher:
                 if self._broken.is_set():  # lost meanwhile (the link said so: :meth:`lost`)
                     self._failed.extend(batch)
                     break
-            await self._send(raw, wire, batch)
+            await self._send(raw, wire, batch, lost)
             # let the PBX sockets be read between slices: calls first
             await asyncio.sleep(0)
 
-    async def _send(self, raw, wire: Wire, batch: list[Entry]) -> None:
-        """Write the frames of ``batch`` at once, each event with its confirmation future."""
+    async def _send(self, raw: aiormq.Channel, wire: Wire, batch: list[Entry], lost: asyncio.Future) -> None:
+        """Write the frames of ``batch`` at once, each event with its confirmation future
+        (``lost``: the connection's, of the drain that writes it)."""
         parts: list[bytes] = []
         futs: list[asyncio.Future] = []
-        sl = _Slice(futs, self, self.link.lost)
+        sl = _Slice(futs, self, lost)
         # plain futures, not the channel's (``raw.create_future``: two more done-callbacks per
         # event, one call_soon each): a closed channel or connection fails them through
         # ``link.lost`` (``run`` -> ``_fail_inflight``), not through aiormq's future store
         new_future = asyncio.get_running_loop().create_future
-        async with raw.lock:  # the channel's delivery tags are counted under its lock
-            tag0 = raw.delivery_tag
-            confirmations, ids = raw.confirmations, raw.message_id_delivery_tag
-            for entry in batch:
-                ev = entry.event
+        # the lock never comes when the connection goes meanwhile (the drain is cancelled, or
+        # aiormq refuses a closed channel): then the batch goes back with what was in flight,
+        # first on the next connection. Inside, each event is accounted for by its future.
+        locked = False
+        try:
+            async with raw.lock:  # the channel's delivery tags are counted under its lock
+                locked = True
+                tag0 = raw.delivery_tag
+                confirmations, ids = raw.confirmations, raw.message_id_delivery_tag
+                for entry in batch:
+                    ev = entry.event
+                    try:
+                        data = wire.encode(ev)
+                    except (ValueError, TypeError, struct.error) as e:  # refused before sending: never
+                        self._unpublishable(entry, e)
+                        continue
+                    raw.delivery_tag += 1
+                    tag = raw.delivery_tag
+                    fut = new_future()
+                    confirmations[tag] = fut
+                    ids[ev.message_id] = tag
+                    parts.append(data)
+                    futs.append(fut)
+                    fut.add_done_callback(partial(self._settled, entry, tag, ids, sl))
+                if not futs:
+                    return
+                sl.left = len(futs)
+                self._slices.add(sl)
+                self._inflight += len(futs)
+                self._idle.clear()
+                self.stats.published += len(futs)
                 try:
-                    data = wire.encode(ev)
-                except (ValueError, TypeError, struct.error) as e:  # refused before sending: never
-                    self._unpublishable(entry, e)
-                    continue
-                raw.delivery_tag += 1
-                tag = raw.delivery_tag
-                fut = new_future()
-                confirmations[tag] = fut
-                ids[ev.message_id] = tag
-                parts.append(data)
-                futs.append(fut)
-                fut.add_done_callback(partial(self._settled, entry, tag, ids, sl))
-            if not futs:
-                return
-            sl.left = len(futs)
-            self._slices.add(sl)
-            self._inflight += len(futs)
-            self._idle.clear()
-            self.stats.published += len(futs)
-            try:
-                await raw.write_queue.put(ChannelFrame(payload=b"".join(parts), should_close=False))
-            except BaseException:
-                # not written: the broker has not seen these tags; give them back (under the lock)
-                raw.delivery_tag = tag0
-                for i in range(tag0 + 1, tag0 + 1 + len(futs)):
-                    confirmations.pop(i, None)
-                sl.lost = True
-                sl.expire()
-                raise
+                    await raw.write_queue.put(ChannelFrame(payload=b"".join(parts), should_close=False))
+                except BaseException:
+                    # not written: the broker has not seen these tags; give them back (under the lock)
+                    raw.delivery_tag = tag0
+                    for i in range(tag0 + 1, tag0 + 1 + len(futs)):
+                        confirmations.pop(i, None)
+                    sl.lost = True
+                    sl.expire()
+                    raise
+        except BaseException:
+            if not locked:
+                self._failed.extend(batch)
+            raise
         if sl.left:
             sl.arm()
 
@@ -301,8 +319,8 @@ class EventPublisher:
             sl.done()
             self._slices.discard(sl)
             if sl.failed and tracing.ENABLED:
-                tracing.publish_failed(self.link.topology.events.name, sl.start_ns, sl.failed,
-                                       len(sl.futs), sl.error)
+                tracing.publish_failed(self.link.s.events_exchange, sl.start_ns, sl.failed, len(sl.futs),
+                                       sl.error or ConnectionError("broker connection lost"))
         if self._nacks_from is not None and not self.buffer.held_devices:
             self._log_nacks()
         if not self.buffer:

@@ -28,9 +28,9 @@ async def _session(url: str, app: str, password: str, hw: str, gate: asyncio.Sem
     async with gate:
         ws = await connect(url, compression=None, ping_interval=None, max_size=m.MAX_FRAME_BYTES,
                            proxy=None, create_connection=PbxClientConnection)
+        assert isinstance(ws, PbxClientConnection)  # create_connection above
         await login_as_client(ws, app, password, 10, m.MAX_FRAME_BYTES)
         await ws.send(m.encode(m.Attach(hw=hw, src=hw)), text=True)
-    assert isinstance(ws, PbxClientConnection)  # create_connection above
     try:
         recv, send, took_binary = ws.recv, ws.send, ws.took_binary
         while True:

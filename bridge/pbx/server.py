@@ -50,6 +50,8 @@ class PbxServer:
 
     @property
     def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("the PBX server is not started")
         return self._server.sockets[0].getsockname()[1]
 
     async def start(self) -> None:

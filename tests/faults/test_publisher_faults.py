@@ -326,3 +326,41 @@ async def test_a_flood_through_a_stalling_link_never_wedges_the_publisher(bus, p
     await eventually(all_in, 30, "every event of the flood")
     assert all(v == set(range(1, len(v) + 1)) for v in got.values())
     print(f"\nFIGURES flood-stall: events={made} lost=0 reconnects={bridge.link.reconnects}")
+
+
+async def test_a_slice_waiting_for_the_channel_lock_survives_a_lost_connection(sim, bus, proxy, settings_for,
+                                                                               start_bridge):
+    """The drain takes a slice from the buffer, then waits for the channel's lock (held meanwhile
+    by another publish on the channel: a command's reply or dead-letter copy). The connection goes
+    while it waits: the slice's events must go back to the buffer and out on the next connection,
+    not stay counted in flight for ever (found in review: they did)."""
+    hw = sim.hw(1)
+    q = await bus.bind("device.#")
+    bridge = await start_bridge(settings_for(sim, devices=hw, amqp_url=f"amqp://guest:guest@127.0.0.1:{proxy.port}/"))
+    seen = await q.until(lambda e: e.body["type"] == "attached")
+    raw = await bridge.link.channel.get_underlay_channel()
+    holding, let_go = asyncio.Event(), asyncio.Event()
+
+    async def hold_the_lock():  # what a reply being published on the channel does
+        async with raw.lock:
+            holding.set()
+            await let_go.wait()
+
+    holder = asyncio.create_task(hold_the_lock())
+    await holding.wait()
+    try:
+        await sim.place_call(hw, direction="in", hold_s=0.02)
+        await sim.wait_idle(10)
+        buf = bridge.publisher.buffer
+        # the drain took a slice of the call's events (no longer pending) and waits for the lock
+        await eventually(lambda: len(buf) > buf.pending, 5, "a slice taken, waiting for the lock")
+        proxy.cut()
+        await eventually(lambda: not bridge.link.ready, 10, "the link noticing the cut")
+    finally:
+        let_go.set()
+        await asyncio.gather(holder, return_exceptions=True)
+    proxy.restore()
+    assert await bridge.publisher.flush(20), f"{len(bridge.publisher.buffer)} events never confirmed"
+    seqs = [e.body["seq"] for e in [*seen, *q.drain()] if e.body.get("hw") == hw]
+    assert sorted(set(seqs)) == list(range(1, max(seqs) + 1))  # every event, none missing
+    assert any(s > 1 for s in seqs)  # the call's events came, not only the attached one
