@@ -99,10 +99,9 @@ async def test_the_same_lock_for_a_device_while_in_use_a_new_one_after():
 
 async def test_an_error_inside_drops_the_entry_too():
     locks = DeviceLocks()
-    with pytest.raises(RuntimeError):
-        with locks.use("a") as lock:
-            async with lock:
-                raise RuntimeError("the handler failed")
+    with pytest.raises(RuntimeError), locks.use("a") as lock:
+        async with lock:
+            raise RuntimeError("the handler failed")
     assert len(locks) == 0 and not locks.busy("a")
 
 
