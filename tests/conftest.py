@@ -22,6 +22,18 @@ from bridge.sim import PbxSimulator, SimConfig
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 PASSWORD = "sim-secret-pw"
+#: fixtures that talk to the real RabbitMQ: a test using one must carry the ``broker`` marker
+#: (``pytest -m "not broker"`` runs without a broker). Tests that reach the broker otherwise (a
+#: bridge process, a connection of their own) are marked by hand: checked once for issue 17 by
+#: running ``-m "not broker"`` where 127.0.0.1:5672 refuses connections (``unshare -rn``).
+BROKER_FIXTURES = frozenset({"amqp", "bus", "start_bridge", "proxy"})
+
+
+def pytest_collection_modifyitems(config, items):
+    unmarked = [item.nodeid for item in items
+                if BROKER_FIXTURES & set(getattr(item, "fixturenames", ())) and item.get_closest_marker("broker") is None]
+    if unmarked:
+        raise pytest.UsageError("tests using the broker without the `broker` marker: " + ", ".join(unmarked[:10]))
 
 
 @dataclass

@@ -2,8 +2,10 @@
 
 - A command is acked only after it was carried out (or refused): a bridge killed mid-command
   leaves it in the queue for redelivery.
-- Commands for one device are carried out one at a time, in the order they arrived; commands
-  for different devices run concurrently (up to ``prefetch`` at once).
+- Commands for one device are carried out one at a time, in the order they arrived
+  (:class:`DeviceLocks`); commands for different devices run concurrently (up to ``prefetch``
+  at once). Answering, dead-lettering and acking happen after the device's lock is let go: a
+  refusal waiting for its dead-letter copy's confirm does not hold up the device's next command.
 - A refused command (bad key, bad body, device not attached, the PBX said no) is answered with
   ``{"ok": false, "error": ...}`` when it has ``reply_to``, and dead-lettered: a copy goes to
   the dead-letter exchange with header ``x-epsignal-error`` saying why, then the original is
@@ -16,11 +18,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from contextlib import nullcontext
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager, nullcontext
 
 import aio_pika
-from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 
 from bridge import commands as cmds
 from bridge import ids, routing
@@ -46,16 +48,60 @@ class CommandStats:
         self.by_outcome[k] = self.by_outcome.get(k, 0) + 1
 
 
+class _DeviceEntry:
+    __slots__ = ("lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.users = 0  # commands of the device holding the lock, waiting for it, or finishing
+
+
+class DeviceLocks:
+    """One :class:`asyncio.Lock` per device: its commands are carried out one at a time, in the
+    order they asked for the lock (an asyncio.Lock wakes its waiters first in, first out).
+
+    A device's entry lives while a command uses it (:meth:`use`: from its arrival, through
+    waiting for and holding the lock, until it is answered and acked) and goes with the last
+    one, so the map holds only the devices with a command in progress, whatever ids the bus
+    sends."""
+
+    __slots__ = ("_entries",)
+
+    def __init__(self) -> None:
+        self._entries: dict[str, _DeviceEntry] = {}
+
+    @contextmanager
+    def use(self, hw: str) -> Iterator[asyncio.Lock]:
+        """Count a command of ``hw`` in (at once, before any await) and give the device's lock;
+        the entry is dropped when the last command of the device leaves."""
+        entry = self._entries.get(hw)
+        if entry is None:
+            entry = self._entries[hw] = _DeviceEntry()
+        entry.users += 1
+        try:
+            yield entry.lock
+        finally:
+            entry.users -= 1
+            if entry.users == 0:
+                del self._entries[hw]
+
+    def busy(self, hw: str) -> bool:
+        """A command of ``hw`` is in progress or waiting."""
+        return hw in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
 class CommandConsumer:
     def __init__(self, link: BrokerLink, handler: Handler, redirect: Redirect | None = None) -> None:
         self.link = link
         self.s = link.s
         self._handler = handler
         self._redirect = redirect
-        #: hw -> [lock, commands holding or waiting for it]: the entry goes when the count is 0
-        self._locks: dict[str, list] = {}
+        self._devices = DeviceLocks()
         self._inflight: set[asyncio.Task] = set()
-        self._channel = None
+        self._channel: AbstractChannel | None = None
         self._tag: str | None = None
         self._accepting = True
         self._limiter = RateLimiter(self.s.command_rate, self.s.command_burst)
@@ -84,7 +130,9 @@ class CommandConsumer:
         if ch is not None and not ch.is_closed:  # a consume that failed on it: let it go
             self._pending_close = asyncio.get_running_loop().create_task(_close_quietly(ch))
 
-    async def _consume(self, topo: Topology) -> None:
+    async def _consume(self, topo: Topology | None) -> None:
+        if self._channel is None or topo is None:
+            raise ConnectionError("no command channel")
         q = await declare_commands_queue(self._channel, self.s, topo)
         if self._accepting:
             self._tag = await q.consume(self.on_message)
@@ -116,11 +164,12 @@ class CommandConsumer:
 
     def busy(self, hw: str) -> bool:
         """A command for ``hw`` is in progress or waiting."""
-        return hw in self._locks
+        return self._devices.busy(hw)
 
     async def on_message(self, message: AbstractIncomingMessage, redirect: bool = True) -> None:
         """Carry out one command (``redirect``: it came from the shared queue, see Redirect)."""
         t = asyncio.current_task()
+        assert t is not None  # a consumer callback runs in a task of its own
         self._inflight.add(t)
         try:
             await self._process(message, redirect)
@@ -134,8 +183,8 @@ class CommandConsumer:
         try:
             hw, verb, cmd = cmds.parse(key, message.body)
         except cmds.CommandError as e:  # the reply names the hw only when it is a valid one
-            hw = parsed[0] if parsed is not None and ids.valid_hw(parsed[0]) else None
-            return await self._refuse(message, verb, hw, str(e))
+            valid = parsed[0] if parsed is not None and ids.valid_hw(parsed[0]) else None
+            return await self._refuse(message, verb, valid, str(e))
         if redirect and self._redirect is not None:
             target = await self._redirect(hw, verb)
             if target is not None:
@@ -144,28 +193,27 @@ class CommandConsumer:
             return await self._refuse(message, verb, hw, (
                 f"rate limit: more than {self.s.command_burst} commands at once or "
                 f"{self.s.command_rate:g}/s sustained for device {hw}"))
-        entry = self._locks.setdefault(hw, [asyncio.Lock(), 0])
-        entry[1] += 1
         span = tracing.command_span(
             message.headers, self.s.commands_exchange, hw, verb, key, message.message_id,
             message.correlation_id) if tracing.ENABLED else nullcontext()
-        try:
-            async with entry[0]:
+        with self._devices.use(hw) as lock:
+            error: str | None = None
+            async with lock:
                 with span:
                     try:
                         reply = await self._handler(hw, verb, cmd)
                     except cmds.CommandError as e:
-                        return await self._refuse(message, verb, hw, str(e))
+                        error = str(e)
                     except Exception as e:  # a bug must not leave the command unanswered and unacked
                         log.exception("command %s for %s failed", verb, hw)
-                        return await self._refuse(message, verb, hw, f"internal error: {type(e).__name__}")
-        finally:
-            entry[1] -= 1
-            if entry[1] == 0:
-                del self._locks[hw]
-        await self._reply(message, reply)
-        self.stats.count(verb, "ok")
-        await message.ack()
+                        error = f"internal error: {type(e).__name__}"
+            # the device's next command goes ahead meanwhile: answering, dead-lettering (a
+            # publisher confirm) and acking this one need no lock
+            if error is not None:
+                return await self._refuse(message, verb, hw, error)
+            await self._reply(message, reply)
+            self.stats.count(verb, "ok")
+            await message.ack()
 
     async def _move(self, message: AbstractIncomingMessage, queue: str) -> None:
         """Publish the command again, as it is, now that ``queue`` is bound for its key

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import time
+import uuid
 
+import aio_pika
 import pytest
 
 from bridge import routing
+from bridge.protocol.messages import CallState
+from tests.faults.helpers import eventually
 
 pytestmark = pytest.mark.broker
 
@@ -22,8 +28,34 @@ def is_state(state, call=None):
         call is None or e.body["call"] == call)
 
 
-async def attached(bus, hw):
-    return await bus.until(lambda e: e.key == f"device.{routing.word(hw)}.attached")
+async def attached(q, *hws):
+    """Every event of ``q`` up to the ``attached`` events of ``hws`` (in any order)."""
+    want = {f"device.{routing.word(hw)}.attached" for hw in hws}
+
+    def all_seen(e) -> bool:
+        want.discard(e.key)
+        return not want
+    return await q.until(all_seen)
+
+
+async def start_attached(bus, start_bridge, settings, *hws):
+    """The bridge started with ``hws`` attached: their ``attached`` events came (a queue bound
+    before the start sees them)."""
+    q = await bus.bind(*(f"device.{routing.word(hw)}.attached" for hw in hws))
+    bridge = await start_bridge(settings)
+    await attached(q, *hws)
+    return bridge
+
+
+async def everything_so_far(q, bus, bridge, key: str):
+    """The events of ``q`` until now, and none of the bridge's still on its way: once the bridge
+    has every event confirmed (in the queue), a marker the test publishes after them to ``key``
+    (one of ``q``'s patterns) comes last. An absence is proven by that later arrival."""
+    assert await bridge.publisher.flush(10)
+    marker = uuid.uuid4().hex
+    await bus.events.publish(aio_pika.Message(json.dumps({"type": "marker", "marker": marker}).encode()), key)
+    evs = await q.until(lambda e: e.body.get("marker") == marker)
+    return evs[:-1]
 
 
 # ------------------------------------------------------------------------------- attach / detach
@@ -64,8 +96,7 @@ async def test_attach_and_detach_by_command(sim, bus, settings_for, start_bridge
     assert reply == {"ok": True, "v": 1, "command": "detach", "hw": hw, "was_attached": True}
     ev = await q.until(lambda e: e.body["type"] == "detached")
     assert ev[-1].body["reason"] == "command"
-    await asyncio.sleep(0.2)
-    assert sim.stats()["attached_devices"] == 0
+    await eventually(lambda: sim.stats()["attached_devices"] == 0, 5, "the PBX session of the device ended")
     # detach of a detached device: ok too
     assert (await bus.command(hw, "detach"))["was_attached"] is False
     assert hw not in bridge.pbx.runners
@@ -113,9 +144,8 @@ SCENARIOS = {
 async def test_call_states_in_order(name, sim, bus, settings_for, start_bridge):
     kw, expected, incoming = SCENARIOS[name]
     hw = sim.hw(4)
-    await start_bridge(settings_for(sim, devices=hw))
+    await start_attached(bus, start_bridge, settings_for(sim, devices=hw), hw)
     q = await bus.bind(f"device.{hw}.call.*.state")
-    await asyncio.sleep(0.3)  # attached
     call = await sim.place_call(hw, remote="201", **kw)
     evs = await q.until(is_state("released", call))
     got = states(evs, call)
@@ -130,9 +160,8 @@ async def test_call_states_in_order(name, sim, bus, settings_for, start_bridge):
 
 async def test_hold_retrieve_and_transfer(sim, bus, settings_for, start_bridge):
     hw = sim.hw(5)
-    await start_bridge(settings_for(sim, devices=hw))
+    await start_attached(bus, start_bridge, settings_for(sim, devices=hw), hw)
     q = await bus.bind(f"device.{hw}.call.*.state")
-    await asyncio.sleep(0.3)
     call = await sim.place_call(hw, direction="in", hold=True, hold_s=0.4)
     evs = await q.until(is_state("released", call))
     held = [e.body["held"] for e in evs if e.body["state"] == "connected"]
@@ -145,7 +174,8 @@ async def test_hold_retrieve_and_transfer(sim, bus, settings_for, start_bridge):
 async def test_sync_states_on_attach(sim, bus, settings_for, start_bridge):
     hw = sim.hw(6)
     call = await sim.place_call(hw, direction="in", answer=True, hold_s=5.0)
-    await asyncio.sleep(0.3)  # connected, not through the bridge yet
+    await eventually(lambda: sim.call(call).state is CallState.CONNECTED, 5,
+                     "the call connected, not through the bridge yet")
     q = await bus.bind(f"device.{hw}.#")
     await start_bridge(settings_for(sim, devices=hw))
     evs = await q.until(lambda e: e.body["type"] == "call.state")
@@ -155,9 +185,8 @@ async def test_sync_states_on_attach(sim, bus, settings_for, start_bridge):
 
 async def test_call_placed_by_command_reaches_connected(sim, bus, settings_for, start_bridge):
     hw = sim.hw(7)
-    await start_bridge(settings_for(sim, devices=hw))
+    await start_attached(bus, start_bridge, settings_for(sim, devices=hw), hw)
     q = await bus.bind(f"device.{hw}.call.*.state")
-    await asyncio.sleep(0.3)
     reply = await bus.command(hw, "signaling", {"call": -1, "sig": {"type": "setup", "cd": {"num": "201"}}})
     assert reply == {"ok": True, "v": 1, "command": "signaling", "hw": hw}
     evs = await q.until(is_state("connected", -1))
@@ -171,8 +200,7 @@ async def test_call_placed_by_command_reaches_connected(sim, bus, settings_for, 
 async def test_random_traffic_every_call_completes(sim, bus, settings_for, start_bridge):
     hws = [sim.hw(i) for i in range(1, 11)]
     q = await bus.bind("device.*.call.*.signaling")
-    bridge = await start_bridge(settings_for(sim, devices=",".join(hws)))
-    await asyncio.sleep(0.5)
+    bridge = await start_attached(bus, start_bridge, settings_for(sim, devices=",".join(hws)), *hws)
     sim.config.call_duration_s = 0.2
     started = sim.stats()["calls_started"]
     for i in range(30):
@@ -182,9 +210,8 @@ async def test_random_traffic_every_call_completes(sim, bus, settings_for, start
     st = sim.stats()
     assert st["calls_stalled"] == 0
     assert st["calls_completed"] - 0 >= started + 30 - st["calls_stalled"] - started
-    await asyncio.sleep(0.5)
-    sigs = q.drain()
-    assert len(sigs) == st["messages_forwarded"]  # every forwarded message was published too
+    sigs = await everything_so_far(q, bus, bridge, "device.marker.call.0.signaling")
+    assert len(sigs) == st["messages_forwarded"]  # every forwarded message was published too, once
     assert all(e.body["origin"] == "pbx" for e in sigs)
     # per-device seq: no gaps, no duplicates
     for hw in hws:
@@ -229,9 +256,13 @@ async def test_wrong_password_is_reported_and_not_retried_in_a_tight_loop(
     caplog.set_level(logging.ERROR, logger="bridge.pbx")
     bridge = await start_bridge(settings_for(sim, devices=sim.hw(1), pbx_password="wrong", login_retry_s=2.0,
                                              attach_timeout_s=1.0))
-    await asyncio.sleep(3.0)
+    # the first refusal, then the retry: after login_retry_s (2 s), not in a tight loop
+    await eventually(lambda: sim.stats()["logins_failed"] >= 1, 10, "the first login refused", interval=0.01)
+    t1 = time.monotonic()
+    await eventually(lambda: sim.stats()["logins_failed"] >= 2, 10, "the login retried", interval=0.01)
+    assert time.monotonic() - t1 > 1.5, "the refused login was retried at once"
     st = sim.stats()
-    assert st["attached_devices"] == 0 and 1 <= st["logins_failed"] <= 2
+    assert st["attached_devices"] == 0 and st["logins_failed"] == 2
     assert any("refused" in r.getMessage() and "EPSIGNAL_PBX_PASSWORD" in r.getMessage() for r in caplog.records)
     assert all("wrong" not in r.getMessage() for r in caplog.records)
     # readiness and an attach command name the real cause, not "PBX unreachable?" (issue 16.5)
@@ -248,16 +279,12 @@ async def test_server_mode_verifies_the_pbx_login(sim, bus, settings_for, start_
                                              devices=",".join(hws)))
     url = f"ws://127.0.0.1:{bridge.pbx.port}/"
     await sim.connect(url, app="epsignal", password="not-the-password")
-    await asyncio.sleep(1.0)
-    assert bridge.pbx.logins_failed >= 1 and q.drain() == []
+    await eventually(lambda: bridge.pbx.logins_failed >= 1, 10, "the wrong login refused")
     await sim.connect(url, app="epsignal", password=bridge.s.pbx_password)
-    got = set()
-    async with asyncio.timeout(10):
-        while len(got) < 2:
-            e = await q.get()
-            if e.body["type"] == "attached":
-                got.add(e.body["hw"])
-    assert got == set(hws)
+    evs = await attached(q, *hws)
+    # nothing came of the refused session: the first events are the good session's attaches
+    assert [(e.body["type"], e.body["hw"]) for e in evs] in (
+        [("attached", hws[0]), ("attached", hws[1])], [("attached", hws[1]), ("attached", hws[0])]), evs
     call = await sim.place_call(hws[0], direction="in", hold_s=0.1)
     evs = await q.until(is_state("released", call))
     assert "connected" in states(evs, call) and sim.stats()["calls_stalled"] == 0
@@ -317,7 +344,7 @@ async def test_a_deployment_can_publish_call_states_only(sim, bus, settings_for,
     hw = sim.hw(2)
     q = await bus.bind(f"device.{hw}.#")
     bridge = await start_bridge(settings_for(sim, devices=hw, event_kinds="call.state"))
-    await asyncio.sleep(0.5)
+    await eventually(lambda: bridge.pbx.runners[hw].device.attached, 10, "the device attached")
     call = await sim.place_call(hw, direction="in", hold_s=0.05)
     evs = await q.until(lambda e: e.body.get("call") == call and e.body.get("state") == "released")
     assert {e.body["type"] for e in evs} == {"call.state"}

@@ -29,21 +29,29 @@ from tests.integration.test_leases import N, attached_by, held, until
 pytestmark = [pytest.mark.asyncio, pytest.mark.broker]
 
 
-@pytest.mark.skipif(not rabbitnode.available(), reason="no rabbitmq-server on this machine")
-async def test_a_queue_of_the_other_type_is_one_clear_error_and_its_deletion_the_fix(settings_for, caplog):
-    node = rabbitnode.RabbitNode()
-    await asyncio.to_thread(node.start)
+@pytest.fixture(scope="module")
+def node():
+    """One node of the module's own for its tests (one start instead of two): each test's
+    queues, and the policy of the second, are named after that test's own names."""
+    n = rabbitnode.RabbitNode().start()
     try:
-        conn = await aio_pika.connect(node.url)
+        yield n
+    finally:
+        n.stop()
+
+
+@pytest.mark.skipif(not rabbitnode.available(), reason="no rabbitmq-server on this machine")
+async def test_a_queue_of_the_other_type_is_one_clear_error_and_its_deletion_the_fix(node, settings_for, caplog):
+    conn = await aio_pika.connect(node.url)
+    try:
         for existing, wanted in (("classic", "quorum"), ("quorum", "classic")):
             caplog.clear()
             s = settings_for(amqp_url=node.url, queue_type=wanted)  # queues of this round's own
             s = settings_for(amqp_url=node.url, queue_type=wanted, commands_queue=f"{s.commands_queue}.{wanted}",
                              dead_queue=f"{s.dead_queue}.{wanted}")
             await _mismatch_then_fix(node, conn, s, existing, wanted, caplog)
-        await conn.close()
     finally:
-        await asyncio.to_thread(node.stop)
+        await conn.close()
 
 
 async def _mismatch_then_fix(node, conn, s, existing: str, wanted: str, caplog) -> None:
@@ -107,9 +115,8 @@ async def _tokens(conn, b: Bridge) -> tuple[int, int]:
 
 
 @pytest.mark.skipif(not rabbitnode.available(), reason="no rabbitmq-server on this machine")
-async def test_a_lease_token_given_back_again_and_again_is_never_dead_lettered(sim, lease_settings, monkeypatch):
-    node = rabbitnode.RabbitNode()
-    await asyncio.to_thread(node.start)
+async def test_a_lease_token_given_back_again_and_again_is_never_dead_lettered(node, sim, lease_settings,
+                                                                             monkeypatch):
     b = None
     try:
         s = lease_settings(1, amqp_url=node.url)
@@ -138,4 +145,3 @@ async def test_a_lease_token_given_back_again_and_again_is_never_dead_lettered(s
     finally:
         if b is not None:
             await b.stop(2)
-        await asyncio.to_thread(node.stop)
