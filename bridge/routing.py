@@ -71,6 +71,12 @@ def template_of(key: str) -> str:
     return "{other}"
 
 
+def binding(kind: str) -> str:
+    """The binding key that matches every event of ``kind`` (a key of :data:`EVENT_KEYS`):
+    its template with each word a ``*``, e.g. ``device.*.call.*.state``."""
+    return re.sub(r"\{\w+\}", "*", EVENT_KEYS[kind])
+
+
 def device_key(hw: str, *rest: str) -> str:
     return ".".join(("device", word(hw), *rest))
 

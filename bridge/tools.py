@@ -414,10 +414,9 @@ async def demo(*, devices: int, call_rate: float, duration: float | None, amqp_u
         bridge = Bridge(settings)
         http = http_for(bridge)
         ready = asyncio.Event()
-        keys = ["device.*.call.*.state", "device.*.attached", "device.*.detached",
-                "device.*.attach.failed", "bridge.*.gap"]
+        keys = [routing.binding(k) for k in ("call.state", "attached", "detached", "attach.failed", "gap")]
         if intercept:
-            keys.append("device.*.call.*.intercepted")
+            keys.append(routing.binding("call.intercepted"))
         viewer = asyncio.create_task(tail(settings, keys, ready=ready, conn=conn, out=out))
         bound = asyncio.ensure_future(ready.wait())
         try:

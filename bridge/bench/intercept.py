@@ -39,6 +39,7 @@ import aiormq
 import msgspec
 from pamqp.commands import Basic
 
+from bridge import routing
 from bridge.bench import stats
 from bridge.bench.env import Env
 from bridge.bench.frames import hw_id
@@ -87,7 +88,7 @@ class Decider:
             ch = await conn.channel(publisher_confirms=False)
             ex = await ch.get_exchange(self.exchange, ensure=False)
             requests = await ch.declare_queue(exclusive=True, auto_delete=True)
-            await requests.bind(ex, "device.*.call.*.intercept")
+            await requests.bind(ex, routing.binding("call.intercept"))
             raw = self._raw = await ch.get_underlay_channel()
             await raw.basic_consume(requests.name, self._on_request, no_ack=True)
             print("ready", flush=True)
@@ -122,7 +123,7 @@ class Outcomes:
         self.conn = await aio_pika.connect(url)
         ch = await self.conn.channel()
         q = await ch.declare_queue(exclusive=True, auto_delete=True)
-        await q.bind(await ch.get_exchange(exchange, ensure=False), "device.*.call.*.intercepted")
+        await q.bind(await ch.get_exchange(exchange, ensure=False), routing.binding("call.intercepted"))
         await q.consume(self._on_event, no_ack=True)
 
     async def _on_event(self, msg: aio_pika.abc.AbstractIncomingMessage) -> None:

@@ -183,3 +183,15 @@ def test_command_keys_and_other_keys_have_templates() -> None:
         assert template_of(device_key("00:90:33", verb)) == COMMAND_KEYS[verb]
         assert parse_command_key(device_key("00:90:33", verb)) == ("00:90:33", verb)
     assert template_of("device.x.call.1.other") == template_of("elsewhere") == "{other}"
+
+
+def test_a_binding_matches_every_key_of_its_kind_and_no_other():
+    """``binding(kind)``: the template with each word a ``*`` (what tail and the deciders bind)."""
+    from bridge.routing import EVENT_KEYS, binding
+
+    assert binding("call.state") == "device.*.call.*.state"
+    assert binding("gap") == "bridge.*.gap"
+    keys = {kind: t.format(hw=word("00:90:33"), call=7, instance=word("a.b")) for kind, t in EVENT_KEYS.items()}
+    for kind in EVENT_KEYS:
+        rx = re.compile("^" + re.escape(binding(kind)).replace(r"\*", "[^.]+") + "$")  # AMQP's `*`: one word
+        assert [k for k, key in keys.items() if rx.match(key)] == [kind]
