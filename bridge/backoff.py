@@ -40,6 +40,9 @@ Wait = Callable[[Any], float]
 HURRY_RETRY_S = 0.25
 #: the longest pause before trying the next address of a round (random, from 0)
 NEXT_ADDRESS_S = 0.25
+#: a lost channel opened again on a live connection: doubles from the first to the second
+CHANNEL_REOPEN_MIN_S = 0.1
+CHANNEL_REOPEN_MAX_S = 5.0
 #: the pause before a nacked event goes again: doubles from NACK_MIN_S up to NACK_MAX_S
 NACK_MIN_S = 0.5
 NACK_MAX_S = 8.0
@@ -89,6 +92,12 @@ def broker_connect(s: Settings, addresses: int, hurry: asyncio.Event) -> Wait:
             return between(rs)
         return base(attempt(rs.attempt_number // addresses))
     return wait
+
+
+def channel_reopen(n: int) -> float:
+    """Seconds before the ``n``-th try (from 1) to open a lost channel again on a connection that
+    is up (the lease channel): 0.1 s doubling to 5 s."""
+    return min(CHANNEL_REOPEN_MAX_S, CHANNEL_REOPEN_MIN_S * 2 ** max(0, n - 1))
 
 
 def nack_pause(attempts: int) -> float:

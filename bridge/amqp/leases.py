@@ -58,6 +58,7 @@ import msgspec
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 from pamqp.commands import Basic
 
+from bridge import backoff
 from bridge.amqp import topology as t
 from bridge.amqp.link import BrokerLink
 from bridge.intercept import Rule, Rules
@@ -293,15 +294,15 @@ class LeaseManager:
             self._spawn(self._reopen(conn, epoch))
 
     async def _reopen(self, conn: AbstractConnection, epoch: int) -> None:
-        delay = 0.1
+        n = 0
         while not self._stopping and self.epoch == epoch and not conn.is_closed:
             try:
                 await self._open_channel(conn)
                 return
             except Exception as e:
+                n += 1
                 log.debug("lease channel not reopened: %s", e)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                await asyncio.sleep(backoff.channel_reopen(n))
 
     def _lost(self, epoch: int) -> None:
         """The lease channel of ``epoch`` is gone: the broker requeued its tokens."""

@@ -48,3 +48,7 @@ async def test_broker_connect_pauses_briefly_within_a_round_backs_off_after_it_a
 
 def test_a_nacked_event_waits_half_a_second_doubling_up_to_eight():
     assert [backoff.nack_pause(n) for n in (0, 1, 2, 3, 4, 5, 6)] == [0.5, 0.5, 1.0, 2.0, 4.0, 8.0, 8.0]
+
+
+def test_a_lost_lease_channel_is_opened_again_after_a_tenth_doubling_up_to_five_seconds():
+    assert [backoff.channel_reopen(n) for n in range(1, 9)] == [0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0]
