@@ -61,8 +61,8 @@ class Bridge:
         #: what the PBX sessions hand their events to: the publisher's buffer (never blocks),
         #: through tracing (each event's creation context) when it is on
         self.emit = tracing.emitter(self.publisher.publish_nowait, settings.events_exchange)
-        # the link restores its components in this order on every connection and tells them
-        # of its loss; the command consumer attaches itself (it is the next component made)
+        # the link restores its components in the order they attach, on every connection, and
+        # tells them of its loss: the publisher first; the others attach as they are made below
         self.link.attach(self.publisher)
         self._call_limits = settings.call_limits()
         #: intercept mode (docs/INTERCEPT.md): the rules, and the adapter the sessions hold for

@@ -37,7 +37,6 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from weakref import WeakKeyDictionary
 
 from opentelemetry import baggage as _baggage
 from opentelemetry import context as otel_context
@@ -148,15 +147,12 @@ class CallContexts:
 
 
 #: the call contexts of each device (they go with the device)
-_contexts: WeakKeyDictionary[Device, CallContexts] = WeakKeyDictionary()
-
-
 def contexts(device: Device) -> CallContexts:
-    """The call contexts of ``device`` (made on first use; the device tells them when calls end)."""
-    c = _contexts.get(device)
-    if c is None:
-        c = _contexts[device] = CallContexts(device.tracker)
-        device.watcher = c
+    """The call contexts of ``device`` (made on first use and kept as the device's watcher: the
+    device tells them when calls end, and they go with the device)."""
+    c = device.watcher
+    if not isinstance(c, CallContexts):
+        c = device.watcher = CallContexts(device.tracker)
     return c
 
 

@@ -4,8 +4,9 @@ One :class:`BrokerLink` owns the aio-pika connection and its recovery (as aio-pi
 RobustConnection restores its RobustChannels, but with one owner for the bridge's components):
 it connects with exponential backoff and jitter (:func:`bridge.backoff.broker_connect`),
 declares the topology on every (re)connect and then calls :meth:`Component.restore` of each
-component in the order they were attached (the publisher, the command consumer; the adapters
-that only need a start, through :meth:`BrokerLink.on_ready`). The moment the connection is given
+component in the order they were attached (the bridge's: the publisher, the intercept adapter
+and the lease manager through :meth:`BrokerLink.on_ready`, the command consumer, the lease
+retirer). The moment the connection is given
 up it marks itself not ready and calls each component's :meth:`Component.lost`, so nothing
 writes into a dead socket nor polls for one. A component whose own channel closes while the
 connection stays asks for it again (:meth:`BrokerLink.renew`): the link restores that component
@@ -113,6 +114,8 @@ class BrokerLink:
         self._ready = asyncio.Event()
         self._components: list[Component] = []
         self._renewing: set[int] = set()  # id() of the components being restored alone
+        #: the connection whose components are being restored (not ready yet), its topology, its lost
+        self._restoring: tuple[AbstractConnection, Topology, asyncio.Future] | None = None
         self._tasks: set[asyncio.Task] = set()
         self._closing = False
         self.reconnects = 0
@@ -143,7 +146,8 @@ class BrokerLink:
         it for a failed declare): restore that component alone on the current connection; should
         that fail, give the connection up (the next one restores everything). Nothing happens
         when the connection is lost already: its successor restores the component anyway."""
-        lost, conn, topo = self.lost, self.connection, self.topology
+        # a component restored on the connection being set up asks for that one, not yet current
+        conn, topo, lost = self._restoring or (self.connection, self.topology, self.lost)
         if (self._closing or lost is None or lost.done() or conn is None or conn.is_closed
                 or topo is None or id(component) in self._renewing):
             return
@@ -248,8 +252,12 @@ class BrokerLink:
             (await ch.get_underlay_channel()).closing.add_done_callback(
                 lambda f: _resolve(lost, _closed_reason(f)))
             topo = await declare_exchanges(ch, self.s)
-            for component in self._components:
-                await component.restore(conn, topo)
+            self._restoring = (conn, topo, lost)
+            try:
+                for component in self._components:
+                    await component.restore(conn, topo)
+            finally:
+                self._restoring = None
         except BaseException as e:
             self._next += 1
             self._failed(e)
@@ -371,6 +379,8 @@ class BrokerLink:
     async def close(self) -> None:
         self._closing = True
         self._ready.clear()
+        for task in list(self._tasks):  # components being restored alone (renew)
+            task.cancel()
         self.reset("closing")
         await self._close_conn()
 

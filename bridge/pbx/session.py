@@ -299,7 +299,7 @@ class PbxSession:
         device's events, emitted (under the frame's span, with tracing: it starts when the
         frame was read, ``t0``; ``took``: ns until it was forwarded, None if it was not)."""
         src, devices = msg.src, self.devices
-        if isinstance(src, str):
+        if isinstance(src, str):  # _device_for, inline: one call less per frame on the hot path
             dev = devices.get(src)
         elif len(devices) == 1:  # a PBX that does not echo src: the one device of the session
             dev = next(iter(devices.values()))
