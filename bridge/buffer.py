@@ -13,8 +13,8 @@ can log once per episode rather than once per event.
 
 A broker *nack* concerns one event (e.g. a consumer's queue at its ``x-max-length`` with
 ``reject-publish``), not the link, so it is handled per device: :meth:`nacked` puts the event in
-its device's *lane*, where it waits ``retry_pause(attempts)`` before it goes again, and every
-later event of that device joins the lane behind it (per-device order kept) while other devices'
+its device's *lane*, where it waits ``bridge.backoff.nack_pause(attempts)`` before it goes
+again, and every later event of that device joins the lane behind it (per-device order kept) while other devices'
 events go on as before. When the pause is over and nothing of the lane is in flight, the lane
 sends what it holds, in order; a lane with nothing left disappears. After ``max_attempts`` nacks
 an event is dropped and announced as a gap (reason ``nacked``). The pause belongs to the event:
@@ -44,9 +44,6 @@ class Entry:
     #: broker nacks so far
     attempts: int = 0
 
-
-#: the pause before a nacked event goes again (the policy lives with the others in bridge.backoff)
-retry_pause = nack_pause
 
 
 @dataclass(slots=True)
@@ -264,7 +261,7 @@ class EventBuffer:
             return True
         lane.open = False  # what is behind it waits for its pause
         self._to_lane(lane, entry)
-        lane.ready_at = max(lane.ready_at, self._clock() + retry_pause(entry.attempts))
+        lane.ready_at = max(lane.ready_at, self._clock() + nack_pause(entry.attempts))
         return False
 
     def requeue(self, entries: list[Entry]) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bridge.buffer import EventBuffer, retry_pause
+from bridge.backoff import nack_pause as retry_pause
+from bridge.buffer import EventBuffer
 from bridge.events import EventFactory
 
 
