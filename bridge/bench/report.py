@@ -80,6 +80,8 @@ def _forwarding(fw: dict) -> list[str]:
         if "forward_us" in fw.get(key, {}):
             busy = fw[key].get("cpu_window", {}).get("machine_busy_pct")
             L.append(f"  {key:12s}: {pct(fw[key]['forward_us'])}  (machine busy {busy}%)")
+    if fw.get("p99_up_over_floor") is not None:
+        L.append(f"  p99 broker up / echo floor: {fw['p99_up_over_floor']}")
     if fw.get("p99_down_over_up") is not None:
         L.append(f"  p99 broker down / broker up: {fw['p99_down_over_up']}")
     return L

@@ -193,8 +193,10 @@ async def _latency_runs(bench: Bench, env: Env) -> None:
             "cpu_pct_of_one_core_per_1000_eps": r80["cpu_pct_per_1000_eps"]}
 
 
-# ------------------------------------------------------------------ scenario 3, broker down
+# ------------------------------------------------------------------ scenario 3, broker down and the floor
 async def broker_down(bench: Bench) -> None:
+    """Forwarding with the broker down, and the bare echo floor (the broker-up run is in
+    :func:`latency`)."""
     o = bench.o
     env = Env(bench, "broker-down", o.devices, broker=False, args=["--grace", "1"])
     try:
@@ -219,6 +221,8 @@ async def broker_down(bench: Bench) -> None:
     finally:
         await echo.stop()
     up = fw.get("broker_up", {}).get("forward_us", {}).get("p99")
+    floor = fw.get("floor_echo", {}).get("forward_us", {}).get("p99")
+    fw["p99_up_over_floor"] = rounded(up / floor, 2) if up and floor else None
     down = r["forward_us"]["p99"]
     fw["p99_down_over_up"] = rounded(down / up, 2) if up and down else None
     bench.checks["forwarding_broker_down_all_back"] = r["all_forwards_back"]
