@@ -19,9 +19,12 @@ def plots(results: dict, samples: dict[str, list[int]], out: Path) -> dict:
     except ImportError:
         return {"skipped": "matplotlib is not installed"}
     files = {}
-    hop = {k: v for k, v in samples.items() if k.startswith("hop") and v}
-    fwd = {k: v for k, v in samples.items() if k.startswith("forward") and v}
-    if hop or fwd:
+    for prefix, name, what in (("", "latency-cdf", "latency CDF"),
+                               ("peer-", "peer-cdf", "against the hand-written peer, paced runs of every round")):
+        hop = {k: v for k, v in samples.items() if k.startswith(f"{prefix}hop ") and v}
+        fwd = {k: v for k, v in samples.items() if k.startswith(f"{prefix}forward ") and v}
+        if not (hop or fwd):
+            continue
         fig, axes = plt.subplots(1, 2, figsize=(13, 5))
         for ax, series, div, unit, title in (
             (axes[0], hop, 1e6, "ms", "hop latency: frame from the PBX -> event at a consumer"),
@@ -39,12 +42,12 @@ def plots(results: dict, samples: dict[str, list[int]], out: Path) -> dict:
             ax.grid(True, which="both", alpha=0.3)
             if series:
                 ax.legend(fontsize=8)
-        fig.suptitle(f"epsignal-bridge latency CDF ({results['meta']['mode']} run, noisy machine)")
+        fig.suptitle(f"epsignal-bridge {what} ({results['meta']['mode']} run)")
         fig.tight_layout()
-        path = out / "latency-cdf.png"
+        path = out / f"{name}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
-        files["latency_cdf"] = str(path)
+        files[name.replace("-", "_")] = str(path)
     runs = [r for r in results.get("scale", {}).get("runs", []) if "rss_mb" in r]
     if runs:
         fig, ax = plt.subplots(figsize=(7, 4.5))

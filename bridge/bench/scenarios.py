@@ -340,8 +340,8 @@ async def peer(bench: Bench) -> None:
                 rnd[name] = {"closed": (await bench.closed_run(env, frames))[0]}
             for name, env in envs.items():
                 p = await bench.paced_run(env, o.peer_rate * env.epf, o.latency_duration, o.warmup)
-                p.pop("_hop", None)
-                p.pop("_fwd", None)
+                for key, kind in (("_hop", "peer-hop"), ("_fwd", "peer-forward")):  # every round's, for the plot
+                    bench.samples.setdefault(f"{kind} {name}", []).extend(p.pop(key, None) or ())
                 rnd[name]["paced"] = p
             rounds.append(rnd)
     finally:

@@ -109,6 +109,6 @@ def test_bench_smoke(tmp_path):
     assert all(v["p50"] >= 0 for v in legs.values()), legs
     assert x["broker_floor_ms"]["count"] == 100 and x["broker_floor_ms"]["p50"] > 0
     # plots
-    for name in ("latency_cdf", "rss_vs_devices"):
+    for name in ("latency_cdf", "peer_cdf", "rss_vs_devices"):
         if "skipped" not in r["plots"]:
             assert (out / r["plots"][name].rsplit("/", 1)[-1]).stat().st_size > 1000
