@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -86,10 +87,26 @@ class RabbitNode:
         """Raise (or clear) the memory alarm: the node blocks publishing connections."""
         self.ctl("set_vm_memory_high_watermark", "0.000001" if on else "0.4")
 
-    def kill(self) -> None:
+    def kill(self, missing_ok: bool = False) -> None:
         """SIGKILL the node (a node that dies); :meth:`stop` still cleans up."""
-        pid = (self.dir / "pid").read_text().strip()
+        pid_file = self.dir / "pid"
+        if missing_ok and not pid_file.exists():
+            return
+        pid = pid_file.read_text().strip()
         subprocess.run(["kill", "-9", pid], check=False)
+
+    def wait_gone(self, timeout: float = 10) -> None:
+        """Wait until the node's process (its pid file's) has ended."""
+        pid_file = self.dir / "pid"
+        pid = pid_file.read_text().strip() if pid_file.exists() else ""
+        deadline = time.monotonic() + timeout
+        while pid.isdigit() and Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            try:
+                if Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][:1] == "Z":  # init reaps it
+                    break
+            except OSError:  # gone meanwhile
+                break
+            time.sleep(0.05)
 
     def stop(self) -> None:
         try:
@@ -102,7 +119,7 @@ class RabbitNode:
 
 
 class RabbitCluster:
-    """``n`` nodes started in parallel, nodes 2.. joined to node 1; :meth:`stop` stops them all."""
+    """``n`` nodes started in parallel, nodes 2.. joined to node 1; :meth:`stop` kills them all."""
 
     def __init__(self, n: int = 3) -> None:
         self.nodes = [RabbitNode() for _ in range(n)]
@@ -111,16 +128,25 @@ class RabbitCluster:
         with ThreadPoolExecutor(len(self.nodes)) as pool:
             for f in [pool.submit(node.start) for node in self.nodes]:
                 f.result()
-        first = self.nodes[0]
-        for node in self.nodes[1:]:
-            node.ctl("stop_app")
-            node.ctl("join_cluster", first.name)
-            node.ctl("start_app", timeout=60)
+        first, rest = self.nodes[0], self.nodes[1:]
+        # stopping and starting the joining nodes' app at once; the joins one at a time (each
+        # changes the cluster's membership on the first node)
+        with ThreadPoolExecutor(len(rest) or 1) as pool:
+            list(pool.map(lambda node: node.ctl("stop_app"), rest))
+            for node in rest:
+                node.ctl("join_cluster", first.name)
+            list(pool.map(lambda node: node.ctl("start_app", timeout=60), rest))
         running = first.ctl("eval", "length(rabbit_nodes:all_running()).").strip()
         if running != str(len(self.nodes)):
             raise RuntimeError(f"{running} of {len(self.nodes)} nodes running in the cluster")
         return self
 
     def stop(self) -> None:
-        with ThreadPoolExecutor(len(self.nodes)) as pool:
-            list(pool.map(RabbitNode.stop, self.nodes))
+        """SIGKILL every node, then remove its dir: the cluster goes with the test, so a graceful
+        stop (seconds per node, a quorum queue's members handing over) would be waited for in
+        vain."""
+        for node in self.nodes:
+            node.kill(missing_ok=True)
+        for node in self.nodes:
+            node.wait_gone()
+            shutil.rmtree(node.dir, ignore_errors=True)
