@@ -9,8 +9,10 @@
 - A refused command (bad key, bad body, device not attached, the PBX said no) is answered with
   ``{"ok": false, "error": ...}`` when it has ``reply_to``, and dead-lettered: a copy goes to
   the dead-letter exchange with header ``x-epsignal-error`` saying why, then the original is
-  acked. Should that copy not be confirmed, the original is rejected without requeue and the
-  queue's own dead-lettering keeps it. Nothing is dropped silently.
+  acked. Should that copy come back unroutable (the dead-letter queue was deleted), the bridge
+  declares the queue again and sends the copy once more. Should it not be confirmed, the original
+  is rejected without requeue and the queue's own dead-lettering keeps it. Nothing is dropped
+  silently.
 """
 
 from __future__ import annotations
@@ -22,13 +24,14 @@ from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager, nullcontext
 
 import aio_pika
+import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 
 from bridge import commands as cmds
 from bridge import ids, routing
 from bridge import tracing
 from bridge.amqp.link import BrokerLink
-from bridge.amqp.topology import Topology, declare_commands_queue
+from bridge.amqp.topology import Topology, declare_commands_queue, declare_dead_queue
 from bridge.ratelimit import RateLimiter
 
 log = logging.getLogger("bridge.commands")
@@ -247,8 +250,16 @@ class CommandConsumer:
                 raise ConnectionError("no publishing channel")
             headers = dict(message.headers or {})
             headers[ERROR_HEADER] = error
-            await topo.dead.publish(_copy(message, headers), message.routing_key or "",
-                                    timeout=self.s.publish_timeout_s)
+            copy = _copy(message, headers)
+            if _returned(await topo.dead.publish(copy, message.routing_key or "", timeout=self.s.publish_timeout_s)):
+                # unroutable: the dead-letter queue was deleted or unbound under the bridge (the
+                # queue's own dead-lettering goes to the same exchange: it would be dropped too)
+                log.error("a dead-letter copy came back unroutable: queue %s is gone from exchange %s; "
+                          "declaring it again", self.s.dead_queue, self.s.dead_exchange)
+                await declare_dead_queue(self.link.channel, self.s, topo.dead)
+                if _returned(await topo.dead.publish(copy, message.routing_key or "",
+                                                     timeout=self.s.publish_timeout_s)):
+                    raise ConnectionError(f"exchange {self.s.dead_exchange} routes it nowhere")
         except Exception as e:
             log.warning("dead-letter copy failed (%s); rejecting to the queue's dead-letter exchange", e)
             await message.reject(requeue=False)
@@ -301,6 +312,12 @@ async def _close_quietly(ch) -> None:
         await ch.close()
     except Exception:  # broken already: nothing left to release
         pass
+
+
+def _returned(confirmation: object) -> bool:
+    """A mandatory publish the broker returned (no queue bound), as aiormq confirms it on a
+    channel that does not raise on returns."""
+    return isinstance(confirmation, aiormq.abc.DeliveredMessage)
 
 
 def _copy(message: AbstractIncomingMessage, headers) -> aio_pika.Message:

@@ -141,9 +141,15 @@ async def declare_exchanges(ch: AbstractChannel, s: Settings) -> Topology:
     events = await ch.declare_exchange(s.events_exchange, TOPIC, durable=True)
     commands = await declare_commands_exchange(ch, s)
     dead = await ch.declare_exchange(s.dead_exchange, TOPIC, durable=True)
-    dead_q = await _declare(ch, s.dead_queue, queue_arguments(s))
-    await dead_q.bind(dead, "#")
+    await declare_dead_queue(ch, s, dead)
     return Topology(events=events, commands=commands, dead=dead)
+
+
+async def declare_dead_queue(ch: AbstractChannel, s: Settings, dead: AbstractExchange) -> None:
+    """The dead-letter queue, bound to the dead-letter exchange with ``#`` (again, when a
+    dead-letter copy came back unroutable: the queue was deleted or unbound meanwhile)."""
+    q = await _declare(ch, s.dead_queue, queue_arguments(s))
+    await q.bind(dead, "#")
 
 
 async def declare_commands_queue(ch: AbstractChannel, s: Settings, topo: Topology) -> AbstractQueue:

@@ -13,7 +13,7 @@ import pytest
 
 from bridge import routing
 from bridge.protocol.messages import CallState
-from tests.faults.helpers import eventually
+from tests.faults.helpers import eventually, queue_counts
 
 pytestmark = pytest.mark.broker
 
@@ -248,6 +248,32 @@ async def test_bad_key_without_reply_is_dead_lettered(sim, bus, settings_for, st
     await bus.command("", "", b"{}", key="totally.wrong", reply=False)
     dead = await bus.dead_letters(1)
     assert "routing key 'totally.wrong'" in dead[0].headers["x-epsignal-error"]
+
+
+async def test_a_deleted_dead_letter_queue_is_declared_again_and_no_refusal_is_lost(sim, bus, settings_for,
+                                                                                       start_bridge, caplog):
+    """An operator deletes the dead-letter queue while the bridge runs: the next refused
+    command's copy comes back unroutable (the queue's own dead-lettering goes to the same
+    exchange, so rejecting would drop it too). The bridge says so, declares the queue again and
+    dead-letters the command there (it was acked as dead-lettered, and lost, before)."""
+    await start_bridge(settings_for(sim))
+    await bus.channel.queue_delete(bus.s.dead_queue)
+    reply = await bus.command(sim.hw(9), "explode", b"{}")
+    assert reply["ok"] is False and "unknown command" in reply["error"], reply
+    # (RabbitMQ 3.10 answers a basic.get on a quorum queue being declared again with a
+    # connection error, "noproc": read only once it holds the copy)
+    await eventually(lambda: _ready(bus, bus.s.dead_queue), 10, "the dead-letter queue declared again, with the copy")
+    dead = await bus.dead_letters(1)
+    assert "unknown command" in dead[0].headers["x-epsignal-error"] and dead[0].body == b"{}"
+    assert any("came back unroutable" in r.getMessage() and bus.s.dead_queue in r.getMessage()
+               for r in caplog.records if r.levelname == "ERROR")
+    # and the next refusal goes straight there
+    await bus.command("", "", b"{}", key="totally.wrong", reply=False)
+    assert "routing key 'totally.wrong'" in (await bus.dead_letters(1))[0].headers["x-epsignal-error"]
+
+
+async def _ready(bus, queue: str) -> bool:
+    return (await queue_counts(bus.conn, queue))[0] >= 1
 
 
 # ------------------------------------------------------------------------------- login
