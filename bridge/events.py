@@ -10,7 +10,6 @@ drop duplicates by id or by (instance, hw, seq).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime, UTC
 from functools import partial
 from typing import Annotated, Any
@@ -184,9 +183,13 @@ Dropped = dict[str, list[tuple[int, int]]]
 utc_now: Callable[[], datetime] = partial(datetime.now, UTC)
 
 
-@dataclass(slots=True)
-class Outgoing:
-    """One event ready to publish: routing key, body, and the AMQP properties it needs."""
+class Outgoing(Struct, gc=False):
+    """One event ready to publish: routing key, body, and the AMQP properties it needs.
+
+    Not tracked by the cyclic garbage collector (``gc=False``: it holds no reference back to
+    anything that holds it): during a broker outage the buffer keeps up to 100,000 of them, and
+    every full collection walked them all, pausing the event loop (and the PBX side's
+    forwarding) for 30-80 ms (docs/PERFORMANCE.md)."""
 
     key: str
     body: bytes

@@ -66,6 +66,10 @@ class Run:
         return len(self.ids)
 
 
+#: events a paused sink keeps (the oldest are dropped by the broker)
+PARKED = 1000
+
+
 class Sink:
     """The consumer of the module docstring: one exclusive queue bound with ``#``; a
     :class:`Run` counts what arrives for one measured run."""
@@ -110,11 +114,14 @@ class Sink:
         return self._ch, self._ex, self.queue, self._raw
 
     async def pause(self) -> None:
-        """Stop consuming, without the events going unroutable: they pile up in a parking
-        queue nobody reads (so that the harness does no consumer work, and the bridge's
-        publishing is unchanged). :meth:`resume` drops them."""
+        """Stop consuming, without the events going unroutable: they go to a parking queue
+        nobody reads (so that the harness does no consumer work, and the bridge's publishing is
+        unchanged) that keeps the last :data:`PARKED` of them (the broker drops the oldest: a
+        queue growing by 1,000 events a second would be broker work the other runs do not
+        have). :meth:`resume` drops them."""
         ch, ex, queue, raw = self._opened()
-        parking = self._parking = await ch.declare_queue(exclusive=True)
+        parking = self._parking = await ch.declare_queue(
+            exclusive=True, arguments={"x-max-length": PARKED, "x-overflow": "drop-head"})
         await parking.bind(ex, "#")
         await queue.unbind(ex, "#")
         assert self._tag is not None
