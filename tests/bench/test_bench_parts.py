@@ -163,3 +163,19 @@ async def test_the_per_frame_workload_runs_the_real_path():
     for kinds, epf in ((("call.state",), 1), (perframe.KINDS, 2)):
         out = await perframe.run(400, kinds)
         assert out["forwarded"] == 400 and out["events"] == 400 * epf
+
+
+def test_gcpause_reports_a_full_collection_with_the_buffer_filled():
+    """bench/gcpause (docs/PERFORMANCE.md, GC pauses) as a developer runs it: its own process,
+    since it sets the GC up as the bridge does (a frozen heap)."""
+    import re
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "bridge.bench.gcpause", "1000", "3000"], capture_output=True,
+                         text=True, check=True, timeout=60).stdout
+    pauses = re.findall(r"([\d,]+) events: ([\d.]+) ms", out)
+    assert [n for n, _ in pauses] == ["1,000", "3,000"], out
+    assert all(float(ms) >= 0 for _, ms in pauses)
+    # what the collector still walks: not the buffer (untracked events), not the frozen start
+    assert int(re.search(r"tracks: ([\d,]+)", out).group(1).replace(",", "")) < 1000, out
