@@ -189,7 +189,7 @@ class Outgoing(Struct, gc=False):
     Not tracked by the cyclic garbage collector (``gc=False``: it holds no reference back to
     anything that holds it): during a broker outage the buffer keeps up to 100,000 of them, and
     every full collection walked them all, pausing the event loop (and the PBX side's
-    forwarding) for 30-80 ms (docs/PERFORMANCE.md)."""
+    forwarding) for 20-90 ms (docs/PERFORMANCE.md)."""
 
     key: str
     body: bytes
