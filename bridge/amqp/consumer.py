@@ -110,6 +110,9 @@ class CommandConsumer:
         self._limiter = RateLimiter(self.s.command_rate, self.s.command_burst)
         self.stats = CommandStats()
         self.consumer_restarts = 0
+        #: one re-declare of a vanished dead-letter queue at a time (refusals come in parallel)
+        self._redeclaring = asyncio.Lock()
+        self._redeclared_at = -1e9
         link.attach(self)
 
     # ------------------------------------------------------------------ recovery (BrokerLink)
@@ -254,17 +257,36 @@ class CommandConsumer:
             if _returned(await topo.dead.publish(copy, message.routing_key or "", timeout=self.s.publish_timeout_s)):
                 # unroutable: the dead-letter queue was deleted or unbound under the bridge (the
                 # queue's own dead-lettering goes to the same exchange: it would be dropped too)
-                log.error("a dead-letter copy came back unroutable: queue %s is gone from exchange %s; "
-                          "declaring it again", self.s.dead_queue, self.s.dead_exchange)
-                await declare_dead_queue(self.link.channel, self.s, topo.dead)
+                await self._dead_queue_again()
                 if _returned(await topo.dead.publish(copy, message.routing_key or "",
                                                      timeout=self.s.publish_timeout_s)):
-                    raise ConnectionError(f"exchange {self.s.dead_exchange} routes it nowhere")
+                    raise ConnectionError(f"exchange {self.s.dead_exchange} routes it nowhere: the command "
+                                          "is dropped by the broker")
         except Exception as e:
             log.warning("dead-letter copy failed (%s); rejecting to the queue's dead-letter exchange", e)
             await message.reject(requeue=False)
             return
         await message.ack()
+
+    async def _dead_queue_again(self) -> None:
+        """Declare the dead-letter queue again (a copy came back unroutable): once for all the
+        refusals that found it gone at the same moment, on a channel of its own (the link's
+        carries the events: a failed declare closes its channel, and an RPC holds its lock)."""
+        async with self._redeclaring:
+            if time.monotonic() - self._redeclared_at < 1.0:  # another refusal just did it
+                return
+            log.error("a dead-letter copy came back unroutable: queue %s is gone from exchange %s; "
+                      "declaring it again", self.s.dead_queue, self.s.dead_exchange)
+            conn = self.link.connection
+            if conn is None:
+                raise ConnectionError("no broker connection")
+            async with asyncio.timeout(self.s.publish_timeout_s):
+                ch = await conn.channel(publisher_confirms=False)
+                try:
+                    await declare_dead_queue(ch, self.s, self.s.dead_exchange)
+                finally:
+                    await _close_quietly(ch)
+            self._redeclared_at = time.monotonic()
 
     async def _reply(self, message: AbstractIncomingMessage, reply: cmds.Reply) -> None:
         if not message.reply_to:

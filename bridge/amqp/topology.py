@@ -145,7 +145,7 @@ async def declare_exchanges(ch: AbstractChannel, s: Settings) -> Topology:
     return Topology(events=events, commands=commands, dead=dead)
 
 
-async def declare_dead_queue(ch: AbstractChannel, s: Settings, dead: AbstractExchange) -> None:
+async def declare_dead_queue(ch: AbstractChannel, s: Settings, dead: AbstractExchange | str) -> None:
     """The dead-letter queue, bound to the dead-letter exchange with ``#`` (again, when a
     dead-letter copy came back unroutable: the queue was deleted or unbound meanwhile)."""
     q = await _declare(ch, s.dead_queue, queue_arguments(s))

@@ -252,28 +252,35 @@ async def test_bad_key_without_reply_is_dead_lettered(sim, bus, settings_for, st
 
 async def test_a_deleted_dead_letter_queue_is_declared_again_and_no_refusal_is_lost(sim, bus, settings_for,
                                                                                        start_bridge, caplog):
-    """An operator deletes the dead-letter queue while the bridge runs: the next refused
-    command's copy comes back unroutable (the queue's own dead-lettering goes to the same
-    exchange, so rejecting would drop it too). The bridge says so, declares the queue again and
-    dead-letters the command there (it was acked as dead-lettered, and lost, before)."""
-    await start_bridge(settings_for(sim))
+    """An operator deletes the dead-letter queue while the bridge runs (after it dead-lettered
+    into it): the next refused commands' copies come back unroutable (the queue's own
+    dead-lettering goes to the same exchange, so rejecting would drop them too). The bridge says
+    so once, declares the queue again on a channel of its own (the link, carrying the events,
+    stays up) and dead-letters the commands there (they were acked as dead-lettered, and lost,
+    before)."""
+    bridge = await start_bridge(settings_for(sim))
+    await bus.command("", "", b"{}", key="before.delete", reply=False)
+    assert "before.delete" in (await bus.dead_letters(1))[0].headers["x-epsignal-error"]
     await bus.channel.queue_delete(bus.s.dead_queue)
-    reply = await bus.command(sim.hw(9), "explode", b"{}")
-    assert reply["ok"] is False and "unknown command" in reply["error"], reply
+    reconnects = bridge.link.reconnects
+    replies = await asyncio.gather(*(bus.command(sim.hw(9), "explode", f'{{"n": {i}}}'.encode()) for i in range(3)))
+    assert all(r["ok"] is False and "unknown command" in r["error"] for r in replies), replies
     # (RabbitMQ 3.10 answers a basic.get on a quorum queue being declared again with a
-    # connection error, "noproc": read only once it holds the copy)
-    await eventually(lambda: _ready(bus, bus.s.dead_queue), 10, "the dead-letter queue declared again, with the copy")
-    dead = await bus.dead_letters(1)
-    assert "unknown command" in dead[0].headers["x-epsignal-error"] and dead[0].body == b"{}"
-    assert any("came back unroutable" in r.getMessage() and bus.s.dead_queue in r.getMessage()
-               for r in caplog.records if r.levelname == "ERROR")
+    # connection error, "noproc": read only once it holds the copies)
+    await eventually(lambda: _ready(bus, bus.s.dead_queue, 3), 10, "the dead-letter queue declared again, with the copies")
+    dead = await bus.dead_letters(3)
+    assert sorted(d.body for d in dead) == [b'{"n": 0}', b'{"n": 1}', b'{"n": 2}']
+    assert all("unknown command" in d.headers["x-epsignal-error"] for d in dead)
+    said = [r.getMessage() for r in caplog.records if r.levelname == "ERROR" and "came back unroutable" in r.getMessage()]
+    assert len(said) == 1 and bus.s.dead_queue in said[0], said
+    assert bridge.link.ready and bridge.link.reconnects == reconnects  # the events' link never dropped
     # and the next refusal goes straight there
     await bus.command("", "", b"{}", key="totally.wrong", reply=False)
     assert "routing key 'totally.wrong'" in (await bus.dead_letters(1))[0].headers["x-epsignal-error"]
 
 
-async def _ready(bus, queue: str) -> bool:
-    return (await queue_counts(bus.conn, queue))[0] >= 1
+async def _ready(bus, queue: str, n: int = 1) -> bool:
+    return (await queue_counts(bus.conn, queue))[0] >= n
 
 
 # ------------------------------------------------------------------------------- login
