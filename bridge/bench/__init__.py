@@ -10,7 +10,8 @@ event. Scenarios (``--scenarios``):
    publisher with the same window, :mod:`bridge.bench.ceiling`); the ratio is the headline.
 2. ``latency``: hop latency (frame sent by the PBX -> event delivered to the consumer),
    p50/p99/p99.9, at a fixed offered load and at 80% of the maximum of (1); CPU per 1000 ev/s.
-3. ``forwarding``: frame out -> forwarded frame back at the PBX, broker up and broker down.
+3. ``forwarding``: frame out -> forwarded frame back at the PBX, broker up, broker down and the
+   bare echo floor, measured in turns for ``--rounds`` rounds (medians of the per-round ratios).
 4. ``commands``: command published -> Signaling received by the PBX.
 5. ``scale``: RSS and attach time of the bridge process for N devices (one session each).
 6. ``codec``: msgspec decode + state + encode vs the same with the standard library's json.

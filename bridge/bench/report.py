@@ -75,15 +75,19 @@ def _latency(lat: dict) -> list[str]:
 
 def _forwarding(fw: dict) -> list[str]:
     L: list[str] = []
-    L.append("\n[3] forwarding latency, frame out -> forwarded frame back (p50 / p99 / p99.9)")
+    rounds = fw.get("broker_up", {}).get("rounds")
+    L.append("\n[3] forwarding latency, frame out -> forwarded frame back (p50 / p99 / p99.9 of "
+             f"{rounds} round(s); then each round's p99)")
     for key in ("broker_up", "broker_down", "floor_echo"):
         if "forward_us" in fw.get(key, {}):
-            busy = fw[key].get("cpu_window", {}).get("machine_busy_pct")
-            L.append(f"  {key:12s}: {pct(fw[key]['forward_us'])}  (machine busy {busy}%)")
+            r = fw[key]
+            per = " / ".join(f"{x:g}" for x in r.get("p99_us_per_round", ()))
+            L.append(f"  {key:12s}: {pct(r['forward_us'])}  (p99 per round {per} us; machine busy "
+                     f"{r.get('machine_busy_pct')}%)")
     if fw.get("p99_up_over_floor") is not None:
-        L.append(f"  p99 broker up / echo floor: {fw['p99_up_over_floor']}")
+        L.append(f"  p99 broker up / echo floor, median of the rounds: {fw['p99_up_over_floor']}")
     if fw.get("p99_down_over_up") is not None:
-        L.append(f"  p99 broker down / broker up: {fw['p99_down_over_up']}")
+        L.append(f"  p99 broker down / broker up, median of the rounds: {fw['p99_down_over_up']}")
     return L
 
 

@@ -40,8 +40,6 @@ async def run(bench: Bench) -> dict:
         await bench.timed("codec", scenarios.codec(bench))
     if S & {"throughput", "latency", "forwarding", "commands"}:
         await bench.timed("main", scenarios.main_env(bench))
-    if "forwarding" in S:
-        await bench.timed("forwarding", scenarios.broker_down(bench))
     if "peer" in S:
         await bench.timed("peer", scenarios.peer(bench))
     if "tracing" in S:

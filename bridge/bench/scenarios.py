@@ -55,8 +55,10 @@ async def main_env(bench: Bench) -> None:
         await env.start()
         if "throughput" in S:
             await bench.timed("throughput", throughput(bench, env))
-        if S & {"latency", "forwarding"}:
+        if "latency" in S:
             await bench.timed("latency", latency(bench, env))
+        if "forwarding" in S:
+            await bench.timed("forwarding", forwarding(bench, env))
         if "commands" in S:
             await bench.timed("commands", commands(bench, env))
     finally:
@@ -143,29 +145,8 @@ async def profile(bench: Bench, env: Env) -> None:
     bench.results["profile"] = res
 
 
-# ------------------------------------------------------------------ scenarios 2, 3 (+ CPU)
+# ------------------------------------------------------------------ scenario 2 (+ CPU)
 async def latency(bench: Bench, env: Env) -> None:
-    o = bench.o
-    if "latency" in o.scenario_set:
-        await _latency_runs(bench, env)
-    if "forwarding" in o.scenario_set:
-        # forwarding with the broker up, the consumer paused (events pile up unread in the
-        # broker): the harness does the same work as in the broker-down and floor runs
-        await env.consumer().pause()
-        try:
-            f = bench.keep("broker up", await bench.paced_run(env, o.latency_rate, o.latency_duration,
-                                                            o.warmup, consume=False))
-        finally:
-            await env.consumer().resume()
-        bench.results.setdefault("forwarding", {})["broker_up"] = {
-            "offered_events_per_s": o.latency_rate, "forward_us": f["forward_us"],
-            "bridge_cpu_pct": f["bridge_cpu_pct"], "all_forwards_back": f["all_forwards_back"],
-            "cpu_window": f["cpu_window"],
-            "note": "consumer paused: events are confirmed by the broker, and stay unread"}
-        bench.checks["forwarding_broker_up_all_back"] = f["all_forwards_back"]
-
-
-async def _latency_runs(bench: Bench, env: Env) -> None:
     o = bench.o
     out: dict = {}
     r = bench.keep(f"@{o.latency_rate:g}/s (consumer on)",
@@ -193,39 +174,71 @@ async def _latency_runs(bench: Bench, env: Env) -> None:
             "cpu_pct_of_one_core_per_1000_eps": r80["cpu_pct_per_1000_eps"]}
 
 
-# ------------------------------------------------------------------ scenario 3, broker down and the floor
-async def broker_down(bench: Bench) -> None:
-    """Forwarding with the broker down, and the bare echo floor (the broker-up run is in
-    :func:`latency`)."""
+def _median_of(values: Iterable[float | None]) -> float | None:
+    xs = [x for x in values if x is not None]
+    return rounded(stats.median(xs), 3) if xs else None
+
+
+# ------------------------------------------------------------------ scenario 3: forwarding
+#: the forwarding scenario's processes, in the order of its first round, with their labels
+FORWARDING = {"broker_up": "broker up", "broker_down": "broker down", "floor_echo": "echo floor"}
+
+
+async def forwarding(bench: Bench, main: Env) -> None:
+    """Forwarding latency at ``--latency-rate`` events/s in three processes side by side: the
+    main bridge with the broker up (its consumer paused: events are confirmed and stay unread,
+    so the harness does the same work in every run), a bridge whose broker is down, and the bare
+    echo floor (:mod:`bridge.bench.echo`: no decode, no events, no broker). ``--rounds`` rounds,
+    each a paced run of every process in turn (the order rotated from round to round); the
+    ratios are taken per round and their medians reported, as the peer scenario's are: one
+    run's p99 on a shared 2-core machine moves by 20% from one minute to the next."""
     o = bench.o
-    env = Env(bench, "broker-down", o.devices, broker=False, args=["--grace", "1"])
+    envs = {"broker_up": main,
+            "broker_down": Env(bench, "broker-down", o.devices, broker=False, args=["--grace", "1"]),
+            "floor_echo": Env(bench, "echo-floor", o.devices, broker=False,
+                              command=[sys.executable, "-m", "bridge.bench.echo"])}
+    names = list(FORWARDING)
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    samples: dict[str, list[int]] = {name: [] for name in names}
+    paused = False
     try:
-        await env.start()
-        r = bench.keep("broker down", await bench.paced_run(env, o.latency_rate, o.latency_duration, o.warmup))
+        for name in names[1:]:
+            await envs[name].start()
+        await main.consumer().pause()
+        paused = True
+        for i in range(o.rounds):
+            for name in names[i % 3:] + names[:i % 3]:
+                r = await bench.paced_run(envs[name], o.latency_rate, o.latency_duration, o.warmup,
+                                          consume=False)
+                samples[name].extend(r.pop("_fwd"))
+                runs[name].append(r)
     finally:
-        await env.stop()
+        if paused:
+            await main.consumer().resume()
+        for name in names[1:]:
+            await envs[name].stop()
     fw = bench.results.setdefault("forwarding", {})
-    fw["broker_down"] = {"offered_events_per_s": o.latency_rate, "forward_us": r["forward_us"],
-                         "bridge_cpu_pct": r["bridge_cpu_pct"], "all_forwards_back": r["all_forwards_back"],
-                         "cpu_window": r["cpu_window"]}
-    # the floor: a process that only echoes the frames (no decode, no events, no broker)
-    echo = Env(bench, "echo-floor", o.devices, broker=False,
-               command=[sys.executable, "-m", "bridge.bench.echo"])
-    try:
-        await echo.start()
-        f = bench.keep("echo floor", await bench.paced_run(echo, o.latency_rate, o.latency_duration, o.warmup))
-        fw["floor_echo"] = {"offered_events_per_s": o.latency_rate, "forward_us": f["forward_us"],
-                            "process_cpu_pct": f["bridge_cpu_pct"], "cpu_window": f["cpu_window"]}
-    except Exception as e:
-        fw["floor_echo"] = {"error": f"{type(e).__name__}: {e}"}
-    finally:
-        await echo.stop()
-    up = fw.get("broker_up", {}).get("forward_us", {}).get("p99")
-    floor = fw.get("floor_echo", {}).get("forward_us", {}).get("p99")
-    fw["p99_up_over_floor"] = rounded(up / floor, 2) if up and floor else None
-    down = r["forward_us"]["p99"]
-    fw["p99_down_over_up"] = rounded(down / up, 2) if up and down else None
-    bench.checks["forwarding_broker_down_all_back"] = r["all_forwards_back"]
+    for name, label in FORWARDING.items():
+        rs = runs[name]
+        bench.samples[f"forward {label}"] = samples[name]
+        fw[name] = {"offered_events_per_s": o.latency_rate, "rounds": len(rs),
+                    "forward_us": stats.summary(samples[name], "us"),  # every round's samples
+                    "p99_us_per_round": [r["forward_us"]["p99"] for r in rs],
+                    "process_cpu_pct": _median_of(r["bridge_cpu_pct"] for r in rs),
+                    "machine_busy_pct": _median_of(r["cpu_window"].get("machine_busy_pct") for r in rs),
+                    "all_forwards_back": all(r["all_forwards_back"] for r in rs)}
+    fw["broker_up"]["note"] = "consumer paused: events are confirmed by the broker, and stay unread"
+
+    def median_ratio(a: str, b: str) -> float | None:
+        """Median over the rounds of (p99 of ``a`` / p99 of ``b`` in the same round)."""
+        pairs = zip(fw[a]["p99_us_per_round"], fw[b]["p99_us_per_round"], strict=True)
+        m = _median_of(x / y for x, y in pairs if x and y)
+        return None if m is None else rounded(m, 2)
+
+    fw["p99_up_over_floor"] = median_ratio("broker_up", "floor_echo")
+    fw["p99_down_over_up"] = median_ratio("broker_down", "broker_up")
+    bench.checks["forwarding_broker_up_all_back"] = fw["broker_up"]["all_forwards_back"]
+    bench.checks["forwarding_broker_down_all_back"] = fw["broker_down"]["all_forwards_back"]
 
 
 # ------------------------------------------------------------------ scenario 4: commands

@@ -54,8 +54,10 @@ def test_bench_smoke(tmp_path):
     assert fixed["all_events_received"] and fixed["hop_ms"]["count"] > 100
     assert isinstance(r["latency"]["at_80pct_of_max"], dict)
     for key in ("broker_up", "broker_down", "floor_echo"):
-        fw = r["forwarding"][key]["forward_us"]
-        assert fw["count"] > 100 and 0 < fw["p50"] <= fw["p99"], (key, fw)
+        fw = r["forwarding"][key]
+        assert fw["forward_us"]["count"] > 100 and 0 < fw["forward_us"]["p50"] <= fw["forward_us"]["p99"], (key, fw)
+        assert fw["rounds"] == len(fw["p99_us_per_round"]) == 1, (key, fw)  # --rounds of the smoke run
+    assert r["forwarding"]["p99_up_over_floor"] > 0 and r["forwarding"]["p99_down_over_up"] > 0
     # 4: every command reached the PBX
     assert r["commands"]["all_received"] and r["commands"]["latency_ms"]["count"] == r["commands"]["commands"]
     # 5: the devices attached, memory and CPU were read from /proc
