@@ -333,7 +333,8 @@ async def peer(bench: Bench) -> None:
     with every event kind, the bridge with ``call.state`` only, and the peer (one
     ``call.signaling`` per frame). Every round: a closed-loop run of each (frames/s, CPU per
     10,000 frames), then an open-loop run of each at ``--peer-rate`` frames/s with the
-    consumer on (forwarding and hop percentiles). Ratios bridge / peer per round; medians."""
+    consumer on (forwarding and hop percentiles), the order rotated from round to round.
+    Ratios bridge / peer per round; medians."""
     from bridge.events import KINDS
 
     o = bench.o
@@ -347,11 +348,15 @@ async def peer(bench: Bench) -> None:
     rounds: list[dict] = []
     try:
         await _start_side_by_side(bench, envs.values(), warm)
-        for _ in range(o.rounds):
+        names = list(envs)
+        for i in range(o.rounds):
+            # the order rotated each round: no process always runs first after the saturated runs
+            order = names[i % 3:] + names[:i % 3]
             rnd: dict = {}
-            for name, env in envs.items():
-                rnd[name] = {"closed": (await bench.closed_run(env, frames))[0]}
-            for name, env in envs.items():
+            for name in order:
+                rnd[name] = {"closed": (await bench.closed_run(envs[name], frames))[0]}
+            for name in order:
+                env = envs[name]
                 p = await bench.paced_run(env, o.peer_rate * env.epf, o.latency_duration, o.warmup)
                 for key, kind in (("_hop", "peer-hop"), ("_fwd", "peer-forward")):  # every round's, for the plot
                     bench.samples.setdefault(f"{kind} {name}", []).extend(p.pop(key, None) or ())
