@@ -31,7 +31,8 @@ BROKER_FIXTURES = frozenset({"amqp", "bus", "start_bridge", "proxy"})
 
 def pytest_collection_modifyitems(config, items):
     unmarked = [item.nodeid for item in items
-                if BROKER_FIXTURES & set(getattr(item, "fixturenames", ())) and item.get_closest_marker("broker") is None]
+                if BROKER_FIXTURES & set(getattr(item, "fixturenames", ()))
+                and item.get_closest_marker("broker") is None]
     if unmarked:
         raise pytest.UsageError("tests using the broker without the `broker` marker: " + ", ".join(unmarked[:10]))
 

@@ -267,11 +267,13 @@ async def test_a_deleted_dead_letter_queue_is_declared_again_and_no_refusal_is_l
     assert all(r["ok"] is False and "unknown command" in r["error"] for r in replies), replies
     # (RabbitMQ 3.10 answers a basic.get on a quorum queue being declared again with a
     # connection error, "noproc": read only once it holds the copies)
-    await eventually(lambda: _ready(bus, bus.s.dead_queue, 3), 10, "the dead-letter queue declared again, with the copies")
+    await eventually(lambda: _ready(bus, bus.s.dead_queue, 3), 10,
+                     "the dead-letter queue declared again, with the copies")
     dead = await bus.dead_letters(3)
     assert sorted(d.body for d in dead) == [b'{"n": 0}', b'{"n": 1}', b'{"n": 2}']
     assert all("unknown command" in d.headers["x-epsignal-error"] for d in dead)
-    said = [r.getMessage() for r in caplog.records if r.levelname == "ERROR" and "came back unroutable" in r.getMessage()]
+    said = [r.getMessage() for r in caplog.records
+            if r.levelname == "ERROR" and "came back unroutable" in r.getMessage()]
     assert len(said) == 1 and bus.s.dead_queue in said[0], said
     assert bridge.link.ready and bridge.link.reconnects == reconnects  # the events' link never dropped
     # and the next refusal goes straight there
