@@ -304,14 +304,15 @@ async def test_100k_malformed_commands_are_all_dead_lettered_and_good_ones_answe
             nonlocal dup, no_header
             props = msg.header.properties
             err = (props.headers or {}).get("x-epsignal-error")
+            orig = (props.headers or {}).get("x-original-message-id")  # the command's message_id
             if not isinstance(err, str) or not err:
                 no_header += 1
             else:
-                c = f"{kind_of.get(props.message_id)}->{reason_class(err)}"
+                c = f"{kind_of.get(orig)}->{reason_class(err)}"
                 reasons[c] = reasons.get(c, 0) + 1
-            if props.message_id in seen:
+            if orig in seen:
                 dup += 1
-            seen.add(props.message_id)
+            seen.add(orig)
             if len(seen) + dup >= n_bad:
                 done.set()
         raw_ch = await ch.get_underlay_channel()
