@@ -455,7 +455,8 @@ HEADERS = {
             "correlation_id": {"type": "string", "description": f"{_PROP}: copied into the reply."},
             "content_type": {"const": "application/json", "description": f"{_PROP}: the body is "
                              "read as JSON whatever this says."},
-            "message_id": {"type": "string", "description": f"{_PROP}: copied to the dead letter."},
+            "message_id": {"type": "string", "description": f"{_PROP}: copied to the dead letter's "
+                           "header `x-original-message-id`."},
             **_trace("Optional: with tracing on, the bridge's span of the command continues "
                      "this trace (issue 5)."),
         },
@@ -476,7 +477,8 @@ HEADERS = {
         "type": "object",
         "description": "AMQP properties and headers of a dead letter: the refused command's own "
                        "(body, routing key, properties and headers, copied), persistent, plus "
-                       "`x-epsignal-error`.",
+                       "`x-epsignal-error`, with a `message_id` of its own (the command's in "
+                       "`x-original-message-id`).",
         "properties": {
             "x-epsignal-error": {
                 "type": "string",
@@ -487,7 +489,11 @@ HEADERS = {
             "delivery_mode": {"const": 2, "description": f"{_PROP}: 2, persistent."},
             "reply_to": {"type": "string", "description": f"{_PROP}: the command's."},
             "correlation_id": {"type": "string", "description": f"{_PROP}: the command's."},
-            "message_id": {"type": "string", "description": f"{_PROP}: the command's."},
+            "message_id": {"type": "string", "description": f"{_PROP}: the dead letter's own, "
+                           "`<instance>/.dead/<random>`: unique, whatever the command's was."},
+            "x-original-message-id": {
+                "type": "string",
+                "description": "AMQP header: the command's `message_id`; absent when it had none."},
             **_trace("The command's, when it had one."),
         },
     },
@@ -682,7 +688,8 @@ def asyncapi(schemas: dict[str, dict]) -> dict:
     channels["deadLetter"] = {
         "address": "{key}", "title": "Dead letters",
         "description": f"Every refused command, copied to the exchange `{DEAD_EXCHANGE}` with its "
-                       "own routing key, body and properties plus the header `x-epsignal-error`. "
+                       "own routing key, body and properties plus the header `x-epsignal-error`; "
+                       "its `message_id` is its own, the command's is in `x-original-message-id`. "
                        f"The durable queue `{DEAD_QUEUE}` (bound with `#`) keeps them.",
         "messages": {"deadLetter": {"$ref": "#/components/messages/deadLetter"}},
         "parameters": {"key": {"$ref": "#/components/parameters/key"}},

@@ -27,6 +27,7 @@ from yarl import URL
 
 from bridge import routing
 from bridge.amqp import topology
+from bridge.amqp.consumer import dead_letter
 from bridge.config import Settings
 
 if TYPE_CHECKING:
@@ -609,12 +610,8 @@ async def leases_reset(settings: Settings, hws: list[str]) -> list[str]:
                 dead = await ch.get_exchange(settings.dead_exchange, ensure=False)
                 async for msg in topology.take_waiting(q, state.ready):
                     if msg.type != topology.LEASE_TOKEN:
-                        headers = dict(msg.headers or {})
-                        headers["x-epsignal-error"] = f"lease of {hw} reset by an operator; not carried out"
-                        await dead.publish(aio_pika.Message(
-                            msg.body, headers=headers, content_type=msg.content_type,
-                            correlation_id=msg.correlation_id, message_id=msg.message_id,
-                            reply_to=msg.reply_to, type=msg.type), msg.routing_key or "")
+                        error = f"lease of {hw} reset by an operator; not carried out"
+                        await dead.publish(dead_letter(msg, error, settings.instance_id), msg.routing_key or "")
                         refused += 1
                     await msg.ack()
             ok = await (await ch.get_underlay_channel()).queue_delete(name)

@@ -31,7 +31,8 @@ BROKER_FIXTURES = frozenset({"amqp", "bus", "start_bridge", "proxy"})
 
 def pytest_collection_modifyitems(config, items):
     unmarked = [item.nodeid for item in items
-                if BROKER_FIXTURES & set(getattr(item, "fixturenames", ())) and item.get_closest_marker("broker") is None]
+                if BROKER_FIXTURES & set(getattr(item, "fixturenames", ()))
+                and item.get_closest_marker("broker") is None]
     if unmarked:
         raise pytest.UsageError("tests using the broker without the `broker` marker: " + ", ".join(unmarked[:10]))
 
@@ -95,14 +96,14 @@ class Bus:
         return eq
 
     async def command(self, hw: str, verb: str, body: bytes | str | dict = b"", *, reply: bool = True,
-                      key: str | None = None, timeout: float = 15.0) -> dict | None:
+                      key: str | None = None, timeout: float = 15.0, message_id: str | None = None) -> dict | None:
         if isinstance(body, dict):
             body = json.dumps(body)
         if isinstance(body, str):
             body = body.encode()
         key = key or f"device.{hw}.{verb}"
         if not reply:
-            await self.commands.publish(aio_pika.Message(body), key)
+            await self.commands.publish(aio_pika.Message(body, message_id=message_id), key)
             return None
         ch = await self.conn.channel()
         try:
@@ -116,7 +117,8 @@ class Bus:
 
             await rq.consume(on, no_ack=True)
             ex = await ch.get_exchange(self.s.commands_exchange, ensure=False)
-            await ex.publish(aio_pika.Message(body, reply_to="amq.rabbitmq.reply-to", correlation_id=cid), key)
+            await ex.publish(aio_pika.Message(body, reply_to="amq.rabbitmq.reply-to", correlation_id=cid,
+                                              message_id=message_id), key)
             return await asyncio.wait_for(got, timeout)
         finally:
             await ch.close()

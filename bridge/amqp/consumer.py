@@ -9,10 +9,12 @@
 - A refused command (bad key, bad body, device not attached, the PBX said no) is answered with
   ``{"ok": false, "error": ...}`` when it has ``reply_to``, and dead-lettered: a copy goes to
   the dead-letter exchange with header ``x-epsignal-error`` saying why, then the original is
-  acked. Should that copy come back unroutable (the dead-letter queue was deleted), the bridge
-  declares the queue again and sends the copy once more. Should it not be confirmed, the original
-  is rejected without requeue and the queue's own dead-lettering keeps it. Nothing is dropped
-  silently.
+  acked. The copy has a ``message_id`` of its own (:func:`dead_letter`), the command's in header
+  ``x-original-message-id``: aiormq pairs a returned message with its publish by message id, and
+  commands' ids are the clients' (a retry often has the same one), anything at all. Should that
+  copy come back unroutable (the dead-letter queue was deleted), the bridge declares the queue
+  again and sends the copy once more. Should it not be confirmed, the original is rejected
+  without requeue and the queue's own dead-lettering keeps it. Nothing is dropped silently.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager, nullcontext
 
@@ -40,6 +43,8 @@ Handler = Callable[[str, str, cmds.Command], Awaitable[cmds.Reply]]
 #: (hw, verb) -> the queue to move the command to, or None to carry it out here
 Redirect = Callable[[str, str], Awaitable[str | None]]
 ERROR_HEADER = "x-epsignal-error"
+#: the refused command's own message_id, on its dead letter
+ORIGINAL_ID_HEADER = "x-original-message-id"
 
 
 class CommandStats:
@@ -228,8 +233,8 @@ class CommandConsumer:
         try:
             if topo is None or self.link.channel is None:
                 raise ConnectionError("no publishing channel")
-            await topo.commands.publish(_copy(message, message.headers), message.routing_key or "",
-                                        timeout=self.s.publish_timeout_s)
+            await topo.commands.publish(_copy(message, message.headers, message.message_id),
+                                        message.routing_key or "", timeout=self.s.publish_timeout_s)
         except Exception as e:
             log.warning("could not move the command to %s (%s); it goes back to the queue", queue, e)
             await message.nack(requeue=True)
@@ -251,9 +256,7 @@ class CommandConsumer:
         try:
             if topo is None or self.link.channel is None:
                 raise ConnectionError("no publishing channel")
-            headers = dict(message.headers or {})
-            headers[ERROR_HEADER] = error
-            copy = _copy(message, headers)
+            copy = dead_letter(message, error, self.s.instance_id)
             if _returned(await topo.dead.publish(copy, message.routing_key or "", timeout=self.s.publish_timeout_s)):
                 # unroutable: the dead-letter queue was deleted or unbound under the bridge (the
                 # queue's own dead-lettering goes to the same exchange: it would be dropped too)
@@ -342,11 +345,22 @@ def _returned(confirmation: object) -> bool:
     return isinstance(confirmation, aiormq.abc.DeliveredMessage)
 
 
-def _copy(message: AbstractIncomingMessage, headers) -> aio_pika.Message:
+def dead_letter(message: AbstractIncomingMessage, error: str, instance: str) -> aio_pika.Message:
+    """The dead letter of a refused command (its routing key is the publisher's to give): a
+    persistent copy with header ``x-epsignal-error`` = ``error`` and a message id of its own,
+    ``<instance>/.dead/<random>`` (the command's, if any, in ``x-original-message-id``)."""
+    headers = dict(message.headers or {})
+    headers[ERROR_HEADER] = error
+    if message.message_id:
+        headers[ORIGINAL_ID_HEADER] = message.message_id
+    return _copy(message, headers, f"{instance}/.dead/{uuid.uuid4().hex}")
+
+
+def _copy(message: AbstractIncomingMessage, headers, message_id: str | None) -> aio_pika.Message:
     """A persistent copy of a command (its routing key is the publisher's to give)."""
     return aio_pika.Message(
         message.body, headers=headers, content_type=message.content_type,
         correlation_id=message.correlation_id, reply_to=message.reply_to,
-        message_id=message.message_id, timestamp=message.timestamp, type=message.type,
+        message_id=message_id, timestamp=message.timestamp, type=message.type,
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
     )

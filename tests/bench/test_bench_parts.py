@@ -70,7 +70,8 @@ def test_dict_tracker_follows_the_call_state_rules():
 def test_profile_analysis_of_collapsed_stacks():
     text = "\n".join([
         "main (/x/bridge/cli.py:1);run (/x/bridge/pbx/session.py:100);decode (/x/bridge/protocol/messages.py:9) 30",
-        "main (/x/bridge/cli.py:1);_publish (/x/bridge/amqp/publisher.py:5);publish (/v/site-packages/aio_pika/exchange.py:7) 60",
+        "main (/x/bridge/cli.py:1);_publish (/x/bridge/amqp/publisher.py:5);"
+        "publish (/v/site-packages/aio_pika/exchange.py:7) 60",
         "main (/x/bridge/cli.py:1);select (/usr/lib/python3.11/selectors.py:3) 10",
     ])
     a = profiling.analyse(text)

@@ -175,8 +175,8 @@ def test_examples_are_what_the_bridge_reads_and_writes(body):
             hw, verb, cmd = commands.parse(f"device.{contracts.HW}.{body.name}", raw)
             assert (hw, verb) == (contracts.HW, body.name) and isinstance(cmd, body.struct)
         elif body.kind == "verdict":  # a valid answer to the example request
-            req = msgspec.json.decode(json.dumps(next(
-                b for b in contracts.BODIES if b.kind == "request").examples[0][2]).encode(), type=intercept.InterceptRequest)
+            example = next(b for b in contracts.BODIES if b.kind == "request").examples[0][2]
+            req = msgspec.json.decode(json.dumps(example).encode(), type=intercept.InterceptRequest)
             rule = intercept.Rules(intercept.parse_config("*=setup:device")).match(req.hw, "setup", True)
             hold = intercept.Hold(req.id, req.hw, req.call, req.to, "setup", req.sig, None, rule, 0.0, 0.25)
             assert intercept.validate_verdict(raw, hold).error is None, ex

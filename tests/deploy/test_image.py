@@ -317,7 +317,8 @@ async def _broker(names: dict, check: bool) -> bool:
             except aio_pika.exceptions.ChannelClosed:
                 existed = False
         await topology.delete(
-            conn, [names[k] for k in ("EPSIGNAL_EVENTS_EXCHANGE", "EPSIGNAL_COMMANDS_EXCHANGE", "EPSIGNAL_DEAD_EXCHANGE")],
+            conn,
+            [names[k] for k in ("EPSIGNAL_EVENTS_EXCHANGE", "EPSIGNAL_COMMANDS_EXCHANGE", "EPSIGNAL_DEAD_EXCHANGE")],
             [names[k] for k in ("EPSIGNAL_COMMANDS_QUEUE", "EPSIGNAL_DEAD_QUEUE")])
         return existed
     finally:

@@ -54,7 +54,7 @@ class FakeSession:
     def invalid_text(self) -> list[bytes]:
         """The text frames received that are not UTF-8 (an RFC 6455 PBX fails the connection)."""
         out = []
-        for data, binary in zip(self.received, self.binary):
+        for data, binary in zip(self.received, self.binary, strict=True):
             if not binary:
                 try:
                     data.decode("utf-8")

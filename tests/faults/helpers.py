@@ -62,8 +62,9 @@ class BridgeProcess:
         self.returncode: int | None = None
 
     def start(self) -> BridgeProcess:
-        self._err = open(self.stderr_path, "wb")
-        self._out = open(self.stdout_path, "wb")
+        # open for the process's lifetime (close_files closes them): no with block can hold them
+        self._err = open(self.stderr_path, "wb")  # noqa: SIM115
+        self._out = open(self.stdout_path, "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [*_bridge_command(), "run", "--grace", str(self.grace_s)], env=self.env, cwd=ROOT,
             stdin=subprocess.DEVNULL, stdout=self._out, stderr=self._err)
@@ -265,16 +266,15 @@ def http_port(bridge) -> int:
 
 async def http_get(port: int, path: str) -> tuple[int, str]:
     """(status, text) of a GET on the bridge's HTTP server."""
-    async with aiohttp.ClientSession() as http:
-        async with http.get(f"http://127.0.0.1:{port}{path}", timeout=aiohttp.ClientTimeout(total=5)) as r:
-            return r.status, await r.text()
+    async with (aiohttp.ClientSession() as http,
+                http.get(f"http://127.0.0.1:{port}{path}", timeout=aiohttp.ClientTimeout(total=5)) as r):
+        return r.status, await r.text()
 
 
 def metric(text: str, name: str, **labels) -> float:
     """The sum of the samples of ``name`` with ``labels`` in a Prometheus text page."""
     total = 0.0
     for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            if all(f'{k}="{v}"' in line for k, v in labels.items()):
-                total += float(line.rsplit(" ", 1)[1])
+        if line.startswith((name + "{", name + " ")) and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
     return total

@@ -79,6 +79,7 @@ class Client:
         self.conn: aio_pika.abc.AbstractConnection | None = None
         self.channel: aio_pika.abc.AbstractChannel | None = None
         self._opening = asyncio.Lock()
+        self._closing: set[asyncio.Task] = set()  # connections left, closing in the background
 
     @staticmethod
     def _down(e: BaseException, *used) -> bool:
@@ -110,7 +111,9 @@ class Client:
     def _next(self) -> None:
         """Leave the current connection (closed in the background)."""
         if self.conn is not None:
-            asyncio.ensure_future(self.conn.close())
+            task = asyncio.ensure_future(self.conn.close())
+            self._closing.add(task)  # a task only weakly referenced by the loop may be collected
+            task.add_done_callback(self._closing.discard)
         self.conn = self.channel = None
 
     async def do(self, op):
@@ -300,7 +303,7 @@ async def test_two_replicas_on_a_cluster_whose_nodes_die(cluster, names, tmp_pat
         await eventually(lambda: any(c in replies for c, at in list(sent.items()) if at > t2), 30,
                          "a reply to a command sent after the leader died")
         answered = time.monotonic() - t2
-        moved = dict(zip(on_victim, await moving))
+        moved = dict(zip(on_victim, await moving, strict=True))
         print(f"commands queue leader {lead} (node {cluster.nodes.index(victim) + 1}) SIGKILLed: a command "
               f"sent after it answered after {answered:.2f}s; replicas on it: "
               + (", ".join(f"{t} on another node after {v[0]:.2f}s, confirming after {v[1]:.2f}s"

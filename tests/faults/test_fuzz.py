@@ -98,7 +98,7 @@ async def test_100k_malformed_frames_from_the_pbx_do_not_disturb_the_session(
     assert sess.received[-1] == sentinel
     got = sess.received[:-1]
     assert len(got) == len(expected)
-    mismatch = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), None)
+    mismatch = next((i for i, (a, b) in enumerate(zip(got, expected, strict=True)) if a != b), None)
     assert mismatch is None, (f"seed {SEED}: forward {mismatch} differs: "
                               f"{got[mismatch][:200]!r} != {expected[mismatch][:200]!r}")
     assert sess.binary[:-1] == expected_binary  # each forward is the kind of frame that came
@@ -178,7 +178,7 @@ async def test_deeply_nested_frame_is_a_bad_frame_not_a_dead_session(fake_pbx, n
 
 async def test_over_long_frame_is_a_bad_frame_not_a_dead_session(fake_pbx, bus, settings_for, start_bridge):
     limit = 64 * 1024
-    bridge, sess, runner = await _session(fake_pbx, settings_for, start_bridge, max_frame_bytes=limit)
+    _, sess, runner = await _session(fake_pbx, settings_for, start_bridge, max_frame_bytes=limit)
     bad0 = FRAMES.bad_frames
     await sess.send(b'{"api":"EpSignal","mt":"Attached","x":"' + b"a" * limit + b'"}')  # limit + 40 bytes
     after = _sig(3)
@@ -189,7 +189,7 @@ async def test_over_long_frame_is_a_bad_frame_not_a_dead_session(fake_pbx, bus, 
 
 
 async def test_unpublishable_event_does_not_spin_the_publisher(fake_pbx, bus, settings_for, start_bridge):
-    bridge, sess, runner = await _session(fake_pbx, settings_for, start_bridge)
+    bridge, sess, _ = await _session(fake_pbx, settings_for, start_bridge)
     q = await bus.bind("device.#")
     await sess.send(_sig("9" * 250))
     await sess.send(_sig(5))
@@ -203,7 +203,7 @@ async def test_unpublishable_event_does_not_spin_the_publisher(fake_pbx, bus, se
 
 
 async def test_events_are_valid_json_even_when_the_sig_is_not_valid_utf8(fake_pbx, bus, settings_for, start_bridge):
-    bridge, sess, runner = await _session(fake_pbx, settings_for, start_bridge)
+    _, sess, _ = await _session(fake_pbx, settings_for, start_bridge)
     q = await bus.channel.declare_queue(exclusive=True)
     await q.bind(bus.events, "device.*.call.*.signaling")
     frame = _sig(6, b'{"type":"alert","dn":"caf\xe9 \xff"}')
@@ -304,14 +304,15 @@ async def test_100k_malformed_commands_are_all_dead_lettered_and_good_ones_answe
             nonlocal dup, no_header
             props = msg.header.properties
             err = (props.headers or {}).get("x-epsignal-error")
+            orig = (props.headers or {}).get("x-original-message-id")  # the command's message_id
             if not isinstance(err, str) or not err:
                 no_header += 1
             else:
-                c = f"{kind_of.get(props.message_id)}->{reason_class(err)}"
+                c = f"{kind_of.get(orig)}->{reason_class(err)}"
                 reasons[c] = reasons.get(c, 0) + 1
-            if props.message_id in seen:
+            if orig in seen:
                 dup += 1
-            seen.add(props.message_id)
+            seen.add(orig)
             if len(seen) + dup >= n_bad:
                 done.set()
         raw_ch = await ch.get_underlay_channel()

@@ -122,7 +122,8 @@ async def test_slow_pbx_answers_attach_and_calls_still_complete(sim, bus, settin
     st = sim.stats()
     assert st["calls_stalled"] == 0 and st["calls_completed"] >= 3
     for hw, call in calls:
-        got = [e.body["state"] for e in evs if e.body["type"] == "call.state" and e.body["call"] == call]
+        got = [e.body["state"] for e in evs
+               if e.body["type"] == "call.state" and (e.body["hw"], e.body["call"]) == (hw, call)]
         assert "connected" in got and got[-1] == "released", got
     figures("slow-pbx", delay_ms=300, attach_s=round(attach_s, 2), attach_command_s=round(cmd_s, 2),
                                calls=len(calls), stalled=st["calls_stalled"])
@@ -136,7 +137,7 @@ async def test_malformed_frames_during_calls_are_counted_and_sessions_stay(sim, 
     for hw in hws:
         await q.until(attached(hw))
     calls = {(hw, await sim.place_call(hw, direction="in", hold_s=1.0)) for hw in hws}
-    for hw, call in calls:
+    for _hw, call in calls:
         await sim.wait_call_state(call, CallState.CONNECTED, 5)
     bad0, sim_bad0 = FRAMES.bad_frames, sim.stats()["bad_frames"]
     sent = await sim.send_garbage(300)
@@ -150,9 +151,8 @@ async def test_malformed_frames_during_calls_are_counted_and_sessions_stay(sim, 
     assert not [e for e in evs if e.body["type"] in ("detached", "attached")]
     for hw in hws:
         assert_seq_contiguous(evs, hw)
-    async with aiohttp.ClientSession() as http:
-        async with http.get(f"http://127.0.0.1:{http_port(bridge)}/metrics") as r:
-            text = await r.text()
+    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{http_port(bridge)}/metrics") as r:
+        text = await r.text()
     line = next(ln for ln in text.splitlines() if ln.startswith('epsignal_frames_total{kind="bad"}'))
     assert float(line.split()[-1]) >= sent
     figures("garbage", bad_frames_sent=sent, bad_frames_counted=FRAMES.bad_frames - bad0,

@@ -195,7 +195,8 @@ async def test_three_replicas_failover_and_scale_out(big_sim, names, tmp_path):
         assert set(replies.by_id) == set(sent), "a reply to a command never sent"
         await asyncio.sleep(4)  # a call broken by the move would stall within the stall timeout
         late = sim.stalled_hw[stalled_mark:]
-        assert late == [], f"calls stalled while replica 4 took its share: {[(hw, moved_from.get(hw), holders(sim).get(hw)) for hw in late]}"
+        assert late == [], ("calls stalled while replica 4 took its share: "
+                            f"{[(hw, moved_from.get(hw), holders(sim).get(hw)) for hw in late]}")
         st = sim.stats()
         assert sim.conflict_hw[conflicts_mark:] == [], "a second Attach while replica 4 took its share"
         assert st["attached_devices"] == DEVICES
@@ -207,7 +208,8 @@ async def test_three_replicas_failover_and_scale_out(big_sim, names, tmp_path):
         assert sum(handed.values()) > 0, "no hand-on logged at the scale-out"
         s = Settings.from_env({}, amqp_url=AMQP_URL, devices=",".join(devices), **names)
         tokens = await asyncio.to_thread(lease_tokens, s, devices)
-        assert set(tokens.values()) == {1}, f"not one token per lease queue: {[(hw, n) for hw, n in tokens.items() if n != 1][:5]}"
+        assert set(tokens.values()) == {1}, \
+            f"not one token per lease queue: {[(hw, n) for hw, n in tokens.items() if n != 1][:5]}"
         print(f"owners sampled {samples[0]} times, never two; one token in each of {len(tokens)} lease queues")
         print(f"shares after scale-out: {share(sim)}; commands answered: {len(sent)}; "
               f"calls completed {st['calls_completed']}, stalled {st['calls_stalled']} (all on the "

@@ -99,7 +99,8 @@ async def test_no_secret_in_anything_the_bridge_writes(names, bus, amqp_user, tu
         await eventually(lambda: _consumers(conn, names["commands_queue"]), 10, "consuming")
         cid = await publish_command(ex, f"device.{sim.hw(3)}.attach", b"", reply_to=replies.name)
         assert (await replies.get(cid))["ok"] is True
-        calls = [await sim.place_call(hw, direction="in", hold_s=0.1) for hw in hws]
+        for hw in hws:
+            await sim.place_call(hw, direction="in", hold_s=0.1)
         for body in ({"call": -1, "sig": {"type": "setup", "cd": {"num": "201"}}},
                      {"call": -1, "sig": {"type": "rel", "cau": {"num": 16}}}):
             cid = await publish_command(ex, f"device.{hws[0]}.signaling", body, reply_to=replies.name)

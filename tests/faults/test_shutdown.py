@@ -60,9 +60,8 @@ async def test_sigterm_finishes_commands_flushes_events_and_closes_sessions(sim,
             await sim.place_call(hw, direction="out" if i % 2 else "in", hold_s=0.05)
 
         async def buffered_events():
-            async with aiohttp.ClientSession() as http:
-                async with http.get(f"http://127.0.0.1:{port}/metrics") as r:
-                    return metric(await r.text(), "epsignal_buffer_events")
+            async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/metrics") as r:
+                return metric(await r.text(), "epsignal_buffer_events")
         buffered = await eventually(buffered_events, 5, "events waiting for a confirm")
 
         assert not any(c in replies.by_id for c in cids)  # still in flight
@@ -79,7 +78,7 @@ async def test_sigterm_finishes_commands_flushes_events_and_closes_sessions(sim,
         assert took <= GRACE_S + 1.0, took
 
         # the commands in flight were carried out and answered; the late ones wait in the queue
-        for cid, hw in zip(cids, slow):
+        for cid, hw in zip(cids, slow, strict=True):
             r = await replies.get(cid, timeout=5)
             assert r["ok"] is True and r["hw"] == hw, r
         await asyncio.sleep(0.5)

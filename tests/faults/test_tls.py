@@ -43,7 +43,7 @@ def _with_cryptography(d: Path) -> Pki:
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
     import ipaddress
 
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
 
     def name(cn):
         return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])

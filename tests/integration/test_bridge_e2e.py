@@ -267,16 +267,60 @@ async def test_a_deleted_dead_letter_queue_is_declared_again_and_no_refusal_is_l
     assert all(r["ok"] is False and "unknown command" in r["error"] for r in replies), replies
     # (RabbitMQ 3.10 answers a basic.get on a quorum queue being declared again with a
     # connection error, "noproc": read only once it holds the copies)
-    await eventually(lambda: _ready(bus, bus.s.dead_queue, 3), 10, "the dead-letter queue declared again, with the copies")
+    await eventually(lambda: _ready(bus, bus.s.dead_queue, 3), 10,
+                     "the dead-letter queue declared again, with the copies")
     dead = await bus.dead_letters(3)
     assert sorted(d.body for d in dead) == [b'{"n": 0}', b'{"n": 1}', b'{"n": 2}']
     assert all("unknown command" in d.headers["x-epsignal-error"] for d in dead)
-    said = [r.getMessage() for r in caplog.records if r.levelname == "ERROR" and "came back unroutable" in r.getMessage()]
+    said = [r.getMessage() for r in caplog.records
+            if r.levelname == "ERROR" and "came back unroutable" in r.getMessage()]
     assert len(said) == 1 and bus.s.dead_queue in said[0], said
     assert bridge.link.ready and bridge.link.reconnects == reconnects  # the events' link never dropped
     # and the next refusal goes straight there
     await bus.command("", "", b"{}", key="totally.wrong", reply=False)
     assert "routing key 'totally.wrong'" in (await bus.dead_letters(1))[0].headers["x-epsignal-error"]
+
+
+async def test_refusals_of_commands_with_the_same_message_id_are_dead_letters_with_ids_of_their_own(
+        sim, bus, settings_for, start_bridge):
+    """A client retrying sends the same message_id again: each refusal is answered (by its
+    correlation_id) and dead-lettered with a message_id of its own, the command's in the header
+    x-original-message-id (aiormq pairs a returned copy with its publish by message_id)."""
+    bridge = await start_bridge(settings_for(sim))
+    replies = await asyncio.gather(*(bus.command(sim.hw(9), "explode", f'{{"n": {i}}}'.encode(),
+                                                 message_id="retry-1") for i in range(2)))
+    assert all(r["ok"] is False and "unknown command" in r["error"] for r in replies), replies
+    dead = sorted(await bus.dead_letters(2), key=lambda d: d.body)
+    assert [d.body for d in dead] == [b'{"n": 0}', b'{"n": 1}']
+    assert [d.headers["x-original-message-id"] for d in dead] == ["retry-1", "retry-1"]
+    ids = {d.message_id for d in dead}
+    assert len(ids) == 2 and all(i.startswith(f"{bridge.s.instance_id}/.dead/") for i in ids), ids
+    # the rest of the command as it came: its correlation_id and reply_to (the reply's)
+    assert len({d.correlation_id for d in dead}) == 2 and all(d.reply_to for d in dead)
+    assert all("unknown command" in d.headers["x-epsignal-error"] for d in dead)
+
+
+async def test_refusals_with_the_same_message_id_into_a_deleted_dead_letter_queue_are_all_kept(
+        sim, bus, settings_for, start_bridge):
+    """The dead-letter queue deleted, refusals of commands with the same message_id at once:
+    their copies come back unroutable together. Each copy's return must reach its own refusal
+    (with the command's id on the copies, one return resolved another copy's confirm: that copy
+    was sent again, and the other acked as dead-lettered while the broker had dropped it)."""
+    await start_bridge(settings_for(sim))
+    await bus.command("", "", b"{}", key="before.delete", reply=False)
+    assert "before.delete" in (await bus.dead_letters(1))[0].headers["x-epsignal-error"]
+    await bus.channel.queue_delete(bus.s.dead_queue)
+    n = 4
+    replies = await asyncio.gather(*(bus.command(sim.hw(9), "explode", f'{{"n": {i}}}'.encode(),
+                                                 message_id="same") for i in range(n)))
+    assert all(r["ok"] is False for r in replies), replies
+    await eventually(lambda: _ready(bus, bus.s.dead_queue, n), 10, "every refusal in the dead-letter queue")
+    dead = await bus.dead_letters(n)
+    assert sorted(d.body for d in dead) == [f'{{"n": {i}}}'.encode() for i in range(n)]
+    # dead-lettered by the bridge, or rejected into the queue's own dead-lettering: kept either way
+    assert all(d.headers.get("x-original-message-id") == "same" or d.headers.get("x-death") for d in dead)
+    await asyncio.sleep(0.5)
+    assert (await queue_counts(bus.conn, bus.s.dead_queue))[0] == 0  # none twice
 
 
 async def _ready(bus, queue: str, n: int = 1) -> bool:

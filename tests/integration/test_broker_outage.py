@@ -74,7 +74,8 @@ async def test_long_outage_drops_the_oldest_and_announces_a_gap(sim, bus, proxy,
     seqs = by_device(got)
     for hw in hws:
         have = set(seqs.get(hw, [])) | set(dropped.get(hw, []))
-        assert have == set(range(1, max(have) + 1)), (hw, gaps[0].body["dropped"], sorted(seqs.get(hw, [])))  # every seq: delivered or announced missing
+        # every seq: delivered or announced missing
+        assert have == set(range(1, max(have) + 1)), (hw, gaps[0].body["dropped"], sorted(seqs.get(hw, [])))
     n_dropped = sum(len(v) for v in dropped.values())
     assert n_dropped == bridge.publisher.buffer.stats.dropped_full > 0
     msgs = [r.getMessage() for r in caplog.records]

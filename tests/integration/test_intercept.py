@@ -109,7 +109,7 @@ async def test_a_renamed_caller_reaches_the_phone(sim, bus, settings_for, start_
 async def test_a_rejected_call_never_rings_and_the_caller_gets_cause_21(sim, bus, settings_for, start_bridge):
     hw = sim.hw(2)
     await Decider(bus, lambda req: {"id": req["id"], "verdict": "reject"}).start()
-    bridge, q = await bridge_with(sim, bus, settings_for, start_bridge, hw)
+    _, q = await bridge_with(sim, bus, settings_for, start_bridge, hw)
     call = await sim.place_call(hw, direction="in", remote="666", hold_s=0.1)
     evs = await released(q, call)
     got = sim.received(call)
@@ -126,7 +126,7 @@ async def test_a_rejected_call_never_rings_and_the_caller_gets_cause_21(sim, bus
 
 async def test_nobody_bound_is_unroutable_and_the_call_goes_on_at_once(sim, bus, settings_for, start_bridge):
     hw = sim.hw(3)
-    bridge, q = await bridge_with(sim, bus, settings_for, start_bridge, hw, intercept_deadline_ms=4000)
+    _, q = await bridge_with(sim, bus, settings_for, start_bridge, hw, intercept_deadline_ms=4000)
     call = await sim.place_call(hw, direction="in", hold_s=0.1)
     evs = await released(q, call)
     [ev] = of_call(evs, call, "call.intercepted")
@@ -140,8 +140,8 @@ async def test_nobody_bound_is_unroutable_and_the_call_goes_on_at_once(sim, bus,
 async def test_a_silent_decider_costs_the_deadline_then_the_fail_policy(fail, sim, bus, settings_for, start_bridge):
     hw = sim.hw(4)
     decider = await Decider(bus, lambda req: None).start()
-    bridge, q = await bridge_with(sim, bus, settings_for, start_bridge, hw, intercept_deadline_ms=300,
-                                  intercept_fail=fail, intercept_cause=17)
+    _, q = await bridge_with(sim, bus, settings_for, start_bridge, hw, intercept_deadline_ms=300,
+                             intercept_fail=fail, intercept_cause=17)
     call = await sim.place_call(hw, direction="in", hold_s=0.1)
     evs = await released(q, call)
     [ev] = of_call(evs, call, "call.intercepted")
@@ -166,7 +166,7 @@ async def test_a_bad_verdict_is_refused_and_the_message_forwarded_unchanged(
         verdict, reason, sim, bus, settings_for, start_bridge):
     hw = sim.hw(5)
     await Decider(bus, verdict).start()
-    bridge, q = await bridge_with(sim, bus, settings_for, start_bridge, hw, intercept_fail="closed")
+    _, q = await bridge_with(sim, bus, settings_for, start_bridge, hw, intercept_fail="closed")
     call = await sim.place_call(hw, direction="in", hold_s=0.1)
     evs = await released(q, call)
     [ev] = of_call(evs, call, "call.intercepted")
@@ -266,7 +266,7 @@ async def test_a_stop_while_held_forwards(fake_pbx, bus, settings_for, start_bri
 async def test_the_intercept_command_switches_a_device_on_and_off(sim, bus, settings_for, start_bridge):
     hw = sim.hw(6)
     decider = await Decider(bus, lambda req: {"id": req["id"], "verdict": "forward"}).start()
-    bridge, q = await bridge_with(sim, bus, settings_for, start_bridge, hw, intercept="")
+    _, q = await bridge_with(sim, bus, settings_for, start_bridge, hw, intercept="")
     reply = await bus.command(hw, "intercept", {"rules": [{"type": "setup", "to": True, "deadline_ms": 500}]})
     assert reply == {"ok": True, "v": 1, "command": "intercept", "hw": hw, "rules": [
         {"type": "setup", "to": True, "deadline_ms": 500, "fail": "open", "cause": 21, "source": "command"}]}

@@ -217,7 +217,8 @@ async def test_a_lease_queue_nobody_is_given_is_lined_up_for_again(sim, bus, sta
         print(f"\nlease queue without a consumer: attached {asyncio.get_running_loop().time() - t0:.2f}s "
               f"after its second consume was lost (heartbeat 0.3 s, {amqp_leases.ORPHAN_BEATS} beats)")
     assert a.leases.repaired + b.leases.repaired == 1, "one replica repairs it, not both"
-    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "no active consumer" in r.getMessage()]
+    said = [r.getMessage() for r in caplog.records
+            if r.levelname == "WARNING" and "no active consumer" in r.getMessage()]
     assert len(said) == 1 and lost in said[0], said
     assert sim.stats()["attach_conflicts"] == 0
     pages = [render(registry_for(br.snapshot)).decode() for br in (a, b)]

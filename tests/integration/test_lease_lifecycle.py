@@ -232,10 +232,9 @@ async def test_leases_view_over_http(sim, bus, start_bridge, lease_settings, cle
     await until(lambda: held([a]) == [N], 15, "every lease held")
     assert (await bus.command(ALL[0], "detach"))["ok"]
     await until(lambda: a.leases.leases[ALL[0]].pending is None, 5, "the detach's token")
-    async with aiohttp.ClientSession() as http:
-        async with http.get(f"http://127.0.0.1:{http_port(a)}/leases") as r:
-            assert r.status == 200
-            view = json.loads(await r.text())
+    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{http_port(a)}/leases") as r:
+        assert r.status == 200
+        view = json.loads(await r.text())
     assert view["instance"] == "replica-1" and view["replicas"] == ["replica-1"]
     rows = {r["hw"]: r for r in view["devices"]}
     assert set(rows) == set(ALL)
@@ -287,7 +286,8 @@ async def test_leases_list_and_reset_as_an_operator_would(sim, bus, start_bridge
     await bus.command(ALL[1], "detach", reply=False)
     await until(lambda: True)
     code, out, err = await cli("leases", "list", ALL[1], "--amqp-url", AMQP_URL, **{**env, "EPSIGNAL_DEVICES": ""})
-    assert code == 0 and out.strip() == f"{ALL[1]}  not held; wanted ?; no holder: 2 message(s) in the queue (the token among them), 0 consumer(s)", out
+    assert code == 0 and out.strip() == (f"{ALL[1]}  not held; wanted ?; no holder: 2 message(s) in the queue "
+                                          "(the token among them), 0 consumer(s)"), out
     code, out, err = await cli("leases", "reset", ALL[1], "--amqp-url", AMQP_URL, **env)
     assert code == 0 and "1 waiting command(s) dead-lettered" in out, out
     msg = await dead.get(timeout=5)

@@ -93,7 +93,7 @@ async def _lease_channel_errors(b: Bridge, n: int, all_back: bool = True) -> Non
         await until(lambda: b.leases._usable() is not None, 10, "a lease channel")
         lost = b.leases.channels_lost
         await b.leases._usable().basic_nack(999_999, requeue=True)
-        await until(lambda: b.leases.channels_lost == lost + 1, 5, "the lease channel loss noticed")
+        await until(lambda lost=lost: b.leases.channels_lost == lost + 1, 5, "the lease channel loss noticed")
         if all_back:
             await until(lambda: held([b]) == [N], 10, f"the tokens back after loss {i + 1}")
         else:

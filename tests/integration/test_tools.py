@@ -43,5 +43,5 @@ def test_format_event_lines_are_readable():
 
 def test_demo_intercept_needs_the_example_decider(monkeypatch, tmp_path):
     monkeypatch.setattr(tools, "EXAMPLES", tmp_path)
-    with pytest.raises(ToolError, match="not there .*checkout of the repository"):
+    with pytest.raises(ToolError, match=r"not there .*checkout of the repository"):
         tools._load_decider()

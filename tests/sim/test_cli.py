@@ -46,9 +46,8 @@ async def test_process_runs_and_stops_on_sigterm():
         m = re.search(r"(ws://\S+) control at (http://\S+)", line)
         assert m, line
         app = await App.logged_in(m.group(1), password="very-secret-pw")
-        async with aiohttp.ClientSession() as http:
-            async with http.get(m.group(2) + "/stats") as r:
-                st = await r.json()
+        async with aiohttp.ClientSession() as http, http.get(m.group(2) + "/stats") as r:
+            st = await r.json()
         assert st["logins_ok"] == 1 and st["registered_devices"] == 3
         await app.close()
         proc.send_signal(signal.SIGTERM)

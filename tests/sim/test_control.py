@@ -38,7 +38,7 @@ async def test_place_call_and_device_info(ctl):
 async def test_place_call_with_defaults_completes(ctl):
     sim, http = ctl
     status, body = await call(http, "POST", f"/devices/{sim.hw(2)}/calls", json={"hold_s": 0.02})
-    assert status == 200
+    assert status == 200 and body == {"call": 1}
     await sim.wait_idle(2)
     status, st = await call(http, "GET", "/stats")
     assert status == 200 and st["calls_completed"] == 1
@@ -61,7 +61,7 @@ async def test_register_unregister(ctl):
     assert unreg == (200, {"hw": hw, "registered": False})
     assert isinstance(await app.recv(), Detached)
     status, dev = await call(http, "GET", f"/devices/{hw}")
-    assert (dev["registered"], dev["attached"]) == (False, True)
+    assert status == 200 and (dev["registered"], dev["attached"]) == (False, True)
 
 
 async def test_sessions_drop_and_garbage(ctl):
@@ -116,6 +116,7 @@ async def test_call_through_control_reaches_attached_app(ctl):
     await app.attach(sim.hw(3), src="c")
     assert isinstance(await app.recv(), Attached)
     status, body = await call(http, "POST", f"/devices/{sim.hw(3)}/calls", json={"busy": True})
+    assert status == 200
     setup = await app.recv()
     assert isinstance(setup, Signaling) and setup.call == body["call"]
     assert setup.signal.type == "setup"

@@ -24,8 +24,8 @@ async def test_forwarded_unchanged(sim):
     assert (rec["active"], rec["outcome"], rec["in"], rec["app"]) == (False, "completed", True,
                                                                        False)
     sent = [json.loads(bytes(m.sig)) for m in app.sigs]
-    assert rec["device"] == [s for s, m in zip(sent, app.sigs) if m.to is True]
-    assert rec["pbx"] == [s for s, m in zip(sent, app.sigs) if m.to is not True]
+    assert rec["device"] == [s for s, m in zip(sent, app.sigs, strict=True) if m.to is True]
+    assert rec["pbx"] == [s for s, m in zip(sent, app.sigs, strict=True) if m.to is not True]
     assert rec["device"][0]["fty"] == [{"type": "name_identification", "name": "Remote 201"}]
 
 

@@ -144,6 +144,7 @@ def test_bad_commands_name_what_is_wrong(key, body, needle):
 def test_good_commands_parse():
     assert cmds.parse("device.a%2Eb.attach", b"")[:2] == ("a.b", "attach")
     hw, verb, c = cmds.parse("device.x.signaling", b'{"call":-1,"to":true,"sig":{"type":"setup","q":[1]}}')
+    assert (hw, verb) == ("x", "signaling")
     assert (c.call, c.to, bytes(c.sig)) == (-1, True, b'{"type":"setup","q":[1]}')
 
 
@@ -175,5 +176,5 @@ def test_a_deployment_publishing_call_states_only_numbers_them_without_gaps():
 
 
 def test_unknown_event_kinds_are_refused_naming_the_kinds():
-    with pytest.raises(ValueError, match="call.signaling"):
+    with pytest.raises(ValueError, match=r"call\.signaling"):
         EventFactory("i", ("call.states",))

@@ -50,7 +50,8 @@ def test_readme_documents_every_setting():
     ({"EPSIGNAL_LOG_LEVEL": "LOUD"}, "EPSIGNAL_LOG_LEVEL 'LOUD' is not one of DEBUG, INFO, WARNING, ERROR"),
     ({"EPSIGNAL_HTTP_PORT": "70000"}, "EPSIGNAL_HTTP_PORT 70000 is not a TCP port"),
     ({"EPSIGNAL_PBX_MODE": "server", "EPSIGNAL_PBX_LISTEN": "8090"}, "EPSIGNAL_PBX_LISTEN '8090' is not host:port"),
-    ({"EPSIGNAL_INTERCEPT": "*=setup:phone"}, "EPSIGNAL_INTERCEPT entry '*=setup:phone': 'setup:phone' needs a direction"),
+    ({"EPSIGNAL_INTERCEPT": "*=setup:phone"},
+     "EPSIGNAL_INTERCEPT entry '*=setup:phone': 'setup:phone' needs a direction"),
     ({"EPSIGNAL_INTERCEPT": "*=ring:device"}, "sig type 'ring' is not one of setup"),
 ])
 def test_a_setting_that_cannot_work_refuses_the_start_naming_it(env, needle):

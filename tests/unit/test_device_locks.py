@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 
 from bridge import commands as cmds
-from bridge.amqp.consumer import ERROR_HEADER, CommandConsumer, DeviceLocks
+from bridge.amqp.consumer import ERROR_HEADER, ORIGINAL_ID_HEADER, CommandConsumer, DeviceLocks, dead_letter
 from bridge.config import Settings
 
 
@@ -148,10 +148,12 @@ class FakeDead:
         self.confirms: dict[str, asyncio.Future] = {}
 
     async def publish(self, message, routing_key: str, timeout: float | None = None) -> None:
-        self.events.append(("dead-letter", message.message_id, message.headers[ERROR_HEADER]))
-        fut = self.confirms[message.message_id] = asyncio.get_running_loop().create_future()
+        name = message.headers[ORIGINAL_ID_HEADER]  # the command's (the copy has an id of its own)
+        assert message.message_id != name
+        self.events.append(("dead-letter", name, message.headers[ERROR_HEADER]))
+        fut = self.confirms[name] = asyncio.get_running_loop().create_future()
         await fut
-        self.events.append(("confirmed", message.message_id))
+        self.events.append(("confirmed", name))
 
 
 class FakeLink:
@@ -217,3 +219,17 @@ async def test_an_unconfirmed_dead_letter_copy_rejects_the_command_to_the_queues
     await task
     assert events[-1] == ("reject", "m1") and ("ack", "m1") not in events
     assert not consumer.busy(HW)
+
+
+def test_a_dead_letter_has_an_id_of_its_own_and_the_command_s_in_a_header():
+    message = FakeMessage("device.x.explode", b"{}", [], "retry-1")
+    message.headers = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
+    message.correlation_id, message.reply_to = "c1", "replies"
+    a, b = dead_letter(message, "unknown command", "inst"), dead_letter(message, "unknown command", "inst")
+    assert a.message_id != b.message_id and a.message_id.startswith("inst/.dead/")
+    assert a.headers == {"traceparent": message.headers["traceparent"], ERROR_HEADER: "unknown command",
+                         ORIGINAL_ID_HEADER: "retry-1"}
+    assert (a.body, a.correlation_id, a.reply_to, a.delivery_mode) == (b"{}", "c1", "replies", 2)
+    assert message.headers == {"traceparent": message.headers["traceparent"]}  # the command's untouched
+    message.message_id = None  # a command without one: no header
+    assert ORIGINAL_ID_HEADER not in dead_letter(message, "unknown command", "inst").headers

@@ -174,6 +174,7 @@ def test_the_fail_policy(fail, outcome, action, cause):
 def test_stop_gives_every_hold_its_policy_and_lets_the_queue_go():
     g = gate("*=setup:device,conn:device")
     [h1] = g.offer("hw", 1, True, "setup", SETUP, "a", 0.0)
+    assert g.held == {h1.id: h1} and h1.item == "a"
     assert g.offer("hw", 1, True, "conn", SETUP, "b", 0.0) is QUEUED
     g.offer("hw", 2, True, "setup", SETUP, "c", 0.0)
     out = g.drain("stopping", 0.1)

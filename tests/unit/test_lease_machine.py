@@ -24,9 +24,9 @@ token delivered on its current open channel, which the broker model agrees is un
 and at most one replica runs each device, a runner counting as running until its stop has
 ended; and THE RULE (configuration versus commands, issue 20): a holder whose own newest wish
 has arrived runs the device exactly when the token it holds says "attached", or says
-"detached" under another configuration. The one exception is a runner stopping because its channel closed: the broker hands the
-token on at the close, before any client can stop anything (the PBX's "already attached"
-refusal covers that window; docs/SCALING.md). A replica learns of its channel's close at once.
+"detached" under another configuration. The one exception is a runner stopping because its channel
+closed: the broker hands the token on at the close, before any client can stop anything (the
+PBX's "already attached" refusal covers that window; docs/SCALING.md). A replica learns of its channel's close at once.
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ class LeaseModel(RuleBasedStateMachine):
         ch, r.ch = r.ch, None
         if ch is None:
             return
-        for hw, q in self.queues.items():
+        for q in self.queues.values():
             q.consumers = [c for c in q.consumers if c[1] != ch.epoch]
         for hw, _ctag, msg in reversed(list(ch.unacked.values())):  # back at the head, in order
             msg.redelivered = True
@@ -387,7 +387,8 @@ class LeaseModel(RuleBasedStateMachine):
 
 
 TestLeaseModel = LeaseModel.TestCase
-TestLeaseModel.settings = settings(max_examples=int(os.environ.get("LEASE_MODEL_EXAMPLES", "1500")), stateful_step_count=80, deadline=None,
+TestLeaseModel.settings = settings(max_examples=int(os.environ.get("LEASE_MODEL_EXAMPLES", "1500")),
+                                   stateful_step_count=80, deadline=None,
                                    suppress_health_check=[HealthCheck.too_slow])
 
 

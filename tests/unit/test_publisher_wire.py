@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import timedelta
 
 import aio_pika
 import pytest
@@ -68,5 +68,9 @@ def test_wire_refuses_what_amqp_cannot_carry():
     ev.message_id = "i/" + "b" * 300 + "/1"
     with pytest.raises(ValueError):
         Wire(1, "x", 131064).encode(ev)
-    assert datetime.now(timezone.utc)  # (timestamps are aware UTC datetimes)
+
+
+def test_timestamps_are_aware_utc_datetimes():
+    # the wire packs timestamp.timestamp(): a naive datetime would be read as local time
+    assert all(ev.timestamp.utcoffset() == timedelta(0) for ev in events())
 
