@@ -11,24 +11,28 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.ports import free_port
 
 
 def available() -> bool:
     """True when this machine can start a RabbitMQ node of its own (the server is installed)."""
     return shutil.which("rabbitmq-server") is not None and shutil.which("rabbitmqctl") is not None
+
+
+def _start_time(pid: str) -> str:
+    """The start time of process ``pid`` (field 22 of /proc/<pid>/stat), "" when there is none
+    or it is a zombie (a killed node not reaped yet counts as gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return ""
+    return "" if fields[0] == "Z" else fields[19]
 
 
 class RabbitNode:
@@ -38,10 +42,12 @@ class RabbitNode:
         self.config = config
         self.advanced = advanced
         self.name = f"{name or 'epsig-' + uuid.uuid4().hex[:6]}@localhost"
-        self.port = _free_port()
-        self.dist_port = _free_port()
+        self.port = free_port()
+        self.dist_port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="rmqnode-"))
         os.chmod(self.dir, 0o777)
+        #: the node's process as started: (pid, start time in /proc/<pid>/stat)
+        self._process: tuple[str, str] | None = None
 
     @property
     def url(self) -> str:
@@ -73,8 +79,21 @@ class RabbitNode:
         subprocess.run(["rabbitmq-server", "-detached"], env=self._env(), check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30)
         # waits for the pid file, then for the rabbit app
-        self.ctl("wait", str(self.dir / "pid"), "--timeout", str(int(timeout)), timeout=timeout + 5)
+        try:
+            self.ctl("wait", str(self.dir / "pid"), "--timeout", str(int(timeout)), timeout=timeout + 5)
+        finally:
+            pid_file = self.dir / "pid"
+            pid = pid_file.read_text().strip() if pid_file.exists() else ""
+            self._process = (pid, _start_time(pid)) if pid.isdigit() else None
         return self
+
+    def _pid(self) -> str | None:
+        """The node's process id while that process lives: not a pid the kernel has since given
+        to another process (the other pytest-xdist worker's, say), which a pid file would name."""
+        if self._process is None:
+            return None
+        pid, started = self._process
+        return pid if started and _start_time(pid) == started else None
 
     def ctl(self, *args: str, timeout: float = 30) -> str:
         r = subprocess.run(["rabbitmqctl", "-n", self.name, *args], env=self._env(), capture_output=True,
@@ -87,34 +106,23 @@ class RabbitNode:
         """Raise (or clear) the memory alarm: the node blocks publishing connections."""
         self.ctl("set_vm_memory_high_watermark", "0.000001" if on else "0.4")
 
-    def kill(self, missing_ok: bool = False) -> None:
+    def kill(self) -> None:
         """SIGKILL the node (a node that dies); :meth:`stop` still cleans up."""
-        pid_file = self.dir / "pid"
-        if missing_ok and not pid_file.exists():
-            return
-        pid = pid_file.read_text().strip()
-        subprocess.run(["kill", "-9", pid], check=False)
+        pid = self._pid()
+        if pid is not None:
+            subprocess.run(["kill", "-9", pid], check=False)
 
     def wait_gone(self, timeout: float = 10) -> None:
-        """Wait until the node's process (its pid file's) has ended."""
-        pid_file = self.dir / "pid"
-        pid = pid_file.read_text().strip() if pid_file.exists() else ""
+        """Wait until the node's process has ended."""
         deadline = time.monotonic() + timeout
-        while pid.isdigit() and Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-            try:
-                if Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][:1] == "Z":  # init reaps it
-                    break
-            except OSError:  # gone meanwhile
-                break
+        while self._pid() is not None and time.monotonic() < deadline:
             time.sleep(0.05)
 
     def stop(self) -> None:
         try:
             self.ctl("stop", str(self.dir / "pid"), timeout=60)
         except (RuntimeError, subprocess.TimeoutExpired):
-            pid = (self.dir / "pid").read_text().strip() if (self.dir / "pid").exists() else ""
-            if pid.isdigit():
-                subprocess.run(["kill", "-9", pid], check=False)
+            self.kill()
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -146,7 +154,7 @@ class RabbitCluster:
         stop (seconds per node, a quorum queue's members handing over) would be waited for in
         vain."""
         for node in self.nodes:
-            node.kill(missing_ok=True)
+            node.kill()
         for node in self.nodes:
             node.wait_gone()
             shutil.rmtree(node.dir, ignore_errors=True)

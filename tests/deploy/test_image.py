@@ -18,7 +18,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ import pytest
 
 from bridge.amqp import topology
 from bridge.config import describe
+from tests.ports import free_port
 
 ROOT = pathlib.Path(__file__).parents[2]
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
@@ -292,12 +292,6 @@ def test_help_and_config(image):
     assert "EPSIGNAL_AMQP_URL=amqp://" in done.stdout
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _get(url: str) -> tuple[int, str]:
     try:
         with urllib.request.urlopen(url, timeout=2) as r:
@@ -333,9 +327,9 @@ def test_run_starts_serves_and_stops_on_sigterm(image):
              "EPSIGNAL_COMMANDS_QUEUE": f"img{tag}.commands.bridge",
              "EPSIGNAL_DEAD_EXCHANGE": f"img{tag}.dead",
              "EPSIGNAL_DEAD_QUEUE": f"img{tag}.commands.dead"}
-    port = _free_port()
+    port = free_port()
     env = {**image.env, **names, "EPSIGNAL_DEVICES": "", "EPSIGNAL_AMQP_URL": AMQP_URL,
-           "EPSIGNAL_PBX_URL": f"ws://127.0.0.1:{_free_port()}/PBX0/APPS/websocket",
+           "EPSIGNAL_PBX_URL": f"ws://127.0.0.1:{free_port()}/PBX0/APPS/websocket",
            "EPSIGNAL_HTTP_HOST": "127.0.0.1", "EPSIGNAL_HTTP_PORT": str(port)}
     proc = subprocess.Popen(image.command(), env=env, cwd=image.rootfs / "work",
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

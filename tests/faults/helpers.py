@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,13 +21,6 @@ from bridge.config import Settings
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    """A local TCP port nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def bridge_env(names: dict, **settings) -> dict[str, str]:

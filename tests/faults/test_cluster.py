@@ -47,8 +47,9 @@ from bridge.sim import PbxSimulator, SimConfig, hw_id
 from bridge.sim.traffic import random_scenario
 from tests import rabbitnode
 from tests.conftest import PASSWORD
-from tests.faults.helpers import BridgeProcess, bridge_env, eventually, free_port, http_get, metric
+from tests.faults.helpers import BridgeProcess, bridge_env, eventually, http_get, metric
 from tests.faults.test_replicas import owners
+from tests.ports import free_port
 
 pytestmark = [pytest.mark.broker,
               pytest.mark.skipif(not rabbitnode.available(), reason="no rabbitmq-server on this machine")]

@@ -25,9 +25,10 @@ from bridge.protocol.errors import FrameError
 from tests.faults.fakepbx import FakePbx
 from tests.faults.fuzzgen import SEED, CommandGen, FrameGen
 from tests.faults.helpers import (
-    bridge_env, BridgeProcess, eventually, free_port, metric, need_rabbitmqctl, publish_command,
+    bridge_env, BridgeProcess, eventually, metric, need_rabbitmqctl, publish_command,
     queue_counts, rabbitmq_queue, Replies,
 )
+from tests.ports import free_port
 
 pytestmark = pytest.mark.broker
 

@@ -26,7 +26,8 @@ from bridge.protocol import messages as m
 from bridge.protocol.callstate import MAX_NUM, MAX_TEXT
 from bridge.protocol.login import ServerLogin
 from tests.faults.fakepbx import FakePbx, FakeSession
-from tests.faults.helpers import BridgeProcess, bridge_env, eventually, free_port
+from tests.faults.helpers import BridgeProcess, bridge_env, eventually
+from tests.ports import free_port
 
 pytestmark = pytest.mark.broker
 

@@ -16,8 +16,9 @@ import pytest
 
 from bridge.service import Bridge
 from tests.conftest import PASSWORD
-from tests.faults.helpers import AMQP_URL, BridgeProcess, bridge_env, eventually, free_port, http_get, http_port, metric
+from tests.faults.helpers import AMQP_URL, BridgeProcess, bridge_env, eventually, http_get, http_port, metric
 from tests.tcpproxy import TcpProxy
+from tests.ports import free_port
 
 pytestmark = pytest.mark.broker
 

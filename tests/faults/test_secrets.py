@@ -22,9 +22,10 @@ import pytest
 from bridge.sim import PbxSimulator, SimConfig
 from bridge.sim import dispatch as sim_dispatch
 from tests.faults.helpers import (
-    AMQP_URL, bridge_env, BridgeProcess, eventually, free_port, http_get, need_rabbitmqctl,
+    AMQP_URL, bridge_env, BridgeProcess, eventually, http_get, need_rabbitmqctl,
     publish_command, Replies,
 )
+from tests.ports import free_port
 from tests.tcpproxy import TcpProxy
 
 pytestmark = pytest.mark.broker

@@ -13,10 +13,11 @@ import pytest
 from bridge.protocol.messages import CallState
 from tests.conftest import PASSWORD
 from tests.faults.helpers import (
-    AMQP_URL, bridge_env, BridgeProcess, eventually, free_port, metric, need_rabbitmqctl,
+    AMQP_URL, bridge_env, BridgeProcess, eventually, metric, need_rabbitmqctl,
     publish_command, queue_counts, rabbitmq_queue, Replies,
 )
 from tests.tcpproxy import TcpProxy
+from tests.ports import free_port
 
 pytestmark = pytest.mark.broker
 
