@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections import deque
 from contextlib import nullcontext
@@ -68,7 +69,8 @@ else:
 
 
 class FrameKinds(_Connection):
-    """Mixin for the bridge's PBX connections: tells which messages came as binary frames.
+    """Mixin for the bridge's PBX connections: tells which messages came as binary frames (and
+    spreads the keepalive pings of sessions opened together, :meth:`keepalive`).
 
     ``recv(decode=False)`` returns bytes for text and binary frames alike, but a forward must go
     out as the kind of frame that came: a binary frame may hold bytes that are not UTF-8, and
@@ -97,6 +99,17 @@ class FrameKinds(_Connection):
                 if self._binary_at is None:
                     self._binary_at = deque()
                 self._binary_at.append(self._begun)
+
+    async def keepalive(self) -> None:
+        """websockets' keepalive (a ping every ``ping_interval``; the connection fails when no
+        pong comes within ``ping_timeout``), its first ping put off by a random part of the
+        interval. Sessions opened together (the bridge's start, the PBX back after a restart)
+        would otherwise ping in one burst every interval, in one turn of the event loop that
+        forwarding then waits behind (100 sessions: a cluster in the benchmark's forwarding tail
+        every 20 s). The first ping comes one to two intervals after the open."""
+        if self.ping_interval is not None:
+            await asyncio.sleep(random.uniform(0, self.ping_interval))
+        await super().keepalive()
 
     def took_binary(self) -> bool:
         """Call once after each ``recv``: the message it returned came as a binary frame."""
