@@ -14,7 +14,8 @@ def table(R: dict) -> str:
     L: list[str] = []
     meta = R.get("meta", {})
     L.append(f"epsignal-bridge bench ({meta.get('mode')}; commit {meta.get('commit')}; {meta.get('cpus')} cpus; "
-             f"RabbitMQ {meta.get('rabbitmq')}; load {meta.get('loadavg_before')} -> {meta.get('loadavg_after')})")
+             f"RabbitMQ {meta.get('rabbitmq')}; harness loop {meta.get('harness_loop')}; "
+             f"load {meta.get('loadavg_before')} -> {meta.get('loadavg_after')})")
     L.append(f"note: {NOISE_NOTE}")
     for key, section in SECTIONS:
         if R.get(key):

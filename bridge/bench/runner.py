@@ -28,6 +28,7 @@ from bridge.bench.plots import plots
 from bridge.bench.proc import raise_nofile
 from bridge.bench.report import NOISE_NOTE, table
 from bridge.bench.targets import targets
+from bridge.main import loop_factory
 
 
 async def run(bench: Bench) -> dict:
@@ -86,6 +87,7 @@ async def meta(bench: Bench, nofile: tuple[int, int]) -> dict:
         "platform": platform.platform(), "commit": commit, "rabbitmq": rabbit,
         "aio_pika": ap.__version__, "websockets": ws.__version__, "msgspec": ms.__version__,
         "rlimit_nofile": list(nofile), "loadavg_before": [round(x, 2) for x in os.getloadavg()],
+        "harness_loop": type(asyncio.get_running_loop()).__module__.split(".")[0],
         "note": NOISE_NOTE,
         "options": {k: v for k, v in vars(bench.o).items()
                     if k not in ("func", "scenario_set") and not callable(v)},
@@ -98,7 +100,10 @@ def main(args: argparse.Namespace) -> int:
     opts = resolve(args)
     bench = Bench(opts)
     try:
-        results = asyncio.run(run(bench))
+        # the harness (load generator and consumers) on the bridge's own loop, uvloop: on
+        # asyncio's loop its consumer was the costlier side of every delivery (docs/PERFORMANCE.md)
+        with asyncio.Runner(loop_factory=loop_factory()) as runner:
+            results = runner.run(run(bench))
     except BenchError as e:
         print(f"epsignal-bridge bench: {e}", file=sys.stderr)
         return 2
