@@ -12,14 +12,19 @@ from __future__ import annotations
 import itertools
 import os
 import socket
+from pathlib import Path
 
-FIRST, BLOCK = 20000, 2000  # blocks 20000-21999 (gw0), 22000-23999 (gw1), ... below 32768
+FIRST, BLOCK = 20000, 2000  # blocks 20000-21999 (gw0), 22000-23999 (gw1), ... (six below 32768)
 
 
 def _block_start() -> int:
     worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
     n = int(worker[2:]) if worker.startswith("gw") and worker[2:].isdigit() else 0
-    return FIRST + (n % 6) * BLOCK
+    start = FIRST + n * BLOCK
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    if start + BLOCK > low:  # a block of its own for each worker, or none
+        raise RuntimeError(f"xdist worker {worker}: no port block of its own below the ephemeral range ({low})")
+    return start
 
 
 _turn = itertools.count()

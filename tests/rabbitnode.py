@@ -74,6 +74,7 @@ class RabbitNode:
         adv.write_text(f"[{{rabbit, [{self.advanced}]}}].\n")
         (self.dir / "enabled_plugins").write_text("[].\n")
         (self.dir / "pid").unlink(missing_ok=True)  # a killed node's: ``wait`` must see the new one
+        self._process = None
         for f in (conf, adv, self.dir / "enabled_plugins"):
             os.chmod(f, 0o644)
         subprocess.run(["rabbitmq-server", "-detached"], env=self._env(), check=True,
@@ -82,16 +83,19 @@ class RabbitNode:
         try:
             self.ctl("wait", str(self.dir / "pid"), "--timeout", str(int(timeout)), timeout=timeout + 5)
         finally:
-            pid_file = self.dir / "pid"
-            pid = pid_file.read_text().strip() if pid_file.exists() else ""
-            self._process = (pid, _start_time(pid)) if pid.isdigit() else None
+            self._pid()  # the process as of now, for kill and stop
         return self
 
     def _pid(self) -> str | None:
         """The node's process id while that process lives: not a pid the kernel has since given
-        to another process (the other pytest-xdist worker's, say), which a pid file would name."""
+        to another process (the other pytest-xdist worker's, say), which a stale pid file would
+        name. The process is the one the pid file named when it was first read since start()."""
         if self._process is None:
-            return None
+            pid_file = self.dir / "pid"
+            pid = pid_file.read_text().strip() if pid_file.exists() else ""
+            if not pid.isdigit():
+                return None
+            self._process = (pid, _start_time(pid))
         pid, started = self._process
         return pid if started and _start_time(pid) == started else None
 
@@ -123,6 +127,7 @@ class RabbitNode:
             self.ctl("stop", str(self.dir / "pid"), timeout=60)
         except (RuntimeError, subprocess.TimeoutExpired):
             self.kill()
+            self.wait_gone()
         shutil.rmtree(self.dir, ignore_errors=True)
 
 

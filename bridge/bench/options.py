@@ -42,7 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--frames", type=int, default=None,
                    help="Signaling frames per throughput round (full 30000, smoke 2000)")
     g.add_argument("--rounds", type=int, default=None,
-                   help="throughput rounds, each bridge then ceiling; medians reported (full 3, smoke 1)")
+                   help="rounds of the scenarios that compare processes (throughput: bridge then ceiling; "
+                   "forwarding, peer, tracing, intercept: each process in turn); medians reported (full 3, smoke 1)")
     g.add_argument("--devices", type=int, default=None,
                    help="devices (WebSocket sessions) for throughput and latency (default 100)")
     g.add_argument("--window", type=int, default=None,

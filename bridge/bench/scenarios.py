@@ -6,6 +6,7 @@ of :class:`~bridge.bench.measure.Bench`, and puts its results and checks into th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
 import time
@@ -188,35 +189,35 @@ async def forwarding(bench: Bench, main: Env) -> None:
     """Forwarding latency at ``--latency-rate`` events/s in three processes side by side: the
     main bridge with the broker up (its consumer paused: events are confirmed and stay unread,
     so the harness does the same work in every run), a bridge whose broker is down, and the bare
-    echo floor (:mod:`bridge.bench.echo`: no decode, no events, no broker). ``--rounds`` rounds,
+    echo floor (:mod:`bridge.bench.echo`: no decode, no events, no broker; the broker-down
+    bridge is a new process every round, as it buffers what it cannot send). ``--rounds`` rounds,
     each a paced run of every process in turn (the order rotated from round to round); the
     ratios are taken per round and their medians reported, as the peer scenario's are: one
     run's p99 on a shared 2-core machine moves by 20% from one minute to the next."""
     o = bench.o
-    envs = {"broker_up": main,
-            "broker_down": Env(bench, "broker-down", o.devices, broker=False, args=["--grace", "1"]),
+    down = Env(bench, "broker-down", o.devices, broker=False, args=["--grace", "1"])
+    envs = {"broker_up": main, "broker_down": down,
             "floor_echo": Env(bench, "echo-floor", o.devices, broker=False,
                               command=[sys.executable, "-m", "bridge.bench.echo"])}
     names = list(FORWARDING)
     runs: dict[str, list[dict]] = {name: [] for name in names}
     samples: dict[str, list[int]] = {name: [] for name in names}
-    paused = False
-    try:
-        for name in names[1:]:
-            await envs[name].start()
+    async with contextlib.AsyncExitStack() as stack:  # every stop runs, whatever fails
+        await envs["floor_echo"].start()
+        stack.push_async_callback(envs["floor_echo"].stop)
         await main.consumer().pause()
-        paused = True
+        stack.push_async_callback(main.consumer().resume)
         for i in range(o.rounds):
-            for name in names[i % 3:] + names[:i % 3]:
-                r = await bench.paced_run(envs[name], o.latency_rate, o.latency_duration, o.warmup,
-                                          consume=False)
+            for name in names[i % len(names):] + names[:i % len(names)]:
+                env = envs[name]
+                async with contextlib.AsyncExitStack() as fresh:
+                    if env is down:  # a new process each round: its buffer of unsent events
+                        await env.start()  # would grow from round to round (and overflow)
+                        fresh.push_async_callback(env.stop)
+                    r = await bench.paced_run(env, o.latency_rate, o.latency_duration, o.warmup,
+                                              consume=False)
                 samples[name].extend(r.pop("_fwd"))
                 runs[name].append(r)
-    finally:
-        if paused:
-            await main.consumer().resume()
-        for name in names[1:]:
-            await envs[name].stop()
     fw = bench.results.setdefault("forwarding", {})
     for name, label in FORWARDING.items():
         rs = runs[name]
@@ -232,8 +233,8 @@ async def forwarding(bench: Bench, main: Env) -> None:
     def median_ratio(a: str, b: str) -> float | None:
         """Median over the rounds of (p99 of ``a`` / p99 of ``b`` in the same round)."""
         pairs = zip(fw[a]["p99_us_per_round"], fw[b]["p99_us_per_round"], strict=True)
-        m = _median_of(x / y for x, y in pairs if x and y)
-        return None if m is None else rounded(m, 2)
+        xs = [x / y for x, y in pairs if x and y]
+        return rounded(stats.median(xs), 2) if xs else None
 
     fw["p99_up_over_floor"] = median_ratio("broker_up", "floor_echo")
     fw["p99_down_over_up"] = median_ratio("broker_down", "broker_up")
@@ -351,7 +352,7 @@ async def peer(bench: Bench) -> None:
         names = list(envs)
         for i in range(o.rounds):
             # the order rotated each round: no process always runs first after the saturated runs
-            order = names[i % 3:] + names[:i % 3]
+            order = names[i % len(names):] + names[:i % len(names)]
             rnd: dict = {}
             for name in order:
                 rnd[name] = {"closed": (await bench.closed_run(envs[name], frames))[0]}
