@@ -9,6 +9,7 @@ listener's bind. These come from below that range, from a block of their own per
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import socket
@@ -17,6 +18,7 @@ from pathlib import Path
 FIRST, BLOCK = 20000, 2000  # blocks 20000-21999 (gw0), 22000-23999 (gw1), ... (six below 32768)
 
 
+@functools.cache
 def _block_start() -> int:
     worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
     n = int(worker[2:]) if worker.startswith("gw") and worker[2:].isdigit() else 0

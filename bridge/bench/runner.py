@@ -100,8 +100,8 @@ def main(args: argparse.Namespace) -> int:
     opts = resolve(args)
     bench = Bench(opts)
     try:
-        # the harness (load generator and consumers) on the bridge's own loop, uvloop: on
-        # asyncio's loop its consumer was the costlier side of every delivery (docs/PERFORMANCE.md)
+        # the harness (load generator and consumers) on the bridge's own loop, uvloop: it reads a
+        # forwarded frame ~60 us sooner at the median than on asyncio's (docs/PERFORMANCE.md)
         with asyncio.Runner(loop_factory=loop_factory()) as runner:
             results = runner.run(run(bench))
     except BenchError as e:

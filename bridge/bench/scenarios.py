@@ -210,12 +210,14 @@ async def forwarding(bench: Bench, main: Env) -> None:
         for i in range(o.rounds):
             for name in names[i % len(names):] + names[:i % len(names)]:
                 env = envs[name]
-                async with contextlib.AsyncExitStack() as fresh:
-                    if env is down:  # a new process each round: its buffer of unsent events
-                        await env.start()  # would grow from round to round (and overflow)
-                        fresh.push_async_callback(env.stop)
+                if env is down:  # a new process each round: its buffer of unsent events would
+                    await env.start()  # grow from round to round (and overflow)
+                try:
                     r = await bench.paced_run(env, o.latency_rate, o.latency_duration, o.warmup,
                                               consume=False)
+                finally:
+                    if env is down:
+                        await env.stop()
                 samples[name].extend(r.pop("_fwd"))
                 runs[name].append(r)
     fw = bench.results.setdefault("forwarding", {})
