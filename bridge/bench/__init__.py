@@ -2,8 +2,8 @@
 
 It drives the real bridge, run as its own process (``epsignal-bridge run`` configured by
 ``EPSIGNAL_*``), with a load generator that plays the PBX (:mod:`bridge.bench.loadgen`), and
-the real RabbitMQ; a consumer bound with ``#`` to the run's own events exchange counts every
-event. Scenarios (``--scenarios``):
+the real RabbitMQ; a consumer bound with ``#`` to the run's own events exchange, in a process of
+its own (:mod:`bridge.bench.consumer`), counts every event. Scenarios (``--scenarios``):
 
 1. ``throughput``: Signaling frames per second sustained with every event confirmed and
    consumed, next to the raw aio-pika ceiling (the same bodies through a plain confirming

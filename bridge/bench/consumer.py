@@ -1,27 +1,42 @@
-"""The consumer of the benchmark: one queue bound with ``#`` to an events exchange.
+"""The consumer of the benchmark: one queue bound with ``#`` to an events exchange, in a process
+of its own.
 
-Used the same way for the bridge and for the raw aio-pika ceiling: an exclusive auto-delete
-queue, consumed with ``no_ack`` through aio-pika's underlying aiormq channel (the cheapest
-consumer aio-pika offers, so that the consumer is not what limits either run). For every
-``call.signaling`` / ``call.state`` delivery it counts the event and its distinct
-``message_id``; for a ``call.signaling`` that carries a ``bench_t`` stamp it records the hop
-latency (send stamp to delivery, same machine clock) and gives the load generator one credit.
+Used the same way for the bridge, the hand-written peer and the raw aio-pika ceiling: an
+exclusive queue, consumed with ``no_ack`` through aio-pika's underlying aiormq channel (the
+cheapest consumer aio-pika offers). For every ``call.signaling`` / ``call.state`` delivery it
+counts the event and its distinct ``message_id``; for a ``call.signaling`` that carries a
+``bench_t`` stamp it records the hop latency (send stamp to delivery, the machine's
+CLOCK_MONOTONIC, which every process shares) and gives the load generator one credit.
+
+It runs in its own process (``python -m bridge.bench.consumer``, driven by :class:`SinkProc`
+over its stdin/stdout): in the load generator's process its AMQP work (aiormq and pamqp parse
+each delivery in Python, ~100-200 us of CPU each) delayed the load generator's own reading of
+the forwarded frames, and it has twice the deliveries with a bridge that publishes two events
+per frame, so the harness measured its own load into the forwarding latency of exactly the
+process that makes more events (docs/PERFORMANCE.md, "The consumer in a process of its own").
 
 A bridge that does not publish ``call.signaling`` (``EPSIGNAL_EVENT_KINDS=call.state``) has no
-stamp in its events: then every ``call.state`` is the stamped event, and its stamp comes from
-``stamp_by_key`` (the load generator's send times per device, oldest first: the bridge makes one
-``call.state`` per frame of the cycle and publishes a device's events in order).
+stamp in its events: then every ``call.state`` is the stamped event; the consumer keeps its
+routing key and arrival time, and the hop is computed afterwards from the load generator's send
+times per device, oldest first (``stamp_by_key``: the bridge makes one ``call.state`` per frame of
+the cycle and publishes a device's events in order).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import aio_pika
 import aiormq
+import msgspec
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange, AbstractQueue
 
 from bridge.bench.frames import STAMP, stamp_of
@@ -31,7 +46,8 @@ now_ns = time.monotonic_ns
 
 
 class Run:
-    """One measured run: how many data events are expected, what arrived, and when."""
+    """One measured run, as the consumer process sees it: how many data events are expected,
+    what arrived, and when."""
 
     def __init__(self, target: int | None, store: bool, record_from: int) -> None:
         self.target = target
@@ -39,6 +55,8 @@ class Run:
         self.ids: set[str] = set()
         self.by_type: Counter = Counter()
         self.hop_ns: list[int] = []
+        #: (routing key, arrival ns) of each stamped event without a stamp of its own (call.state only)
+        self.keyed: list[tuple[str, int]] = []
         self.record_from = record_from
         self.t_first: int | None = None
         self.t_last: int | None = None
@@ -61,27 +79,23 @@ class Run:
         except TimeoutError:
             return False
 
-    @property
-    def distinct(self) -> int:
-        return len(self.ids)
-
 
 #: events a paused sink keeps (the oldest are dropped by the broker)
 PARKED = 1000
 
 
 class Sink:
-    """The consumer of the module docstring: one exclusive queue bound with ``#``; a
-    :class:`Run` counts what arrives for one measured run."""
+    """The consumer of the module docstring, inside its process: one exclusive queue bound with
+    ``#``; a :class:`Run` counts what arrives for one measured run."""
 
     def __init__(self, url: str, exchange: str, on_stamp: Callable[[], None] | None = None,
-                 stamp_by_key: Callable[[str], int | None] | None = None) -> None:
+                 state_only: bool = False) -> None:
         self.url = url
         self.exchange = exchange
         self.on_stamp = on_stamp
         #: the event type that stands for a frame (hop latency, credit)
-        self.stamp_type = "call.signaling" if stamp_by_key is None else "call.state"
-        self.stamp_by_key = stamp_by_key
+        self.stamp_type = "call.state" if state_only else "call.signaling"
+        self.state_only = state_only
         self.conn: AbstractConnection | None = None
         #: the consumer's queue (exclusive), bound to every event
         self.queue: AbstractQueue | None = None
@@ -171,16 +185,266 @@ class Sink:
         run.ids.add(props.message_id)
         body = msg.body
         if typ == self.stamp_type:
-            by_key = self.stamp_by_key
-            stamp = stamp_of(body, STAMP) if by_key is None else by_key(msg.delivery.routing_key)
-            if stamp is not None:
-                if stamp >= run.record_from:
-                    run.hop_ns.append(t - stamp)
+            if self.state_only:
+                run.keyed.append((msg.delivery.routing_key, t))
                 if self.on_stamp is not None:
                     self.on_stamp()
+            else:
+                stamp = stamp_of(body, STAMP)
+                if stamp is not None:
+                    if stamp >= run.record_from:
+                        run.hop_ns.append(t - stamp)
+                    if self.on_stamp is not None:
+                        self.on_stamp()
         if run.store:
             ts = props.timestamp
             run.messages.append((msg.delivery.routing_key, body, typ, props.message_id,
                                  ts.timestamp() if ts is not None else None))
         if run.target is not None and run.count >= run.target:
             run.done.set()
+
+
+# ------------------------------------------------------------------ the consumer's process
+_messages = msgspec.msgpack.Encoder()
+
+
+async def serve(url: str, exchange: str, state_only: bool, files: Path) -> None:
+    """The consumer process: a :class:`Sink`, driven by one JSON request per stdin line, each
+    answered by one ``r <json>`` line on stdout; between them ``c <credits> <count>`` lines
+    (credits for the load generator, batched per loop turn, and the run's count so far)."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    out = sys.stdout.buffer
+    credits = 0
+
+    def flush() -> None:
+        nonlocal credits
+        run = sink.run
+        out.write(b"c %d %d\n" % (credits, run.count if run is not None else 0))
+        out.flush()
+        credits = 0
+
+    def credit() -> None:
+        nonlocal credits
+        if not credits:
+            loop.call_soon(flush)
+        credits += 1
+
+    def answer(**kw: Any) -> None:
+        if credits:
+            flush()  # credits before the answer: a run's last credits come before its result
+        out.write(b"r " + json.dumps(kw).encode() + b"\n")
+        out.flush()
+
+    sink = Sink(url, exchange, on_stamp=credit, state_only=state_only)
+    await sink.open()
+    answer(ready=True)
+    runs = 0
+    while line := await reader.readline():
+        req = json.loads(line)
+        op = req.pop("op")
+        if op == "begin":
+            sink.begin(req["target"], store=req["store"], record_from=req["record_from"])
+            answer(ok=True)
+        elif op == "set_target":
+            assert sink.run is not None
+            sink.run.set_target(req["n"])
+            answer(ok=True)
+        elif op == "wait":
+            run = sink.run
+            assert run is not None
+            ok = await run.wait(req["timeout"])
+            res: dict[str, Any] = {"ok": ok, "count": run.count, "distinct": len(run.ids),
+                                   "by_type": run.by_type, "t_first": run.t_first, "t_last": run.t_last,
+                                   "hop_ns": run.hop_ns, "keyed": run.keyed}
+            if run.store:
+                runs += 1
+                path = files / f"consumer-run-{runs}.msgpack"
+                path.write_bytes(_messages.encode(run.messages))
+                res["messages_file"] = str(path)
+            answer(**res)
+        elif op == "wait_type":
+            ok = await sink.wait_type(req["type"], req["n"], req["timeout"])
+            answer(ok=ok, by_type=sink.by_type)
+        elif op == "pause":
+            await sink.pause()
+            answer(ok=True)
+        elif op == "resume":
+            await sink.resume()
+            answer(ok=True)
+        elif op == "close":
+            break
+    await sink.close()
+    answer(closed=True)
+
+
+#: the longest line the consumer may answer with
+_LINE_LIMIT = 256 * 2**20
+
+
+class RemoteRun:
+    """One measured run, as the harness sees it (:meth:`SinkProc.begin`): ``count`` follows the
+    run live; the rest is filled in by :meth:`wait`."""
+
+    def __init__(self, proc: SinkProc, record_from: int) -> None:
+        self._proc = proc
+        self.record_from = record_from
+        self.count = 0
+        self.distinct = 0
+        self.by_type: Counter = Counter()
+        self.hop_ns: list[int] = []
+        self.t_first: int | None = None
+        self.t_last: int | None = None
+        self.messages: list[tuple] = []
+
+    async def set_target(self, n: int) -> None:
+        await self._proc.call("set_target", n=n)
+
+    async def wait(self, timeout: float) -> bool:
+        """Until every expected event arrived (False: ``timeout`` ran out); then the run's figures."""
+        r = await self._proc.call("wait", timeout=timeout)
+        self.count, self.distinct = r["count"], r["distinct"]
+        self.by_type = Counter(r["by_type"])
+        self.t_first, self.t_last = r["t_first"], r["t_last"]
+        self.hop_ns = r["hop_ns"]
+        by_key = self._proc.stamp_by_key
+        if by_key is not None:  # call.state only: the stamps are the load generator's
+            for key, t in r["keyed"]:
+                stamp = by_key(key)
+                if stamp is not None and stamp >= self.record_from:
+                    self.hop_ns.append(t - stamp)
+        if "messages_file" in r:
+            path = Path(r["messages_file"])
+            self.messages = [tuple(m) for m in msgspec.msgpack.decode(path.read_bytes())]
+            path.unlink()
+        return bool(r["ok"])
+
+
+class SinkProc:
+    """The consumer (:class:`Sink`) in a process of its own, for the harness: the same calls,
+    over the process's stdin and stdout (:func:`serve`). ``on_stamp`` is called once per credit;
+    ``stamp_by_key`` (call.state only) gives the send stamp of a device's oldest unclaimed frame."""
+
+    def __init__(self, url: str, exchange: str, out: Path, on_stamp: Callable[[], None] | None = None,
+                 stamp_by_key: Callable[[str], int | None] | None = None) -> None:
+        self.url = url
+        self.exchange = exchange
+        self.out = out
+        self.on_stamp = on_stamp
+        self.stamp_by_key = stamp_by_key
+        self.by_type: Counter = Counter()
+        self.run: RemoteRun | None = None
+        self._proc: asyncio.subprocess.Process | None = None
+        self._reader: asyncio.Task | None = None
+        self._answers: asyncio.Queue[dict | None] = asyncio.Queue()
+        #: why its output could not be read (None: it could, or it ended)
+        self._error: str | None = None
+        self._lock = asyncio.Lock()
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    async def open(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        args = [sys.executable, "-m", "bridge.bench.consumer", self.url, self.exchange, str(self.out)]
+        if self.stamp_by_key is not None:
+            args.append("--state-only")
+        with open(self.out / "consumer.log", "ab") as log:
+            # a run's answer carries its samples (30,000 hop times: ~0.5 MB of JSON on one line)
+            self._proc = await asyncio.create_subprocess_exec(
+                *args, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=log,
+                limit=_LINE_LIMIT)
+        self._reader = asyncio.create_task(self._read(), name="bench consumer reader")
+        await self._answer(60)
+
+    async def _read(self) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        stdout = self._proc.stdout
+        try:
+            while line := await stdout.readline():
+                if line.startswith(b"c "):
+                    _, n, count = line.split()
+                    if self.run is not None:
+                        self.run.count = int(count)
+                    on_stamp = self.on_stamp
+                    if on_stamp is not None:
+                        for _ in range(int(n)):
+                            on_stamp()
+                elif line.startswith(b"r "):
+                    self._answers.put_nowait(json.loads(line[2:]))
+        except Exception as e:  # what it said cannot be read: no answer will come either
+            self._error = f"{type(e).__name__}: {e}"
+        finally:
+            self._answers.put_nowait(None)  # the process is gone: no answer will come
+
+    async def _answer(self, timeout: float) -> dict:
+        try:
+            r = await asyncio.wait_for(self._answers.get(), timeout)
+        except TimeoutError:
+            raise RuntimeError(f"the benchmark's consumer did not answer within {timeout:g}s "
+                               f"(see {self.out / 'consumer.log'})") from None
+        if r is None:
+            why = "exited" if self._error is None else f"said what the harness cannot read ({self._error})"
+            raise RuntimeError(f"the benchmark's consumer {why} (see {self.out / 'consumer.log'})")
+        return r
+
+    async def call(self, op: str, **kw: Any) -> dict:
+        """One request, and its answer (the request's own time plus a minute at most)."""
+        async with self._lock:
+            if self._proc is None or self._proc.stdin is None:
+                raise RuntimeError("the consumer is not open")
+            self._proc.stdin.write(json.dumps({"op": op, **kw}).encode() + b"\n")
+            await self._proc.stdin.drain()
+            return await self._answer(kw.get("timeout", 0) + 60)
+
+    async def begin(self, target: int | None, *, store: bool = False, record_from: int = 0) -> RemoteRun:
+        self.run = RemoteRun(self, record_from)
+        await self.call("begin", target=target, store=store, record_from=record_from)
+        return self.run
+
+    async def wait_type(self, typ: str, n: int, timeout: float) -> bool:
+        r = await self.call("wait_type", type=typ, n=n, timeout=timeout)
+        self.by_type = Counter(r["by_type"])
+        return bool(r["ok"])
+
+    async def pause(self) -> None:
+        await self.call("pause")
+
+    async def resume(self) -> None:
+        await self.call("resume")
+
+    async def close(self) -> None:
+        proc = self._proc
+        if proc is None:
+            return
+        with contextlib.suppress(Exception):
+            await self.call("close")
+        try:
+            await asyncio.wait_for(proc.wait(), 30)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+        if self._reader is not None:
+            await self._reader  # it keeps what went wrong in _error
+        self._proc = None
+
+
+def main() -> None:
+    import argparse
+
+    import bridge.main
+
+    p = argparse.ArgumentParser(prog="python -m bridge.bench.consumer",
+                                description="the benchmark's consumer process (driven by the harness)")
+    p.add_argument("url")
+    p.add_argument("exchange")
+    p.add_argument("files", type=Path, help="where a run's stored messages are written")
+    p.add_argument("--state-only", action="store_true")
+    a = p.parse_args()
+    asyncio.Runner(loop_factory=bridge.main.loop_factory()).run(serve(a.url, a.exchange, a.state_only, a.files))
+
+
+if __name__ == "__main__":
+    main()

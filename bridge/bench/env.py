@@ -12,7 +12,7 @@ from pathlib import Path
 from collections.abc import Awaitable
 from typing import Protocol, TypeVar
 
-from bridge.bench.consumer import Sink
+from bridge.bench.consumer import SinkProc
 from bridge.bench.frames import event_kinds, events_per_frame, hw_id
 from bridge.bench.loadgen import LoadGen
 from bridge.bench.proc import (
@@ -47,10 +47,11 @@ def _own_cpu() -> float:
 
 
 class CpuMeter:
-    """CPU of the bridge, the harness (this process) and the local broker over a window."""
+    """CPU of the bridge, the consumer's process, the harness (this process: the load
+    generator) and the local broker over a window."""
 
-    def __init__(self, bench: Harness, pid: int | None) -> None:
-        self.pids = {"bridge": pid, "broker": bench.broker_pid}
+    def __init__(self, bench: Harness, pid: int | None, consumer: int | None = None) -> None:
+        self.pids = {"bridge": pid, "consumer": consumer, "broker": bench.broker_pid}
         self.t0 = now_ns()
         self.c0 = {k: cpu_of(p) if p else None for k, p in self.pids.items()}
         self.own0 = _own_cpu()
@@ -91,7 +92,7 @@ class Env:
         self.names = Names()
         self._lg: LoadGen | None = None
         #: the consumer of the bridge's events (None without the broker)
-        self.sink: Sink | None = None
+        self.sink: SinkProc | None = None
         self._proc: BridgeProc | None = None
         self.t_attached: int | None = None
         self.t_attached_events: int | None = None
@@ -115,8 +116,8 @@ class Env:
             # no call.signaling events: the stamps come from the load generator, per device
             state_only = "call.signaling" not in self.kinds
             lg.keep_stamps = state_only
-            sink = self.sink = Sink(b.amqp, self.names.events, on_stamp=lg.release,
-                                    stamp_by_key=lg.stamp_by_key if state_only else None)
+            sink = self.sink = SinkProc(b.amqp, self.names.events, b.out, on_stamp=lg.release,
+                                        stamp_by_key=lg.stamp_by_key if state_only else None)
             await sink.open()
             amqp = b.amqp
         else:
@@ -176,7 +177,7 @@ class Env:
             raise BenchError(f"{self.name}: not started")
         return self._proc
 
-    def consumer(self) -> Sink:
+    def consumer(self) -> SinkProc:
         """The consumer of the events (a scenario that needs the broker)."""
         if self.sink is None:
             raise BenchError(f"{self.name}: runs without the broker: no events to consume")

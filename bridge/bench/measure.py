@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from bridge.bench import stats
-from bridge.bench.consumer import Sink
+from bridge.bench.consumer import SinkProc
 from bridge.bench.env import BenchError, CpuMeter, Env, now_ns
 from bridge.bench.proc import Names, find_broker_pid, pipes
 from bridge.bench.stats import rounded
@@ -34,7 +34,7 @@ class Bench:
         #: latency samples (ns) for the plots
         self.samples: dict[str, list[int]] = {}
         self.max_eps: float | None = opts.max_eps
-        self._ceiling_sink: Sink | None = None
+        self._ceiling_sink: SinkProc | None = None
         self._ceiling_names: Names | None = None
         self.broker_pid = find_broker_pid()
 
@@ -62,8 +62,8 @@ class Bench:
         them reached the consumer."""
         o, lg, sink, proc = self.o, env.lg, env.consumer(), env.proc
         expected = frames * env.epf
-        run = sink.begin(expected, store=store)
-        meter = CpuMeter(self, proc.pid)
+        run = await sink.begin(expected, store=store)
+        meter = CpuMeter(self, proc.pid, sink.pid)
         cpu0 = proc.cpu_s()
         limit = max(120.0, frames / 100)
         try:
@@ -97,12 +97,12 @@ class Bench:
         o = self.o
         if self._ceiling_sink is None:
             self._ceiling_names = Names()
-            self._ceiling_sink = Sink(self.amqp, f"bench{self._ceiling_names.tag}.ceiling")
+            self._ceiling_sink = SinkProc(self.amqp, f"bench{self._ceiling_names.tag}.ceiling", self.out)
             await self._ceiling_sink.open()
         sink = self._ceiling_sink
         exchange = sink.exchange
         warm = min(len(messages) // 10, 2000)
-        wrun = sink.begin(warm, record_from=1 << 62)
+        wrun = await sink.begin(warm, record_from=1 << 62)
         with open(self.out / "ceiling.log", "ab") as log:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "bridge.bench.ceiling", "--url", self.amqp, "--exchange", exchange,
@@ -116,8 +116,8 @@ class Bench:
                 raise BenchError(f"ceiling publisher did not start: {line!r} (see {self.out / 'ceiling.log'})")
             if not await wrun.wait(30):
                 raise BenchError("ceiling warm-up messages did not arrive")
-            run = sink.begin(len(messages), record_from=1 << 62)
-            meter = CpuMeter(self, proc.pid)
+            run = await sink.begin(len(messages), record_from=1 << 62)
+            meter = CpuMeter(self, proc.pid, sink.pid)
             t0 = now_ns()
             stdin.write(b"go\n")
             await stdin.drain()
@@ -155,7 +155,7 @@ class Bench:
         record_from = t0 + int(warmup * 1e9)
         lg.fwd_rtt = []
         lg.record_from = record_from
-        run = sink.begin(None, record_from=record_from) if sink is not None and consume else None
+        run = await sink.begin(None, record_from=record_from) if sink is not None and consume else None
         keep = lg.keep_stamps
         if not consume:
             lg.keep_stamps = False  # nothing claims the stamps: the events go unread
@@ -163,7 +163,7 @@ class Bench:
 
         async def cpu_window() -> tuple[float, float, int, dict]:
             await asyncio.sleep(warmup)
-            meter = CpuMeter(self, proc.pid)
+            meter = CpuMeter(self, proc.pid, sink.pid if sink is not None else None)
             c0, s0, w0 = proc.cpu_s(), lg.sent, now_ns()
             await asyncio.sleep(max(0.2, duration - warmup - 0.05))
             return proc.cpu_s() - c0, (now_ns() - w0) / 1e9, lg.sent - s0, meter.stop()
@@ -185,12 +185,12 @@ class Bench:
         }
         eps_window = win_frames * EPF / wall_s if wall_s else 0
         res["bridge_cpu_pct"] = rounded(100 * cpu_s / wall_s) if wall_s else None
-        res["cpu_window"] = meter  # bridge, broker, harness, whole machine (noise indicator)
+        res["cpu_window"] = meter  # bridge, consumer, broker, harness, whole machine (noise indicator)
         res["cpu_pct_per_1000_eps"] = rounded(100 * cpu_s / wall_s / (eps_window / 1000), 2) if eps_window else None
         res["cpu_s_per_10k_frames"] = rounded(cpu_s * 10_000 / win_frames, 3) if win_frames else None
         res["events_per_frame"] = env.epf
         if run is not None:
-            run.set_target(r["sent"] * env.epf)
+            await run.set_target(r["sent"] * env.epf)
             ok = await env.until(run.wait(60))
             res["all_events_received"] = ok and run.distinct == r["sent"] * env.epf
             res["hop_ms"] = stats.summary(run.hop_ns, "ms")

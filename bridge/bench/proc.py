@@ -13,6 +13,7 @@ import resource
 import signal
 import socket
 import sys
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,6 +116,21 @@ def machine_cpu() -> tuple[float, float]:
     idle = v[3] + v[4]  # idle + iowait
     total = sum(v)
     return total - idle, total
+
+
+def timer_overshoot_us(n: int = 2000, sleep_s: float = 0.0005) -> dict:
+    """How late this machine wakes a sleeping process: ``n`` sleeps of ``sleep_s``, the overshoot
+    of each (us), p50 / p99 / max. On a quiet machine p99 is some tens of us; a VM whose vCPUs
+    wake late (the hypervisor) shows hundreds or thousands, and every latency tail measured on
+    it carries that (docs/PERFORMANCE.md, "A fifth VM")."""
+    late: list[float] = []
+    for _ in range(n):
+        t = time.perf_counter_ns()
+        time.sleep(sleep_s)
+        late.append((time.perf_counter_ns() - t) / 1e3 - sleep_s * 1e6)
+    late.sort()
+    return {"sleeps": n, "sleep_us": sleep_s * 1e6, "p50": round(late[n // 2], 1),
+            "p99": round(late[int(n * 0.99)], 1), "max": round(late[-1], 1)}
 
 
 def find_broker_pid() -> int | None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 NOISE_NOTE = ("numbers depend on the machine and on what else runs on it (the bridge, the load "
-              "generator + consumer and RabbitMQ share its cores); compare runs on the same quiet machine")
+              "generator, the consumer and RabbitMQ share its cores); compare runs on the same quiet machine")
 
 
 def table(R: dict) -> str:
@@ -17,6 +17,11 @@ def table(R: dict) -> str:
              f"RabbitMQ {meta.get('rabbitmq')}; harness loop {meta.get('harness_loop')}; "
              f"load {meta.get('loadavg_before')} -> {meta.get('loadavg_after')})")
     L.append(f"note: {NOISE_NOTE}")
+    late = meta.get("timer_overshoot_us")
+    if late:
+        L.append(f"machine: a {late['sleep_us']:g} us sleep wakes late by p50 {late['p50']} / p99 {late['p99']} / "
+                 f"max {late['max']} us ({late['sleeps']} sleeps before the scenarios; the floor under every "
+                 "latency tail below)")
     for key, section in SECTIONS:
         if R.get(key):
             L += section(R[key])
@@ -53,9 +58,10 @@ def _throughput(t: dict) -> list[str]:
     for i, r in enumerate(t["rounds"]):
         b, c = r["bridge"], r["ceiling"]
         L.append(f"    round {i + 1}: bridge {b['events_per_s']} ev/s (cpu: bridge {b['bridge_cpu_pct']}%, "
-                 f"harness {b['harness_cpu_pct']}%, broker {b['broker_cpu_pct']}%, machine busy "
-                 f"{b['machine_busy_pct']}%); ceiling {c['events_per_s']} ev/s (cpu: publisher "
-                 f"{c['publisher_cpu_pct']}%, harness {c['harness_cpu_pct']}%, broker "
+                 f"harness {b['harness_cpu_pct']}%, consumer {b['consumer_cpu_pct']}%, broker "
+                 f"{b['broker_cpu_pct']}%, machine busy {b['machine_busy_pct']}%); ceiling "
+                 f"{c['events_per_s']} ev/s (cpu: publisher {c['publisher_cpu_pct']}%, harness "
+                 f"{c['harness_cpu_pct']}%, consumer {c['consumer_cpu_pct']}%, broker "
                  f"{c['broker_cpu_pct']}%, machine busy {c['machine_busy_pct']}%)")
     L.append(f"  hop latency while saturated p50/p99/p99.9: {pct(t['rounds'][0]['bridge']['hop_ms'])}")
     return L

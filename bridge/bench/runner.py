@@ -25,7 +25,7 @@ from bridge.bench import intercept, scenarios
 from bridge.bench.env import BenchError
 from bridge.bench.measure import Bench
 from bridge.bench.plots import plots
-from bridge.bench.proc import raise_nofile
+from bridge.bench.proc import raise_nofile, timer_overshoot_us
 from bridge.bench.report import NOISE_NOTE, table
 from bridge.bench.targets import targets
 from bridge.main import loop_factory
@@ -88,6 +88,8 @@ async def meta(bench: Bench, nofile: tuple[int, int]) -> dict:
         "aio_pika": ap.__version__, "websockets": ws.__version__, "msgspec": ms.__version__,
         "rlimit_nofile": list(nofile), "loadavg_before": [round(x, 2) for x in os.getloadavg()],
         "harness_loop": type(asyncio.get_running_loop()).__module__.split(".")[0],
+        # how late the machine wakes a sleeper, before the scenarios: the floor under every tail
+        "timer_overshoot_us": timer_overshoot_us(200 if bench.o.smoke else 2000),
         "note": NOISE_NOTE,
         "options": {k: v for k, v in vars(bench.o).items()
                     if k not in ("func", "scenario_set") and not callable(v)},

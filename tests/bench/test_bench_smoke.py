@@ -40,11 +40,16 @@ def test_bench_smoke(tmp_path):
     assert r["checks"] and all(r["checks"].values()), report
     assert proc.returncode == 0, report
 
+    # the machine's timer wake-ups were measured before the scenarios
+    late = r["meta"]["timer_overshoot_us"]
+    assert late["sleeps"] == 200 and 0 <= late["p50"] <= late["p99"] <= late["max"], late
     # 1: every event of every round arrived, once; the ratio is sane
     t = r["throughput"]
     assert t["all_events_received"], report
     for rnd in t["rounds"]:
         b = rnd["bridge"]
+        # the consumer is a process of its own, and it did the consuming (its CPU, not the harness's)
+        assert b["consumer_cpu_pct"] > 0 and rnd["ceiling"]["consumer_cpu_pct"] > 0, rnd
         assert b["events_received"] == b["events_distinct"] == b["events_expected"] == 2 * b["frames"]
         assert b["by_type"] == {"call.signaling": b["frames"], "call.state": b["frames"]}
         assert rnd["ceiling"]["events_received"] == b["events_expected"]

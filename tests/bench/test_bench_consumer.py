@@ -1,0 +1,129 @@
+"""The benchmark's consumer in its own process (``bridge.bench.consumer.SinkProc``), against the
+real broker: what it counts, the credits it gives, the hop times it returns (also for a run too
+long for one 64 KiB line), call.state stamps matched afterwards, pause and close."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import defaultdict, deque
+
+import aio_pika
+import pytest
+
+from bridge.bench.consumer import SinkProc
+from bridge.bench.frames import hw_id
+
+pytestmark = pytest.mark.broker
+
+AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+
+
+async def _publisher(exchange: str):
+    """A connection publishing to ``exchange`` (declared as the consumer declares it)."""
+    conn = await aio_pika.connect(AMQP_URL)
+    ch = await conn.channel(publisher_confirms=False)
+    ex = await ch.declare_exchange(exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+    return conn, ex
+
+
+async def _done(sink: SinkProc, conn, ex) -> None:
+    await sink.close()
+    await ex.delete()
+    await conn.close()
+
+
+async def _publish(ex, key: str, typ: str, mid: str, body: bytes) -> None:
+    await ex.publish(aio_pika.Message(body, type=typ, message_id=mid), key)
+
+
+async def test_counts_credits_and_hop_times_of_a_long_run(tmp_path):
+    name = f"test-consumer-{uuid.uuid4().hex[:8]}"
+    credits = 0
+
+    def credit() -> None:
+        nonlocal credits
+        credits += 1
+
+    sink = SinkProc(AMQP_URL, name, tmp_path, on_stamp=credit)
+    conn, ex = await _publisher(name)
+    try:
+        await sink.open()
+        assert sink.pid is not None
+        n = 12_000  # the answer's hop times alone are well over 64 KiB on one line
+        t0 = time.monotonic_ns()
+        record_from = t0 + 1  # the first frame's stamp is before it: not a sample
+        run = await sink.begin(2 * n, store=True, record_from=record_from)
+        for i in range(n):
+            stamp = t0 + i
+            await _publish(ex, f"device.{hw_id(1)}.call.{i}.signaling", "call.signaling", f"s{i}",
+                           b'{"sig":{"type":"setup","bench_t":%d}}' % stamp)
+            await _publish(ex, f"device.{hw_id(1)}.call.{i}.state", "call.state", f"c{i}", b'{"state":"x"}')
+        await _publish(ex, "device.x.attached", "attached", "a1", b"{}")  # not a data event
+        assert await run.wait(60)
+        assert run.count == run.distinct == 2 * n
+        assert run.by_type == {"call.signaling": n, "call.state": n}
+        assert len(run.hop_ns) == n - 1 and all(h > 0 for h in run.hop_ns)
+        assert credits == n  # every stamped event, also the one before record_from
+        assert run.t_first is not None and run.t_last is not None and t0 < run.t_first <= run.t_last
+        assert len(run.messages) == 2 * n
+        key, body, typ, mid, _ts = run.messages[0]
+        assert (key, typ, mid) == (f"device.{hw_id(1)}.call.0.signaling", "call.signaling", "s0")
+        assert body == b'{"sig":{"type":"setup","bench_t":%d}}' % t0
+        assert not list(tmp_path.glob("consumer-run-*"))  # the stored messages' file is read and gone
+    finally:
+        await _done(sink, conn, ex)
+    assert sink.pid is None
+
+
+async def test_call_state_stamps_come_from_the_load_generator_afterwards(tmp_path):
+    name = f"test-consumer-{uuid.uuid4().hex[:8]}"
+    stamps: dict[str, deque[int]] = defaultdict(deque)
+
+    def stamp_by_key(key: str) -> int | None:
+        q = stamps.get(key.split(".", 2)[1])
+        return q.popleft() if q else None
+
+    credits = 0
+
+    def credit() -> None:
+        nonlocal credits
+        credits += 1
+
+    sink = SinkProc(AMQP_URL, name, tmp_path, on_stamp=credit, stamp_by_key=stamp_by_key)
+    conn, ex = await _publisher(name)
+    try:
+        await sink.open()
+        t0 = time.monotonic_ns()
+        run = await sink.begin(None, record_from=t0)
+        for i in range(40):
+            hw = hw_id(i % 4)
+            stamps[hw].append(t0 - 1 if i < 4 else t0 + i)  # each device's first frame: before the run
+            await _publish(ex, f"device.{hw}.call.1.state", "call.state", f"c{i}", b"{}")
+        await run.set_target(40)
+        assert await run.wait(30)
+        assert run.count == run.distinct == 40 and credits == 40
+        assert len(run.hop_ns) == 36 and all(h > 0 for h in run.hop_ns)
+        assert not any(stamps.values())  # each device's stamps claimed in order, oldest first
+    finally:
+        await _done(sink, conn, ex)
+
+
+async def test_a_paused_consumer_counts_nothing_until_resumed(tmp_path):
+    name = f"test-consumer-{uuid.uuid4().hex[:8]}"
+    sink = SinkProc(AMQP_URL, name, tmp_path)
+    conn, ex = await _publisher(name)
+    try:
+        await sink.open()
+        await sink.pause()
+        run = await sink.begin(None)
+        for i in range(5):
+            await _publish(ex, "device.x.call.1.state", "call.state", f"p{i}", b"{}")
+        await sink.resume()
+        await _publish(ex, "device.x.call.1.state", "call.state", "after", b"{}")
+        await run.set_target(1)
+        assert await run.wait(30)
+        assert run.count == 1 and run.by_type == {"call.state": 1}
+        assert await sink.wait_type("call.state", 1, 5) and sink.by_type["call.state"] == 1
+    finally:
+        await _done(sink, conn, ex)
