@@ -27,12 +27,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import sys
 import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import aio_pika
 import aiormq
@@ -208,20 +209,25 @@ class Sink:
 _messages = msgspec.msgpack.Encoder()
 
 
-async def serve(url: str, exchange: str, state_only: bool, files: Path) -> None:
-    """The consumer process: a :class:`Sink`, driven by one JSON request per stdin line, each
-    answered by one ``r <json>`` line on stdout; between them ``c <credits> <count>`` lines
-    (credits for the load generator, batched per loop turn, and the run's count so far)."""
+async def serve(url: str, exchange: str, state_only: bool, credits_on: bool, files: Path) -> None:
+    """The consumer process: a :class:`Sink`, driven by one JSON request per stdin line (with an
+    ``id``), each answered by one ``r <json>`` line (the same ``id``); between them, with
+    ``credits_on``, ``c <run> <credits> <count>`` lines: credits for the load generator, batched
+    per turn of the loop, and the count of run number ``run`` so far. The lines go to what
+    was stdout; stdout itself is pointed at stderr (the log), so that nothing printed can mix
+    into them."""
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-    out = sys.stdout.buffer
+    out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
     credits = 0
+    number = 0  # of the current run (begin)
 
     def flush() -> None:
         nonlocal credits
         run = sink.run
-        out.write(b"c %d %d\n" % (credits, run.count if run is not None else 0))
+        out.write(b"c %d %d %d\n" % (number, credits, run.count if run is not None else 0))
         out.flush()
         credits = 0
 
@@ -231,110 +237,138 @@ async def serve(url: str, exchange: str, state_only: bool, files: Path) -> None:
             loop.call_soon(flush)
         credits += 1
 
-    def answer(**kw: Any) -> None:
+    def answer(rid: int | None, **kw: Any) -> None:
         if credits:
             flush()  # credits before the answer: a run's last credits come before its result
-        out.write(b"r " + json.dumps(kw).encode() + b"\n")
+        out.write(b"r " + json.dumps({"id": rid, **kw}).encode() + b"\n")
         out.flush()
 
-    sink = Sink(url, exchange, on_stamp=credit, state_only=state_only)
+    sink = Sink(url, exchange, on_stamp=credit if credits_on else None, state_only=state_only)
     await sink.open()
-    answer(ready=True)
-    runs = 0
+    answer(None, ready=True)
     while line := await reader.readline():
         req = json.loads(line)
-        op = req.pop("op")
+        op, rid = req.pop("op"), req.pop("id")
+        run = sink.run
         if op == "begin":
+            number = req["number"]
             sink.begin(req["target"], store=req["store"], record_from=req["record_from"])
-            answer(ok=True)
-        elif op == "set_target":
-            assert sink.run is not None
-            sink.run.set_target(req["n"])
-            answer(ok=True)
-        elif op == "wait":
-            run = sink.run
-            assert run is not None
+            answer(rid)
+        elif op == "set_target" and run is not None:
+            run.set_target(req["n"])
+            answer(rid)
+        elif op == "wait" and run is not None:
             ok = await run.wait(req["timeout"])
-            res: dict[str, Any] = {"ok": ok, "count": run.count, "distinct": len(run.ids),
-                                   "by_type": run.by_type, "t_first": run.t_first, "t_last": run.t_last,
-                                   "hop_ns": run.hop_ns, "keyed": run.keyed}
+            answer(rid, ok=ok, count=run.count, distinct=len(run.ids), by_type=run.by_type,
+                   t_first=run.t_first, t_last=run.t_last)
+        elif op == "samples" and run is not None:
+            res: dict[str, Any] = {"hop_ns": run.hop_ns, "keyed": run.keyed}
             if run.store:
-                runs += 1
-                path = files / f"consumer-run-{runs}.msgpack"
+                path = files / f"consumer-{os.getpid()}-run-{number}.msgpack"
                 path.write_bytes(_messages.encode(run.messages))
                 res["messages_file"] = str(path)
-            answer(**res)
+            answer(rid, **res)
         elif op == "wait_type":
             ok = await sink.wait_type(req["type"], req["n"], req["timeout"])
-            answer(ok=ok, by_type=sink.by_type)
+            answer(rid, ok=ok, by_type=sink.by_type)
         elif op == "pause":
             await sink.pause()
-            answer(ok=True)
+            answer(rid)
         elif op == "resume":
             await sink.resume()
-            answer(ok=True)
+            answer(rid)
         elif op == "close":
             break
+        else:
+            answer(rid, error="no run begun" if op in ("set_target", "wait", "samples") else "no such request")
     await sink.close()
-    answer(closed=True)
+    answer(None, closed=True)
 
 
-#: the longest line the consumer may answer with
+#: the longest line the consumer may answer with (a run's hop times: ~0.5 MB for 30,000)
 _LINE_LIMIT = 256 * 2**20
+
+
+class Stamps(Protocol):
+    """The load generator's send times per device (call.state only: the events carry none)."""
+
+    def stamp_by_key(self, key: str) -> int | None:
+        """The send stamp of the oldest frame not claimed yet of the device in routing key ``key``."""
+
+    def forget_stamps(self) -> None:
+        """Drop every stamp not claimed (a new run begins: nothing of the last one is in flight)."""
 
 
 class RemoteRun:
     """One measured run, as the harness sees it (:meth:`SinkProc.begin`): ``count`` follows the
-    run live; the rest is filled in by :meth:`wait`."""
+    run live; :meth:`wait` fills in the counts, :meth:`samples` the hop times and stored messages."""
 
-    def __init__(self, proc: SinkProc, record_from: int) -> None:
+    def __init__(self, proc: SinkProc, number: int, record_from: int) -> None:
         self._proc = proc
+        self.number = number
         self.record_from = record_from
+        #: the run's count, live until :meth:`wait` answered
         self.count = 0
+        self.finished = False
         self.distinct = 0
         self.by_type: Counter = Counter()
-        self.hop_ns: list[int] = []
         self.t_first: int | None = None
         self.t_last: int | None = None
+        self.hop_ns: list[int] = []
         self.messages: list[tuple] = []
+        self._sampled = False
 
     async def set_target(self, n: int) -> None:
         await self._proc.call("set_target", n=n)
 
     async def wait(self, timeout: float) -> bool:
-        """Until every expected event arrived (False: ``timeout`` ran out); then the run's figures."""
+        """Until every expected event arrived (False: ``timeout`` ran out); then the counts."""
         r = await self._proc.call("wait", timeout=timeout)
+        self.finished = True
         self.count, self.distinct = r["count"], r["distinct"]
         self.by_type = Counter(r["by_type"])
         self.t_first, self.t_last = r["t_first"], r["t_last"]
+        return bool(r["ok"])
+
+    async def samples(self) -> None:
+        """After :meth:`wait` (and after any CPU measured over the run): the hop times and, for a
+        run begun with ``store``, the messages. Once: the load generator's stamps are claimed."""
+        if self._sampled:
+            return
+        self._sampled = True
+        r = await self._proc.call("samples")
         self.hop_ns = r["hop_ns"]
-        by_key = self._proc.stamp_by_key
-        if by_key is not None:  # call.state only: the stamps are the load generator's
+        stamps = self._proc.stamps
+        if stamps is not None:  # call.state only: the stamps are the load generator's
             for key, t in r["keyed"]:
-                stamp = by_key(key)
+                stamp = stamps.stamp_by_key(key)
                 if stamp is not None and stamp >= self.record_from:
                     self.hop_ns.append(t - stamp)
         if "messages_file" in r:
             path = Path(r["messages_file"])
-            self.messages = [tuple(m) for m in msgspec.msgpack.decode(path.read_bytes())]
-            path.unlink()
-        return bool(r["ok"])
+            try:
+                self.messages = [tuple(m) for m in msgspec.msgpack.decode(path.read_bytes())]
+            finally:
+                path.unlink(missing_ok=True)
 
 
 class SinkProc:
     """The consumer (:class:`Sink`) in a process of its own, for the harness: the same calls,
-    over the process's stdin and stdout (:func:`serve`). ``on_stamp`` is called once per credit;
-    ``stamp_by_key`` (call.state only) gives the send stamp of a device's oldest unclaimed frame."""
+    over the process's stdin and stdout (:func:`serve`). ``on_stamp`` is called once per credit
+    (None: the process sends none); ``stamps`` (call.state only) are the load generator's."""
 
     def __init__(self, url: str, exchange: str, out: Path, on_stamp: Callable[[], None] | None = None,
-                 stamp_by_key: Callable[[str], int | None] | None = None) -> None:
+                 stamps: Stamps | None = None) -> None:
         self.url = url
         self.exchange = exchange
         self.out = out
+        self.log = out / f"consumer-{exchange}.log"
         self.on_stamp = on_stamp
-        self.stamp_by_key = stamp_by_key
+        self.stamps = stamps
         self.by_type: Counter = Counter()
         self.run: RemoteRun | None = None
+        self._runs = 0
+        self._seq = 0
         self._proc: asyncio.subprocess.Process | None = None
         self._reader: asyncio.Task | None = None
         self._answers: asyncio.Queue[dict | None] = asyncio.Queue()
@@ -346,13 +380,24 @@ class SinkProc:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 
+    @property
+    def ended(self) -> asyncio.Task | None:
+        """Done when the process's output ended (it exited, or said what cannot be read)."""
+        return self._reader
+
+    def why(self) -> str:
+        """Why it ended, for an error message."""
+        what = "exited" if self._error is None else f"said what the harness cannot read ({self._error})"
+        return f"the benchmark's consumer {what} (see {self.log})"
+
     async def open(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         args = [sys.executable, "-m", "bridge.bench.consumer", self.url, self.exchange, str(self.out)]
-        if self.stamp_by_key is not None:
+        if self.stamps is not None:
             args.append("--state-only")
-        with open(self.out / "consumer.log", "ab") as log:
-            # a run's answer carries its samples (30,000 hop times: ~0.5 MB of JSON on one line)
+        if self.on_stamp is None:
+            args.append("--no-credits")
+        with open(self.log, "ab") as log:
             self._proc = await asyncio.create_subprocess_exec(
                 *args, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=log,
                 limit=_LINE_LIMIT)
@@ -365,9 +410,10 @@ class SinkProc:
         try:
             while line := await stdout.readline():
                 if line.startswith(b"c "):
-                    _, n, count = line.split()
-                    if self.run is not None:
-                        self.run.count = int(count)
+                    _, number, n, count = line.split()
+                    run = self.run
+                    if run is not None and run.number == int(number) and not run.finished:
+                        run.count = int(count)
                     on_stamp = self.on_stamp
                     if on_stamp is not None:
                         for _ in range(int(n)):
@@ -384,25 +430,41 @@ class SinkProc:
             r = await asyncio.wait_for(self._answers.get(), timeout)
         except TimeoutError:
             raise RuntimeError(f"the benchmark's consumer did not answer within {timeout:g}s "
-                               f"(see {self.out / 'consumer.log'})") from None
+                               f"(see {self.log})") from None
         if r is None:
-            why = "exited" if self._error is None else f"said what the harness cannot read ({self._error})"
-            raise RuntimeError(f"the benchmark's consumer {why} (see {self.out / 'consumer.log'})")
+            self._answers.put_nowait(None)  # for whoever asks next
+            raise RuntimeError(self.why())
         return r
 
     async def call(self, op: str, **kw: Any) -> dict:
-        """One request, and its answer (the request's own time plus a minute at most)."""
+        """One request, and its answer (the request's own time plus a minute at most). The
+        answer of an earlier request given up (cancelled, timed out) is passed over."""
         async with self._lock:
-            if self._proc is None or self._proc.stdin is None:
+            proc, reader = self._proc, self._reader
+            if proc is None or proc.stdin is None or reader is None:
                 raise RuntimeError("the consumer is not open")
-            self._proc.stdin.write(json.dumps({"op": op, **kw}).encode() + b"\n")
-            await self._proc.stdin.drain()
-            return await self._answer(kw.get("timeout", 0) + 60)
+            if reader.done():
+                raise RuntimeError(self.why())
+            self._seq += 1
+            rid = self._seq
+            proc.stdin.write(json.dumps({"op": op, "id": rid, **kw}).encode() + b"\n")
+            await proc.stdin.drain()
+            while True:
+                r = await self._answer(kw.get("timeout", 0) + 60)
+                if r.get("id") == rid:
+                    break
+            if "error" in r:
+                raise RuntimeError(f"the benchmark's consumer refused {op!r}: {r['error']}")
+            return r
 
     async def begin(self, target: int | None, *, store: bool = False, record_from: int = 0) -> RemoteRun:
-        self.run = RemoteRun(self, record_from)
-        await self.call("begin", target=target, store=store, record_from=record_from)
-        return self.run
+        """A new run (the last one's late events and unclaimed stamps do not count in it)."""
+        self._runs += 1
+        if self.stamps is not None:
+            self.stamps.forget_stamps()
+        run = self.run = RemoteRun(self, self._runs, record_from)
+        await self.call("begin", number=run.number, target=target, store=store, record_from=record_from)
+        return run
 
     async def wait_type(self, typ: str, n: int, timeout: float) -> bool:
         r = await self.call("wait_type", type=typ, n=n, timeout=timeout)
@@ -416,18 +478,21 @@ class SinkProc:
         await self.call("resume")
 
     async def close(self) -> None:
-        proc = self._proc
+        proc, reader = self._proc, self._reader
         if proc is None:
             return
-        with contextlib.suppress(Exception):
-            await self.call("close")
+        if reader is not None and not reader.done():
+            with contextlib.suppress(Exception):
+                await self.call("close")
+        elif proc.returncode is None:  # its output is not read any more: it cannot be asked
+            proc.terminate()
         try:
             await asyncio.wait_for(proc.wait(), 30)
         except TimeoutError:
             proc.kill()
             await proc.wait()
-        if self._reader is not None:
-            await self._reader  # it keeps what went wrong in _error
+        if reader is not None:
+            await reader  # it keeps what went wrong in _error
         self._proc = None
 
 
@@ -441,9 +506,11 @@ def main() -> None:
     p.add_argument("url")
     p.add_argument("exchange")
     p.add_argument("files", type=Path, help="where a run's stored messages are written")
-    p.add_argument("--state-only", action="store_true")
+    p.add_argument("--state-only", action="store_true", help="call.state is the stamped event")
+    p.add_argument("--no-credits", action="store_true", help="send no credits (nobody takes them)")
     a = p.parse_args()
-    asyncio.Runner(loop_factory=bridge.main.loop_factory()).run(serve(a.url, a.exchange, a.state_only, a.files))
+    with asyncio.Runner(loop_factory=bridge.main.loop_factory()) as runner:
+        runner.run(serve(a.url, a.exchange, a.state_only, not a.no_credits, a.files))
 
 
 if __name__ == "__main__":

@@ -117,7 +117,7 @@ class Env:
             state_only = "call.signaling" not in self.kinds
             lg.keep_stamps = state_only
             sink = self.sink = SinkProc(b.amqp, self.names.events, b.out, on_stamp=lg.release,
-                                        stamp_by_key=lg.stamp_by_key if state_only else None)
+                                        stamps=lg if state_only else None)
             await sink.open()
             amqp = b.amqp
         else:
@@ -184,14 +184,19 @@ class Env:
         return self.sink
 
     async def until(self, coro: Awaitable[T]) -> T:
-        """Await ``coro`` unless the bridge process dies first (then BenchError)."""
+        """Await ``coro`` unless the bridge process or the consumer's dies first (then BenchError)."""
         task = asyncio.ensure_future(coro)
         dead = asyncio.ensure_future(self.proc.proc.wait())
-        done, _ = await asyncio.wait({task, dead}, return_when=asyncio.FIRST_COMPLETED)
+        ended = self.sink.ended if self.sink is not None else None  # (not cancelled here)
+        done, _ = await asyncio.wait({task, dead} | ({ended} if ended is not None else set()),
+                                     return_when=asyncio.FIRST_COMPLETED)
         if task in done:
             dead.cancel()
             return task.result()
         task.cancel()
+        if dead not in done and self.sink is not None:
+            dead.cancel()
+            raise BenchError(f"{self.name}: {self.sink.why()}")
         raise BenchError(f"bridge {self.name} exited with {self.proc.proc.returncode}:\n{self.proc.log_tail()}")
 
     async def stop(self) -> None:

@@ -263,6 +263,11 @@ class LoadGen:
         s = self.sessions.get(key.split(".", 2)[1])
         return s.stamps.popleft() if s is not None and s.stamps else None
 
+    def forget_stamps(self) -> None:
+        """Drop the send stamps not claimed yet (a new measured run begins)."""
+        for s in self.sessions.values():
+            s.stamps.clear()
+
     async def _send(self, s: LgSession) -> bool:
         t = now_ns()
         if self.keep_stamps:

@@ -76,6 +76,7 @@ class Bench:
         t_end = run.t_last or now_ns()
         cpu = meter.stop(t_end, t_first)
         cpu_s = proc.cpu_s() - cpu0
+        await run.samples()  # after the CPU was read: handing the samples over is not the run's work
         fwd_ok = await lg.wait_forwards(lg.sent, 10)
         elapsed = max(1e-9, (t_end - t_first) / 1e9)
         complete = ok and run.count == expected and run.distinct == expected
@@ -193,6 +194,7 @@ class Bench:
             await run.set_target(r["sent"] * env.epf)
             ok = await env.until(run.wait(60))
             res["all_events_received"] = ok and run.distinct == r["sent"] * env.epf
+            await run.samples()
             res["hop_ms"] = stats.summary(run.hop_ns, "ms")
             res["_hop"] = run.hop_ns
         res["_fwd"] = lg.fwd_rtt

@@ -120,9 +120,9 @@ def machine_cpu() -> tuple[float, float]:
 
 def timer_overshoot_us(n: int = 2000, sleep_s: float = 0.0005) -> dict:
     """How late this machine wakes a sleeping process: ``n`` sleeps of ``sleep_s``, the overshoot
-    of each (us), p50 / p99 / max. On a quiet machine p99 is some tens of us; a VM whose vCPUs
-    wake late (the hypervisor) shows hundreds or thousands, and every latency tail measured on
-    it carries that (docs/PERFORMANCE.md, "A fifth VM")."""
+    of each (us), p50 / p99 / max. An indicator, taken before the scenarios with the machine
+    idle: a VM whose vCPUs wake late (the hypervisor) shows a p99 near a millisecond, and the
+    latency tails measured on it carry some of that (docs/PERFORMANCE.md, "A fifth VM")."""
     late: list[float] = []
     for _ in range(n):
         t = time.perf_counter_ns()

@@ -20,8 +20,8 @@ def table(R: dict) -> str:
     late = meta.get("timer_overshoot_us")
     if late:
         L.append(f"machine: a {late['sleep_us']:g} us sleep wakes late by p50 {late['p50']} / p99 {late['p99']} / "
-                 f"max {late['max']} us ({late['sleeps']} sleeps before the scenarios; the floor under every "
-                 "latency tail below)")
+                 f"max {late['max']} us ({late['sleeps']} sleeps before the scenarios, the machine idle: how "
+                 "much of the latency tails below may be the machine's)")
     for key, section in SECTIONS:
         if R.get(key):
             L += section(R[key])

@@ -88,7 +88,7 @@ async def meta(bench: Bench, nofile: tuple[int, int]) -> dict:
         "aio_pika": ap.__version__, "websockets": ws.__version__, "msgspec": ms.__version__,
         "rlimit_nofile": list(nofile), "loadavg_before": [round(x, 2) for x in os.getloadavg()],
         "harness_loop": type(asyncio.get_running_loop()).__module__.split(".")[0],
-        # how late the machine wakes a sleeper, before the scenarios: the floor under every tail
+        # how late the machine wakes a sleeper, before the scenarios (an indicator of its noise)
         "timer_overshoot_us": timer_overshoot_us(200 if bench.o.smoke else 2000),
         "note": NOISE_NOTE,
         "options": {k: v for k, v in vars(bench.o).items()

@@ -1,9 +1,12 @@
 """The benchmark's consumer in its own process (``bridge.bench.consumer.SinkProc``), against the
 real broker: what it counts, the credits it gives, the hop times it returns (also for a run too
-long for one 64 KiB line), call.state stamps matched afterwards, pause and close."""
+long for one 64 KiB line), call.state stamps matched afterwards, pause, a refused request, and a
+consumer process that dies."""
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 import uuid
 from collections import defaultdict, deque
@@ -63,6 +66,7 @@ async def test_counts_credits_and_hop_times_of_a_long_run(tmp_path):
         assert await run.wait(60)
         assert run.count == run.distinct == 2 * n
         assert run.by_type == {"call.signaling": n, "call.state": n}
+        await run.samples()
         assert len(run.hop_ns) == n - 1 and all(h > 0 for h in run.hop_ns)
         assert credits == n  # every stamped event, also the one before record_from
         assert run.t_first is not None and run.t_last is not None and t0 < run.t_first <= run.t_last
@@ -76,35 +80,52 @@ async def test_counts_credits_and_hop_times_of_a_long_run(tmp_path):
     assert sink.pid is None
 
 
-async def test_call_state_stamps_come_from_the_load_generator_afterwards(tmp_path):
-    name = f"test-consumer-{uuid.uuid4().hex[:8]}"
-    stamps: dict[str, deque[int]] = defaultdict(deque)
+class _Stamps:
+    """The load generator's side of call.state-only runs: send stamps per device, oldest first."""
 
-    def stamp_by_key(key: str) -> int | None:
-        q = stamps.get(key.split(".", 2)[1])
+    def __init__(self) -> None:
+        self.by_hw: dict[str, deque[int]] = defaultdict(deque)
+
+    def stamp_by_key(self, key: str) -> int | None:
+        q = self.by_hw.get(key.split(".", 2)[1])
         return q.popleft() if q else None
 
+    def forget_stamps(self) -> None:
+        self.by_hw.clear()
+
+
+async def test_call_state_stamps_come_from_the_load_generator_afterwards(tmp_path):
+    name = f"test-consumer-{uuid.uuid4().hex[:8]}"
+    stamps = _Stamps()
     credits = 0
 
     def credit() -> None:
         nonlocal credits
         credits += 1
 
-    sink = SinkProc(AMQP_URL, name, tmp_path, on_stamp=credit, stamp_by_key=stamp_by_key)
+    sink = SinkProc(AMQP_URL, name, tmp_path, on_stamp=credit, stamps=stamps)
     conn, ex = await _publisher(name)
     try:
         await sink.open()
+        stamps.by_hw[hw_id(0)].extend((1, 2, 3))  # left over from an earlier run: forgotten at begin
         t0 = time.monotonic_ns()
         run = await sink.begin(None, record_from=t0)
+        assert not stamps.by_hw
         for i in range(40):
             hw = hw_id(i % 4)
-            stamps[hw].append(t0 - 1 if i < 4 else t0 + i)  # each device's first frame: before the run
+            # each device's first frame was sent before the run's window; the others are stamped
+            # just before their event is published: a stamp paired with another frame's event
+            # (out of order) would make a negative hop
+            stamps.by_hw[hw].append(t0 - 1 if i < 4 else time.monotonic_ns())
             await _publish(ex, f"device.{hw}.call.1.state", "call.state", f"c{i}", b"{}")
         await run.set_target(40)
         assert await run.wait(30)
         assert run.count == run.distinct == 40 and credits == 40
+        assert run.hop_ns == []  # claimed by samples(), once
+        await run.samples()
+        await run.samples()
         assert len(run.hop_ns) == 36 and all(h > 0 for h in run.hop_ns)
-        assert not any(stamps.values())  # each device's stamps claimed in order, oldest first
+        assert not any(stamps.by_hw.values())  # every stamp claimed
     finally:
         await _done(sink, conn, ex)
 
@@ -127,3 +148,39 @@ async def test_a_paused_consumer_counts_nothing_until_resumed(tmp_path):
         assert await sink.wait_type("call.state", 1, 5) and sink.by_type["call.state"] == 1
     finally:
         await _done(sink, conn, ex)
+
+
+async def test_a_request_it_does_not_know_is_refused_and_it_goes_on(tmp_path):
+    name = f"test-consumer-{uuid.uuid4().hex[:8]}"
+    sink = SinkProc(AMQP_URL, name, tmp_path)
+    conn, ex = await _publisher(name)
+    try:
+        await sink.open()
+        with pytest.raises(RuntimeError, match="refused 'wait': no run begun"):
+            await sink.call("wait", timeout=1)
+        with pytest.raises(RuntimeError, match="refused 'rewind': no such request"):
+            await sink.call("rewind")
+        run = await sink.begin(1)
+        await _publish(ex, "device.x.call.1.state", "call.state", "one", b"{}")
+        assert await run.wait(30) and run.count == 1
+    finally:
+        await _done(sink, conn, ex)
+
+
+async def test_a_consumer_that_dies_ends_the_wait_with_the_reason(tmp_path):
+    name = f"test-consumer-{uuid.uuid4().hex[:8]}"
+    sink = SinkProc(AMQP_URL, name, tmp_path, on_stamp=lambda: None)
+    conn, ex = await _publisher(name)
+    try:
+        await sink.open()
+        run = await sink.begin(10)
+        assert sink.pid is not None and sink.ended is not None
+        os.kill(sink.pid, signal.SIGKILL)
+        with pytest.raises(RuntimeError, match="the benchmark's consumer exited"):
+            await run.wait(600)  # not 600 s: the process's end answers it
+        assert sink.ended.done()
+        with pytest.raises(RuntimeError, match="exited"):  # and every request after it
+            await sink.pause()
+    finally:
+        await _done(sink, conn, ex)
+    assert sink.pid is None
