@@ -28,17 +28,17 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-import aio_pika
 import aiormq
 import msgspec
-from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange, AbstractQueue
+from aiormq.connection import TCPTransportFactory
 
 from bridge.bench.frames import STAMP, stamp_of
 
@@ -84,10 +84,66 @@ class Run:
 #: events a paused sink keeps (the oldest are dropped by the broker)
 PARKED = 1000
 
+#: what marks a stamped event in the bytes read: its stamp (call.signaling), or its routing key
+#: (call.state only: the stamp is the load generator's, by device)
+_STAMP_RE = re.compile(rb'"bench_t": ?(\d+)')
+_STATE_KEY_RE = re.compile(rb"device\.[0-9A-Za-z]+\.call\.\d+\.state")
+
+
+class ReadClock(TCPTransportFactory):
+    """When each stamped event's bytes were read off the consumer's socket: the end of its hop.
+
+    aiormq parses every frame of a read before the first delivery's callback runs, so a
+    callback's time includes parsing the rest of the read: with two events per frame (a bridge
+    with every kind on) the second event's frames, in Python (docs/PERFORMANCE.md, "A fifth VM":
+    ~170-190 us a frame on a slow VM). The hop ends when the event reached the consumer, not when
+    a Python consumer got round to it: the read's time is taken as aiormq's transport hands the
+    bytes to its stream reader (an aiormq transport factory, its extension point for this)."""
+
+    #: bytes of a read kept for the next one: a marker split across two reads is found once
+    TAIL = 128
+
+    def __init__(self, state_only: bool) -> None:
+        self._re = _STATE_KEY_RE if state_only else _STAMP_RE
+        self._tail = b""
+        #: stamp (or routing key) -> read times, oldest first
+        self.read_at: dict[bytes, deque[int]] = {}
+
+    async def create(self, url: Any, **kwargs: Any) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        reader, writer = await super().create(url, **kwargs)
+        feed = reader.feed_data
+
+        def fed(data: bytes) -> None:
+            self._read(data)
+            feed(data)
+
+        reader.feed_data = fed  # type: ignore[method-assign,assignment]  # aiormq's protocol calls it per read
+        return reader, writer
+
+    def _read(self, data: bytes) -> None:
+        t = now_ns()
+        buf = self._tail + data
+        n = len(self._tail)
+        for m in self._re.finditer(buf):
+            if m.end() > n:  # not all in the tail: not found in the read before
+                self.read_at.setdefault(m.group(1) if m.re is _STAMP_RE else m.group(0), deque()).append(t)
+        self._tail = buf[-self.TAIL:]
+
+    def take(self, marker: bytes, default: int) -> int:
+        """The read time of the oldest event with ``marker`` not taken yet (``default``: none)."""
+        q = self.read_at.get(marker)
+        if not q:
+            return default
+        t = q.popleft()
+        if not q:
+            del self.read_at[marker]
+        return t
+
 
 class Sink:
     """The consumer of the module docstring, inside its process: one exclusive queue bound with
-    ``#``; a :class:`Run` counts what arrives for one measured run."""
+    ``#``; a :class:`Run` counts what arrives for one measured run. On aiormq directly (not
+    aio-pika, which does not pass a transport factory on): :class:`ReadClock`."""
 
     def __init__(self, url: str, exchange: str, on_stamp: Callable[[], None] | None = None,
                  state_only: bool = False) -> None:
@@ -97,36 +153,33 @@ class Sink:
         #: the event type that stands for a frame (hop latency, credit)
         self.stamp_type = "call.state" if state_only else "call.signaling"
         self.state_only = state_only
-        self.conn: AbstractConnection | None = None
+        self.clock = ReadClock(state_only)
+        self.conn: aiormq.abc.AbstractConnection | None = None
+        self._ch: aiormq.abc.AbstractChannel | None = None
         #: the consumer's queue (exclusive), bound to every event
-        self.queue: AbstractQueue | None = None
-        self._ch: AbstractChannel | None = None
-        self._ex: AbstractExchange | None = None
-        self._raw: aiormq.abc.AbstractChannel | None = None
+        self.queue: str | None = None
         self._tag: str | None = None
         #: while paused: the queue the events pile up in
-        self._parking: AbstractQueue | None = None
+        self._parking: str | None = None
         self.by_type: Counter = Counter()
         self.total = 0
         self.run: Run | None = None
 
     async def open(self) -> None:
-        self.conn = await aio_pika.connect(self.url)
-        ch = await self.conn.channel()
-        ex = await ch.declare_exchange(self.exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+        self.conn = await aiormq.connect(self.url, transport_factory=self.clock)
+        ch = self._ch = await self.conn.channel()
+        await ch.exchange_declare(self.exchange, exchange_type="topic", durable=True)
         # exclusive (gone with the connection), not auto-delete: pause() cancels the consumer
-        queue = self.queue = await ch.declare_queue(exclusive=True)
-        await queue.bind(ex, "#")
-        self._ch, self._ex = ch, ex
-        raw = self._raw = await ch.get_underlay_channel()
-        ok = await raw.basic_consume(queue.name, self._on, no_ack=True)
-        self._tag = ok.consumer_tag
+        queue = self.queue = (await ch.queue_declare(exclusive=True)).queue
+        assert queue is not None  # the broker names it
+        await ch.queue_bind(queue, self.exchange, routing_key="#")
+        self._tag = (await ch.basic_consume(queue, self._on, no_ack=True)).consumer_tag
         self._parking = None
 
-    def _opened(self) -> tuple[AbstractChannel, AbstractExchange, AbstractQueue, aiormq.abc.AbstractChannel]:
-        if self._ch is None or self._ex is None or self.queue is None or self._raw is None:
+    def _opened(self) -> tuple[aiormq.abc.AbstractChannel, str]:
+        if self._ch is None or self.queue is None:
             raise RuntimeError("the consumer is not open")
-        return self._ch, self._ex, self.queue, self._raw
+        return self._ch, self.queue
 
     async def pause(self) -> None:
         """Stop consuming, without the events going unroutable: they go to a parking queue
@@ -134,21 +187,21 @@ class Sink:
         unchanged) that keeps the last :data:`PARKED` of them (the broker drops the oldest: a
         queue growing by 1,000 events a second would be broker work the other runs do not
         have). :meth:`resume` drops them."""
-        ch, ex, queue, raw = self._opened()
-        parking = self._parking = await ch.declare_queue(
-            exclusive=True, arguments={"x-max-length": PARKED, "x-overflow": "drop-head"})
-        await parking.bind(ex, "#")
-        await queue.unbind(ex, "#")
+        ch, queue = self._opened()
+        parking = self._parking = (await ch.queue_declare(
+            exclusive=True, arguments={"x-max-length": PARKED, "x-overflow": "drop-head"})).queue
+        assert parking is not None
+        await ch.queue_bind(parking, self.exchange, routing_key="#")
+        await ch.queue_unbind(queue, self.exchange, routing_key="#")
         assert self._tag is not None
-        await raw.basic_cancel(self._tag)
+        await ch.basic_cancel(self._tag)
 
     async def resume(self) -> None:
-        _ch, ex, queue, raw = self._opened()
-        await queue.bind(ex, "#")
-        ok = await raw.basic_consume(queue.name, self._on, no_ack=True)
-        self._tag = ok.consumer_tag
+        ch, queue = self._opened()
+        await ch.queue_bind(queue, self.exchange, routing_key="#")
+        self._tag = (await ch.basic_consume(queue, self._on, no_ack=True)).consumer_tag
         if self._parking is not None:
-            await self._parking.delete(if_unused=False, if_empty=False)
+            await ch.queue_delete(self._parking)
             self._parking = None
 
     async def close(self) -> None:
@@ -175,6 +228,16 @@ class Sink:
         props = msg.header.properties
         typ = props.message_type
         self.by_type[typ] += 1
+        body = msg.body
+        stamp: int | None = None
+        if typ == self.stamp_type:  # its read time is taken whether a run counts it or not
+            if self.state_only:
+                key = msg.delivery.routing_key
+                t = self.clock.take(key.encode(), t)
+            else:
+                stamp = stamp_of(body, STAMP)
+                if stamp is not None:
+                    t = self.clock.take(str(stamp).encode(), t)
         run = self.run
         if run is None or typ not in DATA_TYPES:
             return
@@ -184,19 +247,16 @@ class Sink:
         run.count += 1
         run.by_type[typ] += 1
         run.ids.add(props.message_id)
-        body = msg.body
         if typ == self.stamp_type:
             if self.state_only:
-                run.keyed.append((msg.delivery.routing_key, t))
+                run.keyed.append((key, t))
                 if self.on_stamp is not None:
                     self.on_stamp()
-            else:
-                stamp = stamp_of(body, STAMP)
-                if stamp is not None:
-                    if stamp >= run.record_from:
-                        run.hop_ns.append(t - stamp)
-                    if self.on_stamp is not None:
-                        self.on_stamp()
+            elif stamp is not None:
+                if stamp >= run.record_from:
+                    run.hop_ns.append(t - stamp)
+                if self.on_stamp is not None:
+                    self.on_stamp()
         if run.store:
             ts = props.timestamp
             run.messages.append((msg.delivery.routing_key, body, typ, props.message_id,

@@ -180,3 +180,31 @@ def test_gcpause_reports_a_full_collection_with_the_buffer_filled():
     assert all(float(ms) >= 0 for _, ms in pauses)
     # what the collector still walks: not the buffer (untracked events), not the frozen start
     assert int(re.search(r"tracks: ([\d,]+)", out).group(1).replace(",", "")) < 1000, out
+
+
+def test_the_consumer_s_read_clock_finds_each_stamp_once_even_split_across_reads(monkeypatch):
+    from bridge.bench import consumer
+
+    times = iter(range(100, 10_000, 100))
+    monkeypatch.setattr(consumer, "now_ns", lambda: next(times))
+    clock = consumer.ReadClock(state_only=False)
+    clock._read(b'xx{"sig":{"bench_t":11,"a":1}}yy{"bench_t":')  # t=100: 11 whole, 22 cut off
+    clock._read(b'22}zz' + b"." * 300)  # t=200: 22 completed here
+    clock._read(b'{"bench_t": 11}')  # t=300: stdlib json's space; a second event with stamp 11
+    assert clock.take(b"11", -1) == 100 and clock.take(b"22", -1) == 200
+    assert clock.take(b"11", -1) == 300 and clock.take(b"11", -1) == -1  # oldest first, then none
+    assert clock.read_at == {}
+
+
+def test_the_consumer_s_read_clock_keeps_call_state_keys_in_order(monkeypatch):
+    from bridge.bench import consumer
+
+    times = iter(range(100, 10_000, 100))
+    monkeypatch.setattr(consumer, "now_ns", lambda: next(times))
+    clock = consumer.ReadClock(state_only=True)
+    key = f"device.{hw_id(3)}.call.7.state".encode()
+    clock._read(b"\x01" + key + b"\xce" + key[:10])  # t=100: one key, and the start of the next
+    clock._read(key[10:] + b"\xce")  # t=200
+    assert clock.take(key, -1) == 100 and clock.take(key, -1) == 200 and clock.take(key, -1) == -1
+    clock._read(f"device.{hw_id(3)}.call.7.signaling".encode())  # not a stamped event's key
+    assert clock.read_at == {}
