@@ -2,23 +2,24 @@
 of its own.
 
 Used the same way for the bridge, the hand-written peer and the raw aio-pika ceiling: an
-exclusive queue, consumed with ``no_ack`` through aio-pika's underlying aiormq channel (the
-cheapest consumer aio-pika offers). For every ``call.signaling`` / ``call.state`` delivery it
+exclusive queue, consumed with ``no_ack`` on an aiormq channel (what aio-pika runs on; the
+cheapest consumer there is in Python). For every ``call.signaling`` / ``call.state`` delivery it
 counts the event and its distinct ``message_id``; for a ``call.signaling`` that carries a
-``bench_t`` stamp it records the hop latency (send stamp to delivery, the machine's
-CLOCK_MONOTONIC, which every process shares) and gives the load generator one credit.
+``bench_t`` stamp it records the hop latency (send stamp to the moment the event's bytes were
+read off the consumer's socket: :class:`ReadClock`; the machine's CLOCK_MONOTONIC, which every
+process shares) and gives the load generator one credit.
 
 It runs in its own process (``python -m bridge.bench.consumer``, driven by :class:`SinkProc`
 over its stdin/stdout): in the load generator's process its AMQP work (aiormq and pamqp parse
-each delivery in Python, ~100-200 us of CPU each) delayed the load generator's own reading of
-the forwarded frames, and it has twice the deliveries with a bridge that publishes two events
-per frame, so the harness measured its own load into the forwarding latency of exactly the
-process that makes more events (docs/PERFORMANCE.md, "The consumer in a process of its own").
+each delivery in Python, ~200 us of CPU each on a slow VM) delayed the load generator's own
+reading of the forwarded frames, twice as much with a bridge that publishes two events per
+frame: the harness measured its own load into the forwarding latency of exactly the process
+that makes more events (docs/PERFORMANCE.md, "A fifth VM").
 
 A bridge that does not publish ``call.signaling`` (``EPSIGNAL_EVENT_KINDS=call.state``) has no
 stamp in its events: then every ``call.state`` is the stamped event; the consumer keeps its
-routing key and arrival time, and the hop is computed afterwards from the load generator's send
-times per device, oldest first (``stamp_by_key``: the bridge makes one ``call.state`` per frame of
+routing key and read time, and the hop is computed afterwards from the load generator's send
+times per device, oldest first (:class:`Stamps`: the bridge makes one ``call.state`` per frame of
 the cycle and publishes a device's events in order).
 """
 
