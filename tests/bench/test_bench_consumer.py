@@ -5,6 +5,7 @@ consumer process that dies."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -30,10 +31,19 @@ async def _publisher(exchange: str):
     return conn, ex
 
 
-async def _done(sink: SinkProc, conn, ex) -> None:
-    await sink.close()
-    await ex.delete()
-    await conn.close()
+@contextlib.asynccontextmanager
+async def _consumer(tmp_path, **kw):
+    """An open consumer process on an exchange of its own, and a publisher to that exchange."""
+    name = f"test-consumer-{uuid.uuid4().hex[:8]}"
+    sink = SinkProc(AMQP_URL, name, tmp_path, **kw)
+    conn, ex = await _publisher(name)
+    try:
+        await sink.open()
+        yield sink, ex
+    finally:
+        await sink.close()
+        await ex.delete()
+        await conn.close()
 
 
 async def _publish(ex, key: str, typ: str, mid: str, body: bytes) -> None:
@@ -41,17 +51,13 @@ async def _publish(ex, key: str, typ: str, mid: str, body: bytes) -> None:
 
 
 async def test_counts_credits_and_hop_times_of_a_long_run(tmp_path):
-    name = f"test-consumer-{uuid.uuid4().hex[:8]}"
     credits = 0
 
     def credit() -> None:
         nonlocal credits
         credits += 1
 
-    sink = SinkProc(AMQP_URL, name, tmp_path, on_stamp=credit)
-    conn, ex = await _publisher(name)
-    try:
-        await sink.open()
+    async with _consumer(tmp_path, on_stamp=credit) as (sink, ex):
         assert sink.pid is not None
         n = 12_000  # the answer's hop times alone are well over 64 KiB on one line
         t0 = time.monotonic_ns()
@@ -74,9 +80,7 @@ async def test_counts_credits_and_hop_times_of_a_long_run(tmp_path):
         key, body, typ, mid, _ts = run.messages[0]
         assert (key, typ, mid) == (f"device.{hw_id(1)}.call.0.signaling", "call.signaling", "s0")
         assert body == b'{"sig":{"type":"setup","bench_t":%d}}' % t0
-        assert not list(tmp_path.glob("consumer-run-*"))  # the stored messages' file is read and gone
-    finally:
-        await _done(sink, conn, ex)
+        assert not list(tmp_path.glob("consumer-*.msgpack"))  # the stored messages' file is read and gone
     assert sink.pid is None
 
 
@@ -95,7 +99,6 @@ class _Stamps:
 
 
 async def test_call_state_stamps_come_from_the_load_generator_afterwards(tmp_path):
-    name = f"test-consumer-{uuid.uuid4().hex[:8]}"
     stamps = _Stamps()
     credits = 0
 
@@ -103,10 +106,7 @@ async def test_call_state_stamps_come_from_the_load_generator_afterwards(tmp_pat
         nonlocal credits
         credits += 1
 
-    sink = SinkProc(AMQP_URL, name, tmp_path, on_stamp=credit, stamps=stamps)
-    conn, ex = await _publisher(name)
-    try:
-        await sink.open()
+    async with _consumer(tmp_path, on_stamp=credit, stamps=stamps) as (sink, ex):
         stamps.by_hw[hw_id(0)].extend((1, 2, 3))  # left over from an earlier run: forgotten at begin
         t0 = time.monotonic_ns()
         run = await sink.begin(None, record_from=t0)
@@ -126,16 +126,10 @@ async def test_call_state_stamps_come_from_the_load_generator_afterwards(tmp_pat
         await run.samples()
         assert len(run.hop_ns) == 36 and all(h > 0 for h in run.hop_ns)
         assert not any(stamps.by_hw.values())  # every stamp claimed
-    finally:
-        await _done(sink, conn, ex)
 
 
 async def test_a_paused_consumer_counts_nothing_until_resumed(tmp_path):
-    name = f"test-consumer-{uuid.uuid4().hex[:8]}"
-    sink = SinkProc(AMQP_URL, name, tmp_path)
-    conn, ex = await _publisher(name)
-    try:
-        await sink.open()
+    async with _consumer(tmp_path) as (sink, ex):
         await sink.pause()
         run = await sink.begin(None)
         for i in range(5):
@@ -146,16 +140,10 @@ async def test_a_paused_consumer_counts_nothing_until_resumed(tmp_path):
         assert await run.wait(30)
         assert run.count == 1 and run.by_type == {"call.state": 1}
         assert await sink.wait_type("call.state", 1, 5) and sink.by_type["call.state"] == 1
-    finally:
-        await _done(sink, conn, ex)
 
 
 async def test_a_request_it_does_not_know_is_refused_and_it_goes_on(tmp_path):
-    name = f"test-consumer-{uuid.uuid4().hex[:8]}"
-    sink = SinkProc(AMQP_URL, name, tmp_path)
-    conn, ex = await _publisher(name)
-    try:
-        await sink.open()
+    async with _consumer(tmp_path) as (sink, ex):
         with pytest.raises(RuntimeError, match="refused 'wait': no run begun"):
             await sink.call("wait", timeout=1)
         with pytest.raises(RuntimeError, match="refused 'rewind': no such request"):
@@ -163,16 +151,10 @@ async def test_a_request_it_does_not_know_is_refused_and_it_goes_on(tmp_path):
         run = await sink.begin(1)
         await _publish(ex, "device.x.call.1.state", "call.state", "one", b"{}")
         assert await run.wait(30) and run.count == 1
-    finally:
-        await _done(sink, conn, ex)
 
 
 async def test_a_consumer_that_dies_ends_the_wait_with_the_reason(tmp_path):
-    name = f"test-consumer-{uuid.uuid4().hex[:8]}"
-    sink = SinkProc(AMQP_URL, name, tmp_path, on_stamp=lambda: None)
-    conn, ex = await _publisher(name)
-    try:
-        await sink.open()
+    async with _consumer(tmp_path, on_stamp=lambda: None) as (sink, _ex):
         run = await sink.begin(10)
         assert sink.pid is not None and sink.ended is not None
         os.kill(sink.pid, signal.SIGKILL)
@@ -181,6 +163,4 @@ async def test_a_consumer_that_dies_ends_the_wait_with_the_reason(tmp_path):
         assert sink.ended.done()
         with pytest.raises(RuntimeError, match="exited"):  # and every request after it
             await sink.pause()
-    finally:
-        await _done(sink, conn, ex)
     assert sink.pid is None
