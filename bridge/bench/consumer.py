@@ -57,7 +57,7 @@ class Run:
         self.ids: set[str] = set()
         self.by_type: Counter = Counter()
         self.hop_ns: list[int] = []
-        #: (routing key, arrival ns) of each stamped event without a stamp of its own (call.state only)
+        #: (routing key, read ns) of each stamped event without a stamp of its own (call.state only)
         self.keyed: list[tuple[str, int]] = []
         self.record_from = record_from
         self.t_first: int | None = None
@@ -97,7 +97,7 @@ class ReadClock(TCPTransportFactory):
     aiormq parses every frame of a read before the first delivery's callback runs, so a
     callback's time includes parsing the rest of the read: with two events per frame (a bridge
     with every kind on) the second event's frames, in Python (docs/PERFORMANCE.md, "A fifth VM":
-    ~170-190 us a frame on a slow VM). The hop ends when the event reached the consumer, not when
+    ~170-190 us per frame sent on a slow VM). The hop ends when the event reached the consumer, not when
     a Python consumer got round to it: the read's time is taken as aiormq's transport hands the
     bytes to its stream reader (an aiormq transport factory, its extension point for this)."""
 
