@@ -37,6 +37,10 @@ MISSED_HEARTBEATS = 5
 #: heartbeats, it does not hold is an orphan (:class:`Orphans`); twice as many where this replica
 #: is not the preferred holder, so that one replica repairs it, not two at once
 ORPHAN_BEATS = 4
+#: a hand-on that bounced (its token came back here at once: the preferred replica was not in
+#: line) is not tried again for the settle time doubled per bounce in a row, up to this many times
+#: the settle time (:meth:`LeasePlan.hand_on`)
+BOUNCE_BACKOFF_MAX = 64
 
 
 def weight(member: str, hw: str) -> int:
@@ -149,6 +153,10 @@ class LeasePlan:
         self.settle_s = 3 * heartbeat_s
         self._ranks: dict[str, list[str]] = {}
         self._for: tuple[str, ...] = ()
+        #: device -> when it was handed on from here (until its token comes back, or not)
+        self._handed: dict[str, float] = {}
+        #: device -> (hand-ons that bounced in a row, none again before, for which member set)
+        self._bounced: dict[str, tuple[int, float, tuple[str, ...]]] = {}
 
     def ranking(self, hw: str) -> list[str]:
         if self._for != self.m.live:
@@ -168,11 +176,43 @@ class LeasePlan:
 
     def hand_on(self, hw: str, idle: bool, now: float) -> bool:
         """Give up a lease held here: only an idle device (no call, no command in progress),
-        only to another preferred holder heard lately, only once the member set has settled."""
+        only to another preferred holder heard lately, only once the member set has settled,
+        and not while a hand-on of it that bounced backs off (:meth:`holding`)."""
         if not idle or not self.settled(now):
             return False
         p = self.preferred(hw)
-        return p != self.m.me and self.m.fresh(p, now)
+        if p == self.m.me or not self.m.fresh(p, now):
+            return False
+        bounced = self._bounced.get(hw)
+        return bounced is None or bounced[2] != self.m.live or now >= bounced[1]
+
+    def handed_on(self, hw: str, now: float) -> None:
+        """The lease of ``hw`` was handed on from here."""
+        self._handed[hw] = now
+
+    def holding(self, hw: str, now: float) -> int:
+        """The token of ``hw`` arrived here. If it was handed on from here within the settle
+        time, the hand-on bounced: the preferred replica is not in line for it (its consumer on
+        the lease queue is gone while the replica lives: a quorum queue shows only its active
+        consumer, so the holder cannot see that before), and the broker gave the token back to
+        this replica, the stand-in. Then the next hand-on of it waits the settle time doubled
+        per bounce in a row (at most ``BOUNCE_BACKOFF_MAX`` times), so that the device is not
+        detached and attached again every few heartbeats. Returns the bounces in a row (0: none)."""
+        at = self._handed.pop(hw, None)
+        if at is None:
+            return 0
+        if now - at > self.settle_s:  # it was taken, and came back later for another reason
+            self._bounced.pop(hw, None)
+            return 0
+        n, _, live = self._bounced.get(hw, (0, 0.0, self.m.live))
+        n = n + 1 if live == self.m.live else 1
+        self._bounced[hw] = (n, now + self.settle_s * min(2 ** n, BOUNCE_BACKOFF_MAX), self.m.live)
+        return n
+
+    def backoff_s(self, hw: str, now: float) -> float:
+        """Seconds until ``hw`` may be handed on again after bounces (0: not held back)."""
+        bounced = self._bounced.get(hw)
+        return max(0.0, bounced[1] - now) if bounced is not None and bounced[2] == self.m.live else 0.0
 
 
 class Orphans:

@@ -656,6 +656,7 @@ class LeaseManager:
         if (await self._successor_in_line(ch, hw, lease, rnd.now) and lease.holding
                 and self.owner.idle(hw) and self.epoch == rnd.epoch):
             rnd.moving += 1  # a few at a time: a misjudged member set moves little
+            self.plan.handed_on(hw, rnd.now)
             await self._do(lease, lease.release(), "lease-moved")
 
     async def _repair(self, hw: str, lease: Lease, epoch: int, now: float) -> None:
@@ -733,6 +734,11 @@ class LeaseManager:
                                      token.cfg, token.since, token.by)
         await self._do(lease, acts, "command")
         if lease.holding:
+            now = asyncio.get_running_loop().time()
+            if bounces := self.plan.holding(hw, now):
+                log.warning("device %s: handed on to %s, but its lease came straight back: that replica "
+                            "is not in line for it; not handed on again for %.0fs (%d in a row)",
+                            hw, self.plan.preferred(hw), self.plan.backoff_s(hw, now), bounces)
             self._take_rules(lease, token)
             ev = self._token_arrived.pop(hw, None)
             if ev is not None:

@@ -8,8 +8,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bridge.leases import (
-    MISSED_HEARTBEATS, ORPHAN_BEATS, PRESENCE_DECODER, PRESENCE_ENCODER, LeasePlan, Membership, Orphans,
-    Presence, rank,
+    BOUNCE_BACKOFF_MAX, MISSED_HEARTBEATS, ORPHAN_BEATS, PRESENCE_DECODER, PRESENCE_ENCODER, LeasePlan, Membership,
+    Orphans, Presence, rank,
 )
 
 DEVICES = [f"0090334{i:05d}" for i in range(1, 3001)]
@@ -76,6 +76,47 @@ def test_plan_stands_in_line_for_the_first_two_and_hands_on_only_idle_settled_de
     assert not plan.hand_on(hw, idle=False, now=plan.settle_s), "a call in progress never moves"
     assert not plan.hand_on(mine[0], idle=True, now=plan.settle_s), "preferred here: kept"
     assert not plan.hand_on(hw, idle=True, now=plan.settle_s + 2.1), "never to a replica unheard for 2 beats"
+
+
+def test_a_hand_on_that_bounces_is_tried_again_only_after_a_doubling_pause():
+    m = Membership("b", heartbeat_s=1.0, now=0.0)
+    plan = LeasePlan(m, heartbeat_s=1.0)
+    m.heard(Presence(instance="a"), 0.0)
+    hw = next(hw for hw in DEVICES if plan.preferred(hw) == "a")
+    settle = plan.settle_s
+
+    def heard(t: float) -> None:
+        m.heard(Presence(instance="a"), t)
+
+    t = settle
+    heard(t)
+    assert plan.hand_on(hw, idle=True, now=t)
+    assert plan.holding(hw, t) == 0, "held without a hand-on before: no bounce"
+    plan.handed_on(hw, t)
+    assert plan.holding(hw, t + 0.3) == 1, "the token came straight back: a bounce"
+    for t2 in (t + 0.3 + 2 * settle - 0.1, t + 0.3 + 2 * settle):  # paused twice the settle time
+        heard(t2)
+        assert plan.hand_on(hw, idle=True, now=t2) is (t2 >= t + 0.3 + 2 * settle)
+    t = t + 0.3 + 2 * settle
+    plan.handed_on(hw, t)
+    assert plan.holding(hw, t + 0.2) == 2 and plan.backoff_s(hw, t + 0.2) == 4 * settle, "doubled"
+    for _ in range(10):  # bounce after bounce: the pause stops growing
+        t += plan.backoff_s(hw, t + 0.2) + 0.2
+        heard(t)
+        assert plan.hand_on(hw, idle=True, now=t)
+        plan.handed_on(hw, t)
+        plan.holding(hw, t + 0.2)
+    assert plan.backoff_s(hw, t + 0.2) == BOUNCE_BACKOFF_MAX * settle
+    # a hand-on that took (the token came back only much later): the pause is forgotten
+    t += plan.backoff_s(hw, t + 0.2) + 0.2
+    heard(t)
+    plan.handed_on(hw, t)
+    assert plan.holding(hw, t + settle + 1) == 0 and plan.backoff_s(hw, t + settle + 1) == 0
+    # a new member set: the pause no longer holds (the preferred replica may be another, or back)
+    plan.handed_on(hw, t + 10)
+    assert plan.holding(hw, t + 10.1) == 1 and plan.backoff_s(hw, t + 10.1) > 0
+    m.heard(Presence(instance="c"), t + 10.2)
+    assert plan.backoff_s(hw, t + 10.2) == 0
 
 
 def test_presence_round_trips_and_omits_defaults():
