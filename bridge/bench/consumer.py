@@ -88,7 +88,7 @@ PARKED = 1000
 #: what marks a stamped event in the bytes read: its stamp (call.signaling), or its routing key
 #: (call.state only: the stamp is the load generator's, by device)
 _STAMP_RE = re.compile(rb'"bench_t": ?(\d+)')
-_STATE_KEY_RE = re.compile(rb"device\.[0-9A-Za-z]+\.call\.\d+\.state")
+_STATE_KEY_RE = re.compile(rb"(device\.[0-9A-Za-z]+\.call\.\d+\.state)")
 
 
 class ReadClock(TCPTransportFactory):
@@ -127,7 +127,7 @@ class ReadClock(TCPTransportFactory):
         n = len(self._tail)
         for m in self._re.finditer(buf):
             if m.end() > n:  # not all in the tail: not found in the read before
-                self.read_at.setdefault(m.group(1) if m.re is _STAMP_RE else m.group(0), deque()).append(t)
+                self.read_at.setdefault(m.group(1), deque()).append(t)
         self._tail = buf[-self.TAIL:]
 
     def take(self, marker: bytes, default: int) -> int:
