@@ -16,6 +16,9 @@ heard of the others:
 - :class:`Orphans` answers, for a device this replica stands in line for: has no replica said it
   holds it for a while (then the adapter looks at its lease queue, and lines up again if the
   queue has no active consumer: RabbitMQ 3.10 can leave a quorum queue so).
+- :meth:`LeasePlan.rejoin` answers the same for a device another replica holds: it handed the
+  lease to this replica, the preferred one, and it came straight back (this replica's consumer is
+  not in line): line up again.
 """
 
 from __future__ import annotations
@@ -78,6 +81,10 @@ class Presence(msgspec.Struct, kw_only=True, omit_defaults=True):
     cfg: str = ""
     held_map: bytes = b""
     held_other: frozenset[str] = frozenset()
+    #: devices held here whose hand-on to their preferred replica came straight back, and how
+    #: often in a row (:meth:`LeasePlan.bounced`): that replica is not in line for them, and
+    #: lines up again when it hears it (:meth:`LeasePlan.rejoin`)
+    bounced: dict[str, int] = {}
 
 
 PRESENCE_ENCODER = msgspec.json.Encoder()
@@ -157,6 +164,8 @@ class LeasePlan:
         self._handed: dict[str, float] = {}
         #: device -> (hand-ons that bounced in a row, none again before, for which member set)
         self._bounced: dict[str, tuple[int, float, tuple[str, ...]]] = {}
+        #: (holder, device) -> the bounces in a row this replica lined up again for (rejoin)
+        self._rejoined: dict[tuple[str, str], int] = {}
 
     def ranking(self, hw: str) -> list[str]:
         if self._for != self.m.live:
@@ -204,6 +213,13 @@ class LeasePlan:
         if now - at > self.settle_s:  # it was taken, and came back later for another reason
             self._bounced.pop(hw, None)
             return 0
+        return self.not_in_line(hw, now)
+
+    def not_in_line(self, hw: str, now: float) -> int:
+        """The preferred replica is not in line for ``hw``, held here: a hand-on came straight
+        back (:meth:`holding`), or a classic lease queue's declare-ok shows no consumer waiting
+        behind this one. Counted as a bounce: hand-ons of it pause (doubling), and this
+        replica's heartbeat says so (:meth:`bounced`). Returns the bounces in a row."""
         n, _, live = self._bounced.get(hw, (0, 0.0, self.m.live))
         n = n + 1 if live == self.m.live else 1
         self._bounced[hw] = (n, now + self.settle_s * min(2 ** n, BOUNCE_BACKOFF_MAX), self.m.live)
@@ -213,6 +229,32 @@ class LeasePlan:
         """Seconds until ``hw`` may be handed on again after bounces (0: not held back)."""
         bounced = self._bounced.get(hw)
         return max(0.0, bounced[1] - now) if bounced is not None and bounced[2] == self.m.live else 0.0
+
+    def bounced(self, held: Iterable[str]) -> dict[str, int]:
+        """For this replica's heartbeat: the devices of ``held`` whose hand-ons bounced, and how
+        often in a row (under the current member set)."""
+        out = {}
+        for hw in held:
+            b = self._bounced.get(hw)
+            if b is not None and b[2] == self.m.live:
+                out[hw] = b[0]
+        return out
+
+    def rejoin(self, p: Presence) -> list[str]:
+        """The devices ``p``'s replica holds and says its hand-on of bounced, where this
+        replica is the preferred holder: this replica's consumer on their lease queue is not in
+        line (lost with a node, or never made), so it lines up again, once per bounce (the holder
+        tries again only after its pause, :meth:`holding`, and by then the new consumer stands in
+        line). The adapter does it for devices it stands in line for."""
+        out = []
+        for key in [k for k in self._rejoined if k[0] == p.instance and k[1] not in p.bounced]:
+            del self._rejoined[key]  # that holder's streak ended: the next bounce is new
+        for hw, n in p.bounced.items():
+            key = (p.instance, hw)
+            if n > self._rejoined.get(key, 0) and self.preferred(hw) == self.m.me:
+                self._rejoined[key] = n
+                out.append(hw)
+        return out
 
 
 class Orphans:
@@ -302,7 +344,8 @@ class Orphans:
 #
 #   state      consumer   token held   runner        events taken (-> next state)
 #   OUT        none       none         off           line_up -> IN_LINE
-#   IN_LINE    yes        none         off           token -> HOLDING; release -> LEAVING
+#   IN_LINE    yes        none         off           token -> HOLDING; release -> LEAVING;
+#                                                    consume_failed -> OUT
 #   HOLDING    yes        yes          per token     token (keep the newer), want, renew, command;
 #                                                    release -> RELEASING
 #   RELEASING  yes        yes          stopping      runner_stopped (every stop ended) -> LEAVING
@@ -362,6 +405,7 @@ class Ev(enum.Enum):
     CANCEL_OK = "cancel_ok"
     CHANNEL_LOST = "channel_lost"
     BROKER_CANCEL = "broker_cancel"
+    CONSUME_FAILED = "consume_failed"
 
 
 S, E = State, Ev
@@ -369,7 +413,8 @@ S, E = State, Ev
 TRANSITIONS: dict[State, dict[Ev, State]] = {
     S.OUT: {E.LINE_UP: S.IN_LINE, E.RUNNER_STOPPED: S.OUT, E.CHANNEL_LOST: S.OUT},
     S.IN_LINE: {E.TOKEN: S.HOLDING, E.COMMAND: S.IN_LINE, E.RELEASE: S.LEAVING,
-                E.RUNNER_STOPPED: S.IN_LINE, E.CHANNEL_LOST: S.OUT, E.BROKER_CANCEL: S.OUT},
+                E.RUNNER_STOPPED: S.IN_LINE, E.CHANNEL_LOST: S.OUT, E.BROKER_CANCEL: S.OUT,
+                E.CONSUME_FAILED: S.OUT},
     S.HOLDING: {E.TOKEN: S.HOLDING, E.COMMAND: S.HOLDING, E.WANT: S.HOLDING, E.RENEW: S.HOLDING,
                 E.RELEASE: S.RELEASING, E.RUNNER_STOPPED: S.HOLDING, E.CHANNEL_LOST: S.OUT,
                 E.BROKER_CANCEL: S.OUT},
@@ -706,6 +751,16 @@ class Lease:
         out = self._stop()
         self._enter(nxt)
         return out
+
+    def consume_failed(self, epoch: int, ctag: str) -> list[Action]:
+        """Lining up failed before the consumer was made (the queue's declare or its first
+        token raised): not in line, so OUT, to line up again. Left IN_LINE it would wait for a
+        token that can never come, and a holder's hand-ons to it would bounce for good. Nothing
+        if the lease has moved on meanwhile (the channel was lost; a release began)."""
+        if not self._mine(epoch, ctag) or self.state is not State.IN_LINE:
+            return []
+        self._enter(self._go(Ev.CONSUME_FAILED))
+        return []
 
     # -------------------------------------------------------------- the invariant
     @property

@@ -227,8 +227,10 @@ class BridgeCollector:
             yield CounterMetricFamily("epsignal_leases_handed_on", "Idle devices handed on to another replica",
                                       value=lm.handed_on)
             yield CounterMetricFamily("epsignal_lease_repairs",
-                                      "Lease queues nobody held, found without an active consumer and lined "
-                                      "up for again (docs/SCALING.md)", value=lm.repaired)
+                                      "Lease queues this replica was not in line on and lined up for again: "
+                                      "nobody held the device and the queue had no active consumer, or a "
+                                      "holder's hand-on to it came straight back (docs/SCALING.md)",
+                                      value=lm.repaired)
 
 
 def registry_for(snapshot: Callable[[], Snapshot]) -> CollectorRegistry:

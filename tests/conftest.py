@@ -212,6 +212,6 @@ async def start_bridge(bus):  # after `bus`, so the bridge stops before bus dele
     for b in started:
         await b.stop(2)
         await stop_http(b)
-    for b in started:  # the lease queues of every device a bridge knew (EPSIGNAL_LEASES)
-        if b.leases is not None:
-            await topology.delete(bus.conn, (), [topology.lease_queue(b.s, hw) for hw in b.leases.devices()])
+    for b in started:  # its queues (a test may name its own) and the lease queues of every device it knew
+        leases = [topology.lease_queue(b.s, hw) for hw in b.leases.devices()] if b.leases is not None else []
+        await topology.delete(bus.conn, (), [b.s.commands_queue, b.s.dead_queue, *leases])

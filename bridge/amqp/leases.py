@@ -216,7 +216,8 @@ class LeaseManager:
         self._stopping = False
         self.handed_on = 0
         self.channels_lost = 0
-        #: lease queues found with no active consumer and lined up for again (Orphans)
+        #: lease queues this replica was not in line on and lined up for again (Orphans: found
+        #: with no active consumer; rejoin: a holder's hand-on here came straight back)
         self.repaired = 0
         #: a lease queue the broker refused to declare (other arguments), for readiness
         self.problem: str | None = None
@@ -324,7 +325,7 @@ class LeaseManager:
         held_map, held_other = self.orphans.announce(held)
         body = PRESENCE_ENCODER.encode(Presence(
             instance=self.s.instance_id, held=len(held), dynamic=dynamic, hello=hello, bye=bye,
-            cfg=self.orphans.cfg, held_map=held_map, held_other=held_other))
+            cfg=self.orphans.cfg, held_map=held_map, held_other=held_other, bounced=self.plan.bounced(held)))
         ttl = str(int(self.s.lease_heartbeat_s * 3000))
         await ch.basic_publish(body, exchange=t.presence_exchange(self.s), properties=Basic.Properties(
             content_type="application/json", expiration=ttl, message_type="presence"))
@@ -344,6 +345,8 @@ class LeaseManager:
         if self.members.heard(p, asyncio.get_running_loop().time()):
             log.info("replicas: %s", ", ".join(self.members.live))
             self._wake.set()
+        for hw in self.plan.rejoin(p):
+            self._rejoin(hw, p.instance)
         if p.hello and p.instance != self.s.instance_id:
             self._spawn(self._announce())
 
@@ -490,14 +493,22 @@ class LeaseManager:
             return  # the channel went: channel_lost has put the lease OUT already
         hw = a.hw
         self._by_ctag[a.ctag] = hw
-        if hw not in self._declared:
-            count = await self._declare(hw)
-            if count.ready == 0 and count.consumers == 0:
-                # nothing ready and nobody consuming: nobody can hold a token (a holder is always
-                # a consumer, its token unacked); a race of two declares makes two tokens, which
-                # meet at the active consumer (the older is acked)
-                await self._publish_token(Token(hw=hw, cfg=self.cfg, since=time.time(),
-                                                by=self.s.instance_id, intercept=self._rules_of(hw)))
+        try:
+            if hw not in self._declared:
+                count = await self._declare(hw)
+                if count.ready == 0 and count.consumers == 0:
+                    # nothing ready and nobody consuming: nobody can hold a token (a holder is
+                    # always a consumer, its token unacked); a race of two declares makes two
+                    # tokens, which meet at the active consumer (the older is acked)
+                    await self._publish_token(Token(hw=hw, cfg=self.cfg, since=time.time(),
+                                                    by=self.s.instance_id, intercept=self._rules_of(hw)))
+        except Exception:
+            # not in line (a node dying: the declare or the first token timed out or was
+            # refused): OUT, and the next round lines up again
+            self._by_ctag.pop(a.ctag, None)
+            await self._do(lease, lease.consume_failed(a.epoch, a.ctag))
+            self._wake.set()
+            raise
         await ch.basic_consume(t.lease_queue(self.s, hw), self._on_deliver, consumer_tag=a.ctag)
 
     async def _declare(self, hw: str) -> QueueCount:
@@ -653,7 +664,7 @@ class LeaseManager:
         """Give the lease up for the preferred replica, but only to a replica in line: a second
         consumer on the queue (a replica just SIGKILLed may still be "heard lately", but its
         consumers are gone at once)."""
-        if (await self._successor_in_line(ch, hw, lease, rnd.now) and lease.holding
+        if (await self._successor_in_line(ch, hw, lease, rnd) and lease.holding
                 and self.owner.idle(hw) and self.epoch == rnd.epoch):
             rnd.moving += 1  # a few at a time: a misjudged member set moves little
             self.plan.handed_on(hw, rnd.now)
@@ -685,18 +696,48 @@ class LeaseManager:
         await self._do(lease, lease.release())
         self._wake.set()  # line up again at once
 
+    def _rejoin(self, hw: str, holder: str) -> None:
+        """``holder`` handed ``hw`` on to this replica, the preferred one, and the token came
+        straight back to it (LeasePlan.rejoin): this replica's consumer is not in line on the
+        lease queue although the lease says IN_LINE (a quorum queue's consumer lost with a node:
+        RabbitMQ 3.10.8, docs/SCALING.md). Step out and line up again: the holder's next hand-on,
+        after its pause, finds the new consumer in line."""
+        lease = self.leases.get(hw)
+        if lease is None or lease.state is not State.IN_LINE:
+            return  # not lined up (the round does), or no longer waiting
+        self.repaired += 1
+        log.warning("device %s: %s handed its lease on to this replica and it came straight back: this "
+                    "replica is not in line on its lease queue; lining up again (docs/SCALING.md)", hw, holder)
+        self._carry_out_now(lease, lease.release(), "lease-lost")
+        self._wake.set()
+
     async def _successor_in_line(self, ch: aiormq.abc.AbstractChannel, hw: str, lease: Lease,
-                                 now: float) -> bool:
+                                 rnd: _Round) -> bool:
         """A hand-on goes only to a replica standing in line: a replica SIGKILLed a moment ago
         may still count as heard lately, but its consumers are gone at once. A classic queue
-        counts the consumers in line (a passive declare shows a second one); a quorum queue
-        counts only its active consumer, so there a token held for less than
-        ``HAND_ON_HELD_BEATS`` heartbeats (just taken over from a replica that died, which by
-        then is no longer heard lately) is not handed on."""
+        counts the consumers in line (a passive declare shows a second one; none, with the
+        preferred replica heard lately and the member set settled, is that replica not in line:
+        said as a bounce, LeasePlan.not_in_line); a quorum queue counts only its active
+        consumer, so there a token held for less than ``HAND_ON_HELD_BEATS`` heartbeats (just
+        taken over from a replica that died, which by then is no longer heard lately) is not
+        handed on, and a replica not in line shows only when the token comes back (_on_token)."""
         if self.s.queue_type == "classic":
             ok = await ch.queue_declare(t.lease_queue(self.s, hw), passive=True)
-            return _counts(ok).consumers >= 2
-        return lease.token is not None and now - lease.token.at >= HAND_ON_HELD_BEATS * self.s.lease_heartbeat_s
+            if _counts(ok).consumers >= 2:
+                return True
+            if self.epoch == rnd.epoch and lease.holding:
+                bounces = self.plan.not_in_line(hw, rnd.now)
+                self._say_bounced(hw, rnd.now, bounces, "not handed on (no consumer waits on its lease queue)")
+            return False
+        return lease.token is not None and rnd.now - lease.token.at >= HAND_ON_HELD_BEATS * self.s.lease_heartbeat_s
+
+    def _say_bounced(self, hw: str, now: float, bounces: int, what: str) -> None:
+        """Once is INFO (a replica still lining up after a start looks the same); again in a
+        row, after it was told to line up again, a WARNING."""
+        log.log(logging.INFO if bounces == 1 else logging.WARNING,
+                "device %s: %s: %s, the replica preferred for it, is not in line for it (lining up yet, "
+                "or its consumer is gone: its heartbeat tells it to line up again); tried again in %.0fs "
+                "(%d in a row)", hw, what, self.plan.preferred(hw), self.plan.backoff_s(hw, now), bounces)
 
     # ------------------------------------------------------------------ deliveries
     async def _on_deliver(self, msg: aiormq.abc.DeliveredMessage) -> None:
@@ -736,9 +777,7 @@ class LeaseManager:
         if lease.holding:
             now = asyncio.get_running_loop().time()
             if bounces := self.plan.holding(hw, now):
-                log.warning("device %s: handed on to %s, but its lease came straight back: that replica "
-                            "is not in line for it; not handed on again for %.0fs (%d in a row)",
-                            hw, self.plan.preferred(hw), self.plan.backoff_s(hw, now), bounces)
+                self._say_bounced(hw, now, bounces, "handed on, and its lease came straight back")
             self._take_rules(lease, token)
             ev = self._token_arrived.pop(hw, None)
             if ev is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 
 import aio_pika
 import pytest
@@ -17,6 +18,7 @@ import pytest
 from bridge.amqp import leases as amqp_leases
 from bridge.amqp import topology
 from bridge.amqp.leases import TOKEN_ENCODER, Token
+from bridge.leases import rank
 from bridge.metrics import registry_for, render
 from bridge.sim import hw_id
 from tests import rabbitnode
@@ -223,3 +225,66 @@ async def test_a_lease_queue_nobody_is_given_is_lined_up_for_again(sim, bus, sta
     assert sim.stats()["attach_conflicts"] == 0
     pages = [render(registry_for(br.snapshot)).decode() for br in (a, b)]
     assert sum("epsignal_lease_repairs_total 1.0" in p for p in pages) == 1
+
+
+@pytest.mark.parametrize("queue_type", ["quorum", "classic"])
+async def test_a_preferred_replica_not_in_line_hears_so_from_the_holder_and_lines_up_again(
+        sim, bus, start_bridge, lease_settings, monkeypatch, caplog, queue_type):
+    """Seen once in the cluster test after a node kill: replica a, preferred for a device replica
+    b held, stood IN_LINE by its state machine with no consumer on the lease queue; b's hand-ons
+    came straight back to b (quorum queues) and the idle device was detached and attached again
+    every ~2 s for good (with classic queues, b would see nobody waiting and keep it for good).
+    Here a's first consume of such a device is lost (declared, basic.consume never sent): b's
+    heartbeat says the hand-on bounced, a lines up again, and b's next hand-on takes."""
+    names = {} if queue_type == "quorum" else {  # queues of their own: the bus fixture's are quorum
+        "commands_queue": f"{bus.s.commands_queue}.classic", "dead_queue": f"{bus.s.dead_queue}.classic"}
+    caplog.set_level(logging.INFO, logger="bridge.leases")
+    b = await start_bridge(lease_settings(2, queue_type=queue_type, **names))
+    await until(lambda: held([b]) == [N], what="b alone holds every device")
+    lost = next(hw_id(i) for i in range(1, N + 1) if rank(hw_id(i), ["replica-1", "replica-2"])[0] == "replica-1")
+    dropped: list[str] = []
+    consume = amqp_leases.LeaseManager._consume
+
+    async def consume_but_lose_one(self, lease, a):
+        if a.hw != lost or self.s.instance_id != "replica-1" or dropped:
+            return await consume(self, lease, a)
+        dropped.append(a.ctag)
+        self._by_ctag[a.ctag] = a.hw  # in line, as far as the replica knows
+        await self._declare(a.hw)
+    monkeypatch.setattr(amqp_leases.LeaseManager, "_consume", consume_but_lose_one)
+    a = await start_bridge(lease_settings(1, queue_type=queue_type, **names))
+    async with one_owner_at_a_time([a, b]):
+        await until(lambda: dropped, what="a's consume of the device lost")
+        t0 = asyncio.get_running_loop().time()
+        await until(lambda: a.leases.holds(lost), 20, "the device handed on to a at last")
+        print(f"\npreferred replica not in line ({queue_type}): it holds the device "
+              f"{asyncio.get_running_loop().time() - t0:.2f}s after its consume was lost (heartbeat 0.3 s)")
+        await until(lambda: len(attached_by([a, b])) == N, 15, "every device attached")
+    assert a.leases.repaired == 1 and b.leases.repaired == 0
+    said = [(r.name, r.levelname, r.getMessage()) for r in caplog.records
+            if "not in line" in r.getMessage() and lost in r.getMessage()]
+    assert [(lvl, "came straight back" in m or "no consumer waits" in m) for _, lvl, m in said
+            if "tried again" in m] == [("INFO", True)], said  # b: once, and it took
+    assert sum("lining up again" in m for _, _, m in said) == 1, said  # a: once
+    assert sim.stats()["attach_conflicts"] == 0
+
+
+async def test_a_line_up_that_fails_before_its_consumer_is_made_is_tried_again(
+        sim, bus, start_bridge, lease_settings, monkeypatch):
+    """A lease queue's declare that fails (a node dying: timed out, or refused) left the lease
+    IN_LINE without a consumer: nothing could ever deliver its token there, and the device was
+    never attached by this replica. Now it is OUT, and the next round lines up again."""
+    failing = hw_id(2)
+    failed: list[str] = []
+    declare = amqp_leases.LeaseManager._declare
+
+    async def declare_failing_once(self, hw):
+        if hw == failing and not failed:
+            failed.append(hw)
+            raise TimeoutError("the lease queue's declare timed out (as with a node dying)")
+        return await declare(self, hw)
+    monkeypatch.setattr(amqp_leases.LeaseManager, "_declare", declare_failing_once)
+    a = await start_bridge(lease_settings(1))
+    await until(lambda: failed, what="the declare failed")
+    await until(lambda: len(attached_by([a])) == N, 10, "every device attached, the failed one too")
+    assert held([a]) == [N]

@@ -14,7 +14,8 @@ single-active-consumer queue per device, as RabbitMQ 3.10 behaves:
 - RabbitMQ 3.10.8's quorum-queue defect (docs/SCALING.md): a queue left with no active consumer,
   its consumers waiting for good, until a consumer is added (it is made active). A replica in line
   repairs such a queue (bridge.leases.Orphans: nobody holds the device, no active consumer) by
-  stepping out of line; it lines up again later.
+  stepping out of line; it lines up again later. A consumer waiting in line can be lost too, and a
+  line-up can fail before its consumer is made (the lease queue's declare refused by a node dying).
 
 Replicas restart (a rolling restart) with the same configuration or another one (a changed
 EPSIGNAL_DEVICES); tokens carry the configuration their wanted state was made under.
@@ -230,6 +231,27 @@ class LeaseModel(RuleBasedStateMachine):
         if not delivered:
             self.queues[hw].stuck = True
 
+    @rule(hw=st.sampled_from(DEVICES), i=st.integers(1, 2), rare=RARE)
+    def a_waiting_consumer_is_lost(self, hw, i, rare):
+        """A consumer waiting in line gone from the queue while its replica lives and thinks it
+        in line (seen after a node kill on RabbitMQ 3.10.8: a holder's hand-on to that replica
+        then comes straight back; the replica steps out of line when it hears so, the release
+        rule here)."""
+        q = self.queues[hw]
+        if not rare and len(q.consumers) > i:
+            del q.consumers[i]
+
+    @rule(name=st.sampled_from(REPLICAS), hw=st.sampled_from(DEVICES))
+    def a_line_up_fails(self, name, hw):
+        """The lease queue's declare (or its first token) fails: no consumer made, no token
+        minted (bridge.amqp.leases._consume feeds consume_failed back)."""
+        r = self.replicas[name]
+        lease = r.lease(hw)
+        if r.ch is not None and lease.state is State.OUT:
+            consume = lease.line_up(r.ch.epoch, f"c{next(self.ctags)}")[0]
+            self._run(r, lease.consume_failed(consume.epoch, consume.ctag))
+            assert lease.state is State.OUT
+
     @rule(name=st.sampled_from(REPLICAS), rare=RARE)
     def channel_closed(self, name, rare):
         """A channel error, the consumer timeout, a lost connection: unacked messages requeued."""
@@ -404,6 +426,24 @@ def test_every_state_has_a_way_out_and_illegal_events_raise():
     assert acts == [StartRunner("d")] and lease.holding and lease.runner
     with pytest.raises(LeaseError):
         lease.line_up(1, "c2")
+
+
+def test_a_line_up_that_fails_before_its_consumer_is_made_is_out_and_lines_up_again():
+    """Left IN_LINE after its lease queue's declare or first token failed (a node dying), a
+    replica would wait for good for a token that cannot come; a holder's hand-on to it would come
+    straight back. It is OUT instead; a late failure of a line-up given up meanwhile is ignored."""
+    lease = Lease("d")
+    assert lease.line_up(1, "c1") == [Consume("d", 1, "c1")]
+    assert lease.consume_failed(1, "c1") == [] and lease.state is State.OUT
+    lease.line_up(1, "c2")
+    assert lease.consume_failed(1, "c1") == [] and lease.state is State.IN_LINE, "another consumer's"
+    lease.channel_lost(1)
+    lease.line_up(2, "c3")
+    lease.release()
+    assert lease.consume_failed(2, "c3") == [] and lease.state is State.LEAVING, "stepping out already"
+    lease.cancel_ok(2, "c3")
+    lease.line_up(2, "c4")
+    assert lease.token_delivered(2, "c4", 1, 0, True) == [StartRunner("d")] and lease.holding
 
 
 def test_an_extra_token_during_a_hand_on_never_starts_a_runner():

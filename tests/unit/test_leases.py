@@ -119,6 +119,32 @@ def test_a_hand_on_that_bounces_is_tried_again_only_after_a_doubling_pause():
     assert plan.backoff_s(hw, t + 10.2) == 0
 
 
+def test_a_holder_says_which_hand_ons_bounced_and_the_preferred_replica_rejoins_once_per_bounce():
+    """b holds a device a is preferred for; b's hand-ons come straight back (a's consumer on the
+    lease queue is lost while a lives): b's heartbeat says so, and a lines up again, once per
+    bounce, never for a device it is not preferred for."""
+    mb, ma = Membership("b", 1.0, 0.0), Membership("a", 1.0, 0.0)
+    b, a = LeasePlan(mb, 1.0), LeasePlan(ma, 1.0)
+    mb.heard(Presence(instance="a"), 0.0)
+    ma.heard(Presence(instance="b"), 0.0)
+    mine = next(hw for hw in DEVICES if a.preferred(hw) == "a")
+    theirs = next(hw for hw in DEVICES if a.preferred(hw) == "b")
+    assert b.bounced([mine, theirs]) == {}, "nothing handed on yet"
+    b.handed_on(mine, 10.0)
+    b.holding(mine, 10.2)
+    said = PRESENCE_DECODER.decode(PRESENCE_ENCODER.encode(Presence(instance="b", bounced=b.bounced([mine]))))
+    assert said.bounced == {mine: 1}
+    assert a.rejoin(said) == [mine]
+    assert a.rejoin(said) == [], "the same bounce heard again (every heartbeat): lined up again once"
+    b.handed_on(mine, 20.0)
+    b.holding(mine, 20.2)  # bounced again: the consumer made anew was lost too
+    assert a.rejoin(Presence(instance="b", bounced=b.bounced([mine]))) == [mine]
+    assert a.rejoin(Presence(instance="b", bounced={theirs: 3})) == [], "not preferred here: not mine to fix"
+    assert b.bounced([theirs]) == {}, "only devices held here whose hand-on bounced"
+    assert a.rejoin(Presence(instance="b")) == [], "the holder's streak ended (the hand-on took)"
+    assert a.rejoin(Presence(instance="b", bounced={mine: 1})) == [mine], "a new streak counts anew"
+
+
 def test_presence_round_trips_and_omits_defaults():
     p = Presence(instance="x", held=3, dynamic=["a b"], hello=True)
     raw = PRESENCE_ENCODER.encode(p)
