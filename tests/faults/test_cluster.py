@@ -338,10 +338,17 @@ async def test_two_replicas_on_a_cluster_whose_nodes_die(cluster, names, tmp_pat
         await eventually(lambda: sim.stats()["calls_active"] == 0, 15, "calls ended")
         await asyncio.sleep(3.5)  # a call broken by a kill stalls within the stall timeout
 
+        last: list = [None]
+
         async def settled():
+            """Every event confirmed, and nothing made since the last look: no device still moving
+            (a device handed on makes events; a lease ping-pong once made them for good)."""
             pages = {tag: await page(tag) for tag in procs}
-            return pages if all(metric(p, "epsignal_buffer_events") == 0 for p in pages.values()) else None
-        pages = await eventually(settled, 30, "every event confirmed")
+            now = [(metric(p, "epsignal_events_total", outcome="confirmed"),
+                    metric(p, "epsignal_leases_handed_on_total")) for p in pages.values()]
+            quiet, last[0] = now == last[0], now
+            return pages if quiet and all(metric(p, "epsignal_buffer_events") == 0 for p in pages.values()) else None
+        pages = await eventually(settled, 30, "every event confirmed, no device moving", interval=2.0)
         confirmed = {tag: metric(p, "epsignal_events_total", outcome="confirmed") for tag, p in pages.items()}
         dropped = {tag: metric(p, "epsignal_events_dropped_total") for tag, p in pages.items()}
         repairs = sum(metric(p, "epsignal_lease_repairs_total") for p in pages.values())
@@ -376,6 +383,11 @@ async def test_two_replicas_on_a_cluster_whose_nodes_die(cluster, names, tmp_pat
         assert st["calls_stalled"] == 0, f"calls stalled on {sim.stalled_hw}"
         assert bad == [], f"a device on two replicas at once: {bad[:5]}"
         assert st["attached_devices"] == DEVICES
+        # a hand-on that came straight back is said once (INFO), the preferred replica lines up
+        # again, and the next one takes: again in a row (a WARNING) is a device churning
+        churn = [e["msg"] for p in procs.values() for e in p.logs()
+                 if e.get("level") == "WARNING" and "is not in line for it" in e.get("msg", "")]
+        assert churn == [], churn[:3]
         print(f"FIGURES cluster: node kill -> replica on a surviving node {first[0]:.2f}s, confirming "
               f"{first[1]:.2f}s; commands queue leader kill -> command answered {answered:.2f}s, replicas on "
               f"it confirming {'/'.join(f'{v[1]:.2f}s' for v in moved.values()) or '(none on it)'}; devices attached "
