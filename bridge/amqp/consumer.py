@@ -199,7 +199,7 @@ class CommandConsumer:
         if redirect and self._redirect is not None:
             target = await self._redirect(hw, verb)
             if target is not None:
-                return await self._move(message, target)
+                return await self._move(message, target, verb, hw)
         if not self._limiter.allow(hw, time.monotonic()):
             return await self._refuse(message, verb, hw, (
                 f"rate limit: more than {self.s.command_burst} commands at once or "
@@ -226,19 +226,26 @@ class CommandConsumer:
             self.stats.count(verb, "ok")
             await message.ack()
 
-    async def _move(self, message: AbstractIncomingMessage, queue: str) -> None:
+    async def _move(self, message: AbstractIncomingMessage, queue: str, verb: str, hw: str) -> None:
         """Publish the command again, as it is, now that ``queue`` is bound for its key
-        (confirmed), then ack it here."""
+        (confirmed), then ack it here. Returned unroutable (``queue`` unbound or deleted again
+        meanwhile, and the shared queue no longer bound behind the alternate exchange), it is
+        refused: answered and dead-lettered with the reason, never acked unseen."""
         topo = self.link.topology
         try:
             if topo is None or self.link.channel is None:
                 raise ConnectionError("no publishing channel")
-            await topo.commands.publish(_copy(message, message.headers, message.message_id),
-                                        message.routing_key or "", timeout=self.s.publish_timeout_s)
+            returned = _returned(await topo.commands.publish(
+                _copy(message, message.headers, message.message_id), message.routing_key or "",
+                timeout=self.s.publish_timeout_s))
         except Exception as e:
             log.warning("could not move the command to %s (%s); it goes back to the queue", queue, e)
             await message.nack(requeue=True)
             return
+        if returned:
+            return await self._refuse(message, verb, hw, (
+                f"not carried out: moved to the lease queue {queue}, the broker routed it nowhere (that "
+                f"queue and {self.s.commands_queue} are unbound or gone); send it again"))
         await message.ack()
 
     async def refuse(self, message: AbstractIncomingMessage, error: str) -> None:

@@ -313,3 +313,30 @@ async def test_a_lease_queue_made_with_other_arguments_is_used_and_named(
     assert len(warned) == 1 and ALL[0] in warned[0] and "leases reset" in warned[0]
     r = await bus.command(ALL[0], "attach")  # bound: its commands reach the holder
     assert r["ok"] and r["attached"]
+
+
+async def test_a_command_moved_to_a_lease_queue_that_routes_nowhere_is_refused_not_dropped(
+        sim, bus, start_bridge, lease_settings, cleanup):
+    """An attach for a device without a lease queue comes through the shared queue; the bridge
+    makes the device's lease queue and publishes the command again for it. If that copy is
+    routed nowhere (the lease queue unbound again meanwhile, and the shared queue no longer
+    behind the alternate exchange), the command was acked all the same and lost unseen; now it
+    is answered and dead-lettered with the reason."""
+    hw = ALL[-1]
+    a = await start_bridge(lease_settings(1, devices=",".join(ALL[:-1])))
+    await until(lambda: len(attached_by([a])) == N - 1, 15, "the configured devices attached")
+    redirect = a.consumer._redirect
+
+    async def redirect_then_unbind(hw_, verb):
+        target = await redirect(hw_, verb)
+        ch = await bus.conn.channel()
+        await (await ch.get_queue(target, ensure=False)).unbind(bus.s.commands_exchange, topology.lease_key(hw_))
+        await (await ch.get_queue(bus.s.commands_queue, ensure=False)).unbind(topology.unrouted_exchange(bus.s))
+        await ch.close()
+        return target
+    a.consumer._redirect = redirect_then_unbind
+    r = await bus.command(hw, "attach", message_id="m-1")
+    assert r["ok"] is False and "routed it nowhere" in r["error"] and topology.lease_queue(bus.s, hw) in r["error"], r
+    [dead] = await bus.dead_letters(1)
+    assert "routed it nowhere" in dead.headers["x-epsignal-error"]
+    assert dead.headers["x-original-message-id"] == "m-1" and dead.routing_key == f"device.{hw}.attach"
