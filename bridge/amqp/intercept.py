@@ -92,7 +92,7 @@ class Interceptor:
         self.ignored: dict[str, int] = {"late": 0, "unknown": 0}
         self._bad_logged = 0
         self._clock = clock
-        link.on_ready(self._start)
+        link.attach(self)
 
     def now(self) -> float:
         return self._clock() if self._clock is not None else asyncio.get_running_loop().time()
@@ -101,19 +101,27 @@ class Interceptor:
         """A new session's gate."""
         return ic.Gate(self.rules, self.s.instance_id, self.counter)
 
-    # ------------------------------------------------------------------ channel
-    async def _start(self, conn: AbstractConnection, topo: Topology) -> None:
+    # ------------------------------------------------------------------ channel (a link Component)
+    async def restore(self, conn: AbstractConnection, topo: Topology) -> None:
         ch = await (await conn.channel(publisher_confirms=True, on_return_raises=False)).get_underlay_channel()
         assert isinstance(ch, aiormq.Channel)  # basic_publish(wait=False) is the implementation's, not the ABC's
         await ch.basic_consume(REPLY_TO, self._on_verdict, no_ack=True)
-        ch.closing.add_done_callback(lambda _f: self._channel_lost(ch))
+        ch.closing.add_done_callback(lambda f: self._channel_lost(ch, f))
         self._ch = ch
 
-    def _channel_lost(self, ch: aiormq.abc.AbstractChannel) -> None:
+    def lost(self, exc: BaseException | None) -> None:
+        pass  # the channel's own close ends the holds (_channel_lost)
+
+    def _channel_lost(self, ch: aiormq.abc.AbstractChannel, closing: asyncio.Future) -> None:
+        """Every hold ends broker-down; the channel alone closed (the connection lives): open it
+        again (BrokerLink.renew), else every later request would end broker-down until the next
+        reconnect."""
         if self._ch is not ch:
             return
         self._ch = None
         self.fail_all(ic.BROKER_DOWN)
+        why = None if closing.cancelled() else closing.exception()
+        self.link.renew(self, f"intercept channel closed by the broker ({why})")
 
     def fail_all(self, outcome: str) -> None:
         """Every hold ends with ``outcome`` now: broker-down, or stopping (then the gates hold

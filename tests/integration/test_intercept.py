@@ -390,3 +390,23 @@ async def test_late_and_unknown_verdicts_are_counted_and_change_nothing(sim, bus
     assert 'epsignal_intercept_verdicts_ignored_total{reason="late"} 1.0' in text
     assert 'epsignal_intercept_verdicts_ignored_total{reason="unknown"} 1.0' in text
     assert 'epsignal_intercept_outcomes_total{outcome="forward"} 1.0' in text
+
+
+async def test_the_intercept_channel_closed_alone_is_opened_again(sim, bus, settings_for, start_bridge, caplog):
+    """The broker closes the intercept channel alone (a channel error; the connection lives):
+    holds end broker-down, and the channel is opened again on the same connection. Before, every
+    later request ended broker-down (the fail policy, no decider asked) until the next reconnect."""
+    hw = sim.hw(6)
+    decider = await Decider(bus, lambda req: renamed(req, "Grace")).start()
+    bridge, q = await bridge_with(sim, bus, settings_for, start_bridge, hw)
+    reconnects = bridge.link.reconnects
+    ch = bridge.intercept._ch
+    await ch.basic_nack(999_999)  # PRECONDITION_FAILED - unknown delivery tag: the channel closes
+    await eventually(lambda: bridge.intercept._ch not in (None, ch), 10, "the intercept channel opened again")
+    call = await sim.place_call(hw, direction="in", remote="201", hold_s=0.1)
+    evs = await released(q, call)
+    [ev] = of_call(evs, call, "call.intercepted")
+    assert ev["outcome"] == "replace", ev
+    assert {"type": "name_identification", "name": "Grace"} in sim.received(call)["device"][0]["fty"]
+    assert len(decider.requests) == 1 and bridge.link.reconnects == reconnects, "the connection was not lost"
+    assert any("intercept channel closed by the broker" in r.getMessage() for r in caplog.records)
