@@ -57,9 +57,11 @@ class CpuMeter:
         self.own0 = _own_cpu()
         self.m0 = machine_cpu()
 
-    def stop(self, t_end: int | None = None, t_start: int | None = None) -> dict:
-        t1 = now_ns()
-        wall = ((t_end or t1) - (t_start or self.t0)) / 1e9
+    def stop(self) -> dict:
+        """Every figure over the same window, from the meter's start to now (a process's share
+        over a shorter span, the run's first frame to its last event, beside the machine's over
+        the whole window made the machine read low)."""
+        wall = (now_ns() - self.t0) / 1e9
         out: dict[str, float | None] = {}
         for k, p in self.pids.items():
             c1 = cpu_of(p) if p else None

@@ -73,8 +73,8 @@ class Bench:
                              f"received in {limit:g}s (lost events hold the load generator's "
                              f"credit); bridge log:\n{proc.log_tail()}") from None
         ok = await env.until(run.wait(max(60.0, frames / 200)))
+        cpu = meter.stop()
         t_end = run.t_last or now_ns()
-        cpu = meter.stop(t_end, t_first)
         cpu_s = proc.cpu_s() - cpu0
         await run.samples()  # after the CPU was read: handing the samples over is not the run's work
         fwd_ok = await lg.wait_forwards(lg.sent, 10)
@@ -123,9 +123,9 @@ class Bench:
             stdin.write(b"go\n")
             await stdin.drain()
             ok = await run.wait(max(60.0, len(messages) / 400))
+            cpu = meter.stop()
             t_end = run.t_last or now_ns()
             line = await asyncio.wait_for(stdout.readline(), 30)
-            cpu = meter.stop(t_end, t0)
             report = json.loads(line) if line.strip() else {}
         finally:
             if proc.returncode is None:
