@@ -37,6 +37,11 @@ def pytest_collection_modifyitems(config, items):
         raise pytest.UsageError("tests using the broker without the `broker` marker: " + ", ".join(unmarked[:10]))
 
 
+def attached(hw: str):
+    """A predicate for :meth:`EventQueue.until` / :meth:`EventQueue.until_all`: ``hw``'s attached event."""
+    return lambda e: e.body["type"] == "attached" and e.body["hw"] == hw
+
+
 @dataclass
 class Received:
     key: str
@@ -61,6 +66,27 @@ class EventQueue:
                 seen.append(ev)
                 if pred(ev):
                     return seen
+
+    async def until_all(self, preds, timeout: float = 15.0) -> list[Received]:
+        """Every event up to and including the one that made the last of ``preds`` true, each
+        predicate matched by some event, in whatever order they come. For events of different
+        devices: there is no order across devices (docs/CONSUMERS.md; each device has a PBX
+        session of its own), so ``for hw in hws: await q.until(attached(hw))`` is a race: when
+        a later device's event comes first, the wait for an earlier one consumes it, and the
+        wait for it then times out."""
+        left, seen = list(preds), []
+        n = len(left)
+        try:
+            async with asyncio.timeout(timeout):
+                while left:
+                    ev = await self.items.get()
+                    seen.append(ev)
+                    left = [p for p in left if not p(ev)]
+        except TimeoutError as e:
+            got = [(ev.body.get("type"), ev.body.get("hw")) for ev in seen]
+            raise TimeoutError(f"{len(left)} of {n} conditions unmet after {timeout:g}s; "
+                               f"events seen (type, hw): {got}") from e
+        return seen
 
     def drain(self) -> list[Received]:
         out = []

@@ -15,7 +15,7 @@ import aio_pika
 import pytest
 
 from bridge.service import Bridge
-from tests.conftest import PASSWORD
+from tests.conftest import PASSWORD, attached
 from tests.faults.helpers import AMQP_URL, BridgeProcess, bridge_env, eventually, http_get, http_port, metric
 from tests.tcpproxy import TcpProxy
 from tests.ports import free_port
@@ -62,7 +62,7 @@ async def test_a_stalled_broker_link_never_wedges_the_publisher(sim, bus, proxy,
         sim, devices=",".join(hws), heartbeat_s=2, publish_window=64, publish_timeout_s=1.5,
         amqp_url=f"amqp://guest:guest@127.0.0.1:{proxy.port}/"))
     port = http_port(bridge)
-    await q.until(lambda e: e.body["type"] == "attached" and e.body["hw"] == hws[-1])
+    await q.until_all([attached(hw) for hw in hws])
     assert (await http_get(port, "/readyz"))[0] == 200
 
     stop = asyncio.Event()
@@ -169,7 +169,7 @@ async def test_a_stop_that_cannot_flush_reports_what_is_lost(sim, bus, proxy, se
     q = await bus.bind("device.#")
     bridge = await start_bridge(settings_for(sim, devices=",".join(hws), heartbeat_s=2,
                                              amqp_url=f"amqp://guest:guest@127.0.0.1:{proxy.port}/"))
-    seen = await q.until(lambda e: e.body["type"] == "attached" and e.body["hw"] == hws[-1])
+    seen = await q.until_all([attached(hw) for hw in hws])
     await asyncio.sleep(0.3)
     confirmed = seqs_by_device(seen + q.drain())
     proxy.cut()
@@ -205,7 +205,7 @@ async def test_sigterm_while_the_broker_is_away_flushes_when_it_returns(sim, bus
                                     reconnect_min_s=1.0, reconnect_max_s=32.0, heartbeat_s=4),
                          tmp_path, grace_s=5.0).start()
     try:
-        await q.until(lambda e: e.body["type"] == "attached" and e.body["hw"] == hws[-1], timeout=20)
+        await q.until_all([attached(hw) for hw in hws], timeout=20)
         proxy.cut()
 
         async def down():

@@ -8,6 +8,7 @@ import logging
 
 import pytest
 
+from tests.conftest import attached
 
 pytestmark = pytest.mark.broker
 
@@ -38,7 +39,7 @@ async def test_outage_events_are_buffered_in_order_and_delivered(sim, bus, proxy
     q = await bus.bind("device.#")
     bridge = await start_bridge(settings_for(sim, devices=",".join(hws), heartbeat_s=2,
                                              amqp_url=f"amqp://guest:guest@127.0.0.1:{proxy.port}/"))
-    first = await q.until(lambda e: e.body["type"] == "attached" and e.body["hw"] == hws[-1])
+    first = await q.until_all([attached(hw) for hw in hws])
     await _outage_with_calls(sim, proxy, bridge, hws, 3)
     assert await bridge.link.wait_ready(20)
     assert await bridge.publisher.flush(20)
@@ -60,7 +61,7 @@ async def test_long_outage_drops_the_oldest_and_announces_a_gap(sim, bus, proxy,
     q = await bus.bind("device.#", "bridge.*.gap")
     bridge = await start_bridge(settings_for(sim, devices=",".join(hws), heartbeat_s=2, buffer_max_events=15,
                                              amqp_url=f"amqp://guest:guest@127.0.0.1:{proxy.port}/"))
-    first = await q.until(lambda e: e.body["type"] == "attached" and e.body["hw"] == hws[-1])
+    first = await q.until_all([attached(hw) for hw in hws])
     await _outage_with_calls(sim, proxy, bridge, hws, 4)
     assert await bridge.link.wait_ready(20)
     assert await bridge.publisher.flush(20)
