@@ -735,9 +735,9 @@ class LeaseManager:
         """Once is INFO (a replica still lining up after a start looks the same); again in a
         row, after it was told to line up again, a WARNING."""
         log.log(logging.INFO if bounces == 1 else logging.WARNING,
-                "device %s: %s: %s, the replica preferred for it, is not in line for it (lining up yet, "
-                "or its consumer is gone: its heartbeat tells it to line up again); tried again in %.0fs "
-                "(%d in a row)", hw, what, self.plan.preferred(hw), self.plan.backoff_s(hw, now), bounces)
+                "device %s: %s: %s, the replica preferred for it, is not in line for it (still lining up, "
+                "or its consumer is gone: this replica's heartbeat tells it to line up again); tried again "
+                "in %.0fs (%d in a row)", hw, what, self.plan.preferred(hw), self.plan.backoff_s(hw, now), bounces)
 
     # ------------------------------------------------------------------ deliveries
     async def _on_deliver(self, msg: aiormq.abc.DeliveredMessage) -> None:
