@@ -26,7 +26,7 @@ import msgspec
 from yarl import URL
 
 from bridge import routing
-from bridge.amqp import topology
+from bridge.amqp import link, topology
 from bridge.amqp.consumer import dead_letter
 from bridge.config import Settings
 
@@ -161,8 +161,7 @@ async def connect(url: str, *, timeout: float = CONNECT_TIMEOUT_S) -> aio_pika.a
                         f"{e.strerror or e}") from None
     try:
         with _quiet("aiormq", "aiormq.connection", "aio_pika", "aio_pika.connection"):
-            async with asyncio.timeout(timeout):
-                return await aio_pika.connect(url, timeout=timeout)
+            return await link.connect(url, timeout)  # a Ctrl-C while connecting leaves no task behind
     except aiormq.exceptions.ProbableAuthenticationError:
         raise ToolError(f"the broker {where} refused the login of user {u.user!r} "
                         "(wrong user name or password?)") from None

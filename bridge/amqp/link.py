@@ -51,6 +51,9 @@ from bridge.tls import client_context
 
 log = logging.getLogger("bridge.amqp")
 
+#: how long one connect attempt may take (TCP, TLS, the AMQP handshake)
+CONNECT_TIMEOUT_S = 10.0
+
 ReadyHook = Callable[[AbstractConnection, Topology], Awaitable[None]]
 
 
@@ -231,12 +234,12 @@ class BrokerLink:
     async def _connect_once(self) -> asyncio.Future:
         """Connect to the next address (the one after it next time, should this fail)."""
         url = self.addresses[self._next % len(self.addresses)]
-        kw: dict[str, Any] = dict(heartbeat=self.s.heartbeat_s, timeout=10, client_properties={
+        kw: dict[str, Any] = dict(heartbeat=self.s.heartbeat_s, client_properties={
             "connection_name": f"epsignal-bridge {self.s.instance_id}"})
         if url.startswith("amqps:"):
             kw["ssl_context"] = self._ssl
         try:
-            conn = await aio_pika.connect(url, **kw)
+            conn = await connect(url, CONNECT_TIMEOUT_S, **kw)
         except BaseException:
             self._next += 1
             raise
@@ -266,7 +269,8 @@ class BrokerLink:
             await conn.close()
             raise
         self.address, self.last_error = url, None
-        self.server = dict(conn.transport.connection.server_properties or {})
+        transport = conn.transport  # (there is one: the connection is open)
+        self.server = dict(transport.connection.server_properties or {}) if transport is not None else {}
         self.connection, self.channel, self.topology = conn, ch, topo
         self.lost = lost
         self.heard_at = time.monotonic()
@@ -289,8 +293,9 @@ class BrokerLink:
                 async for attempt in retrying:
                     with attempt:
                         lost = await self._connect_once()
-            except Exception:
-                if self._closing:
+            except Exception as e:
+                if self._closing:  # close() while connecting: the attempt ends, said once
+                    log.info("broker link closed while connecting (%s)", _reason(e))
                     return
                 raise
             if self._closing:
@@ -360,7 +365,8 @@ class BrokerLink:
             if self.blocked is not None or time.monotonic() - self.heard_at < half:
                 continue
             try:
-                await asyncio.wait_for(ch.get_exchange(self.s.events_exchange, ensure=True), half)
+                async with asyncio.timeout(half):  # not wait_for: see connect()
+                    await ch.get_exchange(self.s.events_exchange, ensure=True)
                 self.heard_at = time.monotonic()
             except Exception as e:
                 if not lost.done():
@@ -372,7 +378,8 @@ class BrokerLink:
         conn, self.connection = self.connection, None
         if conn is not None and not conn.is_closed:
             try:
-                await asyncio.wait_for(conn.close(), 5)
+                async with asyncio.timeout(5):  # not wait_for: see connect()
+                    await conn.close()
             except Exception:  # already broken: nothing left to release
                 pass
 
@@ -383,6 +390,21 @@ class BrokerLink:
             task.cancel()
         self.reset("closing")
         await self._close_conn()
+
+
+async def connect(url: str, timeout: float, **kw: Any) -> AbstractConnection:
+    """``aio_pika.connect(url, **kw)`` within ``timeout`` seconds, in the caller's own task.
+
+    The timeout is not aio-pika's: aio-pika runs aiormq's connect in a task of its own under
+    :func:`asyncio.wait_for`, and Python 3.11's wait_for, when its caller is cancelled (a stop
+    while connecting), cancels that task and waits for it but never retrieves its exception.
+    aiormq ends a connect that is cancelled while failing (a reset, a refused login) with the
+    failure, not CancelledError, so that task was left with an exception nobody retrieved, which
+    the garbage collector reports later wherever the process is then ("Task exception was never
+    retrieved"; in a test run it once broke an unrelated test's ``ast.parse``). Awaited directly,
+    under :func:`asyncio.timeout`, whatever the connect ends with reaches the caller."""
+    async with asyncio.timeout(timeout):
+        return await aio_pika.connect(url, timeout=None, **kw)
 
 
 def _resolve(lost: asyncio.Future, exc: BaseException | None) -> None:
