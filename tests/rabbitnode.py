@@ -82,6 +82,13 @@ class RabbitNode:
         # waits for the pid file, then for the rabbit app
         try:
             self.ctl("wait", str(self.dir / "pid"), "--timeout", str(int(timeout)), timeout=timeout + 5)
+        except BaseException:
+            # not up in time (a loaded machine): the detached node may still come up later, and
+            # nobody would stop it (the caller got no node): it would run on past the test run
+            self._pid()
+            self.kill()
+            self.wait_gone()
+            raise
         finally:
             self._pid()  # the process as of now, for kill and stop
         return self
