@@ -44,6 +44,8 @@ ORPHAN_BEATS = 4
 #: line) is not tried again for the settle time doubled per bounce in a row, up to this many times
 #: the settle time (:meth:`LeasePlan.hand_on`)
 BOUNCE_BACKOFF_MAX = 64
+#: a heartbeat names at most this many devices whose hand-on bounced (the next ones in the next)
+BOUNCED_PER_BEAT = 200
 
 
 def weight(member: str, hw: str) -> int:
@@ -166,6 +168,7 @@ class LeasePlan:
         self._bounced: dict[str, tuple[int, float, tuple[str, ...]]] = {}
         #: (holder, device) -> the bounces in a row this replica lined up again for (rejoin)
         self._rejoined: dict[tuple[str, str], int] = {}
+        self._bounced_from = 0  # where the next heartbeat's bounced devices start (bounced)
 
     def ranking(self, hw: str) -> list[str]:
         if self._for != self.m.live:
@@ -206,20 +209,15 @@ class LeasePlan:
         consumer, so the holder cannot see that before), and the broker gave the token back to
         this replica, the stand-in. Then the next hand-on of it waits the settle time doubled
         per bounce in a row (at most ``BOUNCE_BACKOFF_MAX`` times), so that the device is not
-        detached and attached again every few heartbeats. Returns the bounces in a row (0: none)."""
+        detached and attached again every few heartbeats, and this replica's heartbeat says so
+        (:meth:`bounced`: the preferred replica lines up again). Returns the bounces in a row
+        (0: none)."""
         at = self._handed.pop(hw, None)
         if at is None:
             return 0
         if now - at > self.settle_s:  # it was taken, and came back later for another reason
             self._bounced.pop(hw, None)
             return 0
-        return self.not_in_line(hw, now)
-
-    def not_in_line(self, hw: str, now: float) -> int:
-        """The preferred replica is not in line for ``hw``, held here: a hand-on came straight
-        back (:meth:`holding`), or a classic lease queue's declare-ok shows no consumer waiting
-        behind this one. Counted as a bounce: hand-ons of it pause (doubling), and this
-        replica's heartbeat says so (:meth:`bounced`). Returns the bounces in a row."""
         n, _, live = self._bounced.get(hw, (0, 0.0, self.m.live))
         n = n + 1 if live == self.m.live else 1
         self._bounced[hw] = (n, now + self.settle_s * min(2 ** n, BOUNCE_BACKOFF_MAX), self.m.live)
@@ -232,13 +230,15 @@ class LeasePlan:
 
     def bounced(self, held: Iterable[str]) -> dict[str, int]:
         """For this replica's heartbeat: the devices of ``held`` whose hand-ons bounced, and how
-        often in a row (under the current member set)."""
-        out = {}
-        for hw in held:
-            b = self._bounced.get(hw)
-            if b is not None and b[2] == self.m.live:
-                out[hw] = b[0]
-        return out
+        often in a row (under the current member set); at most ``BOUNCED_PER_BEAT`` of them, the
+        next ones in the next heartbeat (a node's death can bounce many at once)."""
+        out = [(hw, b[0]) for hw in held
+               if (b := self._bounced.get(hw)) is not None and b[2] == self.m.live]
+        if len(out) > BOUNCED_PER_BEAT:
+            start = self._bounced_from % len(out)
+            out = (out + out)[start:start + BOUNCED_PER_BEAT]
+            self._bounced_from = start + BOUNCED_PER_BEAT
+        return dict(out)
 
     def rejoin(self, p: Presence) -> list[str]:
         """The devices ``p``'s replica holds and says its hand-on of bounced, where this
@@ -246,13 +246,14 @@ class LeasePlan:
         line (lost with a node, or never made), so it lines up again, once per bounce (the holder
         tries again only after its pause, :meth:`holding`, and by then the new consumer stands in
         line). The adapter does it for devices it stands in line for."""
+        for key in [k for k in self._rejoined if k[0] not in self.m.live
+                    or (k[0] == p.instance and k[1] not in p.bounced)]:
+            del self._rejoined[key]  # that holder is gone, or its streak ended: what comes is new
         out = []
-        for key in [k for k in self._rejoined if k[0] == p.instance and k[1] not in p.bounced]:
-            del self._rejoined[key]  # that holder's streak ended: the next bounce is new
         for hw, n in p.bounced.items():
             key = (p.instance, hw)
-            if n > self._rejoined.get(key, 0) and self.preferred(hw) == self.m.me:
-                self._rejoined[key] = n
+            if n != self._rejoined.get(key) and self.preferred(hw) == self.m.me:
+                self._rejoined[key] = n  # a count not heard before: a bounce not answered yet
                 out.append(hw)
         return out
 

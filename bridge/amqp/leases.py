@@ -204,6 +204,7 @@ class LeaseManager:
         #: (a queue made with other arguments) closes only that one, never the lease channel
         self._decl: aiormq.abc.AbstractChannel | None = None
         self._mismatch: set[str] = set()    # lease queues with other arguments (warned once)
+        self._not_lined_up: set[str] = set()  # line-ups that failed (warned once until one succeeds)
         self._token_arrived: dict[str, asyncio.Event] = {}
         #: runner stops and starts in progress (never awaited by the lease round)
         self._stopping_runner: dict[str, asyncio.Task] = {}
@@ -385,8 +386,15 @@ class LeaseManager:
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)
         self._bg.add(task)
-        task.add_done_callback(self._bg.discard)
+        task.add_done_callback(self._spawned_done)
         return task
+
+    def _spawned_done(self, task: asyncio.Task) -> None:
+        """A background step ended: an error is said (a channel closing under a cancel, say: the
+        next round or the new channel redoes it), never left for the garbage collector to report."""
+        self._bg.discard(task)
+        if not task.cancelled() and (e := task.exception()) is not None:
+            log.debug("lease step ended early: %r", e)
 
     # ------------------------------------------------------------------ actions, carried out
     def _carry_out_now(self, lease: Lease, actions: list[Action], reason: str) -> None:
@@ -502,13 +510,24 @@ class LeaseManager:
                     # tokens, which meet at the active consumer (the older is acked)
                     await self._publish_token(Token(hw=hw, cfg=self.cfg, since=time.time(),
                                                     by=self.s.instance_id, intercept=self._rules_of(hw)))
-        except Exception:
+        except Exception as e:
             # not in line (a node dying: the declare or the first token timed out or was
-            # refused): OUT, and the next round lines up again
+            # refused): OUT, declared anew (a token that landed all the same shows as ready),
+            # and the next round lines up again; this round goes on with the other devices
             self._by_ctag.pop(a.ctag, None)
+            self._declared.discard(hw)
             await self._do(lease, lease.consume_failed(a.epoch, a.ctag))
-            self._wake.set()
-            raise
+            quiet = isinstance(e, ConnectionError) or hw in self._not_lined_up  # the link says it / said
+            self._not_lined_up.add(hw)
+            log.log(logging.DEBUG if quiet else logging.WARNING,
+                    "device %s: not lined up for (%s); tried again next round", hw, e or type(e).__name__)
+            return
+        if a.epoch != self.epoch or not (lease.state is State.IN_LINE and lease.ctag == a.ctag):
+            # given up meanwhile (a rejoin's release, a lost channel): a consumer made now would
+            # be one the lease does not know, a stray that takes the token and gives it back
+            self._by_ctag.pop(a.ctag, None)
+            return
+        self._not_lined_up.discard(hw)
         await ch.basic_consume(t.lease_queue(self.s, hw), self._on_deliver, consumer_tag=a.ctag)
 
     async def _declare(self, hw: str) -> QueueCount:
@@ -664,7 +683,7 @@ class LeaseManager:
         """Give the lease up for the preferred replica, but only to a replica in line: a second
         consumer on the queue (a replica just SIGKILLed may still be "heard lately", but its
         consumers are gone at once)."""
-        if (await self._successor_in_line(ch, hw, lease, rnd) and lease.holding
+        if (await self._successor_in_line(ch, hw, lease, rnd.now) and lease.holding
                 and self.owner.idle(hw) and self.epoch == rnd.epoch):
             rnd.moving += 1  # a few at a time: a misjudged member set moves little
             self.plan.handed_on(hw, rnd.now)
@@ -712,32 +731,19 @@ class LeaseManager:
         self._wake.set()
 
     async def _successor_in_line(self, ch: aiormq.abc.AbstractChannel, hw: str, lease: Lease,
-                                 rnd: _Round) -> bool:
+                                 now: float) -> bool:
         """A hand-on goes only to a replica standing in line: a replica SIGKILLed a moment ago
         may still count as heard lately, but its consumers are gone at once. A classic queue
-        counts the consumers in line (a passive declare shows a second one; none, with the
-        preferred replica heard lately and the member set settled, is that replica not in line:
-        said as a bounce, LeasePlan.not_in_line); a quorum queue counts only its active
-        consumer, so there a token held for less than ``HAND_ON_HELD_BEATS`` heartbeats (just
-        taken over from a replica that died, which by then is no longer heard lately) is not
-        handed on, and a replica not in line shows only when the token comes back (_on_token)."""
+        counts the consumers in line (a passive declare shows a second one); a quorum queue
+        counts only its active consumer, so there a token held for less than
+        ``HAND_ON_HELD_BEATS`` heartbeats (just taken over from a replica that died, which by
+        then is no longer heard lately) is not handed on, and a preferred replica not in line
+        shows only when the token comes straight back (_on_token, LeasePlan.holding)."""
         if self.s.queue_type == "classic":
             ok = await ch.queue_declare(t.lease_queue(self.s, hw), passive=True)
-            if _counts(ok).consumers >= 2:
-                return True
-            if self.epoch == rnd.epoch and lease.holding:
-                bounces = self.plan.not_in_line(hw, rnd.now)
-                self._say_bounced(hw, rnd.now, bounces, "not handed on (no consumer waits on its lease queue)")
-            return False
-        return lease.token is not None and rnd.now - lease.token.at >= HAND_ON_HELD_BEATS * self.s.lease_heartbeat_s
+            return _counts(ok).consumers >= 2
+        return lease.token is not None and now - lease.token.at >= HAND_ON_HELD_BEATS * self.s.lease_heartbeat_s
 
-    def _say_bounced(self, hw: str, now: float, bounces: int, what: str) -> None:
-        """Once is INFO (a replica still lining up after a start looks the same); again in a
-        row, after it was told to line up again, a WARNING."""
-        log.log(logging.INFO if bounces == 1 else logging.WARNING,
-                "device %s: %s: %s, the replica preferred for it, is not in line for it (still lining up, "
-                "or its consumer is gone: this replica's heartbeat tells it to line up again); tried again "
-                "in %.0fs (%d in a row)", hw, what, self.plan.preferred(hw), self.plan.backoff_s(hw, now), bounces)
 
     # ------------------------------------------------------------------ deliveries
     async def _on_deliver(self, msg: aiormq.abc.DeliveredMessage) -> None:
@@ -754,6 +760,14 @@ class LeaseManager:
                 await ch.basic_nack(dtag, requeue=True)
             return
         lease = self._lease(hw)
+        if lease.ctag != ctag:
+            # a consumer the lease does not know (given up, its delivery late; or a stray): the
+            # single active consumer would get the message back at once, so stop it first
+            with contextlib.suppress(aiormq.exceptions.AMQPError):
+                await ch.basic_cancel(ctag)
+            if not ch.is_closed:
+                await ch.basic_nack(dtag, requeue=True)
+            return
         if msg.header.properties.message_type == t.LEASE_TOKEN:
             await self._on_token(msg, ch, hw, lease, ctag, dtag)
         else:
@@ -777,7 +791,13 @@ class LeaseManager:
         if lease.holding:
             now = asyncio.get_running_loop().time()
             if bounces := self.plan.holding(hw, now):
-                self._say_bounced(hw, now, bounces, "handed on, and its lease came straight back")
+                # once is INFO (a replica still lining up after a start looks the same); again in a
+                # row, after it was told to line up again, a WARNING
+                log.log(logging.INFO if bounces == 1 else logging.WARNING,
+                        "device %s: handed on, and its lease came straight back: %s, the replica preferred "
+                        "for it, is not in line for it (still lining up, or its consumer is gone: this "
+                        "replica's heartbeat tells it to line up again); tried again in %.0fs (%d in a row)",
+                        hw, self.plan.preferred(hw), self.plan.backoff_s(hw, now), bounces)
             self._take_rules(lease, token)
             ev = self._token_arrived.pop(hw, None)
             if ev is not None:

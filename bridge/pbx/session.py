@@ -223,6 +223,8 @@ class PbxSession:
             return result
         finally:
             self._results.pop(device.hw, None)
+            if fut.done() and not fut.cancelled():
+                fut.exception()  # the session closed while the Attach was sent: the send's own error says it
             if not ok:
                 self.devices.pop(device.hw, None)
 

@@ -8,8 +8,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bridge.leases import (
-    BOUNCE_BACKOFF_MAX, MISSED_HEARTBEATS, ORPHAN_BEATS, PRESENCE_DECODER, PRESENCE_ENCODER, LeasePlan, Membership,
-    Orphans, Presence, rank,
+    BOUNCE_BACKOFF_MAX, BOUNCED_PER_BEAT, MISSED_HEARTBEATS, ORPHAN_BEATS, PRESENCE_DECODER, PRESENCE_ENCODER,
+    LeasePlan, Membership, Orphans, Presence, rank,
 )
 
 DEVICES = [f"0090334{i:05d}" for i in range(1, 3001)]
@@ -143,6 +143,27 @@ def test_a_holder_says_which_hand_ons_bounced_and_the_preferred_replica_rejoins_
     assert b.bounced([theirs]) == {}, "only devices held here whose hand-on bounced"
     assert a.rejoin(Presence(instance="b")) == [], "the holder's streak ended (the hand-on took)"
     assert a.rejoin(Presence(instance="b", bounced={mine: 1})) == [mine], "a new streak counts anew"
+    assert a.rejoin(Presence(instance="b", bounced={mine: 3})) == [mine]
+    assert a.rejoin(Presence(instance="b", bounced={mine: 1})) == [mine], \
+        "a streak started again while this replica missed the heartbeat without it: still new"
+    ma.heard(Presence(instance="b", bye=True), 30.0)
+    assert a.rejoin(Presence(instance="c")) == [] and a._rejoined == {}, "a holder gone: its bounces forgotten"
+
+
+def test_a_heartbeat_names_a_bounded_share_of_the_bounced_devices_each_time():
+    m = Membership("b", 1.0, 0.0)
+    plan = LeasePlan(m, 1.0)
+    m.heard(Presence(instance="a"), 0.0)
+    mine = [hw for hw in DEVICES if plan.preferred(hw) == "a"][:BOUNCED_PER_BEAT + 50]
+    for hw in mine:
+        plan.handed_on(hw, 10.0)
+        plan.holding(hw, 10.1)
+    said: set[str] = set()
+    for _ in range(2):
+        beat = plan.bounced(mine)
+        assert len(beat) == BOUNCED_PER_BEAT and set(beat.values()) == {1}
+        said |= set(beat)
+    assert said == set(mine), "every one named within two heartbeats"
 
 
 def test_presence_round_trips_and_omits_defaults():
