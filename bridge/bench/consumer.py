@@ -30,12 +30,14 @@ import contextlib
 import json
 import os
 import re
+import socket
+import struct
 import sys
 import time
 from collections import Counter, deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import aiormq
 import msgspec
@@ -90,39 +92,105 @@ PARKED = 1000
 _STAMP_RE = re.compile(rb'"bench_t": ?(\d+)')
 _STATE_KEY_RE = re.compile(rb"(device\.[0-9A-Za-z]+\.call\.\d+\.state)")
 
+#: Linux's SO_TIMESTAMPNS (the socket module does not name it): each read's ancillary data
+#: carries the kernel's receive time (CLOCK_REALTIME, a struct timespec)
+SO_TIMESTAMPNS = 35
+_ANC_SPACE = socket.CMSG_SPACE(16)
+_TIMESPEC = struct.Struct("qq")
+
+
+def _kernel_time(anc: list[tuple[int, int, bytes]]) -> int | None:
+    """The kernel's receive time of a read, on this process's monotonic clock (None: none)."""
+    for level, kind, data in anc:
+        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(data) >= _TIMESPEC.size:
+            sec, nsec = _TIMESPEC.unpack_from(data)
+            return sec * 1_000_000_000 + nsec - (time.time_ns() - now_ns())
+    return None
+
 
 class ReadClock(TCPTransportFactory):
-    """When each stamped event's bytes were read off the consumer's socket: the end of its hop.
+    """When each stamped event's bytes reached the consumer's socket: the end of its hop.
 
-    aiormq parses every frame of a read before the first delivery's callback runs, so a
-    callback's time includes parsing the rest of the read: with two events per frame (a bridge
-    with every kind on) the second event's frames, in Python (docs/PERFORMANCE.md, "A fifth VM":
-    ~170-190 us per frame sent on a slow VM). The hop ends when the event reached the consumer, not when
-    a Python consumer got round to it: the read's time is taken as aiormq's transport hands the
-    bytes to its stream reader (an aiormq transport factory, its extension point for this)."""
+    Not when a Python callback ran, nor when the consumer process got round to reading: aiormq
+    parses every frame of a read before the first delivery's callback runs, and a read waits
+    while the process parses the reads before it, ~170-190 us per frame on a slow VM (docs/
+    PERFORMANCE.md, "A fifth VM"), twice as often for a bridge that sends two events per frame:
+    the harness would measure its own consuming. So the consumer reads its socket itself, with
+    ``recvmsg``, and takes the kernel's receive time of the read (``SO_TIMESTAMPNS``: on
+    loopback, when the broker's write reached this socket; for a read of several packets, the
+    last one's), falling back to the time of the read where the kernel gives none. The bytes go
+    on to aiormq's stream reader unchanged (an aiormq transport factory: its extension point)."""
 
     #: bytes of a read kept for the next one: a marker split across two reads is found once
     TAIL = 128
+    #: bytes read at once (asyncio's transports read 256 KiB)
+    READ = 256 * 1024
 
     def __init__(self, state_only: bool) -> None:
         self._re = _STATE_KEY_RE if state_only else _STAMP_RE
         self._tail = b""
         #: stamp (or routing key) -> read times, oldest first
         self.read_at: dict[bytes, deque[int]] = {}
+        #: reads the kernel gave a receive time for, and reads it gave none
+        self.kernel_times = self.read_times = 0
 
     async def create(self, url: Any, **kwargs: Any) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         reader, writer = await super().create(url, **kwargs)
-        feed = reader.feed_data
-
-        def fed(data: bytes) -> None:
-            self._read(data)
-            feed(data)
-
-        reader.feed_data = fed  # type: ignore[method-assign,assignment]  # aiormq's protocol calls it per read
+        self._read_myself(reader, writer)
         return reader, writer
 
-    def _read(self, data: bytes) -> None:
-        t = now_ns()
+    def _read_myself(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """The transport stops reading (it keeps writing); a duplicate of its socket is read
+        with recvmsg (a loop refuses a reader on a transport's own descriptor), until the end
+        of the stream or the transport's close (its protocol's connection_lost)."""
+        loop = asyncio.get_running_loop()
+        transport = cast(asyncio.Transport, writer.transport)
+        sock = socket.socket(fileno=os.dup(transport.get_extra_info("socket").fileno()))
+        sock.setblocking(False)
+        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        transport.pause_reading()
+        reader._transport = None  # type: ignore[attr-defined]  # its flow control would resume the transport's reads
+        fd = sock.fileno()
+        feed = reader.feed_data
+        protocol = transport.get_protocol()
+        lost = protocol.connection_lost
+
+        def done() -> None:
+            loop.remove_reader(fd)
+            sock.close()
+
+        def ready() -> None:
+            try:
+                data, anc, _flags, _addr = sock.recvmsg(self.READ, _ANC_SPACE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                done()
+                reader.set_exception(e)
+                transport.abort()
+                return
+            if not data:
+                done()
+                reader.feed_eof()
+                transport.close()
+                return
+            self._read(data, _kernel_time(anc))
+            feed(data)
+
+        def connection_lost(exc: Exception | None) -> None:
+            if not sock._closed:  # type: ignore[attr-defined]
+                done()
+            lost(exc)
+
+        protocol.connection_lost = connection_lost  # type: ignore[method-assign]
+        loop.add_reader(fd, ready)
+
+    def _read(self, data: bytes, t: int | None = None) -> None:
+        if t is None:
+            t = now_ns()
+            self.read_times += 1
+        else:
+            self.kernel_times += 1
         buf = self._tail + data
         n = len(self._tail)
         for m in self._re.finditer(buf):
@@ -208,6 +276,8 @@ class Sink:
     async def close(self) -> None:
         if self.conn is not None:
             await self.conn.close()
+        print(f"consumer: {self.clock.kernel_times} reads with the kernel's receive time, "
+              f"{self.clock.read_times} without (timed when read)", file=sys.stderr)
 
     def begin(self, target: int | None, *, store: bool = False, record_from: int = 0) -> Run:
         self.run = Run(target, store, record_from)

@@ -6,6 +6,7 @@ consumer process that dies."""
 from __future__ import annotations
 
 import asyncio
+import re
 import contextlib
 import os
 import signal
@@ -83,6 +84,9 @@ async def test_counts_credits_and_hop_times_of_a_long_run(tmp_path):
         assert body == b'{"sig":{"type":"setup","bench_t":%d}}' % t0
         assert not list(tmp_path.glob("consumer-*.msgpack"))  # the stored messages' file is read and gone
     assert sink.pid is None
+    # the hop ends at the kernel's receive time of each read (ReadClock), not when it was read
+    said = re.search(r"consumer: (\d+) reads with the kernel's receive time, (\d+) without", sink.log.read_text())
+    assert said is not None and int(said[1]) > 0 and int(said[2]) <= 2, said
 
 
 class _Stamps:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 
 from bridge.bench import codec, profiling, stats
 from bridge.bench.frames import EVENTS_PER_FRAME, FrameMaker, hw_id, sample_frames, stamp_of
@@ -208,3 +210,40 @@ def test_the_consumer_s_read_clock_keeps_call_state_keys_in_order(monkeypatch):
     assert clock.take(key, -1) == 100 and clock.take(key, -1) == 200 and clock.take(key, -1) == -1
     clock._read(f"device.{hw_id(3)}.call.7.signaling".encode())  # not a stamped event's key
     assert clock.read_at == {}
+
+
+async def test_the_consumer_s_read_clock_takes_the_kernel_s_receive_time_not_the_read_s():
+    """A consumer busy when an event arrives reads it late; the hop ends when it arrived (the
+    kernel's receive time of the read), and the bytes reach aiormq's reader unchanged."""
+    from bridge.bench import consumer
+
+    sent = asyncio.Event()
+
+    async def serve(reader, writer):
+        await reader.readexactly(2)  # the client reads with its clock now
+        writer.write(b'{"sig":{"bench_t":42}}')
+        await writer.drain()
+        sent.set()
+        await reader.read()  # until the client closes
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
+    try:
+        clock = consumer.ReadClock(state_only=False)
+        clock._read_myself(reader, writer)
+        writer.write(b"go")
+        await asyncio.wait_for(sent.wait(), 5)
+        t_sent = consumer.now_ns()
+        time.sleep(0.05)  # busy: the event waits in the socket
+        assert await asyncio.wait_for(reader.readexactly(22), 5) == b'{"sig":{"bench_t":42}}'
+        t = clock.take(b"42", -1)
+        assert clock.kernel_times == 1 and clock.read_times == 0
+        assert t_sent - 5_000_000 < t < t_sent + 5_000_000, (t - t_sent) / 1e6  # not 50 ms later
+        writer.write(b"more")  # the transport still writes
+        await writer.drain()
+    finally:
+        writer.close()
+        await writer.wait_closed()
+        server.close()
+        await server.wait_closed()
