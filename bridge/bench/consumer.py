@@ -142,7 +142,9 @@ class ReadClock(TCPTransportFactory):
     def _read_myself(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """The transport stops reading (it keeps writing); a duplicate of its socket is read
         with recvmsg (a loop refuses a reader on a transport's own descriptor), until the end
-        of the stream or the transport's close (its protocol's connection_lost)."""
+        of the stream or the transport's close (its protocol's connection_lost). Without the
+        stream reader's flow control (it would resume the transport's reads): the bench's
+        consumer keeps up, and a run's events are bounded."""
         loop = asyncio.get_running_loop()
         transport = cast(asyncio.Transport, writer.transport)
         sock = socket.socket(fileno=os.dup(transport.get_extra_info("socket").fileno()))
@@ -156,8 +158,9 @@ class ReadClock(TCPTransportFactory):
         lost = protocol.connection_lost
 
         def done() -> None:
-            loop.remove_reader(fd)
-            sock.close()
+            if sock.fileno() != -1:  # not closed yet
+                loop.remove_reader(fd)
+                sock.close()
 
         def ready() -> None:
             try:
@@ -178,8 +181,7 @@ class ReadClock(TCPTransportFactory):
             feed(data)
 
         def connection_lost(exc: Exception | None) -> None:
-            if not sock._closed:  # type: ignore[attr-defined]
-                done()
+            done()
             lost(exc)
 
         protocol.connection_lost = connection_lost  # type: ignore[method-assign]
