@@ -5,9 +5,9 @@ Used the same way for the bridge, the hand-written peer and the raw aio-pika cei
 exclusive queue, consumed with ``no_ack`` on an aiormq channel (what aio-pika runs on; the
 cheapest consumer there is in Python). For every ``call.signaling`` / ``call.state`` delivery it
 counts the event and its distinct ``message_id``; for a ``call.signaling`` that carries a
-``bench_t`` stamp it records the hop latency (send stamp to the moment the event's bytes were
-read off the consumer's socket: :class:`ReadClock`; the machine's CLOCK_MONOTONIC, which every
-process shares) and gives the load generator one credit.
+``bench_t`` stamp it records the hop latency (send stamp to the kernel's receive time of the
+consumer's read that held the event: :class:`ReadClock`; on the machine's CLOCK_MONOTONIC, which
+every process shares) and gives the load generator one credit.
 
 It runs in its own process (``python -m bridge.bench.consumer``, driven by :class:`SinkProc`
 over its stdin/stdout): in the load generator's process its AMQP work (aiormq and pamqp parse
@@ -201,7 +201,8 @@ class ReadClock(TCPTransportFactory):
         self._tail = buf[-self.TAIL:]
 
     def take(self, marker: bytes, default: int) -> int:
-        """The read time of the oldest event with ``marker`` not taken yet (``default``: none)."""
+        """The hop end (receive time) of the oldest event with ``marker`` not taken yet
+        (``default``: none)."""
         q = self.read_at.get(marker)
         if not q:
             return default
