@@ -957,6 +957,7 @@ class LeaseRetirer:
         self._refuse = refuse
         self._task: asyncio.Task | None = None
         self._left: set[str] = set()  # in use by a replica with leases on (said once)
+        self._stopped = False
         self.retired = 0
         self.refused = 0
         link.on_ready(self._start)
@@ -966,7 +967,7 @@ class LeaseRetirer:
         if old is not None:  # a pass on the previous connection: ended before this one begins
             old.cancel()
             await asyncio.gather(old, return_exceptions=True)
-        if self.pending:
+        if self.pending and not self._stopped:
             self._task = asyncio.create_task(self._run(conn), name="lease retirer")
 
     async def _run(self, conn: AbstractConnection) -> None:
@@ -988,8 +989,9 @@ class LeaseRetirer:
                         self.pending.discard(hw)
                 if self.pending:
                     await asyncio.sleep(RETIRE_EVERY_S)
-        except (aiormq.exceptions.AMQPError, ConnectionError) as e:
-            log.debug("retiring lease queues interrupted (%s); again at the next connection", e)
+        except Exception as e:  # AMQP errors, a lost connection; aiormq fails what was pending on
+            # a connection closed without a reason with a bare Exception(): none may end the task
+            log.debug("retiring lease queues interrupted (%r); again at the next connection", e)
         finally:
             if ch is not None and not ch.is_closed:
                 with contextlib.suppress(Exception):
@@ -1024,6 +1026,7 @@ class LeaseRetirer:
         return True
 
     async def stop(self) -> None:
+        self._stopped = True  # a connection restored while stopping starts no new pass
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
