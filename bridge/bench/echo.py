@@ -3,7 +3,8 @@
 A process that does what the bridge's forward path does and nothing else: one WebSocket
 session per device (``EPSIGNAL_DEVICES``) to ``EPSIGNAL_PBX_URL``, the same client login
 (:func:`bridge.pbx.session.login_as_client`) and ``Attach``, then every Signaling frame is sent
-straight back, undecoded. The load generator measures its round trips like the bridge's, so
+straight back, undecoded, in the callback that read it, as the bridge forwards
+(:mod:`bridge.pbx.connection`). The load generator measures its round trips like the bridge's, so
 the difference between the two is what the bridge itself adds (decoding, the events, the
 publisher sharing the event loop); the floor is the Python + websockets + loopback cost.
 """
@@ -16,9 +17,9 @@ import signal
 import sys
 
 from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed
 
-from bridge.pbx.session import PbxClientConnection, login_as_client
+from bridge.pbx.connection import PbxClientConnection
+from bridge.pbx.session import login_as_client
 from bridge.protocol import messages as m
 
 SIGNALING = b'{"mt":"Signaling"'
@@ -31,15 +32,13 @@ async def _session(url: str, app: str, password: str, hw: str, gate: asyncio.Sem
         assert isinstance(ws, PbxClientConnection)  # create_connection above
         await login_as_client(ws, app, password, 10, m.MAX_FRAME_BYTES)
         await ws.send(m.encode(m.Attach(hw=hw, src=hw)), text=True)
-    try:
-        recv, send, took_binary = ws.recv, ws.send, ws.took_binary
-        while True:
-            data = await recv(decode=False)
-            binary = took_binary()  # as the bridge: a forward is the kind of frame that came
-            if data.startswith(SIGNALING):
-                await send(data, text=not binary)
-    except ConnectionClosed:
-        pass
+
+    def echo(data: bytes, binary: bool) -> None:  # as the bridge: in the callback that read it
+        if data.startswith(SIGNALING):
+            ws.forward(data, binary)  # the kind of frame that came
+
+    ws.take(echo)
+    await ws.wait_closed()
 
 
 async def main() -> int:

@@ -3,9 +3,9 @@ instructions on (``valgrind --tool=callgrind``) or to profile (cProfile), where 
 cannot blur the figure as it blurs CPU seconds and rates.
 
 ``python -m bridge.bench.perframe FRAMES [KINDS]`` runs the real code of everything between a
-frame's receive and its event's write to the broker: :meth:`PbxSession.run` (decode, forward,
-``Device.on_frame``: call state and the events encoded) with a stand-in WebSocket whose ``recv``
-returns the load generator's frames (:mod:`bridge.bench.frames`, 100 devices) and whose ``send``
+frame's receive and its event's write to the broker: :meth:`PbxSession._frame` (decode, forward,
+``Device.on_frame``: call state and the events encoded) with a stand-in WebSocket that hands it
+the load generator's frames (:mod:`bridge.bench.frames`, 100 devices) and whose ``send``
 drops the forward, and :class:`EventPublisher` (buffer, slices, ``Wire`` frames, confirmation
 futures and their callbacks) on a stand-in aiormq channel that takes each written slice and
 acknowledges it at once (``basic.ack`` with ``multiple``, as RabbitMQ answers a burst). Not
@@ -34,7 +34,6 @@ import sys
 from typing import cast
 
 from aiormq.base import FutureStore
-from websockets.exceptions import ConnectionClosed
 
 from bridge.amqp.link import BrokerLink
 from bridge.amqp.publisher import EventPublisher
@@ -57,21 +56,23 @@ class _Ws:
         self.frames.reverse()
         self.forwarded = 0
 
-    async def recv(self, decode=None):
-        if not self.frames:
-            raise ConnectionClosed(None, None)
-        if len(self.frames) % 8 == 0:  # the socket has no more data every few frames: a real wait
-            await asyncio.sleep(0)
-        return self.frames.pop()
+    def take(self, taker) -> None:
+        self.taker = taker
 
-    def took_binary(self) -> bool:
-        return False
+    async def wait_closed(self) -> None:
+        """The frames handed to the session as the connection's callback would, then the end."""
+        frames, taker = self.frames, self.taker
+        while frames:
+            if len(frames) % 8 == 0:  # the socket has no more data every few frames: a real wait
+                await asyncio.sleep(0)
+            taker(frames.pop(), False)
 
-    async def send(self, data, text=None) -> None:
+    def forward(self, data: bytes, binary: bool) -> bool:
         self.forwarded += 1
+        return True
 
-    async def close(self, *a) -> None:
-        pass
+    def fail(self, code: int, reason: str) -> None:
+        raise AssertionError(f"the session failed the connection: {code} {reason}")
 
 
 class _Raw:

@@ -9,16 +9,17 @@ buffer. Nothing on this path waits on the broker.
 Calls the application started (negative ids) end at the application: their messages are
 published, not forwarded (EPSIGNAL decision, see docs/DESIGN.md).
 
-A frame is forwarded as the kind of frame it came as (:class:`FrameKinds`): text as text, binary
-as binary. Text frames are not checked for UTF-8 on this path (it would cost a decode per frame):
-the bytes go back as they came, so the bridge never makes a frame invalid that was not.
+Frames are taken in the event loop's callback that read them, so a forward never waits behind
+other work the loop has queued (:mod:`bridge.pbx.connection`). A frame is forwarded as the kind
+of frame it came as: text as text, binary as binary. Text frames are not checked for UTF-8 on
+this path (it would cost a decode per frame): the bytes go back as they came, so the bridge
+never makes a frame invalid that was not.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections import deque
 from contextlib import nullcontext
@@ -27,17 +28,15 @@ from typing import TYPE_CHECKING, cast
 
 import msgspec
 
-from websockets.asyncio.client import ClientConnection
-from websockets.asyncio.connection import Connection
-from websockets.asyncio.server import ServerConnection
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
-from websockets.frames import BINARY, TEXT, Frame
+from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 
 from bridge import intercept as ic
 from bridge import tracing
 from bridge.device import Device
+from bridge.pbx.connection import PbxConnection
 from bridge.metrics import FORWARD_SECONDS, FRAMES as STATS
 from bridge.events import Outgoing
 from bridge.protocol import messages as m
@@ -62,92 +61,22 @@ def ws_max_size(max_frame_bytes: int) -> int:
     return 2 * max_frame_bytes
 
 
-if TYPE_CHECKING:  # what the mixin is mixed into (at run time it derives from object)
-    _Connection = Connection
-else:
-    _Connection = object
-
-
-class FrameKinds(_Connection):
-    """Mixin for the bridge's PBX connections: tells which messages came as binary frames (and
-    spreads the keepalive pings of sessions opened together, :meth:`keepalive`).
-
-    ``recv(decode=False)`` returns bytes for text and binary frames alike, but a forward must go
-    out as the kind of frame that came: a binary frame may hold bytes that are not UTF-8, and
-    sent as a text frame they make an RFC 6455 peer fail the connection (1007), which ends the
-    device's session. Every reader calls :meth:`took_binary` once after each ``recv``. A text
-    frame costs a counter (about 0.2 us a frame in all, measured; a wrapper around ``recv``, one
-    more coroutine per frame, cost 0.5 us); a deque exists only while binary messages wait to be
-    read. A login frame lost to a timeout would shift the count, but then the login fails and
-    the connection is dropped with it.
-    """
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self._begun = 0  # messages whose first frame arrived
-        self._read = 0  # messages taken by took_binary
-        self._binary_at: deque[int] | None = None  # numbers of the binary ones not read yet
-
-    def process_event(self, event) -> None:
-        super().process_event(event)  # queues a data frame (raises once the stream has ended)
-        if event.__class__ is Frame:  # not the handshake
-            opcode = event.opcode
-            if opcode is TEXT:  # a message's first frame (CONT frames follow it)
-                self._begun += 1
-            elif opcode is BINARY:
-                self._begun += 1
-                if self._binary_at is None:
-                    self._binary_at = deque()
-                self._binary_at.append(self._begun)
-
-    async def keepalive(self) -> None:
-        """websockets' keepalive (a ping every ``ping_interval``; the connection fails when no
-        pong comes within ``ping_timeout``), its first ping put off by a random part of the
-        interval. Sessions opened together (the bridge's start, the PBX back after a restart)
-        would otherwise ping in one burst every interval, in one turn of the event loop that
-        forwarding then waits behind (100 sessions: a cluster in the benchmark's forwarding tail
-        every 20 s). The first ping comes one to two intervals after the open."""
-        if self.ping_interval is not None:
-            await asyncio.sleep(random.uniform(0, self.ping_interval))
-        await super().keepalive()
-
-    def took_binary(self) -> bool:
-        """Call once after each ``recv``: the message it returned came as a binary frame."""
-        self._read += 1
-        at = self._binary_at
-        if at is None or at[0] != self._read:
-            return False
-        at.popleft()
-        if not at:
-            self._binary_at = None
-        return True
-
-
-class PbxClientConnection(FrameKinds, ClientConnection):
-    """The bridge's connection to the PBX in client mode."""
-
-
-class PbxServerConnection(FrameKinds, ServerConnection):
-    """The PBX's connection to the bridge in server mode."""
-
-
-async def _recv(ws: FrameKinds, timeout: float, max_bytes: int) -> m.Frame:
+async def _recv(ws: PbxConnection, timeout: float, max_bytes: int) -> m.Frame:
     # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that arrives just
     # after its inner future finished (a stopped runner then went on attaching; fixed in 3.12)
     async with asyncio.timeout(timeout):
         data = await ws.recv(decode=False)
-    ws.took_binary()  # login frames are read the same either way; this keeps the count
     return m.decode(data, max_bytes)
 
 
-async def _expect(ws: FrameKinds, kind: type, timeout: float, max_bytes: int):
+async def _expect(ws: PbxConnection, kind: type, timeout: float, max_bytes: int):
     msg = await _recv(ws, timeout, max_bytes)
     if type(msg) is not kind:
         raise FrameError("invalid", f"expected {kind.__name__} during login, got {type(msg).__name__}")
     return msg
 
 
-async def login_as_client(ws: FrameKinds, app: str, password: str, timeout: float, max_bytes: int) -> None:
+async def login_as_client(ws: PbxConnection, app: str, password: str, timeout: float, max_bytes: int) -> None:
     """Log in to the PBX (client mode). Raises LoginFailed on a refused login."""
     lg = ClientLogin(app, password)
     await ws.send(m.encode(lg.start()), text=True)
@@ -156,7 +85,7 @@ async def login_as_client(ws: FrameKinds, app: str, password: str, timeout: floa
     lg.on_result(await _expect(ws, m.AppLoginResult, timeout, max_bytes))
 
 
-async def login_as_server(ws: FrameKinds, app: str, password: str, timeout: float, max_bytes: int) -> str:
+async def login_as_server(ws: PbxConnection, app: str, password: str, timeout: float, max_bytes: int) -> str:
     """Verify the login of a PBX App object that connected in (server mode)."""
     lg = ServerLogin({app: password})
     req = await _expect(ws, m.AppChallenge, timeout, max_bytes)
@@ -188,7 +117,7 @@ class PbxSession:
     """One AppWebsocket session carrying EpSignal for one device (client mode) or all of them
     (server mode): reads, forwards, hands frames to their devices, sends on their behalf."""
 
-    def __init__(self, ws: FrameKinds, emit: Emit, max_bytes: int,
+    def __init__(self, ws: PbxConnection, emit: Emit, max_bytes: int,
                  intercept: Interceptor | None = None) -> None:
         """``intercept``: the bridge's intercept adapter (None: nothing is ever held here)."""
         _forget_handshake(ws)
@@ -209,6 +138,7 @@ class PbxSession:
         self._carrier: asyncio.Task | None = None
         if intercept is not None:
             intercept.sessions.add(cast("Session", self))  # it has a gate: intercept is on
+        ws.take(self._frame)  # from now on (and those that came with the login's last frame)
 
     async def attach(self, device: Device, timeout: float) -> m.AttachResult:
         """Send Attach for ``device`` and wait for its AttachResult."""
@@ -254,52 +184,50 @@ class PbxSession:
                 self.emit(ev)
 
     async def run(self) -> None:
-        """Read until the connection ends; then every waiter learns of it (:meth:`_reader_ended`).
-
-        The steps of a frame: receive; count and decode (:meth:`_bad_frame` for one that is
-        not a frame); **forward first** (a Signaling message of a PBX call, unless the intercept
-        gate takes it: :meth:`_offer`); then :meth:`_deliver` (demultiplex by ``src``, answer
-        a waiting attach, the device's events, traced or not, emitted). Receive and forward
-        stay inline here and ``_deliver`` is the one call after the forward: a step of its own
-        would cost the reader a call per frame."""
-        ws, stats, observe, deliver = self.ws, STATS, FORWARD_SECONDS.observe, self._deliver
-        gate = self.gate
-        rules = cast(ic.Rules, gate.rules if gate is not None else None)  # read only with a gate
+        """Wait for the connection to end (its messages are taken from the session's start, in
+        the event loop's callbacks: :meth:`_frame`); then every waiter learns of it
+        (:meth:`_reader_ended`)."""
         try:
-            while True:
-                # an idle session keeps nothing of its last frame (its bytes, the decoded
-                # message; the device and its events are _deliver's): ~1.5 kB per device at
-                # 10,000 mostly idle sessions
-                data = msg = None
-                data = await ws.recv(decode=False)
-                binary = ws.took_binary()
-                t0 = time.perf_counter_ns()
-                stats.frames_in += 1
-                try:
-                    msg = m.decode(data, self.max_bytes)
-                except FrameError as e:
-                    self._bad_frame(e)
-                    continue
-                took = None  # ns from read to forwarded; None: not forwarded
-                if type(msg) is m.Signaling and msg.call >= 0:
-                    # intercept mode: one test while no device has rules and nothing is held,
-                    # a set lookup for a device without rules while others have some
-                    if gate is not None and (gate.calls or (rules.on and (
-                            rules.everyone or msg.src in rules.watch or msg.src is m.UNSET))) \
-                            and self._offer(msg, data, binary):
-                        continue  # held or queued: forwarded (and its events made) when released
-                    await ws.send(data, text=not binary)  # forward first, unchanged, the same kind
-                    took = time.perf_counter_ns() - t0
-                    stats.forwarded += 1
-                    observe(took / 1e9)
-                deliver(msg, t0, took)
-        except ConnectionClosed:
-            pass
-        except Exception:  # a bug must not leave the PBX's calls waiting on an unread socket
-            log.exception("PBX session reader failed; closing the session (it will reconnect)")
-            await ws.close(1011, "internal error")
+            await self.ws.wait_closed()
         finally:
+            self.ws.take(None)
             self._reader_ended()
+
+    def _frame(self, data: bytes, binary: bool) -> None:
+        """One message from the PBX, in the event loop's callback that read it
+        (:meth:`PbxConnection.take`): count and decode (:meth:`_bad_frame` for one that is not
+        a frame); **forward first** (a Signaling message of a PBX call, unless the intercept
+        gate takes it: :meth:`_offer`), before the loop runs anything else; then
+        :meth:`_deliver` (demultiplex by ``src``, answer a waiting attach, the device's events,
+        traced or not, emitted). Forward inline, ``_deliver`` the one call after it: a step of
+        its own would cost a call per frame. A bug here closes the session (1011; it
+        reconnects) rather than leave the PBX's calls unanswered."""
+        try:
+            t0 = time.perf_counter_ns()
+            STATS.frames_in += 1
+            try:
+                msg = m.decode(data, self.max_bytes)
+            except FrameError as e:
+                self._bad_frame(e)
+                return
+            took = None  # ns from read to forwarded; None: not forwarded
+            if type(msg) is m.Signaling and msg.call >= 0:
+                # intercept mode: one test while no device has rules and nothing is held, a set
+                # lookup for a device without rules while others have some
+                gate = self.gate
+                if gate is not None and (gate.calls or (gate.rules.on and (
+                        gate.rules.everyone or msg.src in gate.rules.watch or msg.src is m.UNSET))) \
+                        and self._offer(msg, data, binary):
+                    return  # held or queued: forwarded (and its events made) when released
+                if not self.ws.forward(data, binary):  # forward first, unchanged, the same kind
+                    return  # the connection is closing: the session ends with it
+                took = time.perf_counter_ns() - t0
+                STATS.forwarded += 1
+                FORWARD_SECONDS.observe(took / 1e9)
+            self._deliver(msg, t0, took)
+        except Exception:  # a bug must not leave the PBX's calls waiting on an unread socket
+            log.exception("PBX session failed on a frame; closing the session (it will reconnect)")
+            self.ws.fail(CloseCode.INTERNAL_ERROR, "internal error")
 
     def _bad_frame(self, e: FrameError) -> None:
         """Not a frame the bridge reads: counted, logged at 1, 2, 4, 8, ... (no flood)."""
@@ -333,7 +261,7 @@ class PbxSession:
             emit(ev)
 
     def _reader_ended(self) -> None:
-        """The reader ended: held messages are dropped, every waiter learns of it."""
+        """The connection ended: held messages are dropped, every waiter learns of it."""
         if self.gate is not None:
             self._lost()
         err = ConnectionError("PBX session closed")

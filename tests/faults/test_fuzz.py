@@ -203,6 +203,35 @@ async def test_unpublishable_event_does_not_spin_the_publisher(fake_pbx, bus, se
     assert await bridge.publisher.flush(1)
 
 
+async def test_a_bug_on_a_frame_closes_the_session_which_comes_back(fake_pbx, bus, settings_for, start_bridge,
+                                                                   monkeypatch, caplog):
+    """Frames are handled in the event loop's callback that read them (bridge/pbx/connection.py):
+    a bug there must neither take the event loop's reading down nor leave the PBX's calls waiting
+    on a session nobody serves. The frame was forwarded already (forward first); the session is
+    closed with 1011, the device reconnects, and forwarding goes on on the new session."""
+    from bridge.device import Device
+
+    _, sess, runner = await _session(fake_pbx, settings_for, start_bridge)
+    on_frame = Device.on_frame
+
+    def buggy(self, msg):
+        if type(msg) is m.Signaling and msg.call == 66:
+            raise RuntimeError("a bug on frame 66")
+        return on_frame(self, msg)
+
+    monkeypatch.setattr(Device, "on_frame", buggy)
+    await sess.send(_sig(66))
+    await asyncio.wait_for(sess.closed.wait(), 10)
+    assert sess.close_code == 1011
+    assert sess.received == [_sig(66)]  # forwarded before the bug
+    assert "PBX session failed on a frame" in caplog.text and "a bug on frame 66" in caplog.text
+    again = await fake_pbx.wait_session(2, timeout=15)
+    await eventually(lambda: runner.device.attached, 5, "the device attached again")
+    await again.send(_sig(7))
+    await again.until_received(1, timeout=3)
+    assert again.received == [_sig(7)]
+
+
 async def test_events_are_valid_json_even_when_the_sig_is_not_valid_utf8(fake_pbx, bus, settings_for, start_bridge):
     _, sess, _ = await _session(fake_pbx, settings_for, start_bridge)
     q = await bus.channel.declare_queue(exclusive=True)

@@ -1,7 +1,7 @@
 """The bridge's PBX connections do not ping in step (no broker: a local WebSocket server).
 
 Sessions opened together would each ping every ``ping_interval`` from their open, all in the
-same turn of the event loop; :meth:`bridge.pbx.session.FrameKinds.keepalive` puts each first
+same turn of the event loop; :meth:`bridge.pbx.connection.PbxConnection.keepalive` puts each first
 ping off by a random part of the interval."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import time
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import serve
 
-from bridge.pbx.session import PbxClientConnection
+from bridge.pbx.connection import PbxClientConnection
 
 SESSIONS = 30
 INTERVAL = 1.0

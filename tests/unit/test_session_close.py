@@ -19,6 +19,9 @@ class SendFailsAfterClose:
     def __init__(self) -> None:
         self.sending, self.fail = asyncio.Event(), asyncio.Event()
 
+    def take(self, taker) -> None:  # the session takes the connection's messages: none come here
+        pass
+
     async def send(self, data, text: bool = False) -> None:
         self.sending.set()
         await self.fail.wait()
