@@ -4,9 +4,10 @@ A process that does what the bridge's forward path does and nothing else: one We
 session per device (``EPSIGNAL_DEVICES``) to ``EPSIGNAL_PBX_URL``, the same client login
 (:func:`bridge.pbx.session.login_as_client`) and ``Attach``, then every Signaling frame is sent
 straight back, undecoded, in the callback that read it, as the bridge forwards
-(:mod:`bridge.pbx.connection`). The load generator measures its round trips like the bridge's, so
-the difference between the two is what the bridge itself adds (decoding, the events, the
-publisher sharing the event loop); the floor is the Python + websockets + loopback cost.
+(:mod:`bridge.pbx.connection`), on the bridge's event loop. The load generator measures its
+round trips like the bridge's, so the difference between the two is what the bridge itself
+adds (decoding, the events, the publisher sharing the event loop); the floor is the Python +
+websockets + loopback cost.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import sys
 
 from websockets.asyncio.client import connect
 
+from bridge.main import loop_factory
 from bridge.pbx.connection import PbxClientConnection
 from bridge.pbx.session import login_as_client
 from bridge.protocol import messages as m
@@ -61,4 +63,5 @@ async def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(asyncio.run(main()))
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:  # the bridge's loop (uvloop)
+        sys.exit(runner.run(main()))

@@ -61,19 +61,27 @@ class PbxConnection(_Connection):
     _parts: list[Frame] | None = None
     #: the task closing the connection after :meth:`fail`
     _failing: asyncio.Task | None = None
+    #: reading paused here while the transport's buffer is full (resumed once it has drained)
+    _held = False
+
+    @property
+    def serving(self) -> bool:
+        """Messages are taken, the connection is open and has not failed."""
+        return self._taker is not None and self._failing is None and self.protocol.state is OPEN
 
     def take(self, taker: Taker | None) -> None:
         """Hand every message to ``taker`` from now on, those queued for ``recv`` first (None:
         queue them for ``recv`` again, a session that ended)."""
         self._taker = taker
         if taker is None:
+            self._read_again()
             return
         queued = self.recv_messages.frames.queue  # arrived before the take: theirs is the turn
-        while queued and self._taker is taker:
+        while queued and self._taker is not None:
             self._take(queued.popleft())
         self.recv_messages.maybe_resume()  # the queue may have paused reading when it was full
         if self.paused:  # the transport's buffer is full now: read again once it has drained
-            self.transport.pause_reading()
+            self._hold()
 
     def process_event(self, event) -> None:
         if self._taker is not None and event.__class__ is Frame and (
@@ -88,9 +96,10 @@ class PbxConnection(_Connection):
             if parts is None:  # the protocol does not let a CONT frame start a message
                 return
             parts.append(frame)
+            if len(parts) > MAX_FRAGMENTS:  # as websockets' reader: 4,096 frames at most
+                self.fail(CloseCode.MESSAGE_TOO_BIG, "too many fragments")
+                return
             if not frame.fin:
-                if len(parts) > MAX_FRAGMENTS:
-                    self.fail(CloseCode.MESSAGE_TOO_BIG, "too many fragments")
                 return
             self._parts = None
             data = b"".join(f.data for f in parts)
@@ -112,7 +121,7 @@ class PbxConnection(_Connection):
         await (flow control: :meth:`pause_writing`). False if the connection is not open any
         more (closing: nothing is sent)."""
         protocol = self.protocol
-        if protocol.state is not OPEN:
+        if protocol.state is not OPEN or self.transport.is_closing():  # (aborted: still OPEN)
             return False
         if binary:
             protocol.send_binary(data)
@@ -127,9 +136,11 @@ class PbxConnection(_Connection):
         return True
 
     def fail(self, code: int, reason: str) -> None:
-        """Stop taking messages and close the connection (a message that cannot be taken, a
-        session that cannot go on): the close runs on a task of its own."""
-        self._taker = None
+        """Close the connection (a message that cannot be taken, a session that cannot go on);
+        the close runs on a task of its own. Messages that come until it is done are read and
+        dropped: reading must go on, or the peer's answering close frame would wait unread
+        (behind a full queue, or a paused read) until the close timed out into an abort."""
+        self._taker = _drop
         self._parts = None
         if self._failing is None:
             self._failing = asyncio.get_running_loop().create_task(self.close(code, reason))
@@ -137,11 +148,20 @@ class PbxConnection(_Connection):
     def pause_writing(self) -> None:
         super().pause_writing()
         if self._taker is not None:  # forwards do not wait for the drain: stop reading instead
-            self.transport.pause_reading()
+            self._hold()
 
     def resume_writing(self) -> None:
         super().resume_writing()
-        if self._taker is not None:
+        self._read_again()
+
+    def _hold(self) -> None:
+        if not self._held:
+            self._held = True
+            self.transport.pause_reading()
+
+    def _read_again(self) -> None:
+        if self._held:
+            self._held = False
             self.transport.resume_reading()
 
     async def keepalive(self) -> None:
@@ -154,6 +174,10 @@ class PbxConnection(_Connection):
         if self.ping_interval is not None:
             await asyncio.sleep(random.uniform(0, self.ping_interval))
         await super().keepalive()
+
+
+def _drop(data: bytes, binary: bool) -> None:
+    """The taker of a failed connection."""
 
 
 class PbxClientConnection(PbxConnection, ClientConnection):

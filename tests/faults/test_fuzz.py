@@ -107,7 +107,7 @@ async def test_100k_malformed_frames_from_the_pbx_do_not_disturb_the_session(
     assert FRAMES.forwarded - fwd0 == len(expected) + 1
     # the session is the one from the start: no reconnect, still up, still read
     assert fake_pbx.connections == 1 and not sess.closed.is_set()
-    assert runner.reconnects == 0 and runner.session is not None and not runner.session.reader.done()
+    assert runner.reconnects == 0 and runner.session is not None and runner.session.ws.serving
     assert runner.device.attached and not runner.task.done()
     # and it still works both ways: a command goes out on it
     reply = await bus.command(HW, "signaling", {"call": -7, "sig": {"type": "setup", "cd": {"num": "201"}}})

@@ -73,7 +73,7 @@ async def test_a_command_that_is_not_utf8_is_refused_and_the_session_stays_up(si
     ev = await sig_events.get()
     assert ev.body["call"] == -1 and ev.body["origin"] == "command" and ev.body["sig"]["type"] == "setup"
     await eventually(lambda: sim.stats()["app_calls"] == 1, 5, "the call placed at the PBX")
-    assert _session_of(bridge, hw) == (session, reconnects) and not session.reader.done()
+    assert _session_of(bridge, hw) == (session, reconnects) and session.ws.serving
     assert sim.stats()["sessions"] == 1 and sim.stats()["invalid_utf8"] == 0
     assert bridge.consumer.stats.by_outcome.get(("signaling", "refused")) == 1
     print(f"\nFIGURES utf8-command: refused in {refused_ms:.0f} ms, dead-lettered 1, reconnects "
@@ -114,7 +114,7 @@ async def test_bad_hw_and_call_ids_are_refused_with_the_reason(sim, bus, setting
     assert set(bridge.pbx.runners) == {hw}
     s = sim.stats()
     assert (s["attached_devices"], s["bad_signaling"], s["app_calls"], s["invalid_utf8"]) == (1, 0, 0, 0)
-    assert _session_of(bridge, hw) == (session, reconnects) and not session.reader.done()
+    assert _session_of(bridge, hw) == (session, reconnects) and session.ws.serving
     print(f"\nFIGURES bad-ids: {len(BAD_IDS)} refused and dead-lettered with the reason, 0 Attach sent, "
           f"reconnects {_session_of(bridge, hw)[1] - reconnects}")
 
@@ -144,7 +144,7 @@ async def test_a_binary_frame_from_the_pbx_is_forwarded_as_binary(fake_pbx, bus,
     assert sess.binary == [True, True, False]  # each as the kind of frame it came as
     assert sess.invalid_text() == []  # no text frame an RFC 6455 PBX would fail
     assert fake_pbx.connections == 1 and not sess.closed.is_set()
-    assert runner.reconnects == 0 and not runner.session.reader.done()
+    assert runner.reconnects == 0 and runner.session.ws.serving
 
     evs = [await q.get() for _ in range(3)]  # valid JSON (the fixture's json.loads) for each
     by_call = {e.body["call"]: e.body for e in evs}

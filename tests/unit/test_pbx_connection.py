@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from websockets.asyncio.client import connect
@@ -175,7 +176,9 @@ async def test_a_peer_that_stops_reading_stops_the_connection_reading_from_it():
                     break
                 sent += 1
             assert stopped, f"{sent} messages of 64 KiB sent to a side whose peer reads nothing"
-            assert conns[0].transport.get_write_buffer_size() < 2 * len(body) + 1024
+            # bounded: the write limit, plus what one read had parsed when the limit was passed
+            # (up to 256 KiB a read); without the pause it holds whatever the kernel took, MBs
+            assert conns[0].transport.get_write_buffer_size() < 1024 * 1024
             ws.transport.resume_reading()
             got = [await asyncio.wait_for(ws.recv(), 10) for _ in range(sent)]
     assert [g[:8] for g in got] == [b"%08d" % i for i in range(sent)]
@@ -186,10 +189,62 @@ async def test_too_many_fragments_close_the_connection_as_too_big():
     async with server:
         port = server.sockets[0].getsockname()[1]
         async with connect(f"ws://127.0.0.1:{port}", compression=None) as ws:
+            # websockets sends n fragments as n frames and an empty final one: MAX_FRAGMENTS
+            # frames, as many as websockets' own reader takes
+            await ws.send([b"x"] * (MAX_FRAGMENTS - 1), text=False)
+            assert await asyncio.wait_for(ws.recv(), 5) == b"x" * (MAX_FRAGMENTS - 1)
             try:
-                await ws.send([b"x"] * (MAX_FRAGMENTS + 2), text=False)
+                await ws.send([b"x"] * MAX_FRAGMENTS, text=False)  # one frame more
                 await asyncio.wait_for(ws.recv(), 5)
             except ConnectionClosed:
                 pass
             await asyncio.wait_for(ws.wait_closed(), 5)
             assert ws.close_code == 1009
+
+
+@pytest.mark.parametrize("writes_paused", [False, True])
+async def test_a_failed_connection_still_reads_the_peer_s_close(writes_paused):
+    """fail() (a bug while taking a message) closes the connection cleanly, with the close code
+    given, when a burst of messages follows the failing one (more than websockets' queue holds
+    before it stops reading), and when it comes while reading is paused for a full write buffer
+    (a peer that reads nothing meanwhile): the peer's answering close frame must still be read,
+    else the close ends only at its timeout, as an abort (1006)."""
+    done: asyncio.Future = asyncio.get_running_loop().create_future()
+    paused_at_fail: list[bool] = []
+
+    async def handler(ws):
+        def bug(data: bytes, binary: bool) -> None:
+            if data == b"bug":
+                if writes_paused:  # more than the kernel's buffers take: the transport keeps the rest
+                    ws.forward(b"z" * (8 << 20), True)
+                paused_at_fail.append(ws.paused)
+                ws.fail(1011, "internal error")
+            else:
+                ws.forward(data, binary)
+
+        ws.take(bug)
+        await ws.wait_closed()
+        done.set_result((ws.close_code, ws.protocol.close_rcvd is not None))
+
+    async with serve(handler, "127.0.0.1", 0, compression=None, close_timeout=30,
+                     create_connection=PbxServerConnection) as server:
+        port = server.sockets[0].getsockname()[1]
+        async with connect(f"ws://127.0.0.1:{port}", compression=None, max_size=None,
+                           create_connection=PbxClientConnection) as ws:
+            if writes_paused:
+                ws.transport.pause_reading()  # the peer reads nothing for a while
+            ws.forward(b"bug", True)  # (forward: sent at once, no await)
+            for i in range(100):  # a burst after the failing message
+                ws.forward(b"after %d" % i, True)
+            if writes_paused:
+                await asyncio.sleep(0.5)
+                ws.transport.resume_reading()
+            try:
+                while True:
+                    await asyncio.wait_for(ws.recv(), 20)
+            except ConnectionClosed:
+                pass
+            assert ws.close_code == 1011
+        code, read_close = await asyncio.wait_for(done, 20)
+    assert paused_at_fail == [writes_paused]
+    assert (code, read_close) == (1011, True)
