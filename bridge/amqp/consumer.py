@@ -197,7 +197,13 @@ class CommandConsumer:
             valid = parsed[0] if parsed is not None and ids.valid_hw(parsed[0]) else None
             return await self._refuse(message, verb, valid, str(e))
         if redirect and self._redirect is not None:
-            target = await self._redirect(hw, verb)
+            try:
+                target = await self._redirect(hw, verb)
+            except Exception as e:  # left unacked, it would wait for the channel's end, then again
+                log.warning("could not make the lease queue of %s for a command: %s: %s", hw, type(e).__name__, e)
+                return await self._refuse(message, verb, hw, (
+                    f"not carried out: the lease queue of {hw} could not be made "
+                    f"({type(e).__name__}: {e}); send it again"))
             if target is not None:
                 return await self._move(message, target, verb, hw)
         if not self._limiter.allow(hw, time.monotonic()):

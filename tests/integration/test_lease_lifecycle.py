@@ -340,3 +340,25 @@ async def test_a_command_moved_to_a_lease_queue_that_routes_nowhere_is_refused_n
     [dead] = await bus.dead_letters(1)
     assert "routed it nowhere" in dead.headers["x-epsignal-error"]
     assert dead.headers["x-original-message-id"] == "m-1" and dead.routing_key == f"device.{hw}.attach"
+
+
+async def test_a_command_whose_lease_queue_cannot_be_made_is_refused_not_left_unacked(
+        sim, bus, start_bridge, lease_settings, cleanup):
+    """An attach for a device without a lease queue while the bridge cannot make that queue (its
+    lease channel is gone, or the broker refuses the declare): the command was left unacked, to
+    wait for the channel's end (or the broker's consumer timeout) and come back to fail again.
+    Now it is answered and dead-lettered with the reason, and acked."""
+    hw = ALL[-1]
+    a = await start_bridge(lease_settings(1, devices=",".join(ALL[:-1])))
+    await until(lambda: len(attached_by([a])) == N - 1, 15, "the configured devices attached")
+    a.leases._usable = lambda: None  # adopt's own failure: no lease channel to declare on
+    r = await bus.command(hw, "attach", message_id="m-2")
+    assert r["ok"] is False and "could not be made" in r["error"] and "no lease channel" in r["error"], r
+    [dead] = await bus.dead_letters(1)
+    assert "could not be made" in dead.headers["x-epsignal-error"]
+    assert dead.headers["x-original-message-id"] == "m-2" and dead.routing_key == f"device.{hw}.attach"
+    ch = await bus.conn.channel()
+    q = await ch.declare_queue(bus.s.commands_queue, passive=True)
+    assert q.declaration_result.message_count == 0  # acked: nothing waits to come back
+    await ch.close()
+    assert hw not in attached_by([a])
