@@ -16,6 +16,8 @@ Each policy is a named function of the attempt (or a tenacity wait object built 
   number; while hurrying (a stop with events to flush) :data:`HURRY_RETRY_S`.
 - :func:`broker_lost` (broker link): after a lost connection :func:`short_lived`, while
   hurrying :data:`HURRY_RETRY_S`.
+- :func:`channel_reopen` (lease channel; broker link, a component's channel the broker closed
+  again soon after it was opened again): 0.1 s doubling to 5 s.
 - :func:`nack_pause` (event buffer): a nacked event waits from :data:`NACK_MIN_S`, doubling,
   up to :data:`NACK_MAX_S`.
 """
@@ -43,6 +45,8 @@ NEXT_ADDRESS_S = 0.25
 #: a lost channel opened again on a live connection: doubles from the first to the second
 CHANNEL_REOPEN_MIN_S = 0.1
 CHANNEL_REOPEN_MAX_S = 5.0
+#: a component's channel closed again within this long of its last reopening counts in a row
+CHANNEL_STABLE_S = 10.0
 #: the pause before a nacked event goes again: doubles from NACK_MIN_S up to NACK_MAX_S
 NACK_MIN_S = 0.5
 NACK_MAX_S = 8.0
@@ -96,7 +100,8 @@ def broker_connect(s: Settings, addresses: int, hurry: asyncio.Event) -> Wait:
 
 def channel_reopen(n: int) -> float:
     """Seconds before the ``n``-th try (from 1) to open a lost channel again on a connection that
-    is up (the lease channel): 0.1 s doubling to 5 s."""
+    is up (the lease channel; a link component's channel closed again within
+    :data:`CHANNEL_STABLE_S`, the first time at once): 0.1 s doubling to 5 s."""
     return min(CHANNEL_REOPEN_MAX_S, CHANNEL_REOPEN_MIN_S * 2 ** max(0, n - 1))
 
 

@@ -117,6 +117,8 @@ class BrokerLink:
         self._ready = asyncio.Event()
         self._components: list[Component] = []
         self._renewing: set[int] = set()  # id() of the components being restored alone
+        #: id() of a component -> (its renews in a row, the monotonic time of the last one)
+        self._renews: dict[int, tuple[int, float]] = {}
         #: the connection whose components are being restored (not ready yet), its topology, its lost
         self._restoring: tuple[AbstractConnection, Topology, asyncio.Future] | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -155,14 +157,26 @@ class BrokerLink:
                 or topo is None or id(component) in self._renewing):
             return
         self._renewing.add(id(component))
-        task = asyncio.create_task(self._renew(component, reason, conn, topo, lost))
+        # a channel the broker closes again and again (e.g. each request to a deleted exchange)
+        # is opened again after a growing pause, not at once every time
+        now = time.monotonic()
+        n, last = self._renews.get(id(component), (0, -backoff.CHANNEL_STABLE_S))
+        n = n + 1 if now - last < backoff.CHANNEL_STABLE_S else 0
+        self._renews[id(component)] = (n, now)
+        pause = backoff.channel_reopen(n) if n else 0.0
+        task = asyncio.create_task(self._renew(component, reason, conn, topo, lost, pause))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _renew(self, component: Component, reason: str, conn: AbstractConnection,
-                     topo: Topology, lost: asyncio.Future) -> None:
-        log.warning("%s; opening it again", reason)
+                     topo: Topology, lost: asyncio.Future, pause: float) -> None:
+        log.warning("%s; opening it again%s", reason, f" in {pause:g} s (closed again soon after opening)"
+                    if pause else "")
         try:
+            if pause:
+                await asyncio.sleep(pause)
+                if lost.done() or conn.is_closed:  # reconnecting meanwhile: the next one restores it
+                    return
             await component.restore(conn, topo)
         except Exception as e:
             if not lost.done() and not conn.is_closed:  # else the link is reconnecting already

@@ -5,6 +5,7 @@ where a test must send two messages of one call at once), a decider in the test 
 from __future__ import annotations
 
 import asyncio
+import time
 import json
 
 import aio_pika
@@ -410,3 +411,29 @@ async def test_the_intercept_channel_closed_alone_is_opened_again(sim, bus, sett
     assert {"type": "name_identification", "name": "Grace"} in sim.received(call)["device"][0]["fty"]
     assert len(decider.requests) == 1 and bridge.link.reconnects == reconnects, "the connection was not lost"
     assert any("intercept channel closed by the broker" in r.getMessage() for r in caplog.records)
+
+
+async def test_an_intercept_channel_closed_again_and_again_is_opened_again_ever_later(
+        sim, bus, settings_for, start_bridge, caplog):
+    """A broker that closes the intercept channel again soon after each reopening (say, every
+    request to a deleted exchange): it is opened again after 0.1 s, 0.2 s, 0.4 s, ... (at most
+    5 s), not at once every time (a new channel and a WARNING per request); once it stays up it
+    serves as before."""
+    hw = sim.hw(7)
+    decider = await Decider(bus, lambda req: renamed(req, "Ada")).start()
+    bridge, q = await bridge_with(sim, bus, settings_for, start_bridge, hw)
+    reconnects = bridge.link.reconnects
+    t0 = time.monotonic()
+    for _ in range(5):  # closed at once after each reopening: five in a row
+        ch = bridge.intercept._ch
+        await ch.basic_nack(999_999)  # PRECONDITION_FAILED - unknown delivery tag: the channel closes
+        await eventually(lambda ch=ch: bridge.intercept._ch not in (None, ch), 15, "the intercept channel opened again")
+    took = time.monotonic() - t0
+    said = [r.getMessage() for r in caplog.records if "intercept channel closed by the broker" in r.getMessage()]
+    assert len(said) == 5 and "opening it again in" not in said[0]
+    assert [m.split("opening it again in ")[1].split(" s")[0] for m in said[1:]] == ["0.1", "0.2", "0.4", "0.8"]
+    assert took >= 1.5  # the pauses were made: 0.1 + 0.2 + 0.4 + 0.8
+    call = await sim.place_call(hw, direction="in", remote="202", hold_s=0.1)
+    [ev] = of_call(await released(q, call), call, "call.intercepted")
+    assert ev["outcome"] == "replace", ev
+    assert len(decider.requests) == 1 and bridge.link.reconnects == reconnects, "the connection was not lost"
