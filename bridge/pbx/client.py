@@ -26,8 +26,8 @@ from bridge import backoff
 from bridge.config import Settings
 from bridge.device import Device, bounded_result
 from bridge.pbx.mode import AttachFailed
-from bridge.pbx.connection import PbxClientConnection
-from bridge.pbx.session import SETTLE_S, Emit, PbxSession, login_as_client, ws_max_size
+from bridge.pbx.connection import PbxClientConnection, ws_max_size
+from bridge.pbx.session import SETTLE_S, Emit, PbxSession, login_as_client
 from bridge.tls import client_context
 from bridge.protocol import messages as m
 from bridge.protocol.errors import FrameError

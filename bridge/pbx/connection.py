@@ -23,7 +23,10 @@ What ``recv`` did, done here for the messages taken:
   over its high-water mark (a PBX that does not read what it is sent) the connection stops
   reading from the PBX until it has drained, as a reader awaiting ``send`` would;
 - **messages that came before the take** (with the login's last frame) are handed over first,
-  in order.
+  in order;
+- **a failure** (:meth:`PbxConnection.fail`, a session that cannot go on): the connection is
+  closed with the code given, and what comes until the close is done is read and dropped, so
+  that the peer's answering close frame is read too.
 
 A websockets upgrade that changes ``Assembler`` (``recv_messages.frames``) fails
 ``tests/unit/test_pbx_connection.py``.
@@ -49,6 +52,13 @@ else:
 
 #: takes one message: its bytes, and whether it came as a binary frame
 Taker = Callable[[bytes, bool], None]
+
+
+def ws_max_size(max_frame_bytes: int) -> int:
+    """The WebSocket layer's limit: twice the frame limit. A frame a little over the limit is
+    counted as a bad frame by ``decode`` and the session goes on; only a frame over twice the
+    limit ends the session (the memory bound against a hostile peer)."""
+    return 2 * max_frame_bytes
 
 
 class PbxConnection(_Connection):

@@ -20,8 +20,8 @@ from typing import cast
 from bridge.config import Settings
 from bridge.device import Device, bounded_result
 from bridge.pbx.mode import AttachFailed, CannotDetach
-from bridge.pbx.connection import PbxServerConnection
-from bridge.pbx.session import SETTLE_S, Emit, PbxSession, login_as_server, ws_max_size
+from bridge.pbx.connection import PbxServerConnection, ws_max_size
+from bridge.pbx.session import SETTLE_S, Emit, PbxSession, login_as_server
 from bridge.protocol import messages as m
 from bridge.protocol.errors import FrameError
 from bridge.protocol.login import LoginFailed

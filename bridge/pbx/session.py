@@ -54,13 +54,6 @@ Emit = Callable[[Outgoing], None]
 SETTLE_S = 2.0
 
 
-def ws_max_size(max_frame_bytes: int) -> int:
-    """The WebSocket layer's limit: twice the frame limit. A frame a little over the limit is
-    counted as a bad frame by ``decode`` and the session goes on; only a frame over twice the
-    limit ends the session (the memory bound against a hostile peer)."""
-    return 2 * max_frame_bytes
-
-
 async def _recv(ws: PbxConnection, timeout: float, max_bytes: int) -> m.Frame:
     # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that arrives just
     # after its inner future finished (a stopped runner then went on attaching; fixed in 3.12)
