@@ -887,20 +887,30 @@ class LeaseManager:
 
     async def adopt(self, hw: str) -> str:
         """A command for a device without a lease queue (not configured, or its queue is gone):
-        make the queue (with a token), line up for it; the queue to move the command to."""
-        if hw not in self.configured:
-            self.dynamic.add(hw)
+        make the queue (with a token), line up for it; the queue to move the command to. Raises
+        when the queue cannot be made (no lease channel, the declare refused): the command is
+        refused then, and the device is not adopted (moved to a queue that does not exist, the
+        command would come back through the alternate exchange, again and again)."""
         ch = self._usable()
         if ch is None:
             raise ConnectionError("no lease channel")
+        new = hw not in self.devices()
+        if hw not in self.configured:
+            self.dynamic.add(hw)
         lease = self._lease(hw)
-        # declared (and bound) again even if declared before: the command came here because no
-        # binding took it (a bridge with leases off retired the queue, or it expired)
-        self._declared.discard(hw)
-        if lease.state is State.OUT:
-            await self._do(lease, lease.line_up(self.epoch, self._new_ctag(hw)))
-        else:
-            await self._declare(hw)
+        try:
+            # declared (and bound) again even if declared before: the command came here because
+            # no binding took it (a bridge with leases off retired the queue, or it expired)
+            self._declared.discard(hw)
+            if lease.state is State.OUT:
+                await self._do(lease, lease.line_up(self.epoch, self._new_ctag(hw)))
+            if hw not in self._declared:  # (a line-up that failed says so quietly: OUT again)
+                await self._declare(hw)
+        except BaseException:
+            if new and lease.state is State.OUT:  # forgotten: no round lines up for it again
+                self.dynamic.discard(hw)
+                self.leases.pop(hw, None)
+            raise
         return t.lease_queue(self.s, hw)
 
     def pause(self) -> None:

@@ -116,8 +116,9 @@ class BrokerLink:
         self.topology: Topology | None = None
         self._ready = asyncio.Event()
         self._components: list[Component] = []
-        self._renewing: set[int] = set()  # id() of the components being restored alone
-        #: id() of a component -> (its renews in a row, the monotonic time of the last one)
+        #: id() of a component being restored alone -> the ``lost`` of the connection it is on
+        self._renewing: dict[int, asyncio.Future] = {}
+        #: id() of a component -> (its renews in a row, the monotonic time it was last reopened)
         self._renews: dict[int, tuple[int, float]] = {}
         #: the connection whose components are being restored (not ready yet), its topology, its lost
         self._restoring: tuple[AbstractConnection, Topology, asyncio.Future] | None = None
@@ -154,15 +155,14 @@ class BrokerLink:
         # a component restored on the connection being set up asks for that one, not yet current
         conn, topo, lost = self._restoring or (self.connection, self.topology, self.lost)
         if (self._closing or lost is None or lost.done() or conn is None or conn.is_closed
-                or topo is None or id(component) in self._renewing):
-            return
-        self._renewing.add(id(component))
+                or topo is None or self._renewing.get(id(component)) is lost):
+            return  # (one being restored for an older connection: that one gives up, this goes on)
+        self._renewing[id(component)] = lost
         # a channel the broker closes again and again (e.g. each request to a deleted exchange)
         # is opened again after a growing pause, not at once every time
-        now = time.monotonic()
-        n, last = self._renews.get(id(component), (0, -backoff.CHANNEL_STABLE_S))
-        n = n + 1 if now - last < backoff.CHANNEL_STABLE_S else 0
-        self._renews[id(component)] = (n, now)
+        n, reopened = self._renews.get(id(component), (0, -backoff.CHANNEL_STABLE_S))
+        n = n + 1 if time.monotonic() - reopened < backoff.CHANNEL_STABLE_S else 0
+        self._renews[id(component)] = (n, reopened)
         pause = backoff.channel_reopen(n) if n else 0.0
         task = asyncio.create_task(self._renew(component, reason, conn, topo, lost, pause))
         self._tasks.add(task)
@@ -178,13 +178,15 @@ class BrokerLink:
                 if lost.done() or conn.is_closed:  # reconnecting meanwhile: the next one restores it
                     return
             await component.restore(conn, topo)
+            self._renews[id(component)] = (self._renews[id(component)][0], time.monotonic())
         except Exception as e:
             if not lost.done() and not conn.is_closed:  # else the link is reconnecting already
                 log.warning("%s, and opening it again failed (%s: %s); reconnecting", reason,
                             type(e).__name__, e)
                 self.reset(f"{reason}; opening it again failed: {e}", lost)
         finally:
-            self._renewing.discard(id(component))
+            if self._renewing.get(id(component)) is lost:
+                del self._renewing[id(component)]
 
     def _tell_lost(self, lost: asyncio.Future) -> None:
         """The connection of ``lost`` is given up: not ready, and every component knows, now."""

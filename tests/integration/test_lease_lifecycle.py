@@ -16,7 +16,7 @@ from bridge.amqp import leases as amqp_leases
 from bridge.amqp import topology
 from bridge.leases import config_id
 from bridge.sim import hw_id
-from tests.faults.helpers import http_port
+from tests.faults.helpers import http_port, need_rabbitmqctl, rabbitmq_queue
 from tests.integration.conftest import N
 from tests.integration.test_leases import attached_by, held, until
 
@@ -345,9 +345,10 @@ async def test_a_command_moved_to_a_lease_queue_that_routes_nowhere_is_refused_n
 async def test_a_command_whose_lease_queue_cannot_be_made_is_refused_not_left_unacked(
         sim, bus, start_bridge, lease_settings, cleanup):
     """An attach for a device without a lease queue while the bridge cannot make that queue (its
-    lease channel is gone, or the broker refuses the declare): the command was left unacked, to
-    wait for the channel's end (or the broker's consumer timeout) and come back to fail again.
-    Now it is answered and dead-lettered with the reason, and acked."""
+    lease channel is gone): the command was left unacked, to wait for the channel's end (or the
+    broker's consumer timeout) and come back to fail again. Now it is answered and dead-lettered
+    with the reason, and acked; the device is not adopted (it is not announced as dynamic)."""
+    need_rabbitmqctl()
     hw = ALL[-1]
     a = await start_bridge(lease_settings(1, devices=",".join(ALL[:-1])))
     await until(lambda: len(attached_by([a])) == N - 1, 15, "the configured devices attached")
@@ -357,8 +358,38 @@ async def test_a_command_whose_lease_queue_cannot_be_made_is_refused_not_left_un
     [dead] = await bus.dead_letters(1)
     assert "could not be made" in dead.headers["x-epsignal-error"]
     assert dead.headers["x-original-message-id"] == "m-2" and dead.routing_key == f"device.{hw}.attach"
-    ch = await bus.conn.channel()
-    q = await ch.declare_queue(bus.s.commands_queue, passive=True)
-    assert q.declaration_result.message_count == 0  # acked: nothing waits to come back
-    await ch.close()
-    assert hw not in attached_by([a])
+    assert rabbitmq_queue(bus.s.commands_queue)["unacked"] == 0  # acked: nothing waits to come back
+    assert hw not in a.leases.devices() and hw not in attached_by([a])
+
+
+async def test_a_command_whose_lease_queue_is_refused_is_refused_once_not_bounced(
+        sim, bus, start_bridge, lease_settings, cleanup, monkeypatch):
+    """The broker refuses the new lease queue's declare (say, no configure permission on it).
+    The line-up's own failure is quiet (the device goes OUT, tried again next round), so the
+    attach was moved to a queue that did not exist, came back through the alternate exchange to
+    the shared queue, and round it went. Now the attach is refused once, with the reason."""
+    need_rabbitmqctl()
+    hw = ALL[-1]
+    a = await start_bridge(lease_settings(1, devices=",".join(ALL[:-1])))
+    await until(lambda: len(attached_by([a])) == N - 1, 15, "the configured devices attached")
+    declare, adopt = amqp_leases.LeaseManager._declare, a.leases.adopt
+    adopted = []
+
+    async def declare_refused(self, hw_):
+        if hw_ == hw:
+            raise ConnectionRefusedError(f"ACCESS_REFUSED - access to queue lease {hw_} refused")
+        return await declare(self, hw_)
+
+    async def counted(hw_):
+        adopted.append(hw_)
+        return await adopt(hw_)
+    monkeypatch.setattr(amqp_leases.LeaseManager, "_declare", declare_refused)
+    a.leases.adopt = counted
+    r = await bus.command(hw, "attach", message_id="m-3")
+    assert r["ok"] is False and "could not be made" in r["error"] and "ACCESS_REFUSED" in r["error"], r
+    [dead] = await bus.dead_letters(1)
+    assert dead.headers["x-original-message-id"] == "m-3"
+    await asyncio.sleep(1.0)  # a bounced command would come back meanwhile, many times
+    assert adopted == [hw]
+    assert rabbitmq_queue(bus.s.commands_queue)["unacked"] == 0
+    assert hw not in a.leases.devices()  # not adopted: no round lines up for it
