@@ -437,3 +437,30 @@ async def test_an_intercept_channel_closed_again_and_again_is_opened_again_ever_
     [ev] = of_call(await released(q, call), call, "call.intercepted")
     assert ev["outcome"] == "replace", ev
     assert len(decider.requests) == 1 and bridge.link.reconnects == reconnects, "the connection was not lost"
+
+
+async def test_a_renew_pausing_for_a_lost_connection_does_not_swallow_the_next_one_s(
+        sim, bus, settings_for, start_bridge):
+    """The intercept channel closed again and again: its reopening waits (0.1 s, 0.2 s, ...).
+    The connection is lost during such a pause and the new one's intercept channel is closed
+    at once too: that close must be answered on the new connection, not dropped as "being
+    reopened already" (the pausing reopen is for the old connection and gives up)."""
+    hw = sim.hw(8)
+    bridge, _ = await bridge_with(sim, bus, settings_for, start_bridge, hw)
+    for _ in range(4):  # in a row: the next reopening waits 0.8 s
+        ch = bridge.intercept._ch
+        await ch.basic_nack(999_999)  # PRECONDITION_FAILED - unknown delivery tag: the channel closes
+        await eventually(lambda ch=ch: bridge.intercept._ch not in (None, ch), 15, "the intercept channel opened again")
+    ch = bridge.intercept._ch
+    await ch.basic_nack(999_999)  # the fifth: its reopening waits 0.8 s ...
+    await eventually(lambda: ch.is_closed, 5, "the intercept channel closed")
+    before = bridge.link.connection
+    bridge.link.reset("test: a new connection", bridge.link.lost)  # ... and the connection goes meanwhile
+    await eventually(lambda: bridge.link.ready and bridge.link.connection is not before
+                     and bridge.intercept._ch is not None and not bridge.intercept._ch.is_closed,
+                     15, "the new connection's intercept channel")
+    new = bridge.intercept._ch
+    await new.basic_nack(999_999)  # closed at once on the new connection, while the old reopening still waits
+    await eventually(lambda: bridge.intercept._ch is not None and bridge.intercept._ch is not new
+                     and not bridge.intercept._ch.is_closed, 15, "the intercept channel opened again")
+    assert bridge.link.connection is not before
