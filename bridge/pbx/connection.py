@@ -21,7 +21,9 @@ What ``recv`` did, done here for the messages taken:
   connection is closed with 1009);
 - **flow control**: a forward does not wait for the transport's buffer to drain, so while it is
   over its high-water mark (a PBX that does not read what it is sent) the connection stops
-  reading from the PBX until it has drained, as a reader awaiting ``send`` would;
+  reading from the PBX until it has drained, as a reader awaiting ``send`` would; a buffer that
+  stays full for a ping timeout ends the connection (the keepalive cannot: its ping waits for
+  the drain first), and a close is bounded by the close timeout for the same reason;
 - **messages that came before the take** (with the login's last frame) are handed over first,
   in order;
 - **a failure** (:meth:`PbxConnection.fail`, a session that cannot go on): the connection is
@@ -35,6 +37,7 @@ A websockets upgrade that changes ``Assembler`` (``recv_messages.frames``) fails
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -50,8 +53,14 @@ if TYPE_CHECKING:  # what the mixin is mixed into (at run time it derives from o
 else:
     _Connection = object
 
+log = logging.getLogger("bridge.pbx")
+
 #: takes one message: its bytes, and whether it came as a binary frame
 Taker = Callable[[bytes, bool], None]
+
+#: a write buffer full this long (the PBX reads nothing) ends the connection, when the
+#: connection has no ping timeout of its own (it has: the keepalive's, 20 s)
+STALL_S = 20.0
 
 
 def ws_max_size(max_frame_bytes: int) -> int:
@@ -73,6 +82,8 @@ class PbxConnection(_Connection):
     _failing: asyncio.Task | None = None
     #: reading paused here while the transport's buffer is full (resumed once it has drained)
     _held = False
+    #: ends the connection if the transport's buffer stays full (:meth:`_stalled`)
+    _stall: asyncio.TimerHandle | None = None
 
     @property
     def serving(self) -> bool:
@@ -155,14 +166,45 @@ class PbxConnection(_Connection):
         if self._failing is None:
             self._failing = asyncio.get_running_loop().create_task(self.close(code, reason))
 
+    async def close(self, code: int = CloseCode.NORMAL_CLOSURE, reason: str = "") -> None:
+        """websockets' close, bounded: its close timeout starts only once what waits to be
+        written has drained, which a PBX that reads nothing never lets happen (a PBX's new
+        connection in server mode waits for the old one's close). Past the close timeout the
+        connection is aborted."""
+        try:
+            async with asyncio.timeout(self.close_timeout or STALL_S):
+                await super().close(code, reason)
+        except TimeoutError:
+            self.transport.abort()
+
     def pause_writing(self) -> None:
         super().pause_writing()
         if self._taker is not None:  # forwards do not wait for the drain: stop reading instead
             self._hold()
+        if self._stall is None:
+            self._stall = self.loop.call_later(self.ping_timeout or STALL_S, self._stalled)
 
     def resume_writing(self) -> None:
         super().resume_writing()
         self._read_again()
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
+        super().connection_lost(exc)
+
+    def _stalled(self) -> None:
+        """Nothing could be written for a ping timeout: the PBX reads nothing. The keepalive
+        cannot tell (its ping waits for the drain before its own timeout starts), so the
+        connection is aborted here; the session ends and the device reconnects."""
+        self._stall = None
+        log.warning("PBX connection: nothing could be written for %g s (the PBX reads nothing); "
+                    "dropped", self.ping_timeout or STALL_S)
+        self.transport.abort()
 
     def _hold(self) -> None:
         if not self._held:

@@ -63,6 +63,7 @@ class PbxServer:
         self._server = await serve(
             self._handle, host or None, int(port), compression=None,
             max_size=ws_max_size(self.s.max_frame_bytes), ssl=self._ssl, ping_interval=20, ping_timeout=20,
+            close_timeout=2,  # as the client: a PBX that connects again waits for the old close
             create_connection=PbxServerConnection,
         )
         log.info("server mode: waiting for the PBX on %s", self.s.pbx_listen)

@@ -212,11 +212,12 @@ class PbxSession:
                         gate.rules.everyone or msg.src in gate.rules.watch or msg.src is m.UNSET))) \
                         and self._offer(msg, data, binary):
                     return  # held or queued: forwarded (and its events made) when released
-                if not self.ws.forward(data, binary):  # forward first, unchanged, the same kind
-                    return  # the connection is closing: the session ends with it
-                took = time.perf_counter_ns() - t0
-                STATS.forwarded += 1
-                FORWARD_SECONDS.observe(took / 1e9)
+                # forward first, unchanged, the same kind; not sent (False) when the PBX's
+                # close came in the same read: published all the same, the PBX said it
+                if self.ws.forward(data, binary):
+                    took = time.perf_counter_ns() - t0
+                    STATS.forwarded += 1
+                    FORWARD_SECONDS.observe(took / 1e9)
             self._deliver(msg, t0, took)
         except Exception:  # a bug must not leave the PBX's calls waiting on an unread socket
             log.exception("PBX session failed on a frame; closing the session (it will reconnect)")
