@@ -78,6 +78,9 @@ class FakeSession:
 
 
 class FakePbx:
+    #: the PBX side's connection (a subclass may keep more of what it receives)
+    connection: type[RecordingConnection] = RecordingConnection
+
     def __init__(self, password: str, app: str = "epsignal") -> None:
         self.passwords = {app: password}
         self.url: str | None = None
@@ -89,7 +92,7 @@ class FakePbx:
     async def start(self) -> FakePbx:
         # no size limit on our side: the test decides what is too large
         self._server = await serve(self._handler, "127.0.0.1", 0, compression=None, max_size=None,
-                                   max_queue=None, ping_interval=None, create_connection=RecordingConnection)
+                                   max_queue=None, ping_interval=None, create_connection=self.connection)
         port = self._server.sockets[0].getsockname()[1]
         self.url = f"ws://127.0.0.1:{port}{PATH}"
         return self
@@ -143,3 +146,17 @@ class FakePbx:
                 s.closed.set()
         except ConnectionClosed:
             pass
+
+
+async def attached_session(fake: FakePbx, settings_for, start_bridge, hw: str, **settings):
+    """A bridge with the one device ``hw`` on ``fake`` (``settings``: more of its settings); the
+    bridge, the fake's first session and the device's runner, once the device is attached."""
+    from tests.faults.helpers import eventually
+
+    bridge = await start_bridge(settings_for(None, pbx_url=fake.url, pbx_password=next(iter(fake.passwords.values())),
+                                             devices=hw, **settings))
+    sess = await fake.wait_session()
+    runner = bridge.pbx.runners[hw]
+    await eventually(lambda: runner.device.attached, 5, "the device attached")
+    return bridge, sess, runner
+

@@ -22,7 +22,7 @@ from pamqp.commands import Basic
 from bridge.metrics import FRAMES
 from bridge.protocol import messages as m
 from bridge.protocol.errors import FrameError
-from tests.faults.fakepbx import FakePbx
+from tests.faults.fakepbx import FakePbx, attached_session
 from tests.faults.fuzzgen import SEED, CommandGen, FrameGen
 from tests.faults.helpers import (
     bridge_env, BridgeProcess, eventually, metric, need_rabbitmqctl, publish_command,
@@ -123,11 +123,7 @@ async def test_100k_malformed_frames_from_the_pbx_do_not_disturb_the_session(
 
 # ------------------------------------------------------------------------------- findings (fixed bugs)
 async def _session(fake_pbx, settings_for, start_bridge, **kw):
-    bridge = await start_bridge(settings_for(None, pbx_url=fake_pbx.url, pbx_password=PASSWORD, devices=HW, **kw))
-    sess = await fake_pbx.wait_session()
-    runner = bridge.pbx.runners[HW]
-    await eventually(lambda: runner.device.attached, 5, "the device attached")
-    return bridge, sess, runner
+    return await attached_session(fake_pbx, settings_for, start_bridge, HW, **kw)
 
 
 def _sig(call: int | str, sig: bytes = b'{"type":"alert"}') -> bytes:

@@ -28,7 +28,7 @@ from websockets.frames import Close, Frame, Opcode
 import bridge.pbx.client as pbx_client
 from bridge.protocol import messages as m
 from bridge.protocol.login import ClientLogin, ServerLogin
-from tests.faults.fakepbx import FakePbx, FakeSession, RecordingConnection
+from tests.faults.fakepbx import FakePbx, FakeSession, RecordingConnection, attached_session
 from tests.faults.helpers import eventually
 
 pytestmark = pytest.mark.broker
@@ -85,18 +85,11 @@ class HostilePbx(FakePbx):
     written in the same transport write as the AppLoginResult (one TCP segment, before the
     bridge has sent anything else)."""
 
+    connection = PongRecording
+
     def __init__(self, password: str) -> None:
         super().__init__(password)
         self.with_login_result: bytes = b""
-
-    async def start(self) -> HostilePbx:
-        from websockets.asyncio.server import serve
-
-        self._server = await serve(self._handler, "127.0.0.1", 0, compression=None, max_size=None,
-                                   max_queue=None, ping_interval=None, create_connection=PongRecording)
-        port = self._server.sockets[0].getsockname()[1]
-        self.url = f"ws://127.0.0.1:{port}/PBX0/APPS/websocket"
-        return self
 
     async def _handler(self, ws) -> None:
         if not self.with_login_result:
@@ -143,11 +136,7 @@ async def pbx():
 
 
 async def client_session(pbx, settings_for, start_bridge, **kw):
-    bridge = await start_bridge(settings_for(None, pbx_url=pbx.url, pbx_password=PASSWORD, devices=HW, **kw))
-    sess = await pbx.wait_session()
-    runner = bridge.pbx.runners[HW]
-    await eventually(lambda: runner.device.attached, 5, "the device attached")
-    return bridge, sess, runner
+    return await attached_session(pbx, settings_for, start_bridge, HW, **kw)
 
 
 async def still_serving(pbx, sess: FakeSession, runner, call: int = 999) -> None:
